@@ -1,0 +1,36 @@
+"""GRU cell, gates (r, z, n), "linear before reset" as PyTorch and cuDNN. G = 3.
+
+n = tanh(W_in x + b_in + r * (W_hn h_prev + b_hn)); h = (1 - z) n + z h_prev.
+acts (4H,): r, z, n, hn = W_hn h_prev + b_hn.
+"""
+from ._math import ONE, ZERO, sigmoid, tanh  # placeholders, rebound by each backend
+
+
+def forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
+    r = sigmoid(xg[j] + b_ih[j] + hg[j] + b_hh[j])
+    z = sigmoid(xg[H + j] + b_ih[H + j] + hg[H + j] + b_hh[H + j])
+    hn = hg[2 * H + j] + b_hh[2 * H + j]
+    n = tanh(xg[2 * H + j] + b_ih[2 * H + j] + r * hn)
+    h_next[j] = (ONE - z) * n + z * h_prev[j]
+    acts[j] = r
+    acts[H + j] = z
+    acts[2 * H + j] = n
+    acts[3 * H + j] = hn
+
+
+def backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direct, dc_prev):
+    r = acts[j]
+    z = acts[H + j]
+    n = acts[2 * H + j]
+    hn = acts[3 * H + j]
+    dh_j = dh[j]
+    d_n = dh_j * (ONE - z) * (ONE - n * n)
+    d_z = dh_j * (h_prev[j] - n) * z * (ONE - z)
+    d_r = d_n * hn * r * (ONE - r)
+    dgx[j] = d_r
+    dgx[H + j] = d_z
+    dgx[2 * H + j] = d_n
+    dgh[j] = d_r
+    dgh[H + j] = d_z
+    dgh[2 * H + j] = d_n * r
+    dh_direct[j] = dh_j * z

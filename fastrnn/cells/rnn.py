@@ -1,0 +1,27 @@
+"""Elman cell: h = phi(W_ih x + b_ih + W_hh h_prev + b_hh), phi = tanh or relu. G = 1, A = 0."""
+from ._math import ONE, ZERO, tanh  # placeholders, rebound by each backend
+
+
+def tanh_forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
+    h_next[j] = tanh(xg[j] + b_ih[j] + hg[j] + b_hh[j])
+
+
+def tanh_backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direct, dc_prev):
+    h = h_next[j]
+    d_pre = dh[j] * (ONE - h * h)
+    dgx[j] = d_pre
+    dgh[j] = d_pre
+    dh_direct[j] = ZERO
+
+
+def relu_forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
+    pre = xg[j] + b_ih[j] + hg[j] + b_hh[j]
+    h_next[j] = pre if pre > ZERO else ZERO
+
+
+def relu_backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direct, dc_prev):
+    # PyTorch's relu gradient at 0 is 0: the mask is h > 0.
+    d_pre = dh[j] if h_next[j] > ZERO else ZERO
+    dgx[j] = d_pre
+    dgh[j] = d_pre
+    dh_direct[j] = ZERO

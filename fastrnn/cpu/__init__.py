@@ -1,0 +1,148 @@
+"""CPU backend: NumPy arrays, Numba ``@njit`` drivers, BLAS GEMMs.
+
+The layer classes call :func:`forward_direction` and :func:`backward_direction` once per
+layer-direction; everything inside the time loop is compiled.
+"""
+import threading
+
+import numpy as np
+
+from .. import cells
+from .kernels import get_kernels
+
+name = "cpu"
+_workspaces = threading.local()  # per-thread, so concurrent eval calls never share buffers
+
+
+def _workspace(key, shape, dtype):
+    """A reusable array for this thread, keyed by its role; reallocated when shape changes."""
+    store = _workspaces.__dict__.setdefault("arrays", {})
+    array = store.get(key)
+    if array is None or array.shape != shape or array.dtype != dtype:
+        array = np.empty(shape, dtype)
+        store[key] = array
+    return array
+
+
+def asarray(array, dtype):
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def to_host(array):
+    return np.asarray(array)
+
+
+def zeros(shape, dtype):
+    return np.zeros(shape, dtype)
+
+
+def empty(shape, dtype):
+    return np.empty(shape, dtype)
+
+
+def stack(arrays):
+    """list of (B, H) -> (len, B, H)."""
+    return np.stack(arrays)
+
+
+def swap01(array, dtype):
+    """(A, B, F) -> contiguous (B, A, F) of dtype (batch_first <-> time-major)."""
+    return np.ascontiguousarray(np.swapaxes(array, 0, 1), dtype=dtype)
+
+
+def broadcast_rows(row, batch):
+    """(H,) -> (batch, H) copy."""
+    return np.ascontiguousarray(np.broadcast_to(row, (batch, row.shape[0])))
+
+
+def add_batch_sum(target, states):
+    """target (L*D, H) += states (L*D, B, H) summed over B."""
+    target += states.sum(axis=1)
+
+
+class Saved:
+    """What forward keeps for backward of one layer-direction (training mode)."""
+
+    __slots__ = ("x2d", "lengths", "reverse", "h_seq", "c_seq", "acts")
+
+    def __init__(self, x2d, lengths, reverse, h_seq, c_seq, acts):
+        self.x2d, self.lengths, self.reverse = x2d, lengths, reverse
+        self.h_seq, self.c_seq, self.acts = h_seq, c_seq, acts
+
+
+def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, train,
+                      out, out_col):
+    """Forward of one layer-direction.
+
+    cell: CellSpec; x2d (T*B, I); w_ih (G*H, I); w_hh (G*H, H); b_ih, b_hh (G*H,);
+    h0, c0 (B, H) (c0 ignored unless LSTM); lengths (B,) int64; out (T, B, D*H) written in
+    columns out_col:out_col+H. Returns (h_n, c_n, saved) with h_n, c_n (B, H) new arrays
+    (c_n None unless LSTM) and saved a :class:`Saved` (None in eval).
+    """
+    T, B = out.shape[0], out.shape[1]
+    H = w_hh.shape[1]
+    GH = w_hh.shape[0]
+    dtype = out.dtype
+    Hc = H if cell.has_cell_state else 0
+    forward, _ = get_kernels(cell.name, dtype)
+    key = (cell.name, reverse)
+    if train:
+        h_seq = np.empty((T + 1, B, H), dtype)
+        c_seq = np.empty((T + 1, B, Hc), dtype)
+        acts = np.empty((T, B, cell.saved * H), dtype)
+        x_proj = _workspace(key + ("x_proj",), (T * B, GH), dtype)
+        first = T if reverse else 0
+        last = 0 if reverse else T
+    else:
+        h_seq = _workspace(key + ("h_seq",), (2, B, H), dtype)
+        c_seq = _workspace(key + ("c_seq",), (2, B, Hc), dtype)
+        acts = _workspace(key + ("acts",), (1, B, cell.saved * H), dtype)
+        x_proj = _workspace(key + ("x_proj",), (T * B, GH), dtype)
+        first, last = 0, T % 2
+    h_proj = _workspace(key + ("h_proj",), (B, GH), dtype)
+    h_seq[first] = h0
+    if Hc:
+        c_seq[first] = c0
+    forward(x2d, w_ih.T, w_hh.T, b_ih, b_hh, lengths, reverse, train,
+            h_seq, c_seq, acts, x_proj, h_proj, out, out_col)
+    h_n = h_seq[last].copy()
+    c_n = c_seq[last].copy() if Hc else None
+    saved = Saved(x2d, lengths, reverse, h_seq, c_seq, acts) if train else None
+    return h_n, c_n, saved
+
+
+def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads, dx2d):
+    """BPTT of one layer-direction; accumulates (+=) parameter gradients and dx.
+
+    saved: from forward_direction; dout (T, B, D*H); w_ih (G*H, I); w_hh (G*H, H);
+    dh_n, dc_n (B, H) gradient w.r.t. the final state (dc_n ignored unless LSTM);
+    grads: (d_w_ih, d_w_hh, d_b_ih, d_b_hh) arrays to accumulate into (biases may be None);
+    dx2d (T*B, I) accumulated. Returns (dh0, dc0) (B, H) (dc0 None unless LSTM).
+    """
+    T, B = dout.shape[0], dout.shape[1]
+    GH, H = w_hh.shape
+    dtype = dout.dtype
+    Hc = H if cell.has_cell_state else 0
+    _, backward = get_kernels(cell.name, dtype)
+    dgx = np.empty((T, B, GH), dtype)
+    # Only the GRU's candidate gate has different input- and recurrent-side gradients.
+    dgh = np.empty((T, B, GH), dtype) if cell.name == "gru" else dgx
+    dh = np.array(dh_n, dtype=dtype, order="C", copy=True)
+    dc = np.array(dc_n, dtype=dtype, order="C", copy=True) if Hc else np.empty((B, 0), dtype)
+    dh_direct = np.empty((B, H), dtype)
+    dc_prev = np.empty((B, Hc), dtype)
+    dh_rec = np.empty((B, H), dtype)
+    backward(dout, out_col, w_hh, saved.lengths, saved.reverse, saved.h_seq, saved.c_seq,
+             saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev, dh_rec)
+    dgx2d = dgx.reshape(T * B, GH)
+    dgh2d = dgh.reshape(T * B, GH)
+    rev = int(saved.reverse)
+    h_prev2d = saved.h_seq[rev:rev + T].reshape(T * B, H)
+    d_w_ih, d_w_hh, d_b_ih, d_b_hh = grads
+    d_w_ih += dgx2d.T @ saved.x2d
+    d_w_hh += dgh2d.T @ h_prev2d
+    if d_b_ih is not None:
+        d_b_ih += dgx2d.sum(axis=0)
+        d_b_hh += dgh2d.sum(axis=0)
+    dx2d += dgx2d @ w_ih
+    return dh, (dc if Hc else None)

@@ -1,0 +1,60 @@
+"""Compile the drivers of :mod:`fastrnn.cpu.driver` for each (cell, dtype), lazily, cached."""
+import functools
+import hashlib
+import marshal
+
+import numpy as np
+from numba import njit
+
+from .. import cells
+from . import activations, driver
+
+# fastmath lets LLVM vectorise the pointwise loops; error_model="numpy" removes the
+# zero-division check that would otherwise sit in every division (DESIGN.md section 4).
+KERNEL_OPTIONS = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
+
+_ACTIVATIONS = {
+    np.dtype(np.float32): (activations.tanh_f32, activations.sigmoid_f32),
+    np.dtype(np.float64): (activations.tanh_f64, activations.sigmoid_f64),
+}
+
+
+def _source_hash(*funcs):
+    """Short hash of the bytecode of funcs; part of each kernel's name so that Numba's cache
+    (which does not track inlined callees) is invalidated when cell or driver code changes."""
+    digest = hashlib.sha1()
+    for func in funcs:
+        digest.update(marshal.dumps(func.__code__))
+    return digest.hexdigest()[:10]
+
+
+@functools.lru_cache(maxsize=None)
+def scalar_bindings(dtype):
+    """Names bound into cell code for dtype: ONE, ZERO, tanh, sigmoid (jitted, inlined)."""
+    dtype = np.dtype(dtype)
+    tanh, sigmoid = _ACTIVATIONS[dtype]
+    suffix = f"cpu_{dtype.name}"
+    one, zero = dtype.type(1), dtype.type(0)
+    tanh_j = njit(inline="always")(cells.specialize(tanh, suffix))
+    sigmoid_j = njit(inline="always")(cells.specialize(sigmoid, suffix, **{tanh.__name__: tanh_j}))
+    return dict(ONE=one, ZERO=zero, tanh=tanh_j, sigmoid=sigmoid_j)
+
+
+@functools.lru_cache(maxsize=None)
+def get_kernels(cell_name, dtype, parallel=False):
+    """Return (forward_sequence, backward_sequence) compiled for cell_name and dtype."""
+    dtype = np.dtype(dtype)
+    spec = cells.CELLS[cell_name]
+    tanh, sigmoid = _ACTIVATIONS[dtype]
+    version = _source_hash(spec.forward, spec.backward, tanh, sigmoid,
+                           driver.forward_sequence, driver.backward_sequence)
+    suffix = f"{cell_name}_{dtype.name}_{'par' if parallel else 'ser'}_{version}"
+    bind = scalar_bindings(dtype)
+    unit_forward = njit(inline="always")(cells.specialize(spec.forward, suffix, **bind))
+    unit_backward = njit(inline="always")(cells.specialize(spec.backward, suffix, **bind))
+    options = dict(KERNEL_OPTIONS, parallel=parallel)
+    driver_bind = dict(cell_forward=unit_forward, cell_backward=unit_backward,
+                       ZERO=bind["ZERO"])
+    forward = njit(**options)(cells.specialize(driver.forward_sequence, suffix, **driver_bind))
+    backward = njit(**options)(cells.specialize(driver.backward_sequence, suffix, **driver_bind))
+    return forward, backward

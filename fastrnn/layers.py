@@ -1,0 +1,399 @@
+"""RNN / LSTM / GRU layers: parameters, validation, stacking, directions, lengths, state.
+
+Nothing numeric happens here beyond reshapes and sums over the batch: each layer-direction is
+handed to the backend (:mod:`fastrnn.cpu` or :mod:`fastrnn.gpu`). Every argument is checked
+before any kernel runs, because a compiled kernel given a bad index can crash the process.
+"""
+import math
+import numbers
+from collections import OrderedDict
+
+import numpy as np
+
+from . import cells
+
+DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+DEVICES = ("cpu", "cuda")
+
+
+class StateError(ValueError, RuntimeError):
+    """Raised for a call the layer's state does not allow (backward before forward...)."""
+
+
+def _backend(device):
+    if device == "cpu":
+        from . import cpu
+        return cpu
+    from . import gpu  # raises RuntimeError naming what is missing
+    gpu.require_gpu()
+    return gpu
+
+
+# ---------------------------------------------------------------------------- validation
+
+def _check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return int(value)
+
+
+def _check_bool(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _is_device_array(array):
+    return hasattr(array, "__cuda_array_interface__") and not isinstance(array, np.ndarray)
+
+
+def _check_array(array, name, ndim, dtype):
+    """Return ``array`` as a real floating array of ``dtype``; TypeError/ValueError if not."""
+    if _is_device_array(array):
+        return array  # checked for shape by the caller; the GPU backend checks dtype
+    try:
+        arr = np.asarray(array)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be an array of numbers: {exc}") from None
+    if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {arr.shape}")
+    return arr.astype(dtype, copy=False)
+
+
+def _check_shape(array, name, expected):
+    if tuple(array.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(array.shape)}")
+
+
+def _check_lengths(lengths, batch, steps):
+    """lengths: None or B integers in [1, T] -> int64 array (B,)."""
+    if lengths is None:
+        return np.full(batch, steps, np.int64)
+    if _is_device_array(lengths):
+        lengths = np.asarray(lengths.copy_to_host() if hasattr(lengths, "copy_to_host")
+                             else lengths.get() if hasattr(lengths, "get") else lengths.cpu())
+    arr = np.asarray(lengths)
+    if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
+        raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
+    if arr.shape != (batch,):
+        raise ValueError(f"lengths must have shape ({batch},) (one per batch row), "
+                         f"got {arr.shape}")
+    if batch and (arr.min() < 1 or arr.max() > steps):
+        raise ValueError(f"lengths must lie in [1, {steps}] (the sequence length), got "
+                         f"values in [{arr.min()}, {arr.max()}]")
+    return arr.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------- layers
+
+class _RecurrentLayer:
+    """Shared implementation; subclasses set ``_gates`` and the cell name."""
+
+    _gates = 1
+    _has_cell_state = False
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 bidirectional=False, learn_initial_state=False, dtype="float32",
+                 device="cpu", seed=None):
+        self.input_size = _check_positive_int(input_size, "input_size")
+        self.hidden_size = _check_positive_int(hidden_size, "hidden_size")
+        self.num_layers = _check_positive_int(num_layers, "num_layers")
+        self.bias = _check_bool(bias, "bias")
+        self.batch_first = _check_bool(batch_first, "batch_first")
+        self.bidirectional = _check_bool(bidirectional, "bidirectional")
+        self.learn_initial_state = _check_bool(learn_initial_state, "learn_initial_state")
+        if str(dtype) not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.dtype = DTYPES[str(dtype)]
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        self._backend = _backend(device)
+        self.device = device
+        self.training = True
+        self._saved = None
+        self._init_parameters(seed)
+
+    # -- parameters ---------------------------------------------------------------------
+    @property
+    def num_directions(self):
+        return 2 if self.bidirectional else 1
+
+    @property
+    def _cell(self):
+        return cells.CELLS[self._cell_name]
+
+    def _parameter_shapes(self):
+        """PyTorch's names and shapes, in PyTorch's order, then learned initial states."""
+        G, H = self._gates, self.hidden_size
+        shapes = OrderedDict()
+        for k in range(self.num_layers):
+            in_size = self.input_size if k == 0 else H * self.num_directions
+            for suffix in ("", "_reverse")[:self.num_directions]:
+                shapes[f"weight_ih_l{k}{suffix}"] = (G * H, in_size)
+                shapes[f"weight_hh_l{k}{suffix}"] = (G * H, H)
+                if self.bias:
+                    shapes[f"bias_ih_l{k}{suffix}"] = (G * H,)
+                    shapes[f"bias_hh_l{k}{suffix}"] = (G * H,)
+        if self.learn_initial_state:
+            shapes["initial_h"] = (self.num_layers * self.num_directions, H)
+            if self._has_cell_state:
+                shapes["initial_c"] = (self.num_layers * self.num_directions, H)
+        return shapes
+
+    def _init_parameters(self, seed):
+        # PyTorch: every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H)); learned states start at 0.
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        host = OrderedDict()
+        for name, shape in self._parameter_shapes().items():
+            if name.startswith("initial_"):
+                host[name] = np.zeros(shape, self.dtype)
+            else:
+                host[name] = rng.uniform(-bound, bound, shape).astype(self.dtype)
+        self.params = OrderedDict((k, self._backend.asarray(v, self.dtype))
+                                  for k, v in host.items())
+        self.grads = OrderedDict((k, self._backend.zeros(v.shape, self.dtype))
+                                 for k, v in host.items())
+
+    def zero_grad(self):
+        for name, grad in self.grads.items():
+            grad[...] = 0
+
+    def state_dict(self):
+        """Parameters as NumPy arrays under PyTorch's names (plus initial_h/initial_c)."""
+        return OrderedDict((k, np.array(self._backend.to_host(v))) for k, v in self.params.items())
+
+    def load_state_dict(self, state_dict):
+        if not hasattr(state_dict, "keys"):
+            raise TypeError("state_dict must be a mapping of names to arrays")
+        shapes = self._parameter_shapes()
+        missing = [k for k in shapes if k not in state_dict]
+        extra = [k for k in state_dict if k not in shapes]
+        if missing or extra:
+            raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
+                             f"unexpected keys {extra}")
+        new = OrderedDict()
+        for name, shape in shapes.items():
+            value = state_dict[name]
+            if hasattr(value, "detach"):  # a torch tensor
+                value = value.detach().cpu().numpy()
+            value = _check_array(value, f"state_dict[{name!r}]", len(shape), self.dtype)
+            _check_shape(value, f"state_dict[{name!r}]", shape)
+            new[name] = self._backend.asarray(value, self.dtype)
+        self.params = new
+        self._saved = None
+
+    def train(self, mode=True):
+        self.training = _check_bool(mode, "mode")
+        self._saved = None
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def to(self, device):
+        """Move parameters and gradients to ``device`` ("cpu" or "cuda")."""
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        if device == self.device:
+            return self
+        backend = _backend(device)
+        self.params = OrderedDict((k, backend.asarray(self._backend.to_host(v), self.dtype))
+                                  for k, v in self.params.items())
+        self.grads = OrderedDict((k, backend.asarray(self._backend.to_host(v), self.dtype))
+                                 for k, v in self.grads.items())
+        self._backend, self.device, self._saved = backend, device, None
+        return self
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}, "
+                f"num_layers={self.num_layers}, bidirectional={self.bidirectional}, "
+                f"dtype={self.dtype.name}, device={self.device!r})")
+
+    # -- forward ------------------------------------------------------------------------
+    def __call__(self, x, h0=None, lengths=None):
+        return self.forward(x, h0=h0, lengths=lengths)
+
+    def _check_state(self, state, name, batch):
+        """state: None or (L*D, B, H) (a pair of them for LSTM) -> list of host/device arrays."""
+        LD, H = self.num_layers * self.num_directions, self.hidden_size
+        if state is None:
+            return None
+        if self._has_cell_state:
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise TypeError(f"{name} of an LSTM must be a pair (h, c) of arrays of shape "
+                                f"({LD}, {batch}, {H})")
+            parts = [(state[0], f"{name}[0]"), (state[1], f"{name}[1]")]
+        else:
+            parts = [(state, name)]
+        checked = []
+        for value, label in parts:
+            value = _check_array(value, label, 3, self.dtype)
+            _check_shape(value, label, (LD, batch, H))
+            checked.append(self._backend.asarray(value, self.dtype))
+        return checked
+
+    def _initial_state(self, given, index, part, batch):
+        """(B, H) initial state of layer-direction ``index``: given, learned or zeros."""
+        if given is not None:
+            return given[part][index]
+        if self.learn_initial_state:
+            learned = self.params["initial_c" if part else "initial_h"][index]
+            return self._backend.broadcast_rows(learned, batch)
+        return self._backend.zeros((batch, self.hidden_size), self.dtype)
+
+    def _to_time_major(self, x):
+        """x (T, B, F) or (B, T, F) if batch_first -> contiguous (T, B, F) on the backend."""
+        if self.batch_first:
+            return self._backend.swap01(x, self.dtype)
+        return self._backend.asarray(x, self.dtype)
+
+    def _from_time_major(self, y):
+        if not self.batch_first:
+            return y
+        return self._backend.swap01(y, self.dtype)
+
+    def forward(self, x, h0=None, lengths=None):
+        """x (T, B, I) or (B, T, I) if batch_first -> out (T, B, D*H) [(B, T, D*H)], h_n.
+
+        h_n is (L*D, B, H) (a pair (h_n, c_n) for LSTM); h0 likewise or None.
+        lengths: B ints in [1, T]; outputs past a row's length are 0 and h_n is the state at
+        its last valid step (PyTorch's packed-sequence semantics).
+        """
+        x = _check_array(x, "x", 3, self.dtype)
+        if x.ndim != 3:
+            raise ValueError(f"x must be 3-dimensional, got shape {tuple(x.shape)}")
+        layout = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
+        if x.shape[2] != self.input_size:
+            raise ValueError(f"x must have shape {layout} with input_size={self.input_size}, "
+                             f"got {tuple(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"x must have at least one time step and one batch row, "
+                             f"got shape {tuple(x.shape)}")
+        T, B = (x.shape[1], x.shape[0]) if self.batch_first else (x.shape[0], x.shape[1])
+        given = self._check_state(h0, "h0", B)
+        lengths = _check_lengths(lengths, B, T)
+        xt = self._to_time_major(x)
+        backend, cell, D, H = self._backend, self._cell, self.num_directions, self.hidden_size
+        train = self.training
+        saved_layers = []
+        h_n, c_n = [], []
+        layer_input = xt.reshape(T * B, self.input_size)
+        lengths_dev = backend.asarray(lengths, np.int64)
+        for k in range(self.num_layers):
+            out = backend.empty((T, B, D * H), self.dtype)
+            saved_dirs = []
+            for d in range(D):
+                index = k * D + d
+                names = self._names(k, d)
+                w_ih, w_hh, b_ih, b_hh = (self._param_or_zeros(n) for n in names)
+                h_init = self._initial_state(given, index, 0, B)
+                c_init = self._initial_state(given, index, 1, B) if self._has_cell_state \
+                    else None
+                h_last, c_last, saved = backend.forward_direction(
+                    cell, layer_input, w_ih, w_hh, b_ih, b_hh, h_init, c_init, lengths_dev,
+                    bool(d), train, out, d * H)
+                h_n.append(h_last)
+                c_n.append(c_last)
+                saved_dirs.append(saved)
+            saved_layers.append((layer_input, saved_dirs))
+            layer_input = out.reshape(T * B, D * H)
+        self._saved = (T, B, saved_layers) if train else None
+        h_n = backend.stack(h_n)
+        if self._has_cell_state:
+            c_n = backend.stack(c_n)
+            h_n = (h_n, c_n)
+        return self._from_time_major(out), h_n
+
+    def _names(self, k, d):
+        suffix = "_reverse" if d else ""
+        return (f"weight_ih_l{k}{suffix}", f"weight_hh_l{k}{suffix}",
+                f"bias_ih_l{k}{suffix}", f"bias_hh_l{k}{suffix}")
+
+    def _param_or_zeros(self, name):
+        if name in self.params:
+            return self.params[name]
+        # bias=False: the kernels add a zero bias (cheap next to the GEMMs).
+        return self._backend.zeros((self._gates * self.hidden_size,), self.dtype)
+
+    # -- backward -----------------------------------------------------------------------
+    def backward(self, dout, dh_n=None):
+        """BPTT through the last training-mode forward.
+
+        dout: gradient of ``out`` (its shape); dh_n: gradient of ``h_n`` or None (zeros).
+        Accumulates every parameter gradient into ``self.grads``; returns (dx, dh0) with dx
+        shaped like x and dh0 like h_n ((dh0, dc0) for LSTM).
+        """
+        if not self.training:
+            raise StateError("backward needs a forward in training mode; call layer.train() "
+                             "and forward again (eval-mode forward keeps no activations)")
+        if self._saved is None:
+            raise StateError("backward called before forward: there are no saved activations")
+        T, B, saved_layers = self._saved
+        D, H, L = self.num_directions, self.hidden_size, self.num_layers
+        backend = self._backend
+        dout = _check_array(dout, "dout", 3, self.dtype)
+        expected = (B, T, D * H) if self.batch_first else (T, B, D * H)
+        _check_shape(dout, "dout", expected)
+        dstate = self._check_state(dh_n, "dh_n", B)
+        d_layer_out = self._to_time_major(dout)
+        dh0, dc0 = [None] * (L * D), [None] * (L * D)
+        for k in reversed(range(L)):
+            layer_input, saved_dirs = saved_layers[k]
+            dx2d = backend.zeros(layer_input.shape, self.dtype)
+            for d in range(D):
+                index = k * D + d
+                names = self._names(k, d)
+                w_ih, w_hh = self.params[names[0]], self.params[names[1]]
+                grads = (self.grads[names[0]], self.grads[names[1]],
+                         self.grads.get(names[2]), self.grads.get(names[3]))
+                dh_last = dstate[0][index] if dstate else backend.zeros((B, H), self.dtype)
+                dc_last = None
+                if self._has_cell_state:
+                    dc_last = dstate[1][index] if dstate else backend.zeros((B, H), self.dtype)
+                dh_first, dc_first = backend.backward_direction(
+                    self._cell, saved_dirs[d], d_layer_out, d * H, w_ih, w_hh, dh_last,
+                    dc_last, grads, dx2d)
+                dh0[index], dc0[index] = dh_first, dc_first
+            d_layer_out = dx2d.reshape(T, B, -1)
+        dh0 = backend.stack(dh0)
+        if self.learn_initial_state:
+            backend.add_batch_sum(self.grads["initial_h"], dh0)
+        if self._has_cell_state:
+            dc0 = backend.stack(dc0)
+            if self.learn_initial_state:
+                backend.add_batch_sum(self.grads["initial_c"], dc0)
+            dh0 = (dh0, dc0)
+        return self._from_time_major(d_layer_out), dh0
+
+
+class RNN(_RecurrentLayer):
+    """Elman RNN, h_t = phi(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), phi = tanh or relu."""
+
+    _gates = 1
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", **kwargs):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        self._cell_name = f"rnn_{nonlinearity}"
+        super().__init__(input_size, hidden_size, num_layers, **kwargs)
+
+
+class LSTM(_RecurrentLayer):
+    """LSTM with PyTorch's gate order (i, f, g, o); h0 and h_n are pairs (h, c)."""
+
+    _gates = 4
+    _has_cell_state = True
+    _cell_name = "lstm"
+
+
+class GRU(_RecurrentLayer):
+    """GRU with PyTorch's gate order (r, z, n), reset applied after the recurrent product."""
+
+    _gates = 3
+    _cell_name = "gru"
