@@ -1,0 +1,144 @@
+"""Live parity with torch.nn.RNN/LSTM/GRU on random configurations (skipped without torch).
+
+float64: outputs, final states and every gradient (dx, dh0/dc0, weights, biases, learned
+initial state) within 1e-8 relative (max-abs error / max-abs reference); float32 within 2e-4
+(tolerances.PARITY). Variable lengths go through pack_padded_sequence(enforce_sorted=False)
+and pad_packed_sequence(total_length=T).
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from helpers import CELLS, DTYPES, make_layer, state_parts  # noqa: E402
+from make_golden import TORCH_DTYPES, run_torch, torch_module  # noqa: E402
+from tolerances import assert_parity  # noqa: E402
+
+N_RANDOM = 24
+
+
+def random_config(seed):
+    rng = np.random.default_rng(seed)
+    return dict(cell=CELLS[seed % 4], T=int(rng.integers(1, 8)), B=int(rng.integers(1, 6)),
+                I=int(rng.integers(1, 7)), H=int(rng.integers(1, 8)),
+                num_layers=int(rng.integers(1, 3)), bidirectional=bool(rng.integers(2)),
+                batch_first=bool(rng.integers(2)), bias=bool(rng.integers(4)),  # mostly bias
+                use_lengths=bool(rng.integers(2)),
+                h0_mode=("zeros", "given", "learned")[int(rng.integers(3))],
+                init_from_torch=bool(rng.integers(2)))
+
+
+def _t(array):
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(N_RANDOM))
+def test_random_configuration_matches_torch(seed, dtype):
+    cfg = random_config(seed)
+    cell, T, B, I, H = cfg["cell"], cfg["T"], cfg["B"], cfg["I"], cfg["H"]
+    L, bi, bf = cfg["num_layers"], cfg["bidirectional"], cfg["batch_first"]
+    D, is_lstm = 2 if bi else 1, cell == "lstm"
+    LD = L * D
+    rng = np.random.default_rng(10_000 + seed)
+    torch.manual_seed(seed)
+    module = torch_module(cell, I, H, L, bi, bf, cfg["bias"]).to(TORCH_DTYPES[dtype])
+    learned = cfg["h0_mode"] == "learned"
+    layer = make_layer(cell, I, H, num_layers=L, bidirectional=bi, batch_first=bf,
+                       bias=cfg["bias"], learn_initial_state=learned, dtype=dtype, seed=seed)
+    sd = layer.state_dict()
+    if learned:
+        for name in sd:
+            if name.startswith("initial_"):
+                sd[name] = (rng.standard_normal(sd[name].shape) * 0.5).astype(dtype)
+    if cfg["init_from_torch"]:  # torch -> fastrnn
+        sd.update({k: v.detach().numpy() for k, v in module.state_dict().items()})
+        layer.load_state_dict(sd)
+    else:  # fastrnn -> torch
+        layer.load_state_dict(sd)
+        module.load_state_dict({k: _t(v) for k, v in sd.items()
+                                if not k.startswith("initial_")})
+
+    x = rng.standard_normal((B, T, I) if bf else (T, B, I)).astype(dtype)
+    lengths = None
+    if cfg["use_lengths"]:
+        lengths = rng.integers(1, T + 1, size=B)
+        lengths[rng.integers(B)] = T
+    R1 = rng.standard_normal((B, T, D * H) if bf else (T, B, D * H)).astype(dtype)
+    R2 = [rng.standard_normal((LD, B, H)).astype(dtype) for _ in range(1 + is_lstm)]
+
+    # torch side: initial state as a leaf (given / zeros) or a broadcast learned parameter
+    learned_t = {}
+    if cfg["h0_mode"] == "given":
+        h0 = [(rng.standard_normal((LD, B, H)) * 0.5).astype(dtype) for _ in range(1 + is_lstm)]
+        state_t = [_t(s).requires_grad_() for s in h0]
+        h0_arg = tuple(h0) if is_lstm else h0[0]
+    elif learned:
+        state_t = []
+        for name in ("initial_h", "initial_c")[:1 + is_lstm]:
+            learned_t[name] = _t(layer.state_dict()[name]).requires_grad_()
+            expanded = learned_t[name][:, None, :].expand(LD, B, H)
+            expanded.retain_grad()
+            state_t.append(expanded)
+        h0_arg = None
+    else:
+        state_t = [torch.zeros(LD, B, H, dtype=TORCH_DTYPES[dtype], requires_grad=True)
+                   for _ in range(1 + is_lstm)]
+        h0_arg = None
+    out_t, h_n_t, c_n_t, dx_t = run_torch(
+        cell, module, _t(x), state_t[0], state_t[1] if is_lstm else None,
+        None if lengths is None else torch.from_numpy(lengths), _t(R1), _t(R2[0]),
+        _t(R2[1]) if is_lstm else None, bf)
+
+    out, h_n = layer(x, h0=h0_arg, lengths=lengths)
+    assert_parity(out, out_t.detach().numpy(), dtype, "out")
+    for i, (got, ref) in enumerate(zip(state_parts(h_n), [h_n_t, c_n_t])):
+        assert_parity(got, ref.detach().numpy(), dtype, f"h_n[{i}]")
+    dx, dh0 = layer.backward(R1, tuple(R2) if is_lstm else R2[0])
+    assert_parity(dx, dx_t.numpy(), dtype, "dx")
+    for i, (got, ref) in enumerate(zip(state_parts(dh0), state_t)):
+        assert_parity(got, ref.grad.numpy(), dtype, f"dh0[{i}]")
+    expected = {k: v.grad.numpy() for k, v in module.named_parameters()}
+    expected.update({k: v.grad.numpy() for k, v in learned_t.items()})
+    assert set(expected) == set(layer.grads)
+    for name, ref in expected.items():
+        assert_parity(layer.grads[name], ref, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_state_dict_round_trip(cell, dtype):
+    """fastrnn -> torch -> fastrnn and torch -> fastrnn -> torch leave parameters unchanged."""
+    layer = make_layer(cell, 3, 4, num_layers=2, bidirectional=True, dtype=dtype, seed=7)
+    module = torch_module(cell, 3, 4, 2, True, False, True).to(TORCH_DTYPES[dtype])
+    original = layer.state_dict()
+    module.load_state_dict({k: _t(v) for k, v in original.items()})  # strict: same names
+    back = make_layer(cell, 3, 4, num_layers=2, bidirectional=True, dtype=dtype, seed=99)
+    back.load_state_dict(module.state_dict())  # torch tensors accepted directly
+    assert list(back.state_dict()) == list(original)
+    for name, value in original.items():
+        np.testing.assert_array_equal(back.state_dict()[name], value, err_msg=name)
+        assert back.state_dict()[name].dtype == np.dtype(dtype)
+
+    torch.manual_seed(3)
+    source = torch_module(cell, 3, 4, 2, True, False, True).to(TORCH_DTYPES[dtype])
+    layer.load_state_dict({k: v.detach().numpy() for k, v in source.state_dict().items()})
+    target = torch_module(cell, 3, 4, 2, True, False, True).to(TORCH_DTYPES[dtype])
+    target.load_state_dict({k: _t(v) for k, v in layer.state_dict().items()})
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_pytorch_init_distribution(cell):
+    """Same init law as torch: every weight and bias U(-1/sqrt(H), 1/sqrt(H))."""
+    H = 16
+    layer = make_layer(cell, 8, H, num_layers=2, bidirectional=True, seed=1)
+    module = torch_module(cell, 8, H, 2, True, False, True)
+    bound = 1 / np.sqrt(H)
+    for name, value in layer.state_dict().items():
+        ref = module.state_dict()[name].numpy()
+        assert value.shape == ref.shape
+        assert np.abs(value).max() <= bound and np.abs(ref).max() <= bound
+        # uniform on [-b, b]: std b/sqrt(3); loose check on the mean and spread
+        assert abs(value.std() - bound / np.sqrt(3)) < 0.25 * bound, name
