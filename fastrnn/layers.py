@@ -46,7 +46,19 @@ def _check_bool(value, name):
 
 
 def _is_device_array(array):
-    return hasattr(array, "__cuda_array_interface__") and not isinstance(array, np.ndarray)
+    # __cuda_ndarray__: Numba device arrays, including the CUDA simulator's (which have no
+    # __cuda_array_interface__).
+    if isinstance(array, np.ndarray):
+        return False
+    return hasattr(array, "__cuda_array_interface__") or bool(
+        getattr(array, "__cuda_ndarray__", False))
+
+
+def _host_outputs(backend, result):
+    """NumPy in -> NumPy out: copy a (nested tuple of) backend arrays to the host."""
+    if isinstance(result, tuple):
+        return tuple(_host_outputs(backend, r) for r in result)
+    return backend.to_host(result)
 
 
 def _check_array(array, name, ndim, dtype):
@@ -307,7 +319,9 @@ class _RecurrentLayer:
         if self._has_cell_state:
             c_n = backend.stack(c_n)
             h_n = (h_n, c_n)
-        return self._from_time_major(out), h_n
+        result = (self._from_time_major(out), h_n)
+        # Device arrays in -> device arrays out; otherwise NumPy out (a no-op on the CPU).
+        return result if _is_device_array(x) else _host_outputs(backend, result)
 
     def _names(self, k, d):
         suffix = "_reverse" if d else ""
@@ -368,7 +382,8 @@ class _RecurrentLayer:
             if self.learn_initial_state:
                 backend.add_batch_sum(self.grads["initial_c"], dc0)
             dh0 = (dh0, dc0)
-        return self._from_time_major(d_layer_out), dh0
+        result = (self._from_time_major(d_layer_out), dh0)
+        return result if _is_device_array(dout) else _host_outputs(backend, result)
 
 
 class RNN(_RecurrentLayer):
