@@ -61,10 +61,52 @@ def _host_outputs(backend, result):
     return backend.to_host(result)
 
 
-def _check_array(array, name, ndim, dtype):
-    """Return ``array`` as a real floating array of ``dtype``; TypeError/ValueError if not."""
+def _device_to_host(array):
+    """A device array (Numba, CuPy, PyTorch CUDA tensor) copied into a NumPy array."""
+    if hasattr(array, "copy_to_host"):
+        return np.asarray(array.copy_to_host())
+    if hasattr(array, "get"):
+        return np.asarray(array.get())
+    if hasattr(array, "detach"):
+        return array.detach().cpu().numpy()
+    raise TypeError(f"cannot copy {type(array).__name__} to the host")
+
+
+def _check_dtype(dtype):
+    """"float32"/"float64" or anything np.dtype() reads as one (np.float32, "f8") -> np.dtype."""
+    try:
+        name = None if dtype is None else np.dtype(dtype).name
+    except (TypeError, ValueError):
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[name]
+
+
+def _check_device(device):
+    if not isinstance(device, str) or device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    return device
+
+
+def _check_array(array, name, ndim, dtype, device=None):
+    """Return ``array`` as a real floating array of ``dtype``; TypeError/ValueError if not.
+
+    A device array (``__cuda_array_interface__``) is returned as is after its ndim and dtype
+    kind are checked from the interface; with ``device="cpu"`` it is refused (TypeError).
+    """
     if _is_device_array(array):
-        return array  # checked for shape by the caller; the GPU backend checks dtype
+        if device == "cpu":
+            raise TypeError(f"{name} is a CUDA device array but the layer is on 'cpu'; copy "
+                            f"it to the host or move the layer with .to('cuda')")
+        interface = array.__cuda_array_interface__
+        shape, kind = tuple(interface["shape"]), np.dtype(interface["typestr"]).kind
+        if kind not in "fiu":
+            raise TypeError(f"{name} must hold real numbers, got typestr "
+                            f"{interface['typestr']!r}")
+        if len(shape) != ndim:
+            raise ValueError(f"{name} must be {ndim}-dimensional, got shape {shape}")
+        return array  # the caller checks the shape; the GPU backend converts the dtype
     try:
         arr = np.asarray(array)
     except Exception as exc:  # ragged lists and the like
@@ -86,9 +128,11 @@ def _check_lengths(lengths, batch, steps):
     if lengths is None:
         return np.full(batch, steps, np.int64)
     if _is_device_array(lengths):
-        lengths = np.asarray(lengths.copy_to_host() if hasattr(lengths, "copy_to_host")
-                             else lengths.get() if hasattr(lengths, "get") else lengths.cpu())
-    arr = np.asarray(lengths)
+        lengths = _device_to_host(lengths)
+    try:
+        arr = np.asarray(lengths)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"lengths must be a 1-D array of integers: {exc}") from None
     if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
         raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
     if arr.shape != (batch,):
@@ -118,15 +162,13 @@ class _RecurrentLayer:
         self.batch_first = _check_bool(batch_first, "batch_first")
         self.bidirectional = _check_bool(bidirectional, "bidirectional")
         self.learn_initial_state = _check_bool(learn_initial_state, "learn_initial_state")
-        if str(dtype) not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.dtype = DTYPES[str(dtype)]
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        self.dtype = _check_dtype(dtype)
+        device = _check_device(device)
         self._backend = _backend(device)
         self.device = device
         self.training = True
         self._saved = None
+        self._learned_state_used = False
         self._init_parameters(seed)
 
     # -- parameters ---------------------------------------------------------------------
@@ -158,7 +200,11 @@ class _RecurrentLayer:
 
     def _init_parameters(self, seed):
         # PyTorch: every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H)); learned states start at 0.
-        rng = np.random.default_rng(seed)
+        try:
+            rng = np.random.default_rng(seed)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"seed must be None or a non-negative int, got {seed!r} "
+                            f"({exc})") from None
         bound = 1.0 / math.sqrt(self.hidden_size)
         host = OrderedDict()
         for name, shape in self._parameter_shapes().items():
@@ -193,8 +239,12 @@ class _RecurrentLayer:
             value = state_dict[name]
             if hasattr(value, "detach"):  # a torch tensor
                 value = value.detach().cpu().numpy()
+            elif _is_device_array(value) and self.device == "cpu":
+                value = _device_to_host(value)
             value = _check_array(value, f"state_dict[{name!r}]", len(shape), self.dtype)
             _check_shape(value, f"state_dict[{name!r}]", shape)
+            if isinstance(value, np.ndarray):
+                value = value.copy()  # never alias the caller's (or torch's) memory
             new[name] = self._backend.asarray(value, self.dtype)
         self.params = new
         self._saved = None
@@ -209,8 +259,7 @@ class _RecurrentLayer:
 
     def to(self, device):
         """Move parameters and gradients to ``device`` ("cpu" or "cuda")."""
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        device = _check_device(device)
         if device == self.device:
             return self
         backend = _backend(device)
@@ -244,7 +293,7 @@ class _RecurrentLayer:
             parts = [(state, name)]
         checked = []
         for value, label in parts:
-            value = _check_array(value, label, 3, self.dtype)
+            value = _check_array(value, label, 3, self.dtype, self.device)
             _check_shape(value, label, (LD, batch, H))
             checked.append(self._backend.asarray(value, self.dtype))
         return checked
@@ -276,7 +325,7 @@ class _RecurrentLayer:
         lengths: B ints in [1, T]; outputs past a row's length are 0 and h_n is the state at
         its last valid step (PyTorch's packed-sequence semantics).
         """
-        x = _check_array(x, "x", 3, self.dtype)
+        x = _check_array(x, "x", 3, self.dtype, self.device)
         if x.ndim != 3:
             raise ValueError(f"x must be 3-dimensional, got shape {tuple(x.shape)}")
         layout = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
@@ -315,6 +364,8 @@ class _RecurrentLayer:
             saved_layers.append((layer_input, saved_dirs))
             layer_input = out.reshape(T * B, D * H)
         self._saved = (T, B, saved_layers) if train else None
+        # A given h0 replaces the learned state, which then gets no gradient.
+        self._learned_state_used = self.learn_initial_state and given is None
         h_n = backend.stack(h_n)
         if self._has_cell_state:
             c_n = backend.stack(c_n)
@@ -350,7 +401,7 @@ class _RecurrentLayer:
         T, B, saved_layers = self._saved
         D, H, L = self.num_directions, self.hidden_size, self.num_layers
         backend = self._backend
-        dout = _check_array(dout, "dout", 3, self.dtype)
+        dout = _check_array(dout, "dout", 3, self.dtype, self.device)
         expected = (B, T, D * H) if self.batch_first else (T, B, D * H)
         _check_shape(dout, "dout", expected)
         dstate = self._check_state(dh_n, "dh_n", B)
@@ -375,11 +426,11 @@ class _RecurrentLayer:
                 dh0[index], dc0[index] = dh_first, dc_first
             d_layer_out = dx2d.reshape(T, B, -1)
         dh0 = backend.stack(dh0)
-        if self.learn_initial_state:
+        if self._learned_state_used:
             backend.add_batch_sum(self.grads["initial_h"], dh0)
         if self._has_cell_state:
             dc0 = backend.stack(dc0)
-            if self.learn_initial_state:
+            if self._learned_state_used:
                 backend.add_batch_sum(self.grads["initial_c"], dc0)
             dh0 = (dh0, dc0)
         result = (self._from_time_major(d_layer_out), dh0)
