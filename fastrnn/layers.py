@@ -99,11 +99,13 @@ def _check_array(array, name, ndim, dtype, device=None):
         if device == "cpu":
             raise TypeError(f"{name} is a CUDA device array but the layer is on 'cpu'; copy "
                             f"it to the host or move the layer with .to('cuda')")
-        interface = array.__cuda_array_interface__
-        shape, kind = tuple(interface["shape"]), np.dtype(interface["typestr"]).kind
-        if kind not in "fiu":
-            raise TypeError(f"{name} must hold real numbers, got typestr "
-                            f"{interface['typestr']!r}")
+        interface = getattr(array, "__cuda_array_interface__", None)
+        if interface is not None:
+            shape, array_dtype = tuple(interface["shape"]), np.dtype(interface["typestr"])
+        else:  # the CUDA simulator's arrays have no interface, but shape and dtype
+            shape, array_dtype = tuple(array.shape), np.dtype(array.dtype)
+        if array_dtype.kind not in "fiu":
+            raise TypeError(f"{name} must hold real numbers, got dtype {array_dtype}")
         if len(shape) != ndim:
             raise ValueError(f"{name} must be {ndim}-dimensional, got shape {shape}")
         return array  # the caller checks the shape; the GPU backend converts the dtype
