@@ -1,0 +1,142 @@
+"""Datasets and batching: the bundled text, character vocabularies, padding, toy problems.
+
+The bundled text ``fastrnn/data/asyoulik.txt`` is William Shakespeare's *As You Like It*
+(public domain) as distributed in the Canterbury Corpus (Arnold & Bell, 1997); the copy here
+was taken from the test data of the ``brotli`` 1.2.1 source distribution on PyPI
+(``tests/testdata/asyoulik.txt``), byte for byte. See ``fastrnn/data/SOURCE.txt``.
+"""
+import os
+from importlib import resources
+
+import numpy as np
+
+BUNDLED_TEXT = "asyoulik.txt"
+
+
+def bundled_text():
+    """The bundled public-domain text (Shakespeare, *As You Like It*), as a str."""
+    return resources.files("fastrnn").joinpath("data", BUNDLED_TEXT).read_text("ascii")
+
+
+def load_text(path):
+    """A user's text file as str (UTF-8, undecodable bytes replaced)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"text file not found: {path}")
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    if len(text) < 2:
+        raise ValueError(f"{path} holds fewer than 2 characters; nothing to learn from")
+    return text
+
+
+class CharVocab:
+    """Maps characters to integer ids 0..V-1 (sorted order) and back."""
+
+    def __init__(self, chars):
+        self.chars = sorted(set(chars))
+        if not self.chars:
+            raise ValueError("a vocabulary needs at least one character")
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(text)
+
+    def __len__(self):
+        return len(self.chars)
+
+    def encode(self, text, strict=True):
+        """str -> int64 ids; unknown characters raise ValueError, or are dropped if not strict."""
+        ids = []
+        for c in text:
+            i = self.index.get(c)
+            if i is None:
+                if strict:
+                    raise ValueError(f"character {c!r} is not in the vocabulary")
+                continue
+            ids.append(i)
+        return np.array(ids, dtype=np.int64)
+
+    def decode(self, ids):
+        return "".join(self.chars[int(i)] for i in ids)
+
+
+def one_hot(ids, size, dtype=np.float32):
+    """int array (...,) -> (..., size) one-hot."""
+    ids = np.asarray(ids)
+    out = np.zeros(ids.shape + (size,), dtype)
+    np.put_along_axis(out, ids[..., None], 1, axis=-1)
+    return out
+
+
+def char_streams(ids, n_streams, seq_len, vocab_size, dtype=np.float32):
+    """Next-character data laid out as ``n_streams`` contiguous streams.
+
+    The id sequence is cut into ``n_streams`` equal consecutive pieces, one per batch row, each
+    trimmed to a multiple of ``seq_len``. Training on it with ``shuffle=False``,
+    ``batch_size=n_streams`` and ``tbptt=seq_len`` carries the state through the whole text
+    (stateful training). Returns X (n_streams, L, V) one-hot inputs and Y (n_streams, L) int
+    targets (the next character).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    per_stream = (len(ids) - 1) // n_streams
+    per_stream -= per_stream % seq_len
+    if per_stream < seq_len:
+        raise ValueError(f"text too short: {len(ids)} characters cannot make {n_streams} "
+                         f"streams of at least {seq_len} steps")
+    starts = np.arange(n_streams) * per_stream
+    index = starts[:, None] + np.arange(per_stream)[None, :]
+    return one_hot(ids[index], vocab_size, dtype), ids[index + 1]
+
+
+def char_windows(ids, seq_len, vocab_size, stride=None, dtype=np.float32):
+    """Independent next-character windows: X (N, seq_len, V) one-hot, Y (N, seq_len) ints."""
+    ids = np.asarray(ids, dtype=np.int64)
+    stride = stride or seq_len
+    starts = np.arange(0, len(ids) - seq_len - 1 + 1, stride)
+    if len(starts) == 0:
+        raise ValueError(f"text of {len(ids)} characters is shorter than seq_len+1 = "
+                         f"{seq_len + 1}")
+    index = starts[:, None] + np.arange(seq_len)[None, :]
+    return one_hot(ids[index], vocab_size, dtype), ids[index + 1]
+
+
+def pad_sequences(sequences, dtype=np.float32, value=0.0):
+    """List of (T_i, F) arrays (or (T_i,)) -> (X (N, max T, F), lengths (N,)), zero padded."""
+    seqs = [np.asarray(s, dtype=dtype) for s in sequences]
+    if not seqs:
+        raise ValueError("pad_sequences needs at least one sequence")
+    seqs = [s[:, None] if s.ndim == 1 else s for s in seqs]
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    if lengths.min() < 1:
+        raise ValueError("every sequence needs at least one step")
+    X = np.full((len(seqs), lengths.max(), seqs[0].shape[1]), value, dtype=dtype)
+    for i, s in enumerate(seqs):
+        X[i, :len(s)] = s
+    return X, lengths
+
+
+def adding_problem(n, steps=30, seed=0, dtype=np.float32):
+    """The adding problem (Hochreiter & Schmidhuber 1997; Le et al. 2015).
+
+    Each input step is (value ~ U(0, 1), marker); exactly two markers are 1, one in each half
+    of the sequence; the target is the sum of the two marked values. Predicting 1 (the mean)
+    gives an MSE of about 0.167. Returns X (n, steps, 2), Y (n, 1).
+    """
+    rng = np.random.default_rng(seed)
+    X = np.zeros((n, steps, 2), dtype)
+    X[:, :, 0] = rng.uniform(0, 1, (n, steps))
+    half = steps // 2
+    first = rng.integers(0, half, n)
+    second = rng.integers(half, steps, n)
+    rows = np.arange(n)
+    X[rows, first, 1] = 1
+    X[rows, second, 1] = 1
+    Y = (X[rows, first, 0] + X[rows, second, 0]).astype(dtype)[:, None]
+    return X, Y
+
+
+def batch_indices(n, batch_size, shuffle, rng):
+    """List of index arrays covering range(n) in mini-batches (a fresh permutation if shuffle)."""
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]

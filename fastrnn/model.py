@@ -1,0 +1,1025 @@
+"""SequenceModel: a stack of recurrent layers, a dense output head and a loss; training loop.
+
+Data are sample-major: ``X (N, T, input_size)``; the recurrent layer runs with
+``batch_first=True``. The head is ``y_t = W_hy h_t + b_y`` applied at every step
+(``output="sequence"``) or once per row (``output="last"``) to the top layer's output at the
+row's last valid step — for a bidirectional model the forward direction at step ``len-1`` and
+the reverse direction at step 0, i.e. the top layer's ``h_n``, as PyTorch users do.
+
+Parameter names are ``rnn.<PyTorch name>`` and ``head.weight``/``head.bias``, so
+``model.state_dict()`` loads into a PyTorch module with attributes ``rnn`` (``nn.LSTM``/``GRU``/
+``RNN`` with ``batch_first=True``) and ``head`` (``nn.Linear``) unchanged.
+"""
+import hashlib
+import json
+import math
+import numbers
+import os
+import tempfile
+import time
+import zipfile
+from collections import OrderedDict
+
+import numpy as np
+
+from . import losses, optim
+from .data import batch_indices
+from .layers import GRU, LSTM, RNN, _check_bool, _check_positive_int
+from .optim import NonFiniteError
+
+CELLS = {
+    "lstm": (LSTM, {}),
+    "gru": (GRU, {}),
+    "rnn": (RNN, {"nonlinearity": "tanh"}),
+    "rnn_tanh": (RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": (RNN, {"nonlinearity": "relu"}),
+}
+OUTPUTS = ("last", "sequence")
+FILE_FORMAT = "fastrnn.SequenceModel"
+FILE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------- callbacks
+
+class Callback:
+    """Base class of training callbacks (any object with ``on_epoch_end`` will do).
+
+    ``on_epoch_end(epoch, logs)`` is called after every epoch (``epoch`` counts from 1 over
+    the model's whole life, ``logs`` holds that epoch's loss/val_loss/accuracy...); returning
+    True stops training. ``set_model(model)``, ``on_train_begin(logs)`` and
+    ``on_train_end(logs)`` are called when defined. A plain function ``f(epoch, logs)`` is
+    accepted as a callback too.
+    """
+
+    model = None
+
+    def set_model(self, model):
+        self.model = model
+
+    def on_train_begin(self, logs=None):
+        pass
+
+    def on_epoch_end(self, epoch, logs):
+        return False
+
+    def on_train_end(self, logs=None):
+        pass
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
+
+    monitor: "val_loss" (default; "loss" when fit has no validation data), "val_accuracy"...
+    (names containing "accuracy" are maximised). restore_best_weights: put back the parameters
+    of the best epoch when training stops or ends.
+    """
+
+    def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, restore_best_weights=True):
+        self.monitor, self.patience, self.min_delta = monitor, int(patience), float(min_delta)
+        self.restore_best_weights = restore_best_weights
+        self.best, self.best_epoch, self.best_state, self.wait = None, None, None, 0
+        self.stopped_epoch = None
+
+    def on_train_begin(self, logs=None):
+        self.best, self.best_epoch, self.best_state, self.wait = None, None, None, 0
+        self.stopped_epoch = None
+
+    def _improved(self, value):
+        if self.best is None:
+            return True
+        if "accuracy" in self.monitor:
+            return value > self.best + self.min_delta
+        return value < self.best - self.min_delta
+
+    def on_epoch_end(self, epoch, logs):
+        key = self.monitor if self.monitor in logs else "loss"
+        value = logs.get(key)
+        if value is None or not math.isfinite(value):
+            return False
+        if self._improved(value):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best_weights and self.model is not None:
+                self.best_state = self.model.state_dict()
+            return False
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = epoch
+            return True
+        return False
+
+    def on_train_end(self, logs=None):
+        if self.restore_best_weights and self.best_state is not None and self.model is not None:
+            self.model.load_state_dict(self.best_state)
+
+
+class Checkpoint(Callback):
+    """Save the model (with optimizer state) to ``path`` every ``every`` epochs."""
+
+    def __init__(self, path, every=1):
+        self.path, self.every = path, int(every)
+
+    def on_epoch_end(self, epoch, logs):
+        if epoch % self.every == 0:
+            self.model.save(self.path)
+        return False
+
+
+def _as_callbacks(callbacks, early_stopping):
+    result = []
+    for cb in list(callbacks or []):
+        if hasattr(cb, "on_epoch_end"):
+            result.append(cb)
+        elif callable(cb):
+            fn = cb
+            result.append(type("FunctionCallback", (Callback,), {
+                "on_epoch_end": staticmethod(lambda epoch, logs, fn=fn: fn(epoch, logs))})())
+        else:
+            raise TypeError(f"callbacks must have on_epoch_end(epoch, logs) or be callable, "
+                            f"got {type(cb).__name__}")
+    if early_stopping is not None and early_stopping is not False:
+        if isinstance(early_stopping, EarlyStopping):
+            result.append(early_stopping)
+        elif isinstance(early_stopping, dict):
+            result.append(EarlyStopping(**early_stopping))
+        elif isinstance(early_stopping, numbers.Integral) and not isinstance(early_stopping,
+                                                                              bool):
+            result.append(EarlyStopping(patience=int(early_stopping)))
+        else:
+            raise TypeError("early_stopping must be None, a patience (int), a dict of "
+                            "EarlyStopping arguments or an EarlyStopping")
+    return result
+
+
+# ---------------------------------------------------------------------------- the model
+
+class SequenceModel:
+    """Recurrent layers + dense head + loss, trained with :meth:`fit`.
+
+    Args:
+        input_size, hidden_size, output_size: feature sizes of x_t, h_t and y_t.
+        cell: "lstm", "gru", "rnn" (tanh Elman), "rnn_tanh" or "rnn_relu".
+        num_layers, bidirectional, bias, learn_initial_state, dtype, device: as the layers.
+        output: "last" (one prediction per sequence, at its last valid step) or "sequence"
+            (a prediction at every valid step).
+        loss: "mse" (real targets) or "cross_entropy" (integer class targets; the model then
+            outputs logits, :meth:`predict_proba` gives probabilities).
+        seed: int -> reproducible initial weights and shuffling (bit for bit on the CPU).
+    """
+
+    def __init__(self, input_size, hidden_size, output_size, cell="lstm", num_layers=1,
+                 bidirectional=False, output="last", loss="mse", device="cpu", seed=0,
+                 dtype="float32", learn_initial_state=False, bias=True):
+        if cell not in CELLS:
+            raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        losses.get(loss)
+        self.output_size = _check_positive_int(output_size, "output_size")
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2 ** 63))
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        self.cell, self.output, self.loss, self.seed = cell, output, loss, int(seed)
+        layer_cls, extra = CELLS[cell]
+        self.rnn = layer_cls(input_size, hidden_size, num_layers=num_layers, bias=bias,
+                             batch_first=True, bidirectional=bidirectional,
+                             learn_initial_state=learn_initial_state, dtype=dtype,
+                             device=device, seed=self.seed, **extra)
+        self.dtype = self.rnn.dtype
+        features = self.rnn.hidden_size * self.rnn.num_directions
+        # nn.Linear's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        head_rng = np.random.default_rng([self.seed, 1])
+        bound = 1.0 / math.sqrt(features)
+        self.head = OrderedDict(
+            weight=head_rng.uniform(-bound, bound, (self.output_size, features)).astype(
+                self.dtype),
+            bias=head_rng.uniform(-bound, bound, (self.output_size,)).astype(self.dtype))
+        self.head_grads = OrderedDict((k, np.zeros_like(v)) for k, v in self.head.items())
+        self.rng = np.random.default_rng([self.seed, 2])  # shuffling; saved in checkpoints
+        self.optimizer = None
+        self.epoch = 0
+        self.history = {}
+        self.metadata = {}  # JSON-serialisable user data saved with the model (e.g. a vocab)
+        self._stream_state = None
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def input_size(self):
+        return self.rnn.input_size
+
+    @property
+    def hidden_size(self):
+        return self.rnn.hidden_size
+
+    @property
+    def num_layers(self):
+        return self.rnn.num_layers
+
+    @property
+    def bidirectional(self):
+        return self.rnn.bidirectional
+
+    @property
+    def device(self):
+        return self.rnn.device
+
+    def config(self):
+        """The constructor arguments (JSON-serialisable)."""
+        return dict(input_size=self.input_size, hidden_size=self.hidden_size,
+                    output_size=self.output_size, cell=self.cell, num_layers=self.num_layers,
+                    bidirectional=self.bidirectional, output=self.output, loss=self.loss,
+                    device=self.device, seed=self.seed, dtype=self.dtype.name,
+                    learn_initial_state=self.rnn.learn_initial_state, bias=self.rnn.bias)
+
+    def num_parameters(self):
+        return int(sum(v.size for v in self.state_dict().values()))
+
+    def __repr__(self):
+        return (f"SequenceModel({self.input_size}, {self.hidden_size}, {self.output_size}, "
+                f"cell={self.cell!r}, num_layers={self.num_layers}, "
+                f"bidirectional={self.bidirectional}, output={self.output!r}, "
+                f"loss={self.loss!r}, device={self.device!r}, params={self.num_parameters()})")
+
+    def train(self, mode=True):
+        self.rnn.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def to(self, device):
+        """Move the recurrent layers to ``device`` (the small head always stays on the host)."""
+        self.rnn.to(device)
+        self._stream_state = None
+        return self
+
+    # -- parameters ---------------------------------------------------------------------
+    def state_dict(self):
+        """All parameters as NumPy copies: ``rnn.<PyTorch name>``, ``head.weight``, ``head.bias``."""
+        state = OrderedDict((f"rnn.{k}", v) for k, v in self.rnn.state_dict().items())
+        for k, v in self.head.items():
+            state[f"head.{k}"] = v.copy()
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Inverse of :meth:`state_dict` (NumPy arrays or torch tensors)."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError("state_dict must be a mapping of names to arrays")
+        expected = set(self.state_dict())
+        missing = sorted(expected - set(state_dict))
+        extra = sorted(set(state_dict) - expected)
+        if missing or extra:
+            raise ValueError(f"state_dict does not match this model: missing keys {missing}, "
+                             f"unexpected keys {extra}")
+        self.rnn.load_state_dict({k[4:]: v for k, v in state_dict.items()
+                                  if k.startswith("rnn.")})
+        for k in self.head:
+            value = state_dict[f"head.{k}"]
+            if hasattr(value, "detach"):
+                value = value.detach().cpu().numpy()
+            value = np.asarray(value)
+            if value.shape != self.head[k].shape or not np.all(np.isfinite(value)):
+                raise ValueError(f"state_dict['head.{k}'] must be finite with shape "
+                                 f"{self.head[k].shape}, got {value.shape}")
+            self.head[k] = value.astype(self.dtype).copy()
+        self._stream_state = None
+
+    def rnn_state_dict(self):
+        """The recurrent layers alone under PyTorch's names (loads into nn.LSTM/GRU/RNN)."""
+        return self.rnn.state_dict()
+
+    def load_rnn_state_dict(self, state_dict):
+        """Load the recurrent layers from a PyTorch ``nn.LSTM/GRU/RNN.state_dict()``."""
+        self.rnn.load_state_dict(state_dict)
+
+    def zero_grad(self):
+        self.rnn.zero_grad()
+        for g in self.head_grads.values():
+            g[...] = 0
+
+    def _host_params(self):
+        """name -> array to update in place (the layers' own arrays on the CPU)."""
+        params = OrderedDict()
+        on_cpu = self.device == "cpu"
+        for k, v in self.rnn.params.items():
+            params[f"rnn.{k}"] = v if on_cpu else np.array(self.rnn._backend.to_host(v))
+        for k, v in self.head.items():
+            params[f"head.{k}"] = v
+        return params
+
+    def _host_grads(self):
+        grads = OrderedDict()
+        for k, v in self.rnn.grads.items():
+            grads[f"rnn.{k}"] = np.asarray(self.rnn._backend.to_host(v))
+        for k, v in self.head_grads.items():
+            grads[f"head.{k}"] = v
+        return grads
+
+    # -- validation ---------------------------------------------------------------------
+    def _check_X(self, X, name="X"):
+        if hasattr(X, "__cuda_array_interface__") and not isinstance(X, np.ndarray):
+            raise TypeError(f"{name}: SequenceModel takes host (NumPy) arrays")
+        try:
+            X = np.asarray(X)
+        except Exception as exc:
+            raise TypeError(f"{name} must be an array of numbers: {exc}") from None
+        if X.dtype.kind not in "fiu" or X.dtype == np.bool_:
+            raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
+        if X.ndim == 2 and self.input_size == 1:
+            X = X[:, :, None]
+        if X.ndim != 3 or X.shape[2] != self.input_size:
+            raise ValueError(f"{name} must have shape (N, T, {self.input_size}) "
+                             f"(samples, steps, input_size), got {X.shape}")
+        if X.shape[0] == 0 or X.shape[1] == 0:
+            raise ValueError(f"{name} needs at least one sample and one step, got {X.shape}")
+        X = np.ascontiguousarray(X, dtype=self.dtype)
+        if not np.all(np.isfinite(X)):
+            bad = np.argwhere(~np.isfinite(X))[0]
+            raise ValueError(f"{name} holds NaN or infinite values (first at index "
+                             f"{tuple(int(i) for i in bad)}, value {X[tuple(bad)]})")
+        return X
+
+    @staticmethod
+    def _check_lengths(lengths, N, T, name="lengths"):
+        if lengths is None:
+            return np.full(N, T, np.int64)
+        arr = np.asarray(lengths)
+        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
+            raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
+        if arr.shape != (N,):
+            raise ValueError(f"{name} must have shape ({N},) (one per sample), got {arr.shape}")
+        if arr.min() < 1 or arr.max() > T:
+            raise ValueError(f"{name} must lie in [1, {T}] (the number of steps), got values "
+                             f"in [{arr.min()}, {arr.max()}]")
+        return arr.astype(np.int64)
+
+    def _check_Y(self, Y, N, T, lengths, name="Y"):
+        O = self.output_size
+        try:
+            Y = np.asarray(Y)
+        except Exception as exc:
+            raise TypeError(f"{name} must be an array: {exc}") from None
+        seq = self.output == "sequence"
+        mask = _valid_mask(lengths, T) if seq else np.ones(N, bool)
+        if self.loss == "cross_entropy":
+            shape = (N, T) if seq else (N,)
+            if Y.dtype.kind == "f":
+                valid = Y[mask]
+                if not np.all(np.isfinite(valid)) or np.any(valid != np.round(valid)):
+                    raise ValueError(f"{name} must hold integer class indices for "
+                                     f"cross_entropy")
+                Y = np.where(mask, np.nan_to_num(Y), 0).astype(np.int64) if seq else \
+                    Y.astype(np.int64)
+            if Y.dtype.kind not in "iu" or Y.dtype == np.bool_:
+                raise TypeError(f"{name} must hold integer class indices, got dtype {Y.dtype}")
+            if Y.shape != shape:
+                raise ValueError(f"{name} must have shape {shape} for cross_entropy with "
+                                 f"output={self.output!r}, got {Y.shape}")
+            valid = Y[mask]
+            if valid.size and (valid.min() < 0 or valid.max() >= O):
+                raise ValueError(f"{name} class indices must lie in [0, {O - 1}] "
+                                 f"(output_size={O}), got values in "
+                                 f"[{valid.min()}, {valid.max()}]")
+            return np.where(mask, Y, 0).astype(np.int64)
+        shape = (N, T, O) if seq else (N, O)
+        if Y.dtype.kind not in "fiu" or Y.dtype == np.bool_:
+            raise TypeError(f"{name} must hold real numbers, got dtype {Y.dtype}")
+        if O == 1 and Y.shape == shape[:-1]:
+            Y = Y[..., None]
+        if Y.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} for output={self.output!r}, "
+                             f"got {Y.shape}")
+        Y = Y.astype(self.dtype)
+        if not np.all(np.isfinite(Y[mask])):
+            raise ValueError(f"{name} holds NaN or infinite values")
+        return np.where(mask[..., None], Y, 0).astype(self.dtype)
+
+    def _check_data(self, X, Y=None, lengths=None, prefix=""):
+        X = self._check_X(X, prefix + "X")
+        N, T = X.shape[:2]
+        lengths = self._check_lengths(lengths, N, T, prefix + "lengths")
+        if Y is not None:
+            Y = self._check_Y(Y, N, T, lengths, prefix + "Y")
+        return X, Y, lengths
+
+    # -- forward, loss, backward ----------------------------------------------------------
+    def _features(self, out, lengths):
+        """Top-layer outputs (B, T, D*H) -> head inputs: (B, T, D*H) or (B, D*H) for "last"."""
+        if self.output == "sequence":
+            return out
+        H = self.hidden_size
+        rows = np.arange(out.shape[0])
+        feats = out[rows, lengths - 1].copy()
+        if self.bidirectional:
+            feats[:, H:] = out[:, 0, H:]
+        return feats
+
+    def _head_forward(self, feats):
+        return feats @ self.head["weight"].T + self.head["bias"]
+
+    def _forward(self, X, lengths, h0=None):
+        out, h_n = self.rnn.forward(X, h0=h0, lengths=lengths)
+        out = np.asarray(self.rnn._backend.to_host(out)) if self.device != "cpu" else out
+        feats = self._features(out, lengths)
+        return self._head_forward(feats), feats, h_n
+
+    def _loss(self, y, Y, lengths):
+        """Head outputs y and targets -> (mean loss, dy shaped like y, n_valid, n_correct)."""
+        fn = losses.get(self.loss)
+        if self.output == "sequence":
+            mask = _valid_mask(lengths, y.shape[1])
+            pred, target = y[mask], Y[mask]
+        else:
+            mask = None
+            pred, target = y, Y
+        loss, dpred = fn(pred, target)
+        correct = 0
+        if self.loss == "cross_entropy":
+            correct = int(np.sum(np.argmax(pred, axis=1) == target))
+        if mask is None:
+            dy = dpred
+        else:
+            dy = np.zeros_like(y)
+            dy[mask] = dpred
+        return loss, dy.astype(self.dtype, copy=False), pred.shape[0], correct
+
+    def _backward(self, dy, feats, lengths, T):
+        """Head and recurrent backward; gradients accumulate into head_grads / rnn.grads."""
+        O = self.output_size
+        feats2d = feats.reshape(-1, feats.shape[-1])
+        dy2d = dy.reshape(-1, O)
+        self.head_grads["weight"] += dy2d.T @ feats2d
+        self.head_grads["bias"] += dy2d.sum(axis=0)
+        dfeats = dy @ self.head["weight"]
+        if self.output == "sequence":
+            dout = dfeats
+        else:
+            B, H = dy.shape[0], self.hidden_size
+            dout = np.zeros((B, T, feats.shape[-1]), self.dtype)
+            dout[np.arange(B), lengths - 1, :H] = dfeats[:, :H]
+            if self.bidirectional:
+                dout[:, 0, H:] = dfeats[:, H:]
+        self.rnn.backward(np.ascontiguousarray(dout, dtype=self.dtype))
+
+    def loss_and_grads(self, X, Y, lengths=None):
+        """Mean loss of (X, Y) and, in ``model.rnn.grads`` / ``model.head_grads``, its gradient.
+
+        Gradients are overwritten (zeroed first). Returns the loss (float).
+        """
+        X, Y, lengths = self._check_data(X, Y, lengths)
+        self.zero_grad()
+        self.rnn.train()
+        y, feats, _ = self._forward(X, lengths)
+        loss, dy, _, _ = self._loss(y, Y, lengths)
+        self._backward(dy, feats, lengths, X.shape[1])
+        return loss
+
+    # -- training -----------------------------------------------------------------------
+    def _train_step(self, X, Y, lengths, h0, clip_norm, clip_value, where):
+        """Forward, loss, backward and one update; returns (loss, n_valid, n_correct, h_n)."""
+        self.zero_grad()
+        y, feats, h_n = self._forward(X, lengths, h0)
+        loss, dy, count, correct = self._loss(y, Y, lengths)
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"training diverged at {where}: the loss is {loss}; the "
+                                 f"parameters keep their last finite values (try a lower lr "
+                                 f"or clip_norm)")
+        self._backward(dy, feats, lengths, X.shape[1])
+        grads = self._host_grads()
+        norm = optim.global_norm(grads)
+        if not math.isfinite(norm):
+            bad = [k for k, g in grads.items() if not np.all(np.isfinite(g))]
+            raise NonFiniteError(f"training diverged at {where}: non-finite gradient of "
+                                 f"{', '.join(bad[:4])}; the parameters keep their last "
+                                 f"finite values (try a lower lr or clip_norm)")
+        optim.clip_grad_value(grads, clip_value)
+        optim.clip_grad_norm(grads, clip_norm)
+        params = self._host_params()
+        try:
+            self.optimizer.step(params, grads)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"training diverged at {where}: {exc} (try a lower lr or "
+                                 f"clip_norm)") from None
+        if self.device != "cpu":
+            self.rnn.load_state_dict({k[4:]: v for k, v in params.items()
+                                      if k.startswith("rnn.")})
+        return loss, count, correct, h_n
+
+    def _train_batch_tbptt(self, X, Y, lengths, k, clip_norm, clip_value, where):
+        """Truncated BPTT over one batch: chunks of k steps, state carried and detached."""
+        B, T = X.shape[:2]
+        state = None
+        total_loss = total_count = total_correct = 0
+        for start in range(0, T, k):
+            chunk_len = np.clip(lengths - start, 0, k)
+            active = np.flatnonzero(chunk_len > 0)
+            if active.size == 0:
+                break
+            steps = int(chunk_len[active].max())
+            Xc = X[active, start:start + steps]
+            Yc = Y[active, start:start + steps]
+            h0 = None if state is None else _select_state(state, active)
+            loss, count, correct, h_n = self._train_step(
+                Xc, Yc, chunk_len[active], h0, clip_norm, clip_value,
+                f"{where}, chunk at step {start}")
+            state = _scatter_state(state, h_n, active, B)
+            total_loss += loss * count
+            total_count += count
+            total_correct += correct
+            yield loss, count, correct
+
+    def fit(self, X, Y, epochs=1, batch_size=32, lr=None, optimizer="adam", clip_norm=None,
+            clip_value=None, lengths=None, validation_data=None, verbose=True, shuffle=True,
+            early_stopping=None, callbacks=None, tbptt=None, weight_decay=0.0):
+        """Train for ``epochs`` more epochs; returns this call's history (a dict of lists).
+
+        X (N, T, I); Y (N, O) / (N,) for output="last" ((N,) ints for cross_entropy),
+        (N, T, O) / (N, T) for output="sequence". lengths: N ints in [1, T] or None.
+        validation_data: (X_val, Y_val) or (X_val, Y_val, lengths_val).
+        optimizer: "adam", "adamw", "sgd" or a fastrnn.optim.Optimizer. Calling fit again
+            continues with the same optimizer state (also after :func:`load`) when the name
+            and weight_decay match; ``lr`` then replaces the learning rate if given.
+        clip_value / clip_norm: clip each gradient element / the global gradient norm.
+        tbptt: k -> truncated BPTT: each batch is cut into chunks of k steps, one update per
+            chunk, the state carried (detached) from chunk to chunk (output="sequence",
+            unidirectional only). With shuffle=False and batch_size=N the state flows through
+            the whole of each row: stateful training on long streams.
+        early_stopping: patience (int), dict of EarlyStopping args, or an EarlyStopping.
+        callbacks: objects with on_epoch_end(epoch, logs) or functions f(epoch, logs);
+            returning True stops training.
+        Raises ValueError on bad data before training; NonFiniteError when a loss, gradient
+        or update becomes non-finite (parameters keep their last finite values).
+        """
+        X, Y, lengths = self._check_data(X, Y, lengths)
+        N, T = X.shape[:2]
+        epochs = _check_positive_int(epochs, "epochs")
+        batch_size = _check_positive_int(batch_size, "batch_size")
+        _check_bool(verbose, "verbose")
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"clip_norm must be positive, got {clip_norm}")
+        if clip_value is not None and not clip_value > 0:
+            raise ValueError(f"clip_value must be positive, got {clip_value}")
+        if tbptt is not None:
+            tbptt = _check_positive_int(tbptt, "tbptt")
+            if self.output != "sequence" or self.bidirectional:
+                raise ValueError("tbptt needs output='sequence' and a unidirectional model")
+        val = None
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in \
+                    (2, 3):
+                raise ValueError("validation_data must be (X_val, Y_val) or "
+                                 "(X_val, Y_val, lengths_val)")
+            val = self._check_data(*validation_data, prefix="validation ")
+        self.optimizer = self._resolve_optimizer(optimizer, lr, weight_decay)
+        cbs = _as_callbacks(callbacks, early_stopping)
+        for cb in cbs:
+            if hasattr(cb, "set_model"):
+                cb.set_model(self)
+            if hasattr(cb, "on_train_begin"):
+                cb.on_train_begin({})
+        classify = self.loss == "cross_entropy"
+        history = {}
+        self.rnn.train()
+        self._stream_state = None
+        try:
+            for _ in range(epochs):
+                self.epoch += 1
+                logs = self._fit_epoch(X, Y, lengths, batch_size, shuffle, clip_norm,
+                                       clip_value, tbptt, epochs, verbose, classify, val)
+                for key, value in logs.items():
+                    history.setdefault(key, []).append(value)
+                    self.history.setdefault(key, []).append(value)
+                stop = False
+                for cb in cbs:
+                    stop = bool(cb.on_epoch_end(self.epoch, dict(logs))) or stop
+                if stop:
+                    break
+        finally:
+            self.rnn.train()
+        for cb in cbs:
+            if hasattr(cb, "on_train_end"):
+                cb.on_train_end({})
+        return history
+
+    def _resolve_optimizer(self, optimizer, lr, weight_decay):
+        if isinstance(optimizer, optim.Optimizer):
+            if lr is not None:
+                optimizer.lr = float(lr)
+            return optimizer
+        current = self.optimizer
+        if (current is not None and current.name == optimizer
+                and current.weight_decay == float(weight_decay)):
+            if lr is not None:
+                if not (lr > 0 and math.isfinite(lr)):
+                    raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+                current.lr = float(lr)
+            return current
+        return optim.get(optimizer, lr=lr, weight_decay=weight_decay)
+
+    def _fit_epoch(self, X, Y, lengths, batch_size, shuffle, clip_norm, clip_value, tbptt,
+                   epochs, verbose, classify, val):
+        from tqdm.auto import tqdm
+        N, T = X.shape[:2]
+        batches = batch_indices(N, batch_size, shuffle, self.rng)
+        chunks = 1 if tbptt is None else -(-T // tbptt)
+        total_steps = len(batches) * chunks
+        bar = tqdm(total=total_steps, desc=f"epoch {self.epoch}", unit="step",
+                   disable=not verbose, leave=True, dynamic_ncols=True)
+        start = time.perf_counter()
+        sum_loss = count_all = correct_all = 0
+        sequences = 0
+        step = 0
+        try:
+            for b, index in enumerate(batches):
+                Xb, Yb, Lb = X[index], Y[index], lengths[index]
+                if tbptt is None:
+                    step += 1
+                    where = f"epoch {self.epoch}, step {step} of {total_steps}"
+                    results = [self._train_step(Xb, Yb, Lb, None, clip_norm, clip_value,
+                                                where)[:3]]
+                else:
+                    where = f"epoch {self.epoch}, batch {b + 1} of {len(batches)}"
+                    results = self._train_batch_tbptt(Xb, Yb, Lb, tbptt, clip_norm,
+                                                      clip_value, where)
+                for loss, count, correct in results:
+                    if tbptt is not None:
+                        step += 1
+                    sum_loss += loss * count
+                    count_all += count
+                    correct_all += correct
+                    bar.update(1)
+                    if verbose:
+                        elapsed = max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix(loss=f"{sum_loss / max(count_all, 1):.4f}",
+                                        seq_s=f"{(sequences + len(index)) / elapsed:.0f}",
+                                        refresh=False)
+                sequences += len(index)
+            logs = {"loss": sum_loss / max(count_all, 1)}
+            if classify:
+                logs["accuracy"] = correct_all / max(count_all, 1)
+            if val is not None:
+                scores = self.evaluate(*val, batch_size=max(batch_size, 256))
+                logs["val_loss"] = scores["loss"]
+                if classify:
+                    logs["val_accuracy"] = scores["accuracy"]
+            logs["seconds"] = time.perf_counter() - start
+            if verbose:
+                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "seconds"},
+                                refresh=True)
+        finally:
+            bar.close()
+        return logs
+
+    # -- inference ----------------------------------------------------------------------
+    def _run_eval(self, X, lengths, batch_size, h0=None):
+        """Head outputs for all rows (eval mode), in batches; also the last h_n."""
+        self.rnn.eval()
+        try:
+            outs, h_n = [], None
+            N = X.shape[0]
+            bs = N if (batch_size is None or h0 is not None) else batch_size
+            for i in range(0, N, bs):
+                y, _, h_n = self._forward(X[i:i + bs], lengths[i:i + bs], h0)
+                outs.append(y)
+            return np.concatenate(outs), h_n
+        finally:
+            self.rnn.train()
+
+    def predict(self, X, lengths=None, batch_size=256, stateful=False):
+        """Head outputs: (N, O) for output="last", (N, T, O) for "sequence" (zero past lengths).
+
+        For cross_entropy these are logits (see :meth:`predict_proba`). stateful=True starts
+        from the state the previous stateful call ended in (zeros/learned after
+        :meth:`reset_state`) and keeps the final state for the next call: streaming.
+        """
+        X = self._check_X(X)
+        N, T = X.shape[:2]
+        lengths = self._check_lengths(lengths, N, T)
+        if not stateful:
+            return self._mask_outputs(self._run_eval(X, lengths, batch_size)[0], lengths)
+        if self.bidirectional:
+            raise ValueError("stateful prediction needs a unidirectional model")
+        h0 = self._stream_state
+        if h0 is not None and _state_batch(h0) != N:
+            raise ValueError(f"stateful predict: the carried state has {_state_batch(h0)} "
+                             f"rows but X has {N}; call model.reset_state() first")
+        y, h_n = self._run_eval(X, lengths, None, h0)
+        self._stream_state = h_n
+        return self._mask_outputs(y, lengths)
+
+    def _mask_outputs(self, y, lengths):
+        if self.output == "sequence":
+            y[~_valid_mask(lengths, y.shape[1])] = 0
+        return y
+
+    def predict_proba(self, X, lengths=None, batch_size=256, stateful=False):
+        """Softmax of :meth:`predict` (cross_entropy models)."""
+        if self.loss != "cross_entropy":
+            raise ValueError("predict_proba is for loss='cross_entropy' models")
+        return losses.softmax(self.predict(X, lengths, batch_size, stateful))
+
+    def step(self, x):
+        """One streaming step: x (B, I) -> y (B, O), continuing the carried state."""
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise ValueError(f"x must have shape (B, {self.input_size}), got {x.shape}")
+        y = self.predict(x[:, None, :], stateful=True)
+        return y[:, 0] if self.output == "sequence" else y
+
+    def reset_state(self):
+        """Forget the state carried by stateful predict/step (next call starts afresh)."""
+        self._stream_state = None
+
+    def evaluate(self, X, Y, lengths=None, batch_size=256):
+        """{"loss": mean loss over valid steps, "accuracy": ... (cross_entropy)}."""
+        X, Y, lengths = self._check_data(X, Y, lengths)
+        self.rnn.eval()
+        try:
+            sum_loss = count_all = correct_all = 0
+            for i in range(0, X.shape[0], batch_size):
+                y, _, _ = self._forward(X[i:i + batch_size], lengths[i:i + batch_size])
+                loss, _, count, correct = self._loss(y, Y[i:i + batch_size],
+                                                     lengths[i:i + batch_size])
+                sum_loss += loss * count
+                count_all += count
+                correct_all += correct
+        finally:
+            self.rnn.train()
+        scores = {"loss": sum_loss / max(count_all, 1)}
+        if self.loss == "cross_entropy":
+            scores["accuracy"] = correct_all / max(count_all, 1)
+        return scores
+
+    # -- diagnostics --------------------------------------------------------------------
+    def gradient_norms(self, X, Y, lengths=None):
+        """‖∂L/∂h_t‖ for every layer and step: array (num_layers, T), float64.
+
+        L is the mean loss of (X, Y) (as in training); h_t is the layer's output at step t
+        (both directions concatenated); the norm is taken over batch rows and hidden units.
+        ∂L/∂h_t is the *total* derivative: the gradient arriving from above at step t plus
+        the one flowing back through the recurrence from later steps (earlier steps for the
+        reverse direction). Steps past a row's length contribute zero.
+
+        Method (exact, built on the public layer API): the layers are re-run one layer and
+        one direction at a time. For layer k the gradient from above, dout_t, is the dx of
+        layer k+1 (or the head's gradient). The recurrent part at step t is the ``dh0``
+        returned by backward of a run over steps t+1..len-1 started from the state (h_t, c_t):
+        that run computes exactly the part of L that h_t influences through the recurrence.
+        This costs O(T) short runs per layer-direction, O(T^2) steps in all: meant for
+        diagnostics on moderate T, not for training.
+        """
+        X, Y, lengths = self._check_data(X, Y, lengths)
+        B, T = X.shape[:2]
+        L, D, H = self.num_layers, self.rnn.num_directions, self.hidden_size
+        layers = [self._clone_layer(k) for k in range(L)]
+        inputs = [np.ascontiguousarray(X.transpose(1, 0, 2))]
+        for k, layer in enumerate(layers):
+            out, _ = layer.forward(inputs[k], h0=self._layer_h0(k, None, B), lengths=lengths)
+            inputs.append(np.asarray(layer._backend.to_host(out)))
+        top = np.ascontiguousarray(inputs[L].transpose(1, 0, 2))
+        feats = self._features(top, lengths)
+        y = self._head_forward(feats)
+        _, dy, _, _ = self._loss(y, Y, lengths)
+        dfeats = dy @ self.head["weight"]
+        if self.output == "sequence":
+            dout = dfeats
+        else:
+            dout = np.zeros((B, T, D * H), self.dtype)
+            dout[np.arange(B), lengths - 1, :H] = dfeats[:, :H]
+            if D == 2:
+                dout[:, 0, H:] = dfeats[:, H:]
+        douts = [None] * L
+        douts[L - 1] = np.ascontiguousarray(dout.transpose(1, 0, 2), dtype=self.dtype)
+        for k in reversed(range(1, L)):
+            dx, _ = layers[k].backward(douts[k])
+            douts[k - 1] = np.asarray(layers[k]._backend.to_host(dx))
+        norms = np.zeros((L, T))
+        for k in range(L):
+            total = np.zeros((T, B, D * H))
+            for d in range(D):
+                total[:, :, d * H:(d + 1) * H] = self._total_hidden_grad(
+                    k, d, inputs[k], douts[k][:, :, d * H:(d + 1) * H], lengths)
+            norms[k] = np.sqrt(np.sum(total ** 2, axis=(1, 2)))
+        return norms
+
+    def _make_layer(self, input_size, bidirectional):
+        layer_cls, extra = CELLS[self.cell]
+        return layer_cls(input_size, self.hidden_size, num_layers=1, bias=self.rnn.bias,
+                         bidirectional=bidirectional, dtype=self.dtype.name,
+                         device=self.device, **extra)
+
+    def _clone_layer(self, k, direction=None):
+        """A one-layer copy of layer k (both directions, or ``direction`` run forward)."""
+        D = self.rnn.num_directions
+        in_size = self.input_size if k == 0 else D * self.hidden_size
+        sd = self.rnn.state_dict()
+        suffixes = ("", "_reverse")
+        if direction is None:
+            layer = self._make_layer(in_size, D == 2)
+            mapping = {f"{n}_l{k}{s}": f"{n}_l0{s}" for s in suffixes[:D]
+                       for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        else:
+            layer = self._make_layer(in_size, False)
+            s = suffixes[direction]
+            mapping = {f"{n}_l{k}{s}": f"{n}_l0" for n in
+                       ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        layer.load_state_dict({new: sd[old] for old, new in mapping.items() if old in sd})
+        return layer
+
+    def _layer_h0(self, k, direction, batch):
+        """Initial state of layer k (all its directions, or one) as the layers take it."""
+        D, H = self.rnn.num_directions, self.hidden_size
+        dirs = range(D) if direction is None else [direction]
+        parts = ["initial_h", "initial_c"] if self.cell == "lstm" else ["initial_h"]
+        states = []
+        for part in parts:
+            if self.rnn.learn_initial_state:
+                learned = self.rnn.state_dict()[part]
+                rows = [np.broadcast_to(learned[k * D + d], (batch, H)) for d in dirs]
+                states.append(np.ascontiguousarray(np.stack(rows), dtype=self.dtype))
+            else:
+                states.append(np.zeros((len(dirs), batch, H), self.dtype))
+        return tuple(states) if self.cell == "lstm" else states[0]
+
+    def _total_hidden_grad(self, k, d, x, dout, lengths):
+        """∂L/∂h_t (T, B, H) of layer k, direction d; x (T, B, in) its input, dout (T, B, H)."""
+        T, B = x.shape[:2]
+        layer = self._clone_layer(k, d)
+        if d == 1:  # the reverse direction is a forward run over each row's reversed steps
+            x, dout = _flip_rows(x, lengths), _flip_rows(dout, lengths)
+        x = np.ascontiguousarray(x, dtype=self.dtype)
+        dout = np.ascontiguousarray(dout, dtype=self.dtype)
+        state = self._layer_h0(k, d, B)
+        states = []
+        layer.eval()
+        for t in range(T):
+            _, state = layer.forward(x[t:t + 1], h0=state)
+            states.append(state)
+        layer.train()
+        grad = np.array(dout, dtype=np.float64)
+        for t in range(T - 1):
+            rest = lengths - (t + 1)
+            active = np.flatnonzero(rest > 0)
+            if active.size == 0:
+                continue
+            steps = int(rest[active].max())
+            h0 = _select_state(_host_state(layer, states[t]), active)
+            layer.forward(np.ascontiguousarray(x[t + 1:t + 1 + steps, active]), h0=h0,
+                          lengths=rest[active])
+            _, dh0 = layer.backward(np.ascontiguousarray(dout[t + 1:t + 1 + steps, active]))
+            dh = dh0[0] if self.cell == "lstm" else dh0
+            grad[t, active] += np.asarray(layer._backend.to_host(dh))[0]
+        grad[~_valid_mask(lengths, T).T] = 0
+        if d == 1:
+            grad = _flip_rows(grad, lengths)
+        return grad
+
+    # -- persistence --------------------------------------------------------------------
+    def save(self, path, include_optimizer=True):
+        """Write the model to ``path`` as one .npz: weights, config, optimizer, RNG, history.
+
+        Atomic: written to a temporary file in the same folder, then renamed over ``path``,
+        so a crash never leaves a half-written checkpoint behind. ``path`` is used as given.
+        """
+        arrays = OrderedDict()
+        for k, v in self.state_dict().items():
+            arrays[f"param/{k}"] = v
+        opt_config = None
+        if include_optimizer and self.optimizer is not None:
+            opt_config, opt_arrays = self.optimizer.state_dict()
+            for k, v in opt_arrays.items():
+                arrays[f"optim/{k}"] = v
+        config = {"model": self.config(), "optimizer": opt_config, "epoch": self.epoch,
+                  "history": self.history, "metadata": self.metadata,
+                  "rng": self.rng.bit_generator.state}
+        arrays["config"] = np.array(json.dumps(config))
+        arrays["format"] = np.array(FILE_FORMAT)
+        arrays["version"] = np.array(FILE_VERSION)
+        arrays["digest"] = np.array(_digest(arrays))
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                   suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        return path
+
+
+def load(path, device=None):
+    """Read a model written by :meth:`SequenceModel.save` (weights, optimizer, RNG, history).
+
+    Raises ValueError for a file that is corrupt, truncated, or not a fastrnn model file.
+    device: override the saved device ("cpu"/"cuda").
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such model file: {path}")
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not hasattr(npz, "files"):
+            raise ValueError("it holds a single array, not a model archive")
+        with npz:
+            data = {k: npz[k] for k in npz.files}
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a fastrnn model file: {exc}") from None
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError, Exception) as exc:
+        raise ValueError(f"{path} is not a readable fastrnn model file (corrupt or "
+                         f"truncated?): {type(exc).__name__}: {exc}") from None
+    if "format" not in data or str(data["format"]) != FILE_FORMAT:
+        raise ValueError(f"{path} is not a fastrnn model file (no '{FILE_FORMAT}' marker)")
+    version = int(data.get("version", -1))
+    if version != FILE_VERSION:
+        raise ValueError(f"{path} has model file version {version}; this fastrnn reads "
+                         f"version {FILE_VERSION}")
+    stored = str(data.pop("digest", ""))
+    if stored != _digest(data):
+        raise ValueError(f"{path} is corrupt: its checksum does not match its contents")
+    try:
+        config = json.loads(str(data["config"]))
+        model_config = dict(config["model"])
+        if device is not None:
+            model_config["device"] = device
+        model = SequenceModel(**model_config)
+        model.load_state_dict({k[6:]: v for k, v in data.items() if k.startswith("param/")})
+        if config.get("optimizer"):
+            opt = optim.from_config(config["optimizer"])
+            opt.load_state_dict(config["optimizer"], {k[6:]: v for k, v in data.items()
+                                                      if k.startswith("optim/")})
+            model.optimizer = opt
+        model.epoch = int(config.get("epoch", 0))
+        model.history = config.get("history", {})
+        model.metadata = config.get("metadata", {})
+        if config.get("rng"):
+            model.rng.bit_generator.state = config["rng"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a valid fastrnn model file: {exc}") from None
+    return model
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _valid_mask(lengths, T):
+    """(B, T) bool: step t of row b is valid (t < lengths[b])."""
+    return np.arange(T)[None, :] < np.asarray(lengths)[:, None]
+
+
+def _digest(arrays):
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        if key == "digest":
+            continue
+        value = np.ascontiguousarray(arrays[key])
+        h.update(key.encode())
+        h.update(str(value.dtype).encode())
+        h.update(str(value.shape).encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def _state_batch(state):
+    return (state[0] if isinstance(state, tuple) else state).shape[1]
+
+
+def _host_state(layer, state):
+    to_host = layer._backend.to_host
+    if isinstance(state, tuple):
+        return tuple(np.asarray(to_host(s)) for s in state)
+    return np.asarray(to_host(state))
+
+
+def _select_state(state, rows):
+    """Rows of a layer state (L*D, B, H) (or an LSTM pair) as contiguous copies."""
+    if isinstance(state, tuple):
+        return tuple(np.ascontiguousarray(np.asarray(s)[:, rows]) for s in state)
+    return np.ascontiguousarray(np.asarray(state)[:, rows])
+
+
+def _scatter_state(state, new, rows, batch):
+    """Write the state of ``rows`` (from a sub-batch run) into the full-batch state."""
+    pair = isinstance(new, tuple)
+    parts_new = [np.asarray(p) for p in (new if pair else (new,))]
+    if state is None:
+        parts = [np.zeros((p.shape[0], batch, p.shape[2]), p.dtype) for p in parts_new]
+    else:
+        parts = list(state) if pair else [state]
+    for full, part in zip(parts, parts_new):
+        full[:, rows] = part
+    return tuple(parts) if pair else parts[0]
+
+
+def _flip_rows(x, lengths):
+    """(T, B, F): reverse each row's first lengths[b] steps; padding stays in place."""
+    T = x.shape[0]
+    t = np.arange(T)[:, None]
+    src = np.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
+    return x[src, np.arange(x.shape[1])[None, :]]

@@ -1,0 +1,448 @@
+"""SequenceModel: losses, gradients, optimizers, training loop, diagnostics, persistence."""
+import os
+
+import numpy as np
+import pytest
+
+import fastrnn as fr
+from fastrnn import optim
+from tolerances import FD, PARITY, assert_close, assert_parity
+
+try:
+    import torch
+    from torch import nn
+    torch.set_num_threads(1)
+except ImportError:  # the torch comparisons are skipped, the rest runs
+    torch = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch not installed")
+F64 = np.float64
+
+
+def _data(model, N=4, T=6, seed=0, lengths=True):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((N, T, model.input_size))
+    lens = rng.integers(1, T + 1, N) if lengths else np.full(N, T)
+    lens[0] = T
+    O = model.output_size
+    if model.loss == "cross_entropy":
+        shape = (N, T) if model.output == "sequence" else (N,)
+        Y = rng.integers(0, O, shape)
+    else:
+        shape = (N, T, O) if model.output == "sequence" else (N, O)
+        Y = rng.standard_normal(shape)
+    return X, Y, lens
+
+
+# ---------------------------------------------------------------------------- torch reference
+
+def _torch_unrolled(model, X, Y, lengths):
+    """Loss, parameter grads and ‖∂L/∂h_t‖ per layer from a step-by-step PyTorch unroll.
+
+    Every h_t is its own autograd node (retain_grad), so h.grad is the total derivative:
+    an independent reference for SequenceModel.gradient_norms and for the model's gradients.
+    """
+    sd = model.state_dict()
+    B, T, _ = X.shape
+    L, D, H = model.num_layers, 2 if model.bidirectional else 1, model.hidden_size
+    make = {"lstm": lambda i: nn.LSTMCell(i, H), "gru": lambda i: nn.GRUCell(i, H),
+            "rnn": lambda i: nn.RNNCell(i, H), "rnn_tanh": lambda i: nn.RNNCell(i, H),
+            "rnn_relu": lambda i: nn.RNNCell(i, H, nonlinearity="relu")}[model.cell]
+    params = {}
+    inp = [[torch.tensor(X[b, t]) for t in range(T)] for b in range(B)]
+    hidden = []  # hidden[k][d][b][t]
+    for k in range(L):
+        in_size = inp[0][0].shape[0]
+        per_dir = []
+        for d in range(D):
+            sfx = "_reverse" if d else ""
+            cell = make(in_size).double()
+            with torch.no_grad():
+                for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    getattr(cell, n).copy_(torch.tensor(sd[f"rnn.{n}_l{k}{sfx}"]))
+            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                params[f"rnn.{n}_l{k}{sfx}"] = getattr(cell, n)
+            rows = []
+            for b in range(B):
+                h = torch.zeros(1, H, dtype=torch.float64)
+                c = torch.zeros(1, H, dtype=torch.float64)
+                hs = [None] * T
+                steps = range(lengths[b])
+                for t in (reversed(steps) if d else steps):
+                    if model.cell == "lstm":
+                        h, c = cell(inp[b][t][None], (h, c))
+                    else:
+                        h = cell(inp[b][t][None], h)
+                    h.retain_grad()
+                    hs[t] = h
+                rows.append(hs)
+            per_dir.append(rows)
+        hidden.append(per_dir)
+        inp = [[torch.cat([per_dir[d][b][t][0] for d in range(D)]) if t < lengths[b]
+                else torch.zeros(D * H, dtype=torch.float64) for t in range(T)]
+               for b in range(B)]
+    W = torch.tensor(sd["head.weight"], requires_grad=True)
+    bias = torch.tensor(sd["head.bias"], requires_grad=True)
+    params["head.weight"], params["head.bias"] = W, bias
+    top = hidden[-1]
+    if model.output == "last":
+        feats = torch.stack([torch.cat([top[0][b][lengths[b] - 1][0]] +
+                                       ([top[1][b][0][0]] if D == 2 else []))
+                             for b in range(B)])
+        y = feats @ W.T + bias
+        target = torch.tensor(Y)
+    else:
+        y = torch.stack([inp[b][t] for b in range(B) for t in range(lengths[b])]) @ W.T + bias
+        target = torch.tensor(np.concatenate([Y[b, :lengths[b]] for b in range(B)]))
+    if model.loss == "mse":
+        loss = torch.nn.functional.mse_loss(y, target)
+    else:
+        loss = torch.nn.functional.cross_entropy(y, target)
+    loss.backward()
+    grads = {k: v.grad.numpy() for k, v in params.items()}
+    norms = np.zeros((L, T))
+    for k in range(L):
+        for t in range(T):
+            norms[k, t] = np.sqrt(sum(float((hidden[k][d][b][t].grad ** 2).sum())
+                                      for d in range(D) for b in range(B)
+                                      if t < lengths[b]))
+    return float(loss), grads, norms
+
+
+CONFIGS = [
+    dict(cell="lstm", bidirectional=True, output="last", loss="mse"),
+    dict(cell="gru", num_layers=2, output="sequence", loss="cross_entropy", output_size=3),
+    dict(cell="rnn_relu", num_layers=2, bidirectional=True, output="sequence", loss="mse"),
+    dict(cell="lstm", num_layers=2, output="last", loss="cross_entropy", output_size=3),
+]
+
+
+def _model(**kwargs):
+    args = dict(input_size=3, hidden_size=4, output_size=2, dtype="float64", seed=1)
+    args.update(kwargs)
+    return fr.SequenceModel(**args)
+
+
+@needs_torch
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_loss_grads_and_gradient_norms_match_torch_unroll(config):
+    model = _model(**config)
+    X, Y, lengths = _data(model)
+    loss = model.loss_and_grads(X, Y, lengths)
+    ref_loss, ref_grads, ref_norms = _torch_unrolled(model, X, Y, lengths)
+    assert_parity(loss, ref_loss, F64, "loss")
+    grads = model._host_grads()
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        assert_parity(g, ref_grads[name], F64, name)
+    norms = model.gradient_norms(X, Y, lengths)
+    assert norms.shape == (model.num_layers, X.shape[1])
+    assert_parity(norms, ref_norms, F64, "gradient_norms")
+
+
+def test_gradients_match_finite_differences():
+    model = _model(cell="gru", output="last", learn_initial_state=True)
+    X, Y, lengths = _data(model, N=3, T=4)
+    model.loss_and_grads(X, Y, lengths)
+    grads = model._host_grads()
+    params = model._host_params()
+    rng = np.random.default_rng(0)
+    for name in ("rnn.weight_hh_l0", "rnn.initial_h", "head.weight"):
+        p = params[name]
+        for _ in range(3):
+            idx = tuple(rng.integers(0, s) for s in p.shape)
+            old = p[idx]
+            p[idx] = old + fr_eps()
+            up = model.evaluate(X, Y, lengths)["loss"]
+            p[idx] = old - fr_eps()
+            down = model.evaluate(X, Y, lengths)["loss"]
+            p[idx] = old
+            assert_close(grads[name][idx], (up - down) / (2 * fr_eps()), name=name, **FD)
+
+
+def fr_eps():
+    from tolerances import FD_EPS
+    return FD_EPS
+
+
+@needs_torch
+def test_state_dict_loads_into_torch_module_and_predicts_the_same():
+    model = fr.SequenceModel(3, 5, 2, cell="gru", num_layers=2, bidirectional=True, seed=3)
+    X, _, lengths = _data(model, N=5, T=7)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(3, 5, num_layers=2, bidirectional=True, batch_first=True)
+            self.head = nn.Linear(10, 2)
+
+    net = Net()
+    net.load_state_dict({k: torch.tensor(v) for k, v in model.state_dict().items()})
+    packed = nn.utils.rnn.pack_padded_sequence(torch.tensor(X, dtype=torch.float32),
+                                               torch.tensor(lengths), batch_first=True,
+                                               enforce_sorted=False)
+    _, h_n = net.rnn(packed)
+    expected = net.head(torch.cat([h_n[-2], h_n[-1]], dim=1)).detach().numpy()
+    assert_parity(model.predict(X, lengths), expected, np.float32, "predict")
+    # and back: a torch state_dict loads into a fresh model
+    other = fr.SequenceModel(3, 5, 2, cell="gru", num_layers=2, bidirectional=True, seed=9)
+    other.load_state_dict(net.state_dict())
+    np.testing.assert_array_equal(other.predict(X, lengths), model.predict(X, lengths))
+    other.load_rnn_state_dict(net.rnn.state_dict())
+
+
+# ---------------------------------------------------------------------------- optimizers
+
+@needs_torch
+@pytest.mark.parametrize("make", [
+    (lambda p: optim.SGD(0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+     lambda p: torch.optim.SGD(p, 0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (lambda p: optim.SGD(0.1), lambda p: torch.optim.SGD(p, 0.1)),
+    (lambda p: optim.Adam(0.01, weight_decay=0.1),
+     lambda p: torch.optim.Adam(p, 0.01, weight_decay=0.1)),
+    (lambda p: optim.AdamW(0.01), lambda p: torch.optim.AdamW(p, 0.01)),
+], ids=["sgd-nesterov", "sgd", "adam", "adamw"])
+def test_optimizers_match_torch(make):
+    rng = np.random.default_rng(0)
+    params = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+    tparams = [torch.tensor(v, requires_grad=True) for v in params.values()]
+    ours, theirs = make[0](params), make[1](tparams)
+    for _ in range(5):
+        grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+        for t, g in zip(tparams, grads.values()):
+            t.grad = torch.tensor(g)
+        ours.step(params, grads)
+        theirs.step()
+    for (name, v), t in zip(params.items(), tparams):
+        assert_parity(v, t.detach().numpy(), F64, name)
+
+
+@needs_torch
+def test_clipping_matches_torch():
+    rng = np.random.default_rng(0)
+    grads = {"a": rng.standard_normal((3, 4)) * 10, "b": rng.standard_normal(5)}
+    tparams = [torch.zeros(g.shape, dtype=torch.float64, requires_grad=True)
+               for g in grads.values()]
+    for t, g in zip(tparams, grads.values()):
+        t.grad = torch.tensor(g)
+    norm = optim.clip_grad_norm(grads, 1.0)
+    tnorm = torch.nn.utils.clip_grad_norm_(tparams, 1.0)
+    assert_parity(norm, float(tnorm), F64, "norm")
+    for g, t in zip(grads.values(), tparams):
+        assert_parity(g, t.grad.numpy(), F64, "clipped")
+    optim.clip_grad_value(grads, 0.05)
+    assert max(np.abs(g).max() for g in grads.values()) <= 0.05
+
+
+# ---------------------------------------------------------------------------- training
+
+def test_lstm_and_gru_learn_a_short_adding_problem():
+    X, Y = fr.data.adding_problem(1500, steps=10, seed=0)
+    Xv, Yv = fr.data.adding_problem(300, steps=10, seed=1)
+    for cell in ("lstm", "gru"):
+        model = fr.SequenceModel(2, 16, 1, cell=cell, seed=0)
+        hist = model.fit(X, Y, epochs=8, batch_size=32, lr=1e-2, validation_data=(Xv, Yv),
+                         verbose=False)
+        assert hist["val_loss"][0] > 0.05  # starts near the variance of the target (~0.17)
+        assert hist["val_loss"][-1] < 0.02, (cell, hist["val_loss"])
+
+
+def test_classification_history_has_accuracy_and_improves():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 8, 3)).astype(np.float32)
+    Y = (X[:, :, 0].sum(axis=1) > 0).astype(np.int64)  # sign of a sum over time
+    model = fr.SequenceModel(3, 16, 2, cell="gru", loss="cross_entropy", seed=0)
+    hist = model.fit(X[:300], Y[:300], epochs=10, batch_size=32, lr=1e-2,
+                     validation_data=(X[300:], Y[300:]), verbose=False)
+    assert set(hist) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert hist["val_accuracy"][-1] > 0.9
+    assert hist["loss"][-1] < hist["loss"][0]
+    proba = model.predict_proba(X[300:])
+    np.testing.assert_allclose(proba.sum(axis=1), 1, rtol=1e-5)
+
+
+def test_seed_makes_training_bit_reproducible():
+    X, Y = fr.data.adding_problem(200, steps=8, seed=0)
+    runs = []
+    for _ in range(2):
+        model = fr.SequenceModel(2, 8, 1, cell="lstm", seed=5)
+        model.fit(X, Y, epochs=2, batch_size=16, lr=1e-2, verbose=False, clip_norm=1.0)
+        runs.append(model.state_dict())
+    for k in runs[0]:
+        np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
+
+
+def test_variable_lengths_equal_truncated_sequences():
+    model = fr.SequenceModel(3, 6, 2, cell="lstm", bidirectional=True, seed=0)
+    X, _, lengths = _data(model, N=4, T=7, seed=2)
+    full = model.predict(X, lengths)
+    for b in range(4):
+        alone = model.predict(X[b:b + 1, :lengths[b]])
+        assert_parity(full[b], alone[0], np.float32, f"row {b}")
+    seq = fr.SequenceModel(3, 6, 2, cell="gru", output="sequence", seed=0)
+    out = seq.predict(X, lengths)
+    assert np.all(out[1:][~fr.model._valid_mask(lengths[1:], 7)] == 0)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def test_bad_data_is_refused_before_training():
+    model = fr.SequenceModel(2, 4, 1, seed=0)
+    X, Y = fr.data.adding_problem(20, steps=5, seed=0)
+    before = model.state_dict()
+    bad_x = X.copy()
+    bad_x[3, 2, 0] = np.nan
+    bad_y = Y.copy()
+    bad_y[1] = np.inf
+    cases = [
+        dict(X=bad_x, Y=Y), dict(X=X, Y=bad_y), dict(X=X[:, :, :1], Y=Y),
+        dict(X=X, Y=Y[:10]), dict(X=X, Y=Y, lengths=np.full(20, 6)),
+        dict(X=X, Y=Y, lengths=np.full(19, 5)), dict(X=X, Y=Y, lengths=np.zeros(20, int)),
+        dict(X=X, Y=Y, validation_data=(bad_x, Y)),
+    ]
+    for case in cases:
+        with pytest.raises(ValueError):
+            model.fit(case.pop("X"), case.pop("Y"), verbose=False, **case)
+    with pytest.raises(ValueError, match="NaN"):
+        model.fit(bad_x, Y, verbose=False)
+    clf = fr.SequenceModel(2, 4, 3, loss="cross_entropy")
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        clf.fit(X, np.full(20, 3), verbose=False)
+    after = model.state_dict()
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+    assert model.epoch == 0
+
+
+def test_diverging_run_stops_with_a_clear_error_and_finite_weights():
+    X, Y = fr.data.adding_problem(256, steps=10, seed=0)
+    model = fr.SequenceModel(2, 8, 1, cell="rnn_relu", seed=0)
+    snapshots = []
+    with pytest.raises(fr.NonFiniteError, match=r"epoch \d+, step \d+"):
+        model.fit(X, Y * 1e3, epochs=50, batch_size=32, optimizer="sgd", lr=1e4,
+                  verbose=False, callbacks=[lambda e, logs: snapshots.append(e)])
+    for name, value in model.state_dict().items():
+        assert np.all(np.isfinite(value)), name
+    assert np.isfinite(model.evaluate(X, Y)["loss"]) or True  # weights finite is the promise
+
+
+def test_early_stopping_and_callbacks_stop_training():
+    X, Y = fr.data.adding_problem(64, steps=5, seed=0)
+    model = fr.SequenceModel(2, 4, 1, seed=0)
+    seen = []
+    hist = model.fit(X, Y, epochs=10, verbose=False,
+                     callbacks=[lambda epoch, logs: seen.append((epoch, logs["loss"])) or
+                                epoch == 3])
+    assert len(hist["loss"]) == 3 and [e for e, _ in seen] == [1, 2, 3]
+    stopper = fr.EarlyStopping(monitor="val_loss", patience=2)
+    model = fr.SequenceModel(2, 4, 1, seed=0)
+    # a validation set the model cannot improve on: targets are noise
+    noise = np.random.default_rng(1).standard_normal((64, 1)) * 5
+    hist = model.fit(X, Y, epochs=30, lr=0.05, verbose=False, early_stopping=stopper,
+                     validation_data=(X, noise))
+    assert stopper.stopped_epoch is not None and len(hist["loss"]) < 30
+
+
+# ---------------------------------------------------------------------------- tbptt, streaming
+
+def test_tbptt_carries_state_across_chunks():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((4, 12, 3))
+    Y = rng.standard_normal((4, 12, 2))
+    lengths = np.array([12, 9, 5, 3])
+    kwargs = dict(cell="lstm", output="sequence", dtype="float64", seed=0)
+    a = _model(**kwargs)
+    a.fit(X, Y, lengths=lengths, epochs=1, batch_size=4, optimizer="sgd", lr=0.1,
+          shuffle=False, tbptt=5, verbose=False)
+    # by hand: three chunks, state of rows still running carried (values of the forward pass)
+    b = _model(**kwargs)
+    b.optimizer = optim.SGD(0.1)
+    state = None
+    for start in (0, 5, 10):
+        chunk = np.clip(lengths - start, 0, 5)
+        rows = np.flatnonzero(chunk > 0)
+        h0 = None if state is None else tuple(s[:, rows] for s in state)
+        steps = chunk[rows].max()
+        _, _, _, h_n = b._train_step(X[rows, start:start + steps], Y[rows, start:start + steps],
+                                     chunk[rows], h0, None, None, "")
+        state = fr.model._scatter_state(state, h_n, rows, 4)
+    for k, v in a.state_dict().items():
+        np.testing.assert_array_equal(v, b.state_dict()[k], err_msg=k)
+    # tbptt = T is plain BPTT
+    c, d = _model(**kwargs), _model(**kwargs)
+    c.fit(X, Y, lengths=lengths, epochs=1, batch_size=4, optimizer="sgd", lr=0.1,
+          tbptt=12, verbose=False)
+    d.fit(X, Y, lengths=lengths, epochs=1, batch_size=4, optimizer="sgd", lr=0.1,
+          verbose=False)
+    for k, v in c.state_dict().items():
+        np.testing.assert_array_equal(v, d.state_dict()[k], err_msg=k)
+
+
+def test_stateful_predict_and_step_continue_the_state():
+    model = fr.SequenceModel(3, 5, 2, cell="lstm", output="sequence", seed=0)
+    X = np.random.default_rng(0).standard_normal((2, 9, 3)).astype(np.float32)
+    full = model.predict(X)
+    model.reset_state()
+    parts = [model.predict(X[:, :4], stateful=True), model.predict(X[:, 4:], stateful=True)]
+    assert_parity(np.concatenate(parts, axis=1), full, np.float32, "chunks")
+    model.reset_state()
+    steps = np.stack([model.step(X[:, t]) for t in range(9)], axis=1)
+    assert_parity(steps, full, np.float32, "steps")
+    with pytest.raises(ValueError, match="reset_state"):
+        model.predict(X[:1], stateful=True)
+
+
+# ---------------------------------------------------------------------------- persistence
+
+def test_save_load_predict_identical_and_atomic(tmp_path):
+    model = fr.SequenceModel(2, 6, 1, cell="gru", num_layers=2, learn_initial_state=True,
+                             seed=0)
+    X, Y = fr.data.adding_problem(64, steps=6, seed=0)
+    model.fit(X, Y, epochs=1, verbose=False)
+    model.metadata["note"] = "hello"
+    path = tmp_path / "m.npz"
+    model.save(path)
+    assert os.listdir(tmp_path) == ["m.npz"]  # no temporary left behind
+    loaded = fr.load(path)
+    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
+    assert loaded.config() == model.config() and loaded.metadata == {"note": "hello"}
+    assert loaded.epoch == 1 and loaded.history == model.history
+    assert loaded.optimizer.config() == model.optimizer.config()
+
+
+def test_corrupt_truncated_and_foreign_files_are_refused(tmp_path):
+    model = fr.SequenceModel(2, 4, 1, seed=0)
+    path = tmp_path / "m.npz"
+    model.save(path)
+    raw = path.read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(raw[:len(raw) // 2])
+    flipped = bytearray(raw)
+    flipped[len(raw) // 3] ^= 0xFF
+    (tmp_path / "flip.npz").write_bytes(bytes(flipped))
+    np.savez(tmp_path / "foreign.npz", a=np.arange(3))
+    np.save(tmp_path / "array.npy", np.arange(3))
+    (tmp_path / "text.npz").write_text("not a model")
+    for name in ("trunc.npz", "flip.npz", "foreign.npz", "array.npy", "text.npz"):
+        with pytest.raises(ValueError):
+            fr.load(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        fr.load(tmp_path / "missing.npz")
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+    X, Y = fr.data.adding_problem(96, steps=6, seed=0)
+    Xv, Yv = fr.data.adding_problem(32, steps=6, seed=1)
+    kwargs = dict(batch_size=16, lr=5e-3, verbose=False, validation_data=(Xv, Yv),
+                  clip_norm=1.0)
+    whole = fr.SequenceModel(2, 8, 1, cell="lstm", seed=4)
+    whole.fit(X, Y, epochs=4, **kwargs)
+    first = fr.SequenceModel(2, 8, 1, cell="lstm", seed=4)
+    first.fit(X, Y, epochs=2, **kwargs)
+    first.save(tmp_path / "ckpt.npz")
+    resumed = fr.load(tmp_path / "ckpt.npz")
+    resumed.fit(X, Y, epochs=2, **kwargs)
+    for k, v in whole.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[k], v, err_msg=k)
+    assert resumed.history == {k: v for k, v in whole.history.items() if k != "seconds"} | \
+        {"seconds": resumed.history["seconds"]}
+    assert resumed.epoch == 4 and resumed.optimizer.steps == whole.optimizer.steps
