@@ -135,6 +135,9 @@ def _check_lengths(lengths, batch, steps):
         arr = np.asarray(lengths)
     except Exception as exc:  # ragged lists and the like
         raise TypeError(f"lengths must be a 1-D array of integers: {exc}") from None
+    if arr.size == 0 and batch:  # [] reads as float64; the count is what is wrong
+        raise ValueError(f"lengths must have shape ({batch},) (one per batch row), "
+                         f"got {arr.shape}")
     if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
         raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
     if arr.shape != (batch,):
