@@ -1,0 +1,349 @@
+"""GPU backend: Numba-CUDA device arrays and ``@cuda.jit`` kernels (see :mod:`.kernels`).
+
+Same interface as :mod:`fastrnn.cpu` (asarray, to_host, zeros, empty, stack, swap01,
+broadcast_rows, add_batch_sum, forward_direction, backward_direction) with device arrays in
+place of NumPy arrays, plus :func:`require_gpu`. This module imports without numba-cuda;
+``numba.cuda`` is only imported once a GPU (or the CUDA simulator) is known to be usable.
+
+Launches per layer-direction and call, independent of T: forward = 1 transpose of W_hh +
+1 input-projection GEMM + 1 persistent recurrence kernel (+ 1 fill when h0 is zeros);
+backward = 1 persistent BPTT kernel + 3 GEMMs (dW_ih, dW_hh, dx) + 2 bias column sums.
+All on the default stream, so their order is the program order.
+"""
+import importlib.util
+import threading
+
+import numpy as np
+
+name = "cuda"
+
+# Launch geometry, module-level so tests can shrink it (several blocks, partial blocks) and
+# so the device check can tune it. Read at every launch, never inside a kernel.
+ROW_THREADS = 256        # threads per block of the recurrence kernels (one block per batch row)
+ELEMENT_THREADS = 256    # threads per block of the 1-D elementwise kernels
+GEMM_TILE = 16           # gemm block is (GEMM_TILE, GEMM_TILE); a compile-time constant
+SHARED_BYTES = 48 * 1024  # Numba caps dynamic shared memory per block at 48 KB
+
+_workspaces = threading.local()  # per thread, like the CPU backend
+
+
+# ---------------------------------------------------------------------------- availability
+
+def _simulator_enabled():
+    from numba import config
+    return bool(config.ENABLE_CUDASIM)
+
+
+def _numba_cuda_installed():
+    return importlib.util.find_spec("numba_cuda") is not None
+
+
+def _gpu_present():
+    try:
+        from numba import cuda
+        return bool(cuda.is_available())
+    except Exception:  # a broken driver install raises instead of returning False
+        return False
+
+
+def unavailable_reason():
+    """None when device="cuda" can run here, else a sentence saying what is missing."""
+    if _simulator_enabled():
+        return None
+    if not _numba_cuda_installed():
+        return ("device='cuda' needs the numba-cuda package, which is not installed "
+                "(pip install 'fastrnn[cuda]')")
+    if not _gpu_present():
+        return ("device='cuda': numba-cuda is installed but no usable CUDA GPU was found "
+                "(no NVIDIA driver or device); set NUMBA_ENABLE_CUDASIM=1 before importing "
+                "numba to run on the CUDA simulator instead")
+    return None
+
+
+def require_gpu():
+    """Raise RuntimeError naming what is missing unless a GPU or the simulator is usable."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
+def _cuda():
+    from numba import cuda
+    return cuda
+
+
+def _kernels():
+    from . import kernels
+    return kernels
+
+
+# ---------------------------------------------------------------------------- launching
+
+def _launch(kernel, grid, block, shared_bytes, *args):
+    """Every kernel launch of the backend goes through here (the tests count them)."""
+    kernel[grid, block, 0, shared_bytes](*args)
+
+
+def _blocks(n, threads):
+    return max(1, (n + threads - 1) // threads)
+
+
+def _linalg(dtype):
+    return _kernels().linalg_kernels(dtype, GEMM_TILE)
+
+
+def _gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
+    """c (M*N,) [+]= A . B, operands given as flat arrays and strides (see kernels.gemm)."""
+    if M == 0 or N == 0:
+        return
+    tile = GEMM_TILE
+    grid = ((N + tile - 1) // tile, (M + tile - 1) // tile)
+    _launch(_linalg(c.dtype)["gemm"], grid, (tile, tile), 0,
+            a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate)
+
+
+def _elementwise(kernel_name, dtype, n, *args):
+    if n == 0:
+        return
+    _launch(_linalg(dtype)[kernel_name], _blocks(n, ELEMENT_THREADS), ELEMENT_THREADS, 0,
+            *args)
+
+
+def _flat(array):
+    """Contiguous device array -> 1-D view of all its elements."""
+    return array.reshape(array.size)
+
+
+# ---------------------------------------------------------------------------- memory
+
+def is_device_array(array):
+    """True for Numba/CuPy/PyTorch CUDA arrays and for the simulator's fake device arrays."""
+    if isinstance(array, np.ndarray):
+        return False
+    return hasattr(array, "__cuda_array_interface__") or bool(
+        getattr(array, "__cuda_ndarray__", False))
+
+
+def _workspace(key, shape, dtype):
+    """A reusable device array for this thread, keyed by its role; reallocated on a new shape."""
+    store = _workspaces.__dict__.setdefault("arrays", {})
+    dtype = np.dtype(dtype)
+    array = store.get(key)
+    if array is None or tuple(array.shape) != tuple(shape) or array.dtype != dtype:
+        array = _cuda().device_array(shape, dtype)
+        store[key] = array
+    return array
+
+
+def _dummy(ndim, dtype):
+    """(1,)*ndim stand-in for an array a cell does not have (kernels clamp indices to it)."""
+    return _workspace(("dummy", ndim), (1,) * ndim, dtype)
+
+
+def _as_device(array):
+    """A Numba view of a device array (no copy); simulator arrays are used as they are."""
+    if getattr(array, "__cuda_ndarray__", False):
+        return array
+    return _cuda().as_cuda_array(array)
+
+
+def _contiguous(dev):
+    """Contiguous copy (by kernel, on the device) of a strided device array of ndim <= 3."""
+    if dev.is_c_contiguous():
+        return dev
+    if dev.ndim > 3:
+        raise TypeError(f"non-contiguous device arrays of ndim {dev.ndim} are not supported")
+    shape3 = tuple(dev.shape) + (1,) * (3 - dev.ndim)
+    out = _cuda().device_array(shape3, dev.dtype)
+    src = dev.reshape(shape3) if dev.ndim < 3 else dev
+    _elementwise("copy3d", dev.dtype, out.size, src, out, False)
+    return out.reshape(tuple(dev.shape))
+
+
+def asarray(array, dtype):
+    """Host array -> new contiguous device array of dtype; device array -> used in place.
+
+    A device array must already have ``dtype`` (TypeError otherwise: converting it silently
+    would hide a copy); a strided one is made contiguous on the device.
+    """
+    dtype = np.dtype(dtype)
+    if is_device_array(array):
+        dev = _as_device(array)
+        if dev.dtype != dtype:
+            raise TypeError(f"device array has dtype {dev.dtype}, expected {dtype} "
+                            f"(the layer's dtype); convert it on the device first")
+        return _contiguous(dev)
+    return _cuda().to_device(np.ascontiguousarray(array, dtype=dtype))
+
+
+def to_host(array):
+    """Device array -> NumPy array (a copy); NumPy arrays pass through."""
+    if isinstance(array, np.ndarray):
+        return array
+    if is_device_array(array):
+        return _as_device(array).copy_to_host()
+    return np.asarray(array)
+
+
+def empty(shape, dtype):
+    return _cuda().device_array(shape, np.dtype(dtype))
+
+
+def zeros(shape, dtype):
+    out = empty(shape, dtype)
+    _fill(out, 0)
+    return out
+
+
+def _fill(array, value):
+    _elementwise("fill", array.dtype, array.size, _flat(array), array.dtype.type(value))
+
+
+def _copy(src):
+    """New contiguous device array equal to the contiguous device array src."""
+    dst = _cuda().device_array(tuple(src.shape), src.dtype)
+    dst.copy_to_device(src)
+    return dst
+
+
+def stack(arrays):
+    """list of device (B, H) -> device (len, B, H)."""
+    first = arrays[0]
+    out = _cuda().device_array((len(arrays),) + tuple(first.shape), first.dtype)
+    for i, array in enumerate(arrays):
+        out[i].copy_to_device(array)
+    return out
+
+
+def swap01(array, dtype):
+    """(A, B, F) -> contiguous (B, A, F) of dtype on the device (batch_first <-> time-major)."""
+    if not is_device_array(array):
+        return _cuda().to_device(np.ascontiguousarray(np.swapaxes(array, 0, 1), dtype=dtype))
+    src = asarray(array, dtype)
+    out = _cuda().device_array((src.shape[1], src.shape[0], src.shape[2]), src.dtype)
+    _elementwise("copy3d", src.dtype, out.size, src, out, True)
+    return out
+
+
+def broadcast_rows(row, batch):
+    """device (H,) -> device (batch, H) copy."""
+    out = _cuda().device_array((batch, row.shape[0]), row.dtype)
+    _elementwise("broadcast_rows", row.dtype, out.size, row, out)
+    return out
+
+
+def add_batch_sum(target, states):
+    """target (L*D, H) += states (L*D, B, H) summed over B (in order: deterministic)."""
+    _elementwise("batch_sum_add", target.dtype, target.size, states, target)
+
+
+# ---------------------------------------------------------------------------- recurrence
+
+class Saved:
+    """What forward keeps on the device for backward of one layer-direction (training mode)."""
+
+    __slots__ = ("x2d", "lengths", "reverse", "h_seq", "c_seq", "acts")
+
+    def __init__(self, x2d, lengths, reverse, h_seq, c_seq, acts):
+        self.x2d, self.lengths, self.reverse = x2d, lengths, reverse
+        self.h_seq, self.c_seq, self.acts = h_seq, c_seq, acts
+
+
+def _row_threads(width):
+    """Threads of a recurrence block: enough whole warps for ``width`` outputs, at most
+    ROW_THREADS (which the tests set below 32 to get partial thread loops)."""
+    return max(1, min(ROW_THREADS, 32 * ((width + 31) // 32)))
+
+
+def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, train,
+                      out, out_col):
+    """Forward of one layer-direction on the device (same contract as the CPU backend).
+
+    cell: CellSpec; x2d (T*B, I); w_ih (G*H, I); w_hh (G*H, H); b_ih, b_hh (G*H,); h0, c0
+    (B, H) (c0 ignored unless LSTM); lengths (B,) int64; out (T, B, D*H) written in columns
+    out_col:out_col+H. Returns (h_n, c_n, saved): h_n, c_n (B, H) new device arrays (c_n None
+    unless LSTM), saved a :class:`Saved` (None in eval). O(1) launches, whatever T is.
+    """
+    T, B = out.shape[0], out.shape[1]
+    GH, H = w_hh.shape
+    I = x2d.shape[1]
+    dtype = out.dtype
+    itemsize = dtype.itemsize
+    Hc = H if cell.has_cell_state else 0
+    A = cell.saved * H
+    forward_rows, _ = _kernels().recurrence_kernels(cell.name, dtype)
+    key = ("fwd", cell.name, bool(reverse))
+    if train:
+        h_seq = empty((T + 1, B, H), dtype)
+        c_seq = empty((T + 1, B, Hc), dtype) if Hc else _dummy(3, dtype)
+        acts = empty((T, B, A), dtype) if A else _dummy(3, dtype)
+        first = T if reverse else 0
+        last = 0 if reverse else T
+    else:
+        h_seq = _workspace(key + ("h_seq",), (2, B, H), dtype)
+        c_seq = _workspace(key + ("c_seq",), (2, B, Hc), dtype) if Hc else _dummy(3, dtype)
+        acts = _workspace(key + ("acts",), (1, B, A), dtype) if A else _dummy(3, dtype)
+        first, last = 0, T % 2
+    h_seq[first].copy_to_device(h0)
+    if Hc:
+        c_seq[first].copy_to_device(c0)
+    # Input projection for all steps at once: x_proj = x2d . W_ih^T, (T*B, I) x (I, G*H).
+    x_proj = _workspace(key + ("x_proj",), (T * B, GH), dtype)
+    _gemm(_flat(x2d), I, 1, _flat(w_ih), 1, I, _flat(x_proj), T * B, GH, I, False)
+    # W_hh^T so that the per-step product reads the weights coalesced (kernels.forward_rows).
+    w_t = _workspace(key + ("w_t",), (H, GH), dtype)
+    _elementwise("transpose2d", dtype, GH * H, w_hh, w_t)
+    hg_ws = _workspace(key + ("hg",), (B, GH), dtype)
+    hg_shared = GH * itemsize <= SHARED_BYTES
+    w_shared = hg_shared and (GH + H * GH) * itemsize <= SHARED_BYTES
+    shared_bytes = (GH if hg_shared else 0) * itemsize + (H * GH if w_shared else 0) * itemsize
+    _launch(forward_rows, B, _row_threads(GH), shared_bytes,
+            x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train), h_seq,
+            c_seq, Hc, acts, hg_ws, out, out_col, w_shared, hg_shared)
+    h_n = _copy(h_seq[last])
+    c_n = _copy(c_seq[last]) if Hc else None
+    saved = Saved(x2d, lengths, bool(reverse), h_seq, c_seq, acts) if train else None
+    return h_n, c_n, saved
+
+
+def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads, dx2d):
+    """BPTT of one layer-direction on the device; accumulates (+=) gradients and dx.
+
+    saved: from forward_direction; dout (T, B, D*H); w_ih (G*H, I); w_hh (G*H, H); dh_n, dc_n
+    (B, H) (dc_n ignored unless LSTM); grads (d_w_ih, d_w_hh, d_b_ih, d_b_hh) device arrays to
+    accumulate into (biases may be None); dx2d (T*B, I) accumulated. Returns (dh0, dc0)
+    (B, H) new device arrays (dc0 None unless LSTM). Every reduction sums in a fixed order.
+    """
+    T, B = dout.shape[0], dout.shape[1]
+    GH, H = w_hh.shape
+    I = w_ih.shape[1]
+    dtype = dout.dtype
+    Hc = H if cell.has_cell_state else 0
+    _, backward_rows = _kernels().recurrence_kernels(cell.name, dtype)
+    key = ("bwd", cell.name)
+    dgx = _workspace(key + ("dgx",), (T * B, GH), dtype)
+    # Only the GRU's candidate gate has different input- and recurrent-side gradients.
+    dgh = _workspace(key + ("dgh",), (T * B, GH), dtype) if cell.name == "gru" else dgx
+    dh = _copy(dh_n)
+    dc = _copy(dc_n) if Hc else _dummy(2, dtype)
+    dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
+    dc_prev = _workspace(key + ("dc_prev",), (B, H), dtype) if Hc else _dummy(2, dtype)
+    w_shared = GH * H * dtype.itemsize <= SHARED_BYTES
+    _launch(backward_rows, B, _row_threads(H),
+            GH * H * dtype.itemsize if w_shared else 0,
+            dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
+            saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev, w_shared)
+    rows = T * B
+    rev = int(saved.reverse)
+    h_prev2d = _flat(saved.h_seq)[rev * B * H:(rev + T) * B * H]  # (T*B, H), time order
+    d_w_ih, d_w_hh, d_b_ih, d_b_hh = grads
+    g_x, g_h = _flat(dgx), _flat(dgh)
+    # dW_ih += dgx^T . x2d: (G*H, T*B) x (T*B, I); dW_hh += dgh^T . h_prev: (G*H, T*B) x (T*B, H)
+    _gemm(g_x, 1, GH, _flat(saved.x2d), I, 1, _flat(d_w_ih), GH, I, rows, True)
+    _gemm(g_h, 1, GH, h_prev2d, H, 1, _flat(d_w_hh), GH, H, rows, True)
+    if d_b_ih is not None:
+        _elementwise("column_sum_add", dtype, GH, g_x, rows, GH, d_b_ih)
+        _elementwise("column_sum_add", dtype, GH, g_h, rows, GH, d_b_hh)
+    # dx += dgx . W_ih: (T*B, G*H) x (G*H, I)
+    _gemm(g_x, GH, 1, _flat(w_ih), I, 1, _flat(dx2d), rows, I, GH, True)
+    return dh, (dc if Hc else None)

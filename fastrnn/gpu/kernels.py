@@ -1,0 +1,373 @@
+"""``@cuda.jit`` kernels, written once and compiled per (cell, dtype, tile) via cells.specialize.
+
+Every kernel here is a *template*: it calls placeholder globals (``cell_forward``,
+``cell_backward``, ``DTYPE``, ``ZERO``, ``ONE``, ``TILE``) that :func:`recurrence_kernels` and
+:func:`linalg_kernels` bind per specialisation, exactly as the CPU backend does with its njit
+drivers. The gate equations live only in :mod:`fastrnn.cells`.
+
+Recurrence kernels ("row-owning persistent kernels"). One launch runs a whole layer-direction:
+block ``b`` owns batch row ``b`` and loops over all T steps itself. Batch rows never interact in
+the recurrence, so the only synchronisation needed is ``cuda.syncthreads()`` inside a block --
+no grid barrier, no cooperative launch, no kernel launch per step. Within a block, threads split
+the G*H outputs of the recurrent product ``h_prev . W_hh^T`` (forward) or the H outputs of
+``dgates . W_hh`` (backward) and then the H hidden units of the pointwise cell pass. The
+recurrent weights are staged once into dynamic shared memory when they fit (``w_shared``), so
+they stay on chip across all steps; otherwise every step reads them from global memory (L2
+resident for the sizes that matter) -- the general path, with no size limit.
+
+Time slots are the CPU driver's (fastrnn/cpu/driver.py): in training ``h_seq``/``c_seq`` are
+(T+1, B, H) and the state entering step t sits in slot ``t + reverse``; in eval they are
+(2, B, H) and the two slots alternate.
+
+Arrays that a cell does not have (c for RNN/GRU, acts for RNN) are passed as (1, 1, 1)
+dummies and :func:`row_of` clamps the index, so no kernel ever forms an out-of-range view.
+"""
+import hashlib
+import marshal
+import math
+
+import numpy as np
+
+from .. import cells
+
+# Placeholders, rebound per specialisation (the templates below are never compiled unbound).
+DTYPE = np.float64
+ZERO = 0.0
+ONE = 1.0
+TILE = 16
+
+
+def cell_forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
+    raise NotImplementedError  # bound per cell
+
+
+def cell_backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direct, dc_prev):
+    raise NotImplementedError  # bound per cell
+
+
+def row_of(array, i, j):
+    """array (S, B, F) -> array[i, j] (F,), indices clamped so (1, 1, 1) dummies work."""
+    return array[min(i, array.shape[0] - 1), min(j, array.shape[1] - 1)]
+
+
+def sigmoid(x):
+    # ONE is the dtype's scalar so float32 stays float32 (a bare 1.0 would promote to f64).
+    return ONE / (ONE + math.exp(-x))
+
+
+# ---------------------------------------------------------------------------- recurrence
+
+def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc, acts,
+                 hg_ws, out, out_col, w_shared, hg_shared):
+    """Whole-sequence forward of one layer-direction; launch with grid (B,), any block size.
+
+    x_proj (T*B, G*H) = x . W_ih^T (no bias); w_t (H*G*H,) = W_hh^T flattened row-major, so
+    thread g reading w_t[k*G*H + g] is coalesced across the warp; b_ih, b_hh (G*H,);
+    lengths (B,) int64 in [1, T]; h_seq (S, B, H) and c_seq (S, B, H) or (1, 1, 1) hold the
+    initial state in its slot; Hc = H for the LSTM, else 0; acts (T or 1, B, A*H) or
+    (1, 1, 1); hg_ws (B, G*H) global workspace for the recurrent product when it is not kept
+    in shared memory; out (T, B, D*H) receives h in columns out_col:out_col+H and 0 past a row's length.
+    Dynamic shared memory: [hg (G*H) if hg_shared][W_hh^T (H*G*H) if w_shared].
+    """
+    b = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    T = out.shape[0]
+    B = out.shape[1]
+    H = h_seq.shape[2]
+    GH = hg_ws.shape[1]
+    dyn = cuda.shared.array(0, DTYPE)
+    hg_off = GH if hg_shared else 0
+    hg = dyn[0:GH] if hg_shared else hg_ws[b]
+    w = dyn[hg_off:hg_off + H * GH] if w_shared else w_t
+    if w_shared:
+        # Staged once: the weights then stay on chip for all T steps.
+        for i in range(tid, H * GH, nthreads):
+            w[i] = w_t[i]
+        cuda.syncthreads()
+    length = lengths[b]
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        if train:
+            prev = t + 1 if reverse else t
+            nxt = t if reverse else t + 1
+            a = t
+        else:
+            prev = s % 2
+            nxt = 1 - prev
+            a = 0
+        h_prev = h_seq[prev, b]
+        h_next = h_seq[nxt, b]
+        c_prev = row_of(c_seq, prev, b)
+        c_next = row_of(c_seq, nxt, b)
+        # t < length is the same for every thread of the block, so the barriers inside the
+        # branch are reached by all of them.
+        if t < length:
+            for g in range(tid, GH, nthreads):
+                acc = ZERO
+                for k in range(H):
+                    acc += w[k * GH + g] * h_prev[k]
+                hg[g] = acc
+            cuda.syncthreads()
+            xg = x_proj[t * B + b]
+            ac = row_of(acts, a, b)
+            for j in range(tid, H, nthreads):
+                cell_forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, ac)
+                out[t, b, out_col + j] = h_next[j]
+        else:
+            # Past this row's length the state is carried unchanged and the output is 0.
+            for j in range(tid, H, nthreads):
+                h_next[j] = h_prev[j]
+                out[t, b, out_col + j] = ZERO
+            for j in range(tid, Hc, nthreads):
+                c_next[j] = c_prev[j]
+        # h_next must be complete before any thread reads it as the next step's h_prev, and
+        # every read of hg must be done before the next step overwrites it.
+        cuda.syncthreads()
+
+
+def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts, dgx, dgh,
+                  dh, dc, dh_direct, dc_prev, w_shared):
+    """Whole-sequence BPTT of one layer-direction; launch with grid (B,), any block size.
+
+    dout (T, B, D*H) (columns out_col:out_col+H); w_hh (G*H*H,) = W_hh flattened row-major, so
+    thread k reading w_hh[g*H + k] is coalesced; h_seq, c_seq, acts as saved by forward_rows
+    (training slots); dgx, dgh (T*B, G*H) receive the pre-activation gradients (the same array
+    unless GRU); dh, dc (B, H) hold the gradient w.r.t. the final state on entry and w.r.t.
+    the initial state on exit; dh_direct, dc_prev (B, H) workspaces; unless LSTM (Hc = 0) dc
+    and dc_prev are (1, 1) dummies. Dynamic shared memory: [W_hh (G*H*H) if w_shared].
+
+    Thread ownership makes one barrier per step enough: the thread that handles unit j in the
+    pointwise pass also owns dh[j], dh_direct[j], dc[j], dc_prev[j] in the product pass; only
+    the gate gradients dgh[t] are read across threads, and each step writes a new row of dgh.
+    """
+    b = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    T = dout.shape[0]
+    B = dout.shape[1]
+    H = h_seq.shape[2]
+    GH = dgx.shape[1]
+    dyn = cuda.shared.array(0, DTYPE)
+    w = dyn[0:GH * H] if w_shared else w_hh
+    if w_shared:
+        for i in range(tid, GH * H, nthreads):
+            w[i] = w_hh[i]
+        cuda.syncthreads()
+    length = lengths[b]
+    dh_b = dh[b]
+    dc_b = dc[min(b, dc.shape[0] - 1)]
+    dd = dh_direct[b]
+    dcp = dc_prev[min(b, dc_prev.shape[0] - 1)]
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        prev = t + 1 if reverse else t
+        nxt = t if reverse else t + 1
+        gx = dgx[t * B + b]
+        gh = dgh[t * B + b]
+        if t < length:
+            for j in range(tid, H, nthreads):
+                dh_b[j] += dout[t, b, out_col + j]
+                cell_backward(j, H, dh_b, dc_b, row_of(acts, t, b), h_seq[prev, b],
+                              row_of(c_seq, prev, b), h_seq[nxt, b], gx, gh, dd, dcp)
+            cuda.syncthreads()
+            for k in range(tid, H, nthreads):
+                acc = ZERO
+                for g in range(GH):
+                    acc += gh[g] * w[g * H + k]
+                dh_b[k] = dd[k] + acc
+            for k in range(tid, Hc, nthreads):
+                dc_b[k] = dcp[k]
+        else:
+            # Padded step: no gradient enters and the state gradient passes through unchanged.
+            for g in range(tid, GH, nthreads):
+                gx[g] = ZERO
+                gh[g] = ZERO
+            cuda.syncthreads()
+
+
+# ---------------------------------------------------------------------------- linear algebra
+
+def gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
+    """c (M*N,) row-major (M, N) = [c +] A . B with A(m, k) = a[m*a_rs + k*a_cs] and
+    B(k, n) = b[k*b_rs + n*b_cs]: strides express every transpose the layers need.
+
+    Launch with block (TILE, TILE) and grid (ceil(N/TILE), ceil(M/TILE)). Each thread sums
+    its output over k in a fixed order, so results are deterministic (no atomics).
+    """
+    a_tile = cuda.shared.array((TILE, TILE), DTYPE)
+    b_tile = cuda.shared.array((TILE, TILE), DTYPE)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    row = cuda.blockIdx.y * TILE + ty
+    col = cuda.blockIdx.x * TILE + tx
+    acc = ZERO
+    for k0 in range(0, K, TILE):
+        ka = k0 + tx
+        kb = k0 + ty
+        a_tile[ty, tx] = a[row * a_rs + ka * a_cs] if row < M and ka < K else ZERO
+        b_tile[ty, tx] = b[kb * b_rs + col * b_cs] if kb < K and col < N else ZERO
+        cuda.syncthreads()
+        for kk in range(TILE):
+            acc += a_tile[ty, kk] * b_tile[kk, tx]
+        cuda.syncthreads()
+    if row < M and col < N:
+        if accumulate:
+            c[row * N + col] += acc
+        else:
+            c[row * N + col] = acc
+
+
+def column_sum_add(a, M, N, out):
+    """out (N,) += sum over the M rows of a (M*N,) row-major; one thread per column, rows in
+    order, so the sum is deterministic. Launch with 1-D blocks covering N."""
+    n = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if n < N:
+        acc = ZERO
+        for m in range(M):
+            acc += a[m * N + n]
+        out[n] += acc
+
+
+def batch_sum_add(states, target):
+    """target (L, H) += states (L, B, H) summed over B in order; 1-D launch covering L*H."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    L = states.shape[0]
+    H = states.shape[2]
+    if i < L * H:
+        layer = i // H
+        j = i - layer * H
+        acc = ZERO
+        for b in range(states.shape[1]):
+            acc += states[layer, b, j]
+        target[layer, j] += acc
+
+
+def fill(flat, value):
+    """flat (N,) = value; 1-D launch covering N."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i < flat.shape[0]:
+        flat[i] = value
+
+
+def copy3d(src, dst, swap01):
+    """dst (P, Q, F) contiguous = src (any strides), transposing the first two axes of src if
+    swap01; 1-D launch covering P*Q*F."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    P = dst.shape[0]
+    Q = dst.shape[1]
+    F = dst.shape[2]
+    if i < P * Q * F:
+        p = i // (Q * F)
+        r = i - p * Q * F
+        q = r // F
+        f = r - q * F
+        dst[p, q, f] = src[q, p, f] if swap01 else src[p, q, f]
+
+
+def transpose2d(src, dst):
+    """dst (C, R) = src (R, C)^T; 1-D launch covering R*C, consecutive threads write
+    consecutive dst elements."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    C = dst.shape[0]
+    R = dst.shape[1]
+    if i < R * C:
+        c = i // R
+        r = i - c * R
+        dst[c, r] = src[r, c]
+
+
+def broadcast_rows(row, dst):
+    """dst (B, H) = row (H,) in every row; 1-D launch covering B*H."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    H = dst.shape[1]
+    if i < dst.shape[0] * H:
+        dst[i // H, i % H] = row[i % H]
+
+
+# ---------------------------------------------------------------------------- compilation
+
+def source_hash(*funcs):
+    """Short hash of the bytecode of funcs; part of each kernel's name so that Numba's on-disk
+    cache (which does not track callees bound as globals) is invalidated when code changes."""
+    digest = hashlib.sha1()
+    for func in funcs:
+        digest.update(marshal.dumps(func.__code__))
+    return digest.hexdigest()[:10]
+
+
+_cache = {}
+
+
+def _compiled(key, build):
+    if key not in _cache:
+        _cache[key] = build()
+    return _cache[key]
+
+
+def _device(func, suffix, **bindings):
+    from numba import cuda
+    return cuda.jit(device=True)(cells.specialize(func, suffix, **bindings))
+
+
+def _kernel(func, suffix, **bindings):
+    from numba import cuda
+    bindings.setdefault("cuda", cuda)
+    return cuda.jit(cache=True)(cells.specialize(func, suffix, **bindings))
+
+
+def _numba_type(dtype):
+    # The numba type (not np.float32): both the compiler and the simulator accept it as the
+    # dtype of cuda.shared.array.
+    import numba
+    return numba.from_dtype(dtype)
+
+
+def scalar_bindings(dtype):
+    """ONE, ZERO, DTYPE, tanh, sigmoid for dtype (libdevice tanh/exp, exact enough for the
+    float64 1e-9 bar against the CPU engine)."""
+    dtype = np.dtype(dtype)
+
+    def build():
+        one, zero = dtype.type(1), dtype.type(0)
+        suffix = f"gpu_{dtype.name}"
+        sig = _device(sigmoid, suffix, ONE=one)
+        return dict(ONE=one, ZERO=zero, DTYPE=_numba_type(dtype), tanh=math.tanh, sigmoid=sig)
+    return _compiled(("scalars", dtype), build)
+
+
+def recurrence_kernels(cell_name, dtype):
+    """(forward_rows, backward_rows) compiled for cell_name and dtype."""
+    dtype = np.dtype(dtype)
+    spec = cells.CELLS[cell_name]
+
+    def build():
+        bind = scalar_bindings(dtype)
+        version = source_hash(spec.forward, spec.backward, sigmoid, row_of, forward_rows,
+                              backward_rows)
+        suffix = f"{cell_name}_{dtype.name}_{version}"
+        unit_forward = _device(spec.forward, suffix, **bind)
+        unit_backward = _device(spec.backward, suffix, **bind)
+        row = _device(row_of, suffix)
+        common = dict(cell_forward=unit_forward, cell_backward=unit_backward, row_of=row,
+                      ZERO=bind["ZERO"], DTYPE=bind["DTYPE"])
+        return (_kernel(forward_rows, suffix, **common),
+                _kernel(backward_rows, suffix, **common))
+    return _compiled(("recurrence", cell_name, dtype), build)
+
+
+LINALG = ("gemm", "column_sum_add", "batch_sum_add", "fill", "copy3d", "transpose2d",
+          "broadcast_rows")
+
+
+def linalg_kernels(dtype, tile):
+    """dict name -> kernel for dtype; ``tile`` is a compile-time constant of gemm (its shared
+    tiles are (tile, tile)), so each tile size is its own specialisation."""
+    dtype = np.dtype(dtype)
+
+    def build():
+        bind = dict(ZERO=dtype.type(0), DTYPE=_numba_type(dtype), TILE=int(tile))
+        funcs = [globals()[name] for name in LINALG]
+        suffix = f"{dtype.name}_t{tile}_{source_hash(*funcs)}"
+        return {f.__name__: _kernel(f, suffix, **bind) for f in funcs}
+    return _compiled(("linalg", dtype, int(tile)), build)

@@ -1,0 +1,282 @@
+"""GPU backend (fastrnn.gpu) against the CPU engine, on a real GPU or the CUDA simulator.
+
+In CI this file runs in its own process with NUMBA_ENABLE_CUDASIM=1 (set before Numba is
+imported); there every CUDA thread is a Python thread, so shapes are tiny and launch
+geometry is shrunk (fixture ``small_blocks``) so that several blocks, partial blocks and
+partial thread loops all run. On a real GPU the same tests run unchanged.
+"""
+import sys
+
+import numpy as np
+import pytest
+
+import fastrnn as fr
+from fastrnn import gpu
+from helpers import (CELLS, H0_MODES, has_cell_state, make_layer, setup_case, stable_seed,
+                     state_parts)
+from tolerances import FD, FD_EPS, GPU_VS_CPU, assert_close
+
+REASON = gpu.unavailable_reason()
+needs_gpu = pytest.mark.skipif(REASON is not None, reason=f"no GPU or simulator: {REASON}")
+SHAPE = dict(T=5, B=3, I=3, H=4)
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Shrink launch geometry: rows kernels get 3 threads for G*H >= 4 outputs (partial
+    thread loops), GEMM tiles of 4 leave partial tiles for I=3 and T*B=15, elementwise
+    kernels span several blocks."""
+    if REASON is None:
+        monkeypatch.setattr(gpu, "ROW_THREADS", 3)
+        monkeypatch.setattr(gpu, "GEMM_TILE", 4)
+        monkeypatch.setattr(gpu, "ELEMENT_THREADS", 8)
+    # The simulator's block manager busy-polls its threads; a short GIL switch interval
+    # makes its syncthreads about 4x faster. Harmless elsewhere.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(2e-4)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def _pair(cell, dtype, seed, **kwargs):
+    """The same layer (same parameters) on the CPU and on the GPU, and the case's inputs."""
+    cpu_layer, x, h0, lengths = setup_case(cell, **SHAPE, dtype=dtype, seed=seed, **kwargs)
+    gpu_layer = make_layer(cell, SHAPE["I"], SHAPE["H"], num_layers=cpu_layer.num_layers,
+                           bidirectional=cpu_layer.bidirectional,
+                           batch_first=cpu_layer.batch_first,
+                           learn_initial_state=cpu_layer.learn_initial_state,
+                           dtype=dtype, device="cuda")
+    gpu_layer.load_state_dict(cpu_layer.state_dict())
+    if lengths is not None:
+        lengths[0] = 2  # make sure padding is present
+    return cpu_layer, gpu_layer, x, h0, lengths
+
+
+def _run(layer, x, h0, lengths, dout, dh_n):
+    layer.zero_grad()
+    out, h_n = layer(x, h0=h0, lengths=lengths)
+    dx, dh0 = layer.backward(dout, dh_n)
+    grads = {k: gpu.to_host(v) for k, v in layer.grads.items()}
+    return out, h_n, dx, dh0, grads
+
+
+def _random_cotangents(rng, layer, cell, dtype):
+    T, B, H = SHAPE["T"], SHAPE["B"], SHAPE["H"]
+    LD = layer.num_layers * layer.num_directions
+    dout = rng.standard_normal((T, B, layer.num_directions * H)).astype(dtype)
+    parts = [rng.standard_normal((LD, B, H)).astype(dtype)
+             for _ in range(2 if has_cell_state(cell) else 1)]
+    return dout, (tuple(parts) if has_cell_state(cell) else parts[0])
+
+
+def _compare(cpu_result, gpu_result, dtype):
+    tol = GPU_VS_CPU[np.dtype(dtype)]
+    out_c, hn_c, dx_c, dh0_c, grads_c = cpu_result
+    out_g, hn_g, dx_g, dh0_g, grads_g = gpu_result
+    assert isinstance(out_g, np.ndarray) and isinstance(dx_g, np.ndarray)  # NumPy in -> out
+    assert_close(out_g, out_c, name="out", **tol)
+    for i, (g, c) in enumerate(zip(state_parts(hn_g), state_parts(hn_c))):
+        assert_close(g, c, name=f"h_n[{i}]", **tol)
+    assert_close(dx_g, dx_c, name="dx", **tol)
+    for i, (g, c) in enumerate(zip(state_parts(dh0_g), state_parts(dh0_c))):
+        assert_close(g, c, name=f"dh0[{i}]", **tol)
+    assert grads_g.keys() == grads_c.keys()
+    for name in grads_c:
+        assert_close(grads_g[name], grads_c[name], name=f"grad {name}", **tol)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("h0_mode", H0_MODES)
+@pytest.mark.parametrize("use_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("layers_dirs", [(1, False), (2, True)], ids=["L1uni", "L2bi"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_matches_cpu(cell, layers_dirs, use_lengths, h0_mode, dtype):
+    """Forward and backward on the GPU equal the CPU engine's for every cell and feature.
+
+    (2 layers, bidirectional) covers the forward and reverse directions and a layer reading
+    the previous layer's concatenated output; (1, uni) the plain single layer."""
+    num_layers, bidirectional = layers_dirs
+    seed = stable_seed("gpu", cell, layers_dirs, use_lengths, h0_mode, dtype)
+    cpu_layer, gpu_layer, x, h0, lengths = _pair(
+        cell, dtype, seed, num_layers=num_layers, bidirectional=bidirectional,
+        use_lengths=use_lengths, h0_mode=h0_mode)
+    dout, dh_n = _random_cotangents(np.random.default_rng(seed), cpu_layer, cell, dtype)
+    _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n),
+             _run(gpu_layer, x, h0, lengths, dout, dh_n), dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("shared_bytes", [0, 48 * 1024], ids=["global", "shared"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gpu_weights_in_global_or_shared_memory(monkeypatch, cell, shared_bytes):
+    """The general path (W_hh and the recurrent product in global memory) and the on-chip
+    path give the CPU engine's results; batch_first and bias=False ride along."""
+    monkeypatch.setattr(gpu, "SHARED_BYTES", shared_bytes)
+    seed = stable_seed("shared", cell, shared_bytes)
+    cpu_layer, gpu_layer, x, h0, lengths = _pair(
+        cell, "float64", seed, bidirectional=True, use_lengths=True, batch_first=True)
+    dout, dh_n = _random_cotangents(np.random.default_rng(seed), cpu_layer, cell, "float64")
+    dout = np.ascontiguousarray(np.swapaxes(dout, 0, 1))
+    _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n),
+             _run(gpu_layer, x, h0, lengths, dout, dh_n), "float64")
+
+
+@needs_gpu
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_gpu_backward_matches_finite_differences(cell):
+    """float64 central differences of L = sum(out*R1) + sum(h_n*R2), computed on the GPU."""
+    seed = stable_seed("gpu-fd", cell)
+    rng = np.random.default_rng(seed)
+    T, B, I, H = 3, 2, 2, 2
+    layer, x, h0, lengths = setup_case(cell, T=T, B=B, I=I, H=H, bidirectional=True,
+                                       use_lengths=True, h0_mode="learned", dtype="float64",
+                                       seed=seed)
+    layer.to("cuda")
+    lengths = np.array([T, 2])
+    R1 = rng.standard_normal((T, B, 2 * H))
+    R2 = [rng.standard_normal((2, B, H)) for _ in range(2 if has_cell_state(cell) else 1)]
+    dh_n = tuple(R2) if has_cell_state(cell) else R2[0]
+    layer.zero_grad()
+    layer(x, lengths=lengths)
+    dx, _ = layer.backward(R1, dh_n)
+
+    def loss():
+        out, h_n = layer(x, lengths=lengths)
+        return float(np.sum(out * R1) + sum(np.sum(s * r)
+                                            for s, r in zip(state_parts(h_n), R2)))
+
+    checked = [("weight_hh_l0", (1, 0)), ("weight_ih_l0_reverse", (0, 1)),
+               ("bias_hh_l0", (H,) if cell != "rnn_tanh" else (1,)), ("initial_h", (1, 1))]
+    for name, idx in checked:
+        host = gpu.to_host(layer.params[name])
+        analytic = gpu.to_host(layer.grads[name])[idx]
+        numeric = []
+        for sign in (1, -1):
+            perturbed = host.copy()
+            perturbed[idx] += sign * FD_EPS
+            layer.params[name] = gpu.asarray(perturbed, np.float64)
+            numeric.append(loss())
+        layer.params[name] = gpu.asarray(host, np.float64)
+        assert_close(analytic, (numeric[0] - numeric[1]) / (2 * FD_EPS), name=name, **FD)
+    for idx in [(0, 0, 0), (2, 1, 1)]:
+        numeric = []
+        for sign in (1, -1):
+            xp = x.copy()
+            xp[idx] += sign * FD_EPS
+            out, h_n = layer(xp, lengths=lengths)
+            numeric.append(float(np.sum(out * R1) + sum(
+                np.sum(s * r) for s, r in zip(state_parts(h_n), R2))))
+        assert_close(dx[idx], (numeric[0] - numeric[1]) / (2 * FD_EPS), name="dx", **FD)
+
+
+@needs_gpu
+def test_gpu_launches_do_not_grow_with_T(monkeypatch):
+    """O(1) kernel launches per layer-direction: a forward call launches as many kernels for
+    T = 5 as for T = 2 (every launch goes through gpu._launch)."""
+    launches = []
+    original = gpu._launch
+
+    def counting(kernel, *args):
+        launches.append(kernel)
+        return original(kernel, *args)
+
+    monkeypatch.setattr(gpu, "_launch", counting)
+    layer = fr.LSTM(2, 2, num_layers=2, bidirectional=True, dtype="float64", device="cuda",
+                    seed=0)
+    counts = {}
+    for mode in ("eval", "train"):
+        getattr(layer, mode)()
+        for T in (2, 5):
+            launches.clear()
+            out, _ = layer(np.ones((T, 2, 2)))
+            counts[mode, T] = len(launches)
+            if mode == "train":
+                launches.clear()
+                layer.backward(np.ones_like(out))
+                counts["backward", T] = len(launches)
+    assert counts["eval", 2] == counts["eval", 5]
+    assert counts["train", 2] == counts["train", 5]
+    assert counts["backward", 2] == counts["backward", 5]
+    # 4 layer-directions: transpose + projection GEMM + recurrence + zero h0, c0 fills
+    assert counts["eval", 5] <= 4 * 6
+
+
+@needs_gpu
+def test_gpu_deterministic():
+    """Two runs give the same bits: no atomics, fixed summation order everywhere."""
+    results = []
+    for _ in range(2):
+        layer, x, h0, lengths = setup_case("gru", **SHAPE, bidirectional=True,
+                                           use_lengths=True, h0_mode="learned",
+                                           dtype="float32", seed=3)
+        layer.to("cuda")
+        out, h_n = layer(x, lengths=lengths)
+        dx, dh0 = layer.backward(np.ones_like(out), np.ones_like(h_n))
+        results.append([out, h_n, dx, dh0] + [gpu.to_host(g) for g in layer.grads.values()])
+    for first, second in zip(*results):
+        assert np.array_equal(first, second)
+
+
+@needs_gpu
+def test_gpu_to_round_trip():
+    """to("cuda") moves parameters and gradients to device arrays; to("cpu") brings them back
+    unchanged; forward agrees on both devices."""
+    layer, x, h0, lengths = setup_case("lstm", **SHAPE, h0_mode="learned", dtype="float64",
+                                       seed=5)
+    before = layer.state_dict()
+    out_cpu, _ = layer(x)
+    layer.backward(np.ones_like(out_cpu))
+    grads_cpu = {k: v.copy() for k, v in layer.grads.items()}
+    assert layer.to("cuda") is layer and layer.device == "cuda"
+    assert all(gpu.is_device_array(v) for v in layer.params.values())
+    assert all(gpu.is_device_array(v) for v in layer.grads.values())
+    out_gpu, _ = layer(x)
+    assert_close(out_gpu, out_cpu, name="out", **GPU_VS_CPU[np.dtype(np.float64)])
+    layer.to("cpu")
+    assert layer.device == "cpu"
+    for name, value in layer.state_dict().items():
+        assert np.array_equal(value, before[name]), name
+    for name, value in layer.grads.items():
+        assert isinstance(value, np.ndarray) and np.array_equal(value, grads_cpu[name]), name
+
+
+@needs_gpu
+def test_gpu_device_arrays_in_device_arrays_out():
+    """Device arrays are used in place and give device arrays back (no host round trip)."""
+    from numba import cuda
+    layer, x, h0, lengths = setup_case("lstm", **SHAPE, h0_mode="given", dtype="float32",
+                                       seed=7)
+    ref_out, (ref_h, ref_c) = layer(x, h0=h0)
+    ref_dx, _ = layer.backward(np.ones_like(ref_out))
+    layer.to("cuda")
+    x_dev = cuda.to_device(x)
+    h0_dev = tuple(cuda.to_device(s) for s in h0)
+    out, (h_n, c_n) = layer(x_dev, h0=h0_dev)
+    assert all(gpu.is_device_array(a) for a in (out, h_n, c_n))
+    dx, (dh0, dc0) = layer.backward(cuda.to_device(np.ones(out.shape, np.float32)))
+    assert gpu.is_device_array(dx) and gpu.is_device_array(dh0)
+    tol = GPU_VS_CPU[np.dtype(np.float32)]
+    assert_close(out.copy_to_host(), ref_out, name="out", **tol)
+    assert_close(h_n.copy_to_host(), ref_h, name="h_n", **tol)
+    assert_close(c_n.copy_to_host(), ref_c, name="c_n", **tol)
+    assert_close(dx.copy_to_host(), ref_dx, name="dx", **tol)
+    with pytest.raises(TypeError, match="dtype"):
+        layer(cuda.to_device(x.astype(np.float64)))
+
+
+def test_cuda_device_unavailable_raises_runtime_error(monkeypatch):
+    """Without numba-cuda, or without a GPU, device="cuda" fails at construction with a
+    RuntimeError that says which is missing (runs everywhere: availability is faked)."""
+    monkeypatch.setattr(gpu, "_simulator_enabled", lambda: False)
+    monkeypatch.setattr(gpu, "_numba_cuda_installed", lambda: False)
+    with pytest.raises(RuntimeError, match="numba-cuda"):
+        fr.LSTM(2, 3, device="cuda")
+    monkeypatch.setattr(gpu, "_numba_cuda_installed", lambda: True)
+    monkeypatch.setattr(gpu, "_gpu_present", lambda: False)
+    with pytest.raises(RuntimeError, match="no usable CUDA GPU"):
+        fr.GRU(2, 3, device="cuda")
+    layer = fr.RNN(2, 3)
+    with pytest.raises(RuntimeError, match="no usable CUDA GPU"):
+        layer.to("cuda")
+    assert layer.device == "cpu"
