@@ -20,7 +20,7 @@ Time slots are the CPU driver's (fastrnn/cpu/driver.py): in training ``h_seq``/`
 (2, B, H) and the two slots alternate.
 
 Arrays that a cell does not have (c for RNN/GRU, acts for RNN) are passed as (1, 1, 1)
-dummies and :func:`row_of` clamps the index, so no kernel ever forms an out-of-range view.
+dummies and :func:`clamp` clamps the index, so no kernel ever forms an out-of-range view.
 """
 import hashlib
 import marshal
@@ -45,9 +45,10 @@ def cell_backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direc
     raise NotImplementedError  # bound per cell
 
 
-def row_of(array, i, j):
-    """array (S, B, F) -> array[i, j] (F,), indices clamped so (1, 1, 1) dummies work."""
-    return array[min(i, array.shape[0] - 1), min(j, array.shape[1] - 1)]
+def clamp(i, n):
+    """min(i, n - 1): index into a dimension that may be a size-1 dummy. (A device function
+    cannot return an array view, so callers index with it themselves.)"""
+    return min(i, n - 1)
 
 
 def sigmoid(x):
@@ -98,8 +99,9 @@ def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq,
             a = 0
         h_prev = h_seq[prev, b]
         h_next = h_seq[nxt, b]
-        c_prev = row_of(c_seq, prev, b)
-        c_next = row_of(c_seq, nxt, b)
+        cb = clamp(b, c_seq.shape[1])
+        c_prev = c_seq[clamp(prev, c_seq.shape[0]), cb]
+        c_next = c_seq[clamp(nxt, c_seq.shape[0]), cb]
         # t < length is the same for every thread of the block, so the barriers inside the
         # branch are reached by all of them.
         if t < length:
@@ -110,7 +112,7 @@ def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq,
                 hg[g] = acc
             cuda.syncthreads()
             xg = x_proj[t * B + b]
-            ac = row_of(acts, a, b)
+            ac = acts[clamp(a, acts.shape[0]), clamp(b, acts.shape[1])]
             for j in range(tid, H, nthreads):
                 cell_forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, ac)
                 out[t, b, out_col + j] = h_next[j]
@@ -156,9 +158,11 @@ def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts,
         cuda.syncthreads()
     length = lengths[b]
     dh_b = dh[b]
-    dc_b = dc[min(b, dc.shape[0] - 1)]
+    dc_b = dc[clamp(b, dc.shape[0])]
     dd = dh_direct[b]
-    dcp = dc_prev[min(b, dc_prev.shape[0] - 1)]
+    dcp = dc_prev[clamp(b, dc_prev.shape[0])]
+    cb = clamp(b, c_seq.shape[1])
+    ab = clamp(b, acts.shape[1])
     for s in range(T):
         t = s if reverse else T - 1 - s
         prev = t + 1 if reverse else t
@@ -168,8 +172,9 @@ def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts,
         if t < length:
             for j in range(tid, H, nthreads):
                 dh_b[j] += dout[t, b, out_col + j]
-                cell_backward(j, H, dh_b, dc_b, row_of(acts, t, b), h_seq[prev, b],
-                              row_of(c_seq, prev, b), h_seq[nxt, b], gx, gh, dd, dcp)
+                cell_backward(j, H, dh_b, dc_b, acts[clamp(t, acts.shape[0]), ab],
+                              h_seq[prev, b], c_seq[clamp(prev, c_seq.shape[0]), cb],
+                              h_seq[nxt, b], gx, gh, dd, dcp)
             cuda.syncthreads()
             for k in range(tid, H, nthreads):
                 acc = ZERO
@@ -343,13 +348,13 @@ def recurrence_kernels(cell_name, dtype):
 
     def build():
         bind = scalar_bindings(dtype)
-        version = source_hash(spec.forward, spec.backward, sigmoid, row_of, forward_rows,
+        version = source_hash(spec.forward, spec.backward, sigmoid, clamp, forward_rows,
                               backward_rows)
         suffix = f"{cell_name}_{dtype.name}_{version}"
         unit_forward = _device(spec.forward, suffix, **bind)
         unit_backward = _device(spec.backward, suffix, **bind)
-        row = _device(row_of, suffix)
-        common = dict(cell_forward=unit_forward, cell_backward=unit_backward, row_of=row,
+        common = dict(cell_forward=unit_forward, cell_backward=unit_backward,
+                      clamp=_device(clamp, suffix),
                       ZERO=bind["ZERO"], DTYPE=bind["DTYPE"])
         return (_kernel(forward_rows, suffix, **common),
                 _kernel(backward_rows, suffix, **common))

@@ -1,0 +1,242 @@
+"""Device check for a real NVIDIA GPU (issue 3). Not part of CI or the asv suite.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py            # everything, <= 5 minutes
+    PYTHONPATH=. python benchmarks/gpu_check.py --plan     # no GPU needed: shapes and FLOPs
+
+Steps: (1) the GPU tests (tests/test_gpu.py, simulator off) in a subprocess; (2) gradients
+bit-identical across two runs for every cell; (3) float32 timings of forward (eval) and
+forward+backward of every cell against torch.nn with cuDNN, with
+``torch.backends.cudnn.allow_tf32`` False and at its default (True), at the issue's
+(T, B, I, H) shapes. Each measurement alternates fastrnn and cuDNN samples (A B A B ...),
+synchronising both Numba and torch around every sample, and reports the median of the
+per-round ratios, so clock drift and neighbours on the machine cancel. ratio = cuDNN time /
+fastrnn time (> 1: fastrnn is faster). Inputs are torch CUDA tensors handed to fastrnn through
+``__cuda_array_interface__``, so neither side copies to the host.
+
+Needs numba, numba-cuda, torch (CUDA build). Prints one table; exits 1 if a check failed.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SHAPES = [(1000, 1, 32, 64), (100, 8, 64, 128), (100, 64, 256, 256), (50, 256, 512, 512),
+          (200, 32, 128, 1024)]
+CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+# Issue 3's goals: fastrnn speed relative to cuDNN (ratio = cuDNN time / fastrnn time).
+GOALS = {(1000, 1, 32, 64): 3.0, (100, 8, 64, 128): 3.0, (100, 64, 256, 256): 1.0,
+         (50, 256, 512, 512): 0.7, (200, 32, 128, 1024): 0.7}
+TOTAL_BUDGET_S = 290.0   # the whole script, issue limit 5 minutes
+TEST_BUDGET_S = 100.0    # the pytest step
+ROUNDS = 5               # A/B rounds per measurement
+SAMPLE_S = 0.02          # each timed sample repeats the call until about this long
+
+
+def flops(cell, T, B, I, H, backward):
+    """Multiply-add FLOPs (2 per MAC) of the GEMM work: forward 2*T*B*G*H*(I+H); backward
+    does three products of the same size (dx, dW_ih + dW_hh, dh), so forward+backward = 3x."""
+    forward = 2.0 * T * B * GATES[cell] * H * (I + H)
+    return 3.0 * forward if backward else forward
+
+
+def plan():
+    print(f"{'cell':9s} {'T,B,I,H':>20s} {'fwd GFLOP':>10s} {'fwd+bwd GFLOP':>14s} {'goal':>5s}")
+    for shape in SHAPES:
+        for cell in CELLS:
+            print(f"{cell:9s} {str(shape):>20s} {flops(cell, *shape, False) / 1e9:10.3f} "
+                  f"{flops(cell, *shape, True) / 1e9:14.3f} {GOALS[shape]:5.1f}")
+
+
+# ---------------------------------------------------------------------------- steps
+
+def run_gpu_tests(timeout):
+    env = dict(os.environ)
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_gpu.py"],
+                              env=env, timeout=timeout, capture_output=True, text=True)
+        ok, tail = proc.returncode == 0, (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+    except subprocess.TimeoutExpired:
+        ok, tail = False, [f"timed out after {timeout:.0f} s"]
+    print(f"== GPU tests ({time.perf_counter() - start:.0f} s): {'PASS' if ok else 'FAIL'}")
+    for line in tail:
+        print("   ", line)
+    return ok
+
+
+def make_fastrnn(cell, I, H, seed=0):
+    import fastrnn as fr
+    if cell.startswith("rnn_"):
+        return fr.RNN(I, H, nonlinearity=cell[4:], dtype="float32", device="cuda", seed=seed)
+    return {"lstm": fr.LSTM, "gru": fr.GRU}[cell](I, H, dtype="float32", device="cuda",
+                                                  seed=seed)
+
+
+def make_torch(cell, I, H, layer):
+    """torch.nn module with the fastrnn layer's weights (same names and shapes)."""
+    import torch
+    if cell.startswith("rnn_"):
+        module = torch.nn.RNN(I, H, nonlinearity=cell[4:])
+    else:
+        module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](I, H)
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in layer.state_dict().items()})
+    return module.cuda()
+
+
+def check_determinism():
+    """Gradients of two identical runs must be the same bits, for every cell."""
+    from numba import cuda
+    from fastrnn import gpu
+    ok = True
+    rng = np.random.default_rng(0)
+    T, B, I, H = 50, 16, 64, 128
+    x = cuda.to_device(rng.standard_normal((T, B, I)).astype(np.float32))
+    for cell in CELLS:
+        runs = []
+        for _ in range(2):
+            layer = make_fastrnn(cell, I, H, seed=1)
+            out, _ = layer(x)
+            layer.backward(cuda.to_device(np.ones(out.shape, np.float32)))
+            runs.append([gpu.to_host(g) for g in layer.grads.values()])
+        same = all(np.array_equal(a, b) for a, b in zip(*runs))
+        ok &= same
+        print(f"== gradients bit-identical across two runs, {cell}: {'PASS' if same else 'FAIL'}")
+    return ok
+
+
+def _sync():
+    import torch
+    from numba import cuda
+    cuda.synchronize()
+    torch.cuda.synchronize()
+
+
+def _sample(fn, reps):
+    _sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync()
+    return (time.perf_counter() - start) / reps
+
+
+def _reps_for(fn):
+    one = _sample(fn, 1)
+    return max(1, int(SAMPLE_S / max(one, 1e-6)))
+
+
+def measure(cell, shape, backward):
+    """(fastrnn seconds per call, cuDNN seconds per call, median per-round ratio)."""
+    import torch
+    T, B, I, H = shape
+    layer = make_fastrnn(cell, I, H)
+    module = make_torch(cell, I, H, layer)
+    x = torch.randn(T, B, I, device="cuda")
+    dout = torch.randn(T, B, H, device="cuda")
+    if backward:
+        layer.train()
+        module.train()
+        x_grad = x.clone().requires_grad_()
+
+        def run_fastrnn():
+            out, _ = layer(x)
+            layer.backward(dout)
+
+        def run_cudnn():
+            out, _ = module(x_grad)
+            out.backward(dout)
+    else:
+        layer.eval()
+        module.eval()
+
+        def run_fastrnn():
+            layer(x)
+
+        def run_cudnn():
+            with torch.no_grad():
+                module(x)
+    run_fastrnn()  # compile / autotune outside the timing
+    run_cudnn()
+    reps_a, reps_b = _reps_for(run_fastrnn), _reps_for(run_cudnn)
+    times_a, times_b, ratios = [], [], []
+    for _ in range(ROUNDS):
+        a = _sample(run_fastrnn, reps_a)
+        b = _sample(run_cudnn, reps_b)
+        times_a.append(a)
+        times_b.append(b)
+        ratios.append(b / a)
+    return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
+
+
+def benchmark(deadline):
+    import torch
+    torch.backends.cudnn.enabled = True
+    header = (f"{'cell':8s} {'T,B,I,H':>19s} {'mode':>7s} {'tf32':>5s} {'fr us/step':>10s} "
+              f"{'cuDNN us/step':>13s} {'fr TFLOP/s':>10s} {'cuDNN TFLOP/s':>13s} "
+              f"{'ratio':>6s} {'goal':>5s} met")
+    print(header)
+    met = {}
+    default_tf32 = torch.backends.cudnn.allow_tf32
+    for shape in SHAPES:
+        for cell in CELLS:
+            for backward in (False, True):
+                for tf32 in (False, default_tf32):
+                    if time.perf_counter() > deadline:
+                        print(f"{cell:8s} {str(shape):>19s} skipped: out of time budget")
+                        continue
+                    torch.backends.cudnn.allow_tf32 = tf32
+                    try:
+                        t_fr, t_dnn, ratio = measure(cell, shape, backward)
+                    except Exception as exc:  # report and go on: one failure != no table
+                        print(f"{cell:8s} {str(shape):>19s} ERROR {type(exc).__name__}: {exc}")
+                        continue
+                    T = shape[0]
+                    work = flops(cell, *shape, backward)
+                    goal = GOALS[shape]
+                    ok = ratio >= goal
+                    met.setdefault((shape, backward, tf32), []).append(ok)
+                    print(f"{cell:8s} {str(shape):>19s} {'fwd+bwd' if backward else 'fwd':>7s} "
+                          f"{str(tf32):>5s} {t_fr / T * 1e6:10.1f} {t_dnn / T * 1e6:13.1f} "
+                          f"{work / t_fr / 1e12:10.3f} {work / t_dnn / 1e12:13.3f} "
+                          f"{ratio:6.2f} {goal:5.1f} {'yes' if ok else 'no'}", flush=True)
+    torch.backends.cudnn.allow_tf32 = default_tf32
+    return met
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", action="store_true", help="print shapes/FLOPs, no GPU")
+    parser.add_argument("--skip-tests", action="store_true", help="skip the pytest step")
+    args = parser.parse_args(argv)
+    if args.plan:
+        plan()
+        return 0
+    if os.environ.get("NUMBA_ENABLE_CUDASIM"):
+        print("gpu_check measures a real GPU: unset NUMBA_ENABLE_CUDASIM")
+        return 2
+    from fastrnn import gpu
+    reason = gpu.unavailable_reason()
+    if reason is not None:
+        print(f"gpu_check needs a GPU: {reason}")
+        return 2
+    start = time.perf_counter()
+    deadline = start + TOTAL_BUDGET_S
+    ok = True
+    if not args.skip_tests:
+        ok &= run_gpu_tests(min(TEST_BUDGET_S, deadline - time.perf_counter()))
+    from numba import cuda
+    print(f"== device: {cuda.get_current_device().name}")
+    ok &= check_determinism()
+    benchmark(deadline)
+    print(f"== total {time.perf_counter() - start:.0f} s; {'all checks passed' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

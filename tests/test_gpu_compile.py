@@ -1,0 +1,93 @@
+"""Every GPU kernel compiles for a real GPU (sm_90 PTX), without needing one.
+
+The simulator runs kernels as Python and checks no types; this test runs the real Numba-CUDA
+compiler (type inference, lowering, NVVM) on each kernel with the argument types the backend
+passes, and checks that float32 kernels do no float64 arithmetic (a bare Python float in a
+kernel would silently promote). It needs numba-cuda with NVVM (the cuda-toolkit wheels, e.g.
+``pip install "numba-cuda[cu13]"``) and skips otherwise, and under the simulator.
+"""
+import re
+import types as pytypes
+
+import numpy as np
+import pytest
+
+from fastrnn import cells, gpu
+
+
+def _compiler():
+    """numba.cuda.compile_ptx with device functions compiled for sm_90, or skip."""
+    from numba import config
+    if config.ENABLE_CUDASIM:
+        pytest.skip("the CUDA simulator compiles nothing")
+    if not gpu._numba_cuda_installed():
+        pytest.skip("numba-cuda is not installed")
+    from numba import cuda
+    from numba.cuda import dispatcher
+    try:
+        from numba.cuda.cudadrv import nvvm
+        nvvm.NVVM()
+    except Exception as exc:  # no libNVVM: the compiler cannot run here
+        pytest.skip(f"NVVM not available: {exc}")
+    return cuda, dispatcher
+
+
+@pytest.fixture
+def compile_ptx(monkeypatch):
+    cuda, dispatcher = _compiler()
+    if not gpu._gpu_present():
+        # Device functions ask the current device for its compute capability; without a GPU
+        # tell them sm_90 (the H100/H200 this project targets).
+        fake = pytypes.SimpleNamespace(compute_capability=(9, 0))
+        monkeypatch.setattr(dispatcher, "get_current_device", lambda: fake)
+
+    def compile_kernel(kernel, argtypes):
+        ptx, _ = cuda.compile_ptx(kernel.py_func, tuple(argtypes), cc=(9, 0))
+        return ptx
+    return compile_kernel
+
+
+def _arrays(dtype):
+    from numba import types
+    f = types.float32 if dtype == "float32" else types.float64
+    return (types.Array(f, 1, "C"), types.Array(f, 2, "C"), types.Array(f, 3, "C"),
+            types.Array(types.int64, 1, "C"), types.int64, types.boolean, f)
+
+
+def _assert_no_f64_math(ptx, dtype):
+    if dtype == "float32":
+        # f64 registers or instructions would mean a float64 promotion somewhere.
+        assert not re.search(r"\.f64\b", ptx), "float32 kernel does float64 arithmetic"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cell", sorted(cells.CELLS))
+def test_recurrence_kernels_compile(compile_ptx, cell, dtype):
+    from fastrnn.gpu import kernels
+    a1, a2, a3, i1, i64, boolean, _ = _arrays(dtype)
+    forward, backward = kernels.recurrence_kernels(cell, dtype)
+    ptx = compile_ptx(forward, [a2, a1, a1, a1, i1, boolean, boolean, a3, a3, i64, a3, a2,
+                                a3, i64, boolean, boolean])
+    assert "bar.sync" in ptx and ".entry" in ptx
+    _assert_no_f64_math(ptx, dtype)
+    ptx = compile_ptx(backward, [a3, i64, a1, i1, boolean, a3, a3, i64, a3, a2, a2, a2, a2,
+                                 a2, a2, boolean])
+    _assert_no_f64_math(ptx, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_linalg_kernels_compile(compile_ptx, dtype):
+    from fastrnn.gpu import kernels
+    a1, a2, a3, i1, i64, boolean, scalar = _arrays(dtype)
+    k = kernels.linalg_kernels(dtype, 16)
+    signatures = {
+        "gemm": [a1, i64, i64, a1, i64, i64, a1, i64, i64, i64, boolean],
+        "column_sum_add": [a1, i64, i64, a1],
+        "batch_sum_add": [a3, a2],
+        "fill": [a1, scalar],
+        "copy3d": [a3, a3, boolean],
+        "transpose2d": [a2, a2],
+        "broadcast_rows": [a1, a2],
+    }
+    for name, argtypes in signatures.items():
+        _assert_no_f64_math(compile_ptx(k[name], argtypes), dtype)
