@@ -1,7 +1,7 @@
 """GRU cell, gates (r, z, n), "linear before reset" as PyTorch and cuDNN. G = 3.
 
 n = tanh(W_in x + b_in + r * (W_hn h_prev + b_hn)); h = (1 - z) n + z h_prev.
-acts (4H,): r, z, n, hn = W_hn h_prev + b_hn.
+acts (4H,): r, z, n, hn = W_hn h_prev + b_hn of unit j at acts[4j : 4j+4].
 """
 from ._math import ONE, ZERO, sigmoid, tanh  # placeholders, rebound by each backend
 
@@ -12,17 +12,17 @@ def forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
     hn = hg[2 * H + j] + b_hh[2 * H + j]
     n = tanh(xg[2 * H + j] + b_ih[2 * H + j] + r * hn)
     h_next[j] = (ONE - z) * n + z * h_prev[j]
-    acts[j] = r
-    acts[H + j] = z
-    acts[2 * H + j] = n
-    acts[3 * H + j] = hn
+    acts[4 * j] = r
+    acts[4 * j + 1] = z
+    acts[4 * j + 2] = n
+    acts[4 * j + 3] = hn
 
 
 def backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direct, dc_prev):
-    r = acts[j]
-    z = acts[H + j]
-    n = acts[2 * H + j]
-    hn = acts[3 * H + j]
+    r = acts[4 * j]
+    z = acts[4 * j + 1]
+    n = acts[4 * j + 2]
+    hn = acts[4 * j + 3]
     dh_j = dh[j]
     d_n = dh_j * (ONE - z) * (ONE - n * n)
     d_z = dh_j * (h_prev[j] - n) * z * (ONE - z)

@@ -1,6 +1,7 @@
 """LSTM cell, gates (i, f, g, o) in PyTorch's order. G = 4.
 
-acts (5H,): i, f, g, o, tanh(c) -- saved so backward computes no transcendental.
+acts (5H,): i, f, g, o, tanh(c) of unit j at acts[5j : 5j+5] -- saved so backward computes no
+transcendental.
 """
 from ._math import ONE, ZERO, sigmoid, tanh  # placeholders, rebound by each backend
 
@@ -14,19 +15,19 @@ def forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
     tanh_c = tanh(c)
     c_next[j] = c
     h_next[j] = o * tanh_c
-    acts[j] = i
-    acts[H + j] = f
-    acts[2 * H + j] = g
-    acts[3 * H + j] = o
-    acts[4 * H + j] = tanh_c
+    acts[5 * j] = i
+    acts[5 * j + 1] = f
+    acts[5 * j + 2] = g
+    acts[5 * j + 3] = o
+    acts[5 * j + 4] = tanh_c
 
 
 def backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direct, dc_prev):
-    i = acts[j]
-    f = acts[H + j]
-    g = acts[2 * H + j]
-    o = acts[3 * H + j]
-    tanh_c = acts[4 * H + j]
+    i = acts[5 * j]
+    f = acts[5 * j + 1]
+    g = acts[5 * j + 2]
+    o = acts[5 * j + 3]
+    tanh_c = acts[5 * j + 4]
     dh_j = dh[j]
     dc_total = dc[j] + dh_j * o * (ONE - tanh_c * tanh_c)
     d_i = dc_total * g * i * (ONE - i)
@@ -37,9 +38,5 @@ def backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direct, dc
     dgx[H + j] = d_f
     dgx[2 * H + j] = d_g
     dgx[3 * H + j] = d_o
-    dgh[j] = d_i
-    dgh[H + j] = d_f
-    dgh[2 * H + j] = d_g
-    dgh[3 * H + j] = d_o
     dc_prev[j] = dc_total * f
     dh_direct[j] = ZERO

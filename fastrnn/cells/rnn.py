@@ -10,7 +10,6 @@ def tanh_backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direc
     h = h_next[j]
     d_pre = dh[j] * (ONE - h * h)
     dgx[j] = d_pre
-    dgh[j] = d_pre
     dh_direct[j] = ZERO
 
 
@@ -23,5 +22,4 @@ def relu_backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direc
     # PyTorch's relu gradient at 0 is 0: the mask is h > 0.
     d_pre = dh[j] if h_next[j] > ZERO else ZERO
     dgx[j] = d_pre
-    dgh[j] = d_pre
     dh_direct[j] = ZERO

@@ -126,7 +126,7 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     _, backward = get_kernels(cell.name, dtype)
     dgx = np.empty((T, B, GH), dtype)
     # Only the GRU's candidate gate has different input- and recurrent-side gradients.
-    dgh = np.empty((T, B, GH), dtype) if cell.name == "gru" else dgx
+    dgh = np.empty((T, B, GH), dtype) if cell.separate_recurrent_grad else dgx
     dh = np.array(dh_n, dtype=dtype, order="C", copy=True)
     dc = np.array(dc_n, dtype=dtype, order="C", copy=True) if Hc else np.empty((B, 0), dtype)
     dh_direct = np.empty((B, H), dtype)
