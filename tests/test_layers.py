@@ -96,3 +96,23 @@ def test_call_equals_forward(cell):
     np.testing.assert_array_equal(out1, out2)
     for a, b in zip(state_parts(h1), state_parts(h2)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+@pytest.mark.parametrize("scale", [30.0, 1e4])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_saturating_inputs(cell, dtype, scale):
+    """Huge pre-activations: gates saturate to exact limits, nothing overflows to NaN/inf."""
+    layer, x, h0, lengths = setup_case(cell, num_layers=2, bidirectional=True, h0_mode="given",
+                                       use_lengths=True, dtype=dtype,
+                                       seed=stable_seed("sat", cell, dtype, scale))
+    x = (x * scale).astype(dtype)
+    out, h_n = layer(x, h0=h0, lengths=lengths)
+    ref_out, ref_h_n = reference_forward(cell, layer, x, h0=h0, lengths=lengths)
+    assert np.all(np.isfinite(out)) or cell == "rnn_relu"
+    assert_parity(out, ref_out, dtype, "out")
+    for got, ref in zip(state_parts(h_n), state_parts(ref_h_n)):
+        assert_parity(got, ref, dtype, "h_n")
+    dx, _ = layer.backward(np.ones_like(out))
+    assert np.all(np.isfinite(dx))

@@ -128,8 +128,8 @@ def test_x_not_real_numbers(cell, bad):
         layer(bad)
 
 
-def _forward_with_nan(cell):
-    layer, x, h0, _ = small(cell)
+def _forward_with_nan(cell, dtype="float64"):
+    layer, x, h0, _ = small(cell, dtype=dtype)
     x = x.copy()
     x[1, 0, :] = np.nan
     out, h_n = layer(x, h0=h0)
@@ -150,8 +150,9 @@ def test_nan_is_allowed(cell):
     pytest.param("rnn_relu", marks=pytest.mark.xfail(
         strict=True, reason="cells/rnn.py relu_forward maps NaN to 0 (pre > 0 is False); "
                             "PyTorch's relu and naive.py propagate NaN"))])
-def test_nan_propagates_like_pytorch(cell):
-    _, out = _forward_with_nan(cell)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_nan_propagates_like_pytorch(cell, dtype):
+    _, out = _forward_with_nan(cell, dtype)
     assert np.isnan(out[1:, 0]).all()
 
 
