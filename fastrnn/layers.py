@@ -330,6 +330,7 @@ class _RecurrentLayer:
         lengths: B ints in [1, T]; outputs past a row's length are 0 and h_n is the state at
         its last valid step (PyTorch's packed-sequence semantics).
         """
+        caller_x = x
         x = _check_array(x, "x", 3, self.dtype, self.device)
         if x.ndim != 3:
             raise ValueError(f"x must be 3-dimensional, got shape {tuple(x.shape)}")
@@ -344,6 +345,9 @@ class _RecurrentLayer:
         given = self._check_state(h0, "h0", B)
         lengths = _check_lengths(lengths, B, T)
         xt = self._to_time_major(x)
+        if self.training and isinstance(caller_x, np.ndarray) and \
+                np.may_share_memory(xt, caller_x):
+            xt = xt.copy()  # backward reads the saved input: the caller may reuse its buffer
         backend, cell, D, H = self._backend, self._cell, self.num_directions, self.hidden_size
         train = self.training
         saved_layers = []

@@ -593,3 +593,35 @@ def test_pytorch_init_bounds(cell, H):
     if values.size > 1000:
         assert abs(values.mean()) < 0.05 * bound
         assert abs(values.std() - bound / np.sqrt(3)) < 0.05 * bound
+
+
+def test_caller_may_reuse_its_input_buffer_before_backward(cell):
+    """backward uses the values x had at forward, even if the caller overwrites x."""
+    for batch_first in (False, True):
+        layer, x, h0, lengths = small(cell, num_layers=2, batch_first=batch_first)
+        out, _ = layer(x, h0=h0, lengths=lengths)
+        dx, _ = layer.backward(np.ones_like(out))
+        expected = {k: v.copy() for k, v in layer.grads.items()}
+        layer.zero_grad()
+        buffer = np.ascontiguousarray(x)
+        out, _ = layer(buffer, h0=h0, lengths=lengths)
+        buffer[...] = 7.0  # e.g. a data loader filling the next batch
+        dx2, _ = layer.backward(np.ones_like(out))
+        np.testing.assert_array_equal(dx2, dx)
+        for k, v in layer.grads.items():
+            np.testing.assert_array_equal(v, expected[k], err_msg=k)
+
+
+def test_interleaved_layers_keep_their_own_activations(cell):
+    a, x, h0, lengths = small(cell, seed=1)
+    b, _, _, _ = small(cell, seed=2)
+    out, _ = a(x, h0=h0, lengths=lengths)
+    a.backward(np.ones_like(out))
+    expected = {k: v.copy() for k, v in a.grads.items()}
+    a.zero_grad()
+    out, _ = a(x, h0=h0, lengths=lengths)
+    b(x * 3, h0=h0)  # same shapes, same cell: shares workspaces
+    b.eval()(x * 5, lengths=lengths)
+    a.backward(np.ones_like(out))
+    for k, v in a.grads.items():
+        np.testing.assert_array_equal(v, expected[k], err_msg=k)
