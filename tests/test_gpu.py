@@ -261,6 +261,10 @@ def test_gpu_device_arrays_in_device_arrays_out():
     assert_close(h_n.copy_to_host(), ref_h, name="h_n", **tol)
     assert_close(c_n.copy_to_host(), ref_c, name="c_n", **tol)
     assert_close(dx.copy_to_host(), ref_dx, name="dx", **tol)
+    # A strided (non-contiguous) device view is made contiguous on the device.
+    x_strided = cuda.to_device(np.ascontiguousarray(np.swapaxes(x, 0, 1))).transpose((1, 0, 2))
+    out_strided, _ = layer(x_strided, h0=h0_dev)
+    assert_close(out_strided.copy_to_host(), ref_out, name="out (strided x)", **tol)
     with pytest.raises(TypeError, match="dtype"):
         layer(cuda.to_device(x.astype(np.float64)))
 
