@@ -153,3 +153,23 @@ def test_pytorch_init_distribution(cell):
         assert np.abs(value).max() <= bound and np.abs(ref).max() <= bound
         # uniform on [-b, b]: std b/sqrt(3); loose check on the mean and spread
         assert abs(value.std() - bound / np.sqrt(3)) < 0.25 * bound, name
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_torch_cpu_tensors_accepted_as_inputs(cell):
+    """x, h0, lengths, dout and dh_n may be torch CPU tensors; results are NumPy arrays."""
+    layer = make_layer(cell, 3, 4, num_layers=2, dtype="float64", seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 2, 3))
+    h0 = [rng.standard_normal((2, 2, 4)) for _ in range(1 + (cell == "lstm"))]
+    h0_np = tuple(h0) if cell == "lstm" else h0[0]
+    h0_t = tuple(map(_t, h0)) if cell == "lstm" else _t(h0[0])
+    lengths = np.array([5, 2])
+    out, h_n = layer(x, h0=h0_np, lengths=lengths)
+    dx, _ = layer.backward(np.ones_like(out), h_n)
+    out_t, h_n_t = layer(_t(x), h0=h0_t, lengths=torch.tensor(lengths))
+    assert isinstance(out_t, np.ndarray)
+    np.testing.assert_array_equal(out_t, out)
+    dh_n_t = tuple(map(_t, h_n)) if cell == "lstm" else _t(h_n)
+    dx_t, _ = layer.backward(torch.ones(out.shape, dtype=torch.float64), dh_n_t)
+    np.testing.assert_array_equal(dx_t, dx)
