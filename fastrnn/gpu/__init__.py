@@ -323,8 +323,10 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     _, backward_rows = _kernels().recurrence_kernels(cell.name, dtype)
     key = ("bwd", cell.name)
     dgx = _workspace(key + ("dgx",), (T * B, GH), dtype)
-    # Only the GRU's candidate gate has different input- and recurrent-side gradients.
-    dgh = _workspace(key + ("dgh",), (T * B, GH), dtype) if cell.name == "gru" else dgx
+    # Only cells whose recurrent-side gradient differs (the GRU's candidate gate) write dgh;
+    # the others write dgx alone and the recurrent product reads it as dgh.
+    dgh = _workspace(key + ("dgh",), (T * B, GH), dtype) if cell.separate_recurrent_grad \
+        else dgx
     dh = _copy(dh_n)
     dc = _copy(dc_n) if Hc else _dummy(2, dtype)
     dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
