@@ -1,0 +1,40 @@
+"""Tracked figures: speed ratio to PyTorch CPU and achieved GFLOP/s (DESIGN.md section 6).
+
+The ratio is torch time / fastrnn time, measured in ONE process, interleaved A B A B with the
+same thread count, median of per-round ratios; it is skipped (NotImplementedError from setup)
+when torch is not importable.
+"""
+from fastrnn.bench import (CELLS, GRID, MODES, Case, compare, match_torch_threads, threads,
+                           torch_available)
+
+SHAPES = ["x".join(map(str, shape)) for shape in GRID]
+ROUNDS = 5
+
+
+def _case(cell, shape):
+    return Case(cell, *map(int, shape.split("x")))
+
+
+class TorchRatio:
+    params = (list(CELLS), SHAPES, list(MODES))
+    param_names = ["cell", "shape", "mode"]
+    timeout = 600
+    unit = "torch time / fastrnn time"
+
+    def setup(self, cell, shape, mode):
+        if not torch_available():
+            raise NotImplementedError("torch is not installed")
+        match_torch_threads(threads())
+
+    def track_ratio_to_torch(self, cell, shape, mode):
+        return compare(_case(cell, shape), mode, rounds=ROUNDS)["ratio"]
+
+
+class Throughput:
+    params = (list(CELLS), SHAPES, list(MODES))
+    param_names = ["cell", "shape", "mode"]
+    timeout = 600
+    unit = "GFLOP/s"
+
+    def track_gflops(self, cell, shape, mode):
+        return compare(_case(cell, shape), mode, rounds=ROUNDS, with_torch=False)["gflops"]

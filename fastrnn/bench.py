@@ -1,0 +1,624 @@
+"""Benchmark fastrnn against PyTorch on the CPU, following DESIGN.md section 6.
+
+``python -m fastrnn.bench`` (or ``fastrnn bench``) runs, for each cell and shape, fastrnn and
+PyTorch CPU (when importable) in ONE process, interleaved A B A B, with the same number of
+threads, and reports the median of the per-round time ratios (torch time / fastrnn time, so
+> 1 means fastrnn is faster). Absolute times on shared machines are noise; ratios are not.
+
+FLOP count (what the GFLOP/s column means)
+------------------------------------------
+Only the matrix products are counted; the pointwise gate math is not. For one layer-direction
+with G gates (RNN 1, LSTM 4, GRU 3), hidden size H and input size I (I = D*H for layers after
+the first), over N valid (time step, batch row) pairs (N = T*B without ``lengths``, otherwise
+the sum of the lengths):
+
+- forward:  2*N*G*H*(I + H)      (input projection x W_ih^T and recurrent product h W_hh^T)
+- backward: 4*N*G*H*(I + H)      (dgates W_hh, dgates W_ih for dx, and the two weight
+                                  gradients dgates^T x, dgates^T h: four products of the same
+                                  size as the two forward ones)
+
+so a training step (forward + backward) counts 6*N*G*H*(I + H), summed over layers and
+directions. "% sgemm" divides fastrnn's GFLOP/s by this process's own measured
+single-precision GEMM rate (numpy, n x n with n = 2048, best of 5), so large shapes, which are
+GEMM-bound, show how close to the machine's limit they run.
+
+Peak memory (``--memory``)
+--------------------------
+Each (case, engine) runs in a fresh subprocess: import the engine, warm its kernels on a tiny
+shape, then reset the kernel's peak-RSS counter (``/proc/self/clear_refs``, Linux >= 4.0) and
+read the resident set size; build the layer, the input and dout, run ONE training step
+(forward + backward) and read the peak RSS (``VmHWM``). The number reported is peak minus
+baseline: every byte the training step at that shape touches -- parameters, gradients, input,
+saved activations, workspaces, BLAS and torch allocator buffers -- which tracemalloc would
+miss. Where clear_refs is unavailable the peak is ``ru_maxrss`` and the figure is a lower bound.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+CELLS = ("rnn", "lstm", "gru")          # "rnn" is the Elman RNN with tanh
+GATES = {"rnn": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+GRID = ((200, 1, 32, 64), (100, 32, 32, 64), (100, 64, 128, 256), (50, 128, 512, 512))
+MODES = ("infer", "train")
+
+
+# ----------------------------------------------------------------------------- cases
+
+class Case:
+    """One benchmark configuration: cell, shape (T, B, I, H) and layer options."""
+
+    def __init__(self, cell, T, B, I, H, num_layers=1, bidirectional=False, varlen=False,
+                 dtype="float32"):
+        if cell not in GATES:
+            raise ValueError(f"cell must be one of {sorted(GATES)}, got {cell!r}")
+        self.cell, self.T, self.B, self.I, self.H = cell, int(T), int(B), int(I), int(H)
+        self.num_layers, self.bidirectional, self.varlen = int(num_layers), bool(bidirectional), \
+            bool(varlen)
+        self.dtype = str(dtype)
+
+    @property
+    def shape(self):
+        return (self.T, self.B, self.I, self.H)
+
+    @property
+    def label(self):
+        text = "x".join(str(n) for n in self.shape)
+        if self.num_layers > 1:
+            text += f" L{self.num_layers}"
+        if self.bidirectional:
+            text += " bi"
+        if self.varlen:
+            text += " var"
+        return text
+
+    def as_dict(self):
+        return dict(cell=self.cell, T=self.T, B=self.B, I=self.I, H=self.H,
+                    num_layers=self.num_layers, bidirectional=self.bidirectional,
+                    varlen=self.varlen, dtype=self.dtype)
+
+    def lengths(self):
+        """None, or B lengths spread evenly from T down to T//4 (mean about 0.63 T)."""
+        if not self.varlen:
+            return None
+        low = max(1, self.T // 4)
+        return np.round(np.linspace(self.T, low, self.B)).astype(np.int64)
+
+    def valid_steps(self):
+        """N: the number of valid (time step, batch row) pairs."""
+        lengths = self.lengths()
+        return self.T * self.B if lengths is None else int(lengths.sum())
+
+    def flops(self, mode):
+        """Matrix-product FLOPs of one forward ("infer") or forward + backward ("train")."""
+        G, H, D, N = GATES[self.cell], self.H, 2 if self.bidirectional else 1, self.valid_steps()
+        forward = 0
+        for k in range(self.num_layers):
+            in_size = self.I if k == 0 else D * H
+            forward += D * 2 * N * G * H * (in_size + H)
+        return forward * (3 if mode == "train" else 1)
+
+
+def parse_shape(text):
+    parts = text.lower().replace(",", "x").split("x")
+    if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"shape must be TxBxIxH with positive ints, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def parse_shapes(text):
+    """'TxBxIxH,TxBxIxH' -> list of 4-tuples (an argparse type)."""
+    shapes = [parse_shape(s) for s in text.split(",") if s.strip()]
+    if not shapes:
+        raise argparse.ArgumentTypeError("--shapes needs at least one TxBxIxH")
+    return shapes
+
+
+def make_inputs(case, seed=0):
+    """x (T, B, I), dout (T, B, D*H) of case.dtype, and lengths (or None)."""
+    rng = np.random.default_rng(seed)
+    D = 2 if case.bidirectional else 1
+    x = rng.standard_normal((case.T, case.B, case.I)).astype(case.dtype)
+    dout = rng.standard_normal((case.T, case.B, D * case.H)).astype(case.dtype)
+    lengths = case.lengths()
+    if lengths is not None:  # PyTorch's padded outputs get no gradient; neither do ours
+        mask = np.arange(case.T)[:, None] < lengths[None, :]
+        dout *= mask[:, :, None]
+    return x, dout, lengths
+
+
+def make_fastrnn(case, seed=0):
+    import fastrnn as fr
+    options = dict(num_layers=case.num_layers, bidirectional=case.bidirectional,
+                   dtype=case.dtype, seed=seed)
+    if case.cell in ("rnn", "rnn_relu"):
+        nonlinearity = "relu" if case.cell == "rnn_relu" else "tanh"
+        return fr.RNN(case.I, case.H, nonlinearity=nonlinearity, **options)
+    return {"lstm": fr.LSTM, "gru": fr.GRU}[case.cell](case.I, case.H, **options)
+
+
+def fastrnn_step(case, mode, seed=0):
+    """A no-argument callable running one fastrnn forward (eval) or training step."""
+    layer = make_fastrnn(case, seed)
+    x, dout, lengths = make_inputs(case, seed)
+    if mode == "infer":
+        layer.eval()
+
+        def step():
+            return layer(x, lengths=lengths)
+    else:
+        layer.train()
+
+        def step():
+            layer.zero_grad()
+            layer(x, lengths=lengths)
+            return layer.backward(dout)
+    step.layer = layer
+    return step
+
+
+def torch_available():
+    try:
+        import torch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def make_torch(case, layer=None):
+    """The PyTorch module with the fastrnn layer's weights (state_dict names are PyTorch's);
+    layer None keeps PyTorch's own initialisation."""
+    import torch
+    options = dict(num_layers=case.num_layers, bidirectional=case.bidirectional)
+    if case.cell in ("rnn", "rnn_relu"):
+        module = torch.nn.RNN(case.I, case.H, nonlinearity="relu" if case.cell == "rnn_relu"
+                              else "tanh", **options)
+    else:
+        module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[case.cell](case.I, case.H,
+                                                                         **options)
+    module = module.to(getattr(torch, case.dtype))
+    if layer is None:
+        return module
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
+                            layer.state_dict().items()})
+    return module
+
+
+def torch_step(case, mode, seed=0, same_weights=True):
+    """The same step in PyTorch: eval forward under inference_mode, or zero_grad + forward +
+    backward with dx computed (fastrnn's backward always returns dx, so the work matches).
+    same_weights copies fastrnn's initial weights (same_weights=False: PyTorch's own)."""
+    import torch
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    module = make_torch(case, make_fastrnn(case, seed) if same_weights else None)
+    x, dout, lengths = make_inputs(case, seed)
+    xt, doutt = torch.from_numpy(x), torch.from_numpy(dout)
+    lengths_t = None if lengths is None else torch.from_numpy(lengths)
+
+    def run(inp):
+        if lengths_t is None:
+            return module(inp)[0]
+        packed = pack_padded_sequence(inp, lengths_t, enforce_sorted=False)
+        return pad_packed_sequence(module(packed)[0], total_length=case.T)[0]
+
+    if mode == "infer":
+        module.eval()
+
+        def step():
+            with torch.inference_mode():
+                return run(xt)
+    else:
+        module.train()
+        xg = xt.requires_grad_(True)  # a leaf sharing x's memory
+
+        def step():
+            module.zero_grad(set_to_none=True)
+            xg.grad = None
+            out = run(xg)
+            out.backward(doutt)
+            return xg.grad
+    return step
+
+
+# ----------------------------------------------------------------------------- timing
+
+def threads():
+    import numba
+    return numba.get_num_threads()
+
+
+def match_torch_threads(n):
+    """Give torch the same intra-op thread count as Numba (DESIGN.md section 6)."""
+    if torch_available():
+        import torch
+        torch.set_num_threads(n)
+
+
+def calibrate(fn, min_time):
+    """Calls per measurement so that one measurement lasts at least min_time seconds."""
+    start = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - start
+    return max(1, int(math.ceil(min_time / max(elapsed, 1e-9))))
+
+
+def time_calls(fn, number):
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
+def compare(case, mode, rounds=5, min_time=0.05, with_torch=True, seed=0):
+    """Interleaved A B A B timing of one case; returns a result dict (times in seconds)."""
+    fast = fastrnn_step(case, mode, seed)
+    fast()  # JIT (or cache load) and workspace allocation, outside the timing
+    slow = None
+    if with_torch:
+        slow = torch_step(case, mode, seed)
+        slow()
+    n_fast = calibrate(fast, min_time)
+    n_slow = calibrate(slow, min_time) if slow else 0
+    fast_times, slow_times, ratios = [], [], []
+    for _ in range(rounds):
+        a = time_calls(fast, n_fast)
+        fast_times.append(a)
+        if slow:
+            b = time_calls(slow, n_slow)
+            slow_times.append(b)
+            ratios.append(b / a)
+    fast_s = statistics.median(fast_times)
+    flops = case.flops(mode)
+    result = dict(case.as_dict(), mode=mode, label=case.label, rounds=rounds,
+                  fastrnn_ms=fast_s * 1e3, flops=flops, gflops=flops / fast_s / 1e9,
+                  us_per_step=fast_s * 1e6 / case.T,
+                  torch_ms=None, ratio=None, torch_gflops=None)
+    if slow:
+        torch_s = statistics.median(slow_times)
+        result.update(torch_ms=torch_s * 1e3, ratio=statistics.median(ratios),
+                      torch_gflops=flops / torch_s / 1e9)
+    return result
+
+
+def measure_gemm(n=2048, dtype="float32", repeats=5):
+    """This process's GEMM rate in GFLOP/s (numpy, n x n x n, best of repeats)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n)).astype(dtype)
+    b = rng.standard_normal((n, n)).astype(dtype)
+    a @ b
+    best = min(time_calls(lambda: a @ b, 1) for _ in range(repeats))
+    return 2.0 * n ** 3 / best / 1e9
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _status_kb(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _peak_memory_child(engine, case):
+    """Runs in a fresh process: bytes of peak RSS added by one training step (see module doc)."""
+    import resource
+    tiny = Case(case.cell, 3, 2, 3, 4, dtype=case.dtype)
+    if engine == "fastrnn":
+        fastrnn_step(tiny, "train")()
+    else:
+        import torch
+        torch.set_num_threads(threads())
+        torch_step(tiny, "train")()
+    import gc
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        method = "VmHWM after clear_refs"
+        baseline = _status_kb("VmRSS")
+    except OSError:
+        method = "ru_maxrss (lower bound)"
+        baseline = _status_kb("VmRSS") if os.path.exists("/proc/self/status") else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step = fastrnn_step(case, "train") if engine == "fastrnn" else \
+        torch_step(case, "train", same_weights=False)
+    step()
+    if method.startswith("VmHWM"):
+        peak = _status_kb("VmHWM")
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return dict(engine=engine, peak_bytes=max(0, peak - baseline) * 1024, method=method)
+
+
+def peak_memory(case, engine, timeout=600):
+    """Peak RSS added by one training step of case on engine ("fastrnn"|"torch"), in bytes,
+    measured in a fresh subprocess."""
+    cmd = [sys.executable, "-m", "fastrnn.bench", "--_peak-memory", engine,
+           json.dumps(case.as_dict())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peak-memory child failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- start-up
+
+def compile_all(dtype="float32"):
+    """Run every CPU kernel of one dtype once: each cell (RNN tanh and relu, LSTM, GRU),
+    forward in eval and training mode and backward, on a tiny and a wider shape."""
+    for cell in ("rnn", "rnn_relu", "lstm", "gru"):
+        for shape in ((3, 1, 3, 4), (2, 64, 8, 128)):
+            fastrnn_step(Case(cell, *shape, dtype=dtype), "infer")()
+            fastrnn_step(Case(cell, *shape, bidirectional=True, varlen=True, dtype=dtype),
+                         "train")()
+
+
+_COLD_CHILD = """
+import time
+start = time.perf_counter()
+from fastrnn.bench import compile_all
+compile_all({dtype!r})
+print(time.perf_counter() - start)
+"""
+
+_WARM_CHILD = """
+import numpy as np
+import fastrnn as fr
+fr.LSTM(8, 16, seed=0).eval()(np.random.rand(20, 4, 8).astype(np.float32))
+"""
+
+_TORCH_CHILD = """
+import torch
+torch.nn.LSTM(8, 16).eval()(torch.rand(20, 4, 8))
+"""
+
+
+def cold_compile_seconds(dtype="float32", timeout=600):
+    """Seconds to import fastrnn and compile every CPU kernel of dtype with an empty Numba
+    cache (a fresh subprocess with NUMBA_CACHE_DIR pointing at an empty temporary folder)."""
+    with tempfile.TemporaryDirectory(prefix="fastrnn-cold-") as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        proc = subprocess.run([sys.executable, "-c", _COLD_CHILD.format(dtype=dtype)],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cold-compile child failed: {proc.stderr.strip()[-2000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _wall(code, env=None, timeout=600):
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"child failed: {proc.stderr.strip()[-2000:]}")
+    return elapsed
+
+
+def warm_start_seconds(repeats=3, torch=False):
+    """Wall seconds of a fresh `python -c` process that imports fastrnn and runs the first
+    forward of a small LSTM (8 -> 16, x 20x4x8) with a warm kernel cache; median of repeats.
+    torch=True times the same with PyTorch instead."""
+    code = _TORCH_CHILD if torch else _WARM_CHILD
+    _wall(code)  # fills the cache if it was empty
+    return statistics.median(_wall(code) for _ in range(repeats))
+
+
+# ----------------------------------------------------------------------------- report
+
+COLUMNS = ("cell", "mode", "shape", "fastrnn ms", "torch ms", "ratio", "GFLOP/s", "% sgemm",
+           "us/step")
+
+
+def _fmt(value, digits):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(results, memory=False):
+    columns = COLUMNS + (("fastrnn MB", "torch MB") if memory else ())
+    rows = []
+    for r in results:
+        row = [r["cell"], r["mode"], r["label"], _fmt(r["fastrnn_ms"], 3),
+               _fmt(r["torch_ms"], 3), _fmt(r["ratio"], 2), _fmt(r["gflops"], 1),
+               _fmt(r.get("pct_sgemm"), 1), _fmt(r["us_per_step"], 1)]
+        if memory:
+            row += [_fmt(r.get("fastrnn_peak_mb"), 1), _fmt(r.get("torch_peak_mb"), 1)]
+        rows.append(row)
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
+              for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(columns, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(v.ljust(w) if i < 3 else v.rjust(w)
+                               for i, (v, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+def summarize(results):
+    ratios = [r["ratio"] for r in results if r["ratio"]]
+    if not ratios:
+        return dict(geomean_ratio=None, min_ratio=None, cases=len(results))
+    geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    return dict(geomean_ratio=geomean, min_ratio=min(ratios), cases=len(results))
+
+
+def write_png(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rated = [r for r in results if r["ratio"]]
+    values = [r["ratio"] if rated else r["gflops"] for r in (rated or results)]
+    labels = [f"{r['cell']} {r['mode']} {r['label']}" for r in (rated or results)]
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(labels) + 1.5))
+    ax.barh(range(len(values)), values, color=["tab:green" if v >= 1 else "tab:red"
+                                               for v in values] if rated else "tab:blue")
+    ax.set_yticks(range(len(values)), labels, fontsize=7)
+    ax.invert_yaxis()
+    if rated:
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel("torch time / fastrnn time (> 1: fastrnn faster)")
+    else:
+        ax.set_xlabel("fastrnn GFLOP/s")
+    ax.set_title("fastrnn vs PyTorch CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="fastrnn bench",
+        description="Time fastrnn against PyTorch CPU (interleaved, same threads, median of "
+                    "per-round ratios). Unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for the "
+                    "command on machines that set them (see DESIGN.md section 6).")
+    p.add_argument("--cells", default=",".join(CELLS),
+                   help="comma-separated cells: rnn (tanh), rnn_relu, lstm, gru [%(default)s]")
+    p.add_argument("--shapes", type=parse_shapes, default=list(GRID),
+                   help="comma-separated TxBxIxH shapes [the issue's grid: "
+                        + ",".join("x".join(map(str, s)) for s in GRID) + "]")
+    p.add_argument("--layers", type=int, default=1, help="num_layers [1]")
+    p.add_argument("--bidirectional", action="store_true", help="bidirectional layers")
+    p.add_argument("--varlen", action="store_true",
+                   help="variable lengths (evenly from T down to T/4), packed in torch")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds [7]")
+    p.add_argument("--min-time", type=float, default=0.05,
+                   help="seconds per measurement (calls are repeated to reach it) [0.05]")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--train", action="store_true", help="training steps only")
+    mode.add_argument("--infer", action="store_true", help="inference (eval forward) only")
+    p.add_argument("--gemm-size", type=int, default=2048,
+                   help="n of the n x n x n GEMM that measures this machine's rate [2048]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="Numba and torch threads [Numba's default]")
+    p.add_argument("--no-torch", action="store_true", help="time fastrnn alone")
+    p.add_argument("--memory", action="store_true",
+                   help="also measure peak RSS of one training step per engine (subprocesses)")
+    p.add_argument("--startup", action="store_true",
+                   help="also measure warm-cache start-up and cold compile time")
+    p.add_argument("--json", metavar="PATH", help="write results as JSON")
+    p.add_argument("--png", metavar="PATH", help="write a chart of the ratios (matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--_peak-memory", nargs=2, metavar=("ENGINE", "CASE"), help=argparse.SUPPRESS)
+    return p
+
+
+def _versions():
+    import numba
+    versions = dict(python=sys.version.split()[0], numpy=np.__version__, numba=numba.__version__)
+    if torch_available():
+        import torch
+        versions["torch"] = torch.__version__
+    return versions
+
+
+def run(args):
+    """Run the benchmark described by parsed args; returns the report dict."""
+    import numba
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    n_threads = threads()
+    with_torch = not args.no_torch and torch_available()
+    if with_torch:
+        match_torch_threads(n_threads)
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    for cell in cells:
+        if cell not in GATES:
+            raise SystemExit(f"fastrnn bench: unknown cell {cell!r}; choose from {sorted(GATES)}")
+    shapes = args.shapes
+    modes = ("train",) if args.train else ("infer",) if args.infer else MODES
+    gemm = measure_gemm(n=args.gemm_size, dtype=args.dtype)
+    results = []
+    for cell in cells:
+        for shape in shapes:
+            case = Case(cell, *shape, num_layers=args.layers, bidirectional=args.bidirectional,
+                        varlen=args.varlen, dtype=args.dtype)
+            for mode in modes:
+                r = compare(case, mode, rounds=args.rounds, min_time=args.min_time,
+                            with_torch=with_torch)
+                r["pct_sgemm"] = 100.0 * r["gflops"] / gemm
+                if args.memory and mode == "train":
+                    r["fastrnn_peak_mb"] = peak_memory(case, "fastrnn")["peak_bytes"] / 2 ** 20
+                    if with_torch:
+                        r["torch_peak_mb"] = peak_memory(case, "torch")["peak_bytes"] / 2 ** 20
+                results.append(r)
+                if not args.quiet:
+                    print(f"  {cell} {mode} {case.label}: {r['fastrnn_ms']:.3f} ms"
+                          + (f", ratio {r['ratio']:.2f}" if r["ratio"] else ""),
+                          file=sys.stderr, flush=True)
+    machine = dict(threads=n_threads, gemm_n=args.gemm_size, gemm_dtype=args.dtype, gemm_gflops=gemm,
+                   cpu_count=os.cpu_count(), versions=_versions(),
+                   env={k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                                       "OPENBLAS_NUM_THREADS",
+                                                       "NUMBA_NUM_THREADS", "OMP_NUM_THREADS")})
+    report = dict(machine=machine, command=" ".join(sys.argv),
+                  flop_formula="per layer-direction, N valid steps: forward 2*N*G*H*(I+H), "
+                               "backward 4*N*G*H*(I+H), train = forward + backward",
+                  results=results, summary=summarize(results))
+    if args.startup:
+        report["startup"] = dict(warm_fastrnn_s=warm_start_seconds(),
+                                 warm_torch_s=warm_start_seconds(torch=True)
+                                 if torch_available() else None,
+                                 cold_compile_s=cold_compile_seconds(args.dtype))
+    return report
+
+
+def print_report(report, memory=False, file=None):
+    file = file or sys.stdout
+    m = report["machine"]
+    print(f"fastrnn bench: {m['threads']} threads (Numba and torch), "
+          f"{m['gemm_dtype']} GEMM {m['gemm_n']}^3: {m['gemm_gflops']:.1f} GFLOP/s; "
+          + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), file=file)
+    unset = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if m["env"].get(k)]
+    if unset:
+        print(f"note: {', '.join(unset)} set; on this project's machines they halve OpenBLAS "
+              f"speed (run under `env -u {' -u '.join(unset)}`)", file=file)
+    print("ratio = torch ms / fastrnn ms, median of per-round ratios (> 1: fastrnn faster)",
+          file=file)
+    print(format_table(report["results"], memory=memory), file=file)
+    s = report["summary"]
+    if s["geomean_ratio"]:
+        print(f"geometric mean ratio {s['geomean_ratio']:.2f}, min {s['min_ratio']:.2f} "
+              f"over {s['cases']} cases", file=file)
+    if "startup" in report:
+        st = report["startup"]
+        print(f"start-up (warm cache, fresh process, import + first LSTM forward): fastrnn "
+              f"{st['warm_fastrnn_s']:.2f} s, torch {_fmt(st['warm_torch_s'], 2)} s; "
+              f"cold compile of every CPU kernel: {st['cold_compile_s']:.1f} s", file=file)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args._peak_memory:
+        engine, case = args._peak_memory
+        print(json.dumps(_peak_memory_child(engine, Case(**json.loads(case)))))
+        return 0
+    if args.rounds < 1:
+        raise SystemExit("fastrnn bench: --rounds must be >= 1")
+    report = run(args)
+    print_report(report, memory=args.memory)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=1)
+    if args.png:
+        try:
+            write_png(report["results"], args.png)
+        except ImportError:
+            print("fastrnn bench: --png needs matplotlib (pip install 'fastrnn[plot]')",
+                  file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Smoke tests of fastrnn.bench (``fastrnn bench``): tiny shapes, one round.
+
+They check the structure of the table and the JSON report and the FLOP formula, not speed.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastrnn import bench
+
+TINY = "6x2x3x4"
+
+
+def test_flop_formula():
+    # forward 2*N*G*H*(I+H) per layer-direction, training 3x that.
+    case = bench.Case("lstm", 10, 2, 3, 4)
+    assert case.flops("infer") == 2 * 20 * 4 * 4 * (3 + 4)
+    assert case.flops("train") == 3 * case.flops("infer")
+    deep = bench.Case("gru", 10, 2, 3, 4, num_layers=2, bidirectional=True)
+    per_step = 2 * (2 * 3 * 4 * (3 + 4)) + 2 * (2 * 3 * 4 * (2 * 4 + 4))
+    assert deep.flops("infer") == 20 * per_step
+    varlen = bench.Case("rnn", 8, 4, 3, 4, varlen=True)
+    lengths = varlen.lengths()
+    assert lengths.max() == 8 and lengths.min() == 2 and len(lengths) == 4
+    assert varlen.flops("infer") == 2 * int(lengths.sum()) * 1 * 4 * (3 + 4)
+
+
+def test_table_and_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    rc = bench.main(["--cells", "rnn,lstm,gru", "--shapes", TINY, "--rounds", "1",
+                     "--min-time", "0", "--gemm-size", "256", "--quiet", "--json", str(path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("cell"))
+    for column in bench.COLUMNS:
+        assert column in header
+    rows = [line.split() for line in out.splitlines()
+            if line.split()[:1] and line.split()[0] in bench.CELLS]
+    assert sorted((r[0], r[1]) for r in rows) == sorted(
+        (c, m) for c in bench.CELLS for m in bench.MODES)
+    assert all(r[2] == TINY for r in rows)
+
+    report = json.loads(path.read_text())
+    assert report["machine"]["gemm_gflops"] > 0
+    assert report["machine"]["threads"] >= 1
+    assert len(report["results"]) == 6
+    with_torch = bench.torch_available()
+    for r in report["results"]:
+        assert (r["T"], r["B"], r["I"], r["H"]) == (6, 2, 3, 4)
+        assert r["mode"] in bench.MODES and r["cell"] in bench.CELLS
+        assert r["fastrnn_ms"] > 0 and r["gflops"] > 0 and r["pct_sgemm"] > 0
+        assert np.isclose(r["gflops"], r["flops"] / (r["fastrnn_ms"] * 1e6))
+        if with_torch:
+            assert r["torch_ms"] > 0 and r["ratio"] > 0
+        else:
+            assert r["torch_ms"] is None and r["ratio"] is None
+    summary = report["summary"]
+    assert summary["cases"] == 6
+    if with_torch:
+        assert summary["min_ratio"] <= summary["geomean_ratio"]
+
+
+def test_variants_no_torch(tmp_path):
+    path = tmp_path / "bench.json"
+    rc = bench.main(["--cells", "gru", "--shapes", TINY, "--rounds", "1", "--min-time", "0", "--gemm-size", "256",
+                     "--layers", "2", "--bidirectional", "--varlen", "--train", "--no-torch",
+                     "--quiet", "--json", str(path)])
+    assert rc == 0
+    (result,) = json.loads(path.read_text())["results"]
+    assert result["mode"] == "train" and result["ratio"] is None
+    assert result["num_layers"] == 2 and result["bidirectional"] and result["varlen"]
+    assert result["label"] == TINY + " L2 bi var"
+
+
+def test_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.png"
+    assert bench.main(["--cells", "rnn", "--shapes", TINY, "--rounds", "1", "--min-time", "0", "--gemm-size", "256",
+                       "--infer", "--quiet", "--png", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peak_memory_of_a_training_step():
+    result = bench.peak_memory(bench.Case("lstm", 20, 8, 16, 32), "fastrnn")
+    assert result["engine"] == "fastrnn"
+    assert result["peak_bytes"] > 0
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "1x2x3"])
+    with pytest.raises(SystemExit):
+        bench.main(["--cells", "transformer", "--shapes", TINY])
+
+
+def test_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "fastrnn.bench", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--shapes" in proc.stdout
