@@ -299,6 +299,15 @@ def measure_gemm(n=2048, dtype="float32", repeats=5):
 
 # ----------------------------------------------------------------------------- memory
 
+def _child_env(**extra):
+    """os.environ for a child Python that imports the same fastrnn as this process (asv may
+    import it from a working tree that is not installed)."""
+    import fastrnn
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastrnn.__file__)))
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""), **extra)
+
+
 def _status_kb(field):
     with open("/proc/self/status") as status:
         for line in status:
@@ -343,7 +352,8 @@ def peak_memory(case, engine, timeout=600):
     measured in a fresh subprocess."""
     cmd = [sys.executable, "-m", "fastrnn.bench", "--_peak-memory", engine,
            json.dumps(case.as_dict())]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"peak-memory child failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -385,7 +395,7 @@ def cold_compile_seconds(dtype="float32", timeout=600):
     """Seconds to import fastrnn and compile every CPU kernel of dtype with an empty Numba
     cache (a fresh subprocess with NUMBA_CACHE_DIR pointing at an empty temporary folder)."""
     with tempfile.TemporaryDirectory(prefix="fastrnn-cold-") as cache:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        env = _child_env(NUMBA_CACHE_DIR=cache)
         proc = subprocess.run([sys.executable, "-c", _COLD_CHILD.format(dtype=dtype)],
                               env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -393,7 +403,8 @@ def cold_compile_seconds(dtype="float32", timeout=600):
     return float(proc.stdout.strip().splitlines()[-1])
 
 
-def _wall(code, env=None, timeout=600):
+def _wall(code, timeout=600):
+    env = _child_env()
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=timeout)
