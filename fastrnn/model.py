@@ -417,7 +417,9 @@ class SequenceModel:
         return feats
 
     def _head_forward(self, feats):
-        return feats @ self.head["weight"].T + self.head["bias"]
+        # 2-D GEMMs only: numpy's stacked matmul with a transposed operand skips BLAS.
+        flat = feats.reshape(-1, feats.shape[-1]) @ self.head["weight"].T + self.head["bias"]
+        return flat.reshape(feats.shape[:-1] + (self.output_size,))
 
     def _forward(self, X, lengths, h0=None):
         out, h_n = self.rnn.forward(X, h0=h0, lengths=lengths)
@@ -452,7 +454,7 @@ class SequenceModel:
         dy2d = dy.reshape(-1, O)
         self.head_grads["weight"] += dy2d.T @ feats2d
         self.head_grads["bias"] += dy2d.sum(axis=0)
-        dfeats = dy @ self.head["weight"]
+        dfeats = (dy2d @ self.head["weight"]).reshape(feats.shape)
         if self.output == "sequence":
             dout = dfeats
         else:
@@ -782,7 +784,7 @@ class SequenceModel:
         feats = self._features(top, lengths)
         y = self._head_forward(feats)
         _, dy, _, _ = self._loss(y, Y, lengths)
-        dfeats = dy @ self.head["weight"]
+        dfeats = (dy.reshape(-1, self.output_size) @ self.head["weight"]).reshape(feats.shape)
         if self.output == "sequence":
             dout = dfeats
         else:

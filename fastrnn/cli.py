@@ -1,0 +1,461 @@
+"""The ``fastrnn`` command: demo, train, sample, bench.
+
+    fastrnn demo                     train a character-level LSTM on bundled Shakespeare
+    fastrnn train DATA [options]     train on a text file or on .npy/.npz arrays
+    fastrnn sample MODEL [options]   generate text from a saved character model
+    fastrnn bench [args]             benchmarks (fastrnn.bench)
+
+Every subcommand takes --help.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+PLOT_HINT = "install matplotlib (pip install 'fastrnn[plot]') for the PNG"
+
+
+# ---------------------------------------------------------------------------- char models
+
+def char_lm_data(text, seq_len, streams, val_fraction, vocab=None):
+    """Stream-layout training/validation arrays for next-character prediction."""
+    from . import data
+    vocab = vocab or data.CharVocab.from_text(text)
+    ids = vocab.encode(text, strict=False)
+    split = int(len(ids) * (1 - val_fraction)) if val_fraction > 0 else len(ids)
+    train_ids, val_ids = ids[:split], ids[split:]
+    streams = max(1, min(streams, (len(train_ids) - 1) // seq_len))
+    X, Y = data.char_streams(train_ids, streams, seq_len, len(vocab))
+    val = None
+    if val_fraction > 0 and len(val_ids) > seq_len + 1:
+        val_streams = max(1, min(streams, (len(val_ids) - 1) // (4 * seq_len)))
+        val = data.char_streams(val_ids, val_streams, seq_len, len(vocab))
+    return vocab, X, Y, val
+
+
+def generate(model, vocab, prompt="", length=200, temperature=0.8, seed=0):
+    """Sample ``length`` characters from a character model after feeding ``prompt``."""
+    from . import data, losses
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    rng = np.random.default_rng(seed)
+    ids = vocab.encode(prompt, strict=False)
+    if len(ids) == 0:
+        ids = vocab.encode("\n" if "\n" in vocab.index else vocab.chars[0])
+    model.reset_state()
+    logits = model.predict(data.one_hot(ids[None, :], len(vocab)), stateful=True)[0, -1]
+    out = []
+    for _ in range(length):
+        p = losses.softmax(logits.astype(np.float64) / temperature)
+        nxt = int(rng.choice(len(p), p=p / p.sum()))
+        out.append(nxt)
+        logits = model.step(data.one_hot(np.array([nxt]), len(vocab)))[0]
+    model.reset_state()
+    return vocab.decode(out)
+
+
+def _vocab_of(model):
+    from . import data
+    meta = model.metadata or {}
+    if meta.get("kind") != "char_lm" or "vocab" not in meta:
+        raise SystemExit("error: this model is not a character language model "
+                         "(trained by `fastrnn train` on a text file or `fastrnn demo`)")
+    return data.CharVocab(meta["vocab"])
+
+
+class _SamplePrinter:
+    """Callback: print a short generated snippet after every epoch."""
+
+    def __init__(self, vocab, length, prompt):
+        self.vocab, self.length, self.prompt = vocab, length, prompt
+        self.model = None
+
+    def set_model(self, model):
+        self.model = model
+
+    def on_epoch_end(self, epoch, logs):
+        text = generate(self.model, self.vocab, self.prompt, self.length, 0.8, seed=epoch)
+        line = (self.prompt + text).replace("\n", " | ")
+        parts = [f"loss {logs['loss']:.3f}"]
+        if "val_loss" in logs:
+            parts.append(f"val_loss {logs['val_loss']:.3f}")
+        print(f"  epoch {epoch}: {', '.join(parts)}  sample: {line!r}", flush=True)
+        return False
+
+
+# ---------------------------------------------------------------------------- plotting
+
+def write_plot(path, model, diag_X=None, diag_Y=None, title=""):
+    """PNG with the loss curves and ‖∂L/∂h_t‖ per layer; returns False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    hist = model.history
+    panels = 2 if diag_X is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+    axes = np.atleast_1d(axes)
+    ax = axes[0]
+    for key in ("loss", "val_loss"):
+        if hist.get(key):
+            ax.plot(range(1, len(hist[key]) + 1), hist[key], marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{model.loss} loss")
+    ax.set_title(title or "training")
+    ax.legend()
+    if diag_X is not None:
+        norms = model.gradient_norms(diag_X, diag_Y)
+        ax = axes[1]
+        for k, row in enumerate(norms):
+            ax.semilogy(np.arange(len(row)), np.maximum(row, 1e-30), label=f"layer {k}")
+        ax.set_xlabel("time step t")
+        ax.set_ylabel("‖∂L/∂h_t‖")
+        ax.set_title("gradient norm through time")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _maybe_plot(args, model, diag_X, diag_Y, title):
+    if not getattr(args, "plot", None):
+        return
+    if write_plot(args.plot, model, diag_X, diag_Y, title):
+        print(f"plot of the loss and gradient norms written to {args.plot}")
+    else:
+        print(f"(no plot: {PLOT_HINT})")
+
+
+def _warm_up(model, X, Y):
+    """Compile (or load from the disk cache) the kernels the run will use."""
+    start = time.perf_counter()
+    print("compiling kernels (first run only; cached on disk afterwards)...", end=" ",
+          flush=True)
+    model.loss_and_grads(X[:2, :4], Y[:2, :4] if Y.ndim > 1 else Y[:2])
+    model.predict(X[:1, :1])
+    model.zero_grad()
+    print(f"done in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+# ---------------------------------------------------------------------------- commands
+
+def cmd_demo(args):
+    from . import data
+    from .model import SequenceModel
+    t0 = time.perf_counter()
+    text = data.bundled_text()
+    if args.chars:
+        text = text[:args.chars]
+    print(f"fastrnn demo: character-level {args.cell.upper()} on Shakespeare's 'As You Like "
+          f"It' ({len(text):,} characters, public domain; fastrnn/data/SOURCE.txt)")
+    vocab, X, Y, val = char_lm_data(text, args.seq_len, args.streams, 0.1)
+    model = SequenceModel(len(vocab), args.hidden, len(vocab), cell=args.cell,
+                          num_layers=args.layers, output="sequence", loss="cross_entropy",
+                          device=args.device, seed=args.seed)
+    model.metadata = {"kind": "char_lm", "vocab": "".join(vocab.chars)}
+    print(f"model: {model}")
+    print(f"data: {X.shape[0]} streams x {X.shape[1]} steps, truncated BPTT over "
+          f"{args.seq_len}-step chunks, state carried across chunks; vocabulary "
+          f"{len(vocab)} characters; chance level {np.log(len(vocab)):.2f} nats/char")
+    _warm_up(model, X, Y)
+    printer = _SamplePrinter(vocab, 60, "ROSALIND")
+    model.fit(X, Y, epochs=args.epochs, batch_size=X.shape[0], lr=args.lr, shuffle=False,
+              tbptt=args.seq_len, clip_norm=5.0, validation_data=val,
+              verbose=not args.quiet, callbacks=[printer])
+    hist = model.history
+    print(f"\ntraining loss {hist['loss'][0]:.3f} -> {hist['loss'][-1]:.3f} nats/char "
+          f"(validation {hist['val_loss'][-1]:.3f})" if "val_loss" in hist else "")
+    print(f"\n--- generated text (temperature {args.temperature}) ---")
+    print(args.prompt + generate(model, vocab, args.prompt, args.length, args.temperature,
+                                 seed=args.seed))
+    print("---")
+    if args.save:
+        model.save(args.save)
+        print(f"model saved to {args.save}; try: fastrnn sample {args.save} --prompt "
+              f"\"ORLANDO\"")
+    if args.plot:
+        windows = data.char_windows(vocab.encode(text[-5000:], strict=False), 64, len(vocab))
+        _maybe_plot(args, model, windows[0][:16], windows[1][:16], "fastrnn demo")
+    print(f"total time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _load_arrays(args):
+    path = args.data
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            if "X" not in z.files or "Y" not in z.files:
+                raise SystemExit(f"error: {path} must hold arrays named X and Y (and optionally "
+                                 f"lengths, X_val, Y_val, lengths_val); it has {z.files}")
+            arrays = {k: z[k] for k in z.files}
+        val = None
+        if "X_val" in arrays and "Y_val" in arrays:
+            val = (arrays["X_val"], arrays["Y_val"], arrays.get("lengths_val"))
+        return arrays["X"], arrays["Y"], arrays.get("lengths"), val
+    if args.targets is None:
+        raise SystemExit("error: a .npy input needs --targets Y.npy (or give an .npz with X "
+                         "and Y)")
+    X = np.load(path, allow_pickle=False)
+    Y = np.load(args.targets, allow_pickle=False)
+    lengths = np.load(args.lengths, allow_pickle=False) if args.lengths else None
+    return X, Y, lengths, None
+
+
+def _split(X, Y, lengths, fraction, seed):
+    if fraction <= 0:
+        return (X, Y, lengths), None
+    n_val = max(1, int(round(len(X) * fraction)))
+    order = np.random.default_rng(seed).permutation(len(X))
+    tr, va = order[n_val:], order[:n_val]
+    pick = (lambda a, i: None if a is None else a[i])
+    return (X[tr], Y[tr], pick(lengths, tr)), (X[va], Y[va], pick(lengths, va))
+
+
+def cmd_train(args):
+    from . import data
+    from .model import Checkpoint, SequenceModel, load
+    is_arrays = args.data.endswith((".npy", ".npz"))
+    if not os.path.isfile(args.data):
+        raise SystemExit(f"error: no such file: {args.data}")
+    if args.resume and not args.checkpoint:
+        raise SystemExit("error: --resume needs --checkpoint PATH")
+    resuming = args.resume and os.path.isfile(args.checkpoint)
+    if args.resume and not resuming:
+        print(f"no checkpoint at {args.checkpoint} yet: starting from scratch")
+    diag = (None, None)
+    if is_arrays:
+        X, Y, lengths, val = _load_arrays(args)
+        if val is None:
+            (X, Y, lengths), val = _split(np.asarray(X), np.asarray(Y), lengths,
+                                          args.val_split, args.seed)
+        X = np.asarray(X)
+        if resuming:
+            model = load(args.checkpoint, device=args.device)
+        else:
+            loss = args.loss or ("cross_entropy" if np.asarray(Y).dtype.kind in "iu"
+                                 else "mse")
+            if args.output:
+                output = args.output
+            else:
+                output = "sequence" if np.asarray(Y).ndim >= 2 and \
+                    np.asarray(Y).shape[1] == X.shape[1] and (loss == "cross_entropy" or
+                                                             np.asarray(Y).ndim == 3) \
+                    else "last"
+            if loss == "cross_entropy":
+                out_size = int(np.max(Y)) + 1
+            else:
+                Yarr = np.asarray(Y)
+                out_size = Yarr.shape[-1] if Yarr.ndim == (3 if output == "sequence" else 2) \
+                    else 1
+            model = SequenceModel(X.shape[2] if X.ndim == 3 else 1, args.hidden, out_size,
+                                  cell=args.cell, num_layers=args.layers,
+                                  bidirectional=args.bidirectional, output=output, loss=loss,
+                                  device=args.device, seed=args.seed)
+        fit_kwargs = dict(lengths=lengths, batch_size=args.batch_size, shuffle=True,
+                          validation_data=val, tbptt=args.tbptt)
+        n = min(16, len(X))
+        diag = (X[:n], np.asarray(Y)[:n]) if lengths is None else (None, None)
+    else:
+        text = data.load_text(args.data)
+        vocab = None
+        if resuming:
+            model = load(args.checkpoint, device=args.device)
+            vocab = _vocab_of(model)
+        vocab, X, Y, val = char_lm_data(text, args.seq_len, args.batch_size, args.val_split,
+                                        vocab)
+        if not resuming:
+            model = SequenceModel(len(vocab), args.hidden, len(vocab), cell=args.cell,
+                                  num_layers=args.layers, output="sequence",
+                                  loss="cross_entropy", device=args.device, seed=args.seed)
+            model.metadata = {"kind": "char_lm", "vocab": "".join(vocab.chars)}
+        fit_kwargs = dict(batch_size=X.shape[0], shuffle=False, tbptt=args.seq_len,
+                          validation_data=val)
+        windows = data.char_windows(vocab.encode(text[:20000], strict=False),
+                                    min(args.seq_len, 64), len(vocab))
+        diag = (windows[0][:16], windows[1][:16])
+    if resuming:
+        print(f"resuming from {args.checkpoint} after epoch {model.epoch}")
+    print(f"model: {model}")
+    callbacks = [Checkpoint(args.checkpoint)] if args.checkpoint else []
+    if args.patience:
+        fit_kwargs["early_stopping"] = args.patience
+    optimizer = args.optimizer
+    if args.optimizer == "sgd" and args.momentum:
+        from . import optim
+        optimizer = optim.SGD(args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    model.fit(X, Y, epochs=args.epochs, lr=args.lr, optimizer=optimizer,
+              clip_norm=args.clip_norm, clip_value=args.clip_value,
+              weight_decay=args.weight_decay, verbose=not args.quiet, callbacks=callbacks,
+              **fit_kwargs)
+    hist = model.history
+    line = f"epoch {model.epoch}: loss {hist['loss'][-1]:.4f}"
+    if hist.get("val_loss"):
+        line += f", val_loss {hist['val_loss'][-1]:.4f}"
+    if hist.get("val_accuracy"):
+        line += f", val_accuracy {hist['val_accuracy'][-1]:.4f}"
+    print(line)
+    if args.checkpoint:
+        model.save(args.checkpoint)
+        print(f"checkpoint saved to {args.checkpoint}")
+    if args.plot is None and args.checkpoint:
+        args.plot = os.path.splitext(args.checkpoint)[0] + ".png"
+    if diag[0] is not None:
+        _maybe_plot(args, model, diag[0], diag[1], os.path.basename(args.data))
+    return 0
+
+
+def cmd_sample(args):
+    from .model import load
+    model = load(args.model, device=args.device)
+    vocab = _vocab_of(model)
+    text = generate(model, vocab, args.prompt, args.length, args.temperature, args.seed)
+    print(args.prompt + text)
+    return 0
+
+
+def cmd_bench(argv):
+    try:
+        from . import bench
+    except ImportError as exc:
+        if getattr(exc, "name", None) in ("fastrnn.bench", "bench"):
+            print("fastrnn bench: the benchmark module (fastrnn.bench) is not part of this "
+                  "installation", file=sys.stderr)
+            return 2
+        raise
+    result = bench.main(argv)
+    return 0 if result is None else result
+
+
+# ---------------------------------------------------------------------------- parser
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="fastrnn", description="Numba-compiled RNN/LSTM/GRU: demo, training, sampling, "
+        "benchmarks.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'fastrnn COMMAND --help' for the options of a command.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"fastrnn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    demo = sub.add_parser("demo", formatter_class=fmt,
+                          help="train a character-level LSTM on bundled Shakespeare (~1 min)",
+                          description="Train a character-level LSTM on the bundled public-"
+                          "domain text (Shakespeare, As You Like It) and print generated "
+                          "text.")
+    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--cell", choices=["lstm", "gru", "rnn"], default="lstm")
+    demo.add_argument("--hidden", type=int, default=128)
+    demo.add_argument("--layers", type=int, default=1)
+    demo.add_argument("--seq-len", type=int, default=64, help="truncated-BPTT chunk length")
+    demo.add_argument("--streams", type=int, default=32,
+                      help="parallel text streams (the batch size)")
+    demo.add_argument("--lr", type=float, default=5e-3)
+    demo.add_argument("--chars", type=int, default=None,
+                      help="use only the first CHARS characters of the text")
+    demo.add_argument("--length", type=int, default=400, help="characters to generate")
+    demo.add_argument("--temperature", type=float, default=0.7)
+    demo.add_argument("--prompt", default="ROSALIND\t")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    demo.add_argument("--save", default="fastrnn_demo.npz",
+                      help="save the trained model here ('' to skip)")
+    demo.add_argument("--plot", default="fastrnn_demo.png",
+                      help="PNG of the loss curve and gradient norms ('' to skip; needs "
+                      "matplotlib)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", formatter_class=fmt,
+                           help="train on a text file or on .npy/.npz arrays",
+                           description="Train a model. A text file trains a character-level "
+                           "language model (stateful truncated BPTT). An .npz with arrays X "
+                           "(N, T, I) and Y (and optionally lengths, X_val, Y_val, "
+                           "lengths_val), or X.npy with --targets Y.npy, trains a sequence "
+                           "regressor/classifier: integer Y -> cross_entropy, real Y -> mse; "
+                           "Y with a time axis -> output=sequence.")
+    train.add_argument("data", help="text file, .npz, or .npy (with --targets)")
+    train.add_argument("--targets", help="Y.npy when DATA is X.npy")
+    train.add_argument("--lengths", help="lengths.npy when DATA is X.npy")
+    train.add_argument("--cell", choices=["lstm", "gru", "rnn", "rnn_relu"], default="lstm")
+    train.add_argument("--hidden", type=int, default=128)
+    train.add_argument("--layers", type=int, default=1)
+    train.add_argument("--bidirectional", action="store_true", help="(arrays only)")
+    train.add_argument("--output", choices=["last", "sequence"], default=None,
+                       help="(arrays) default: inferred from Y's shape")
+    train.add_argument("--loss", choices=["mse", "cross_entropy"], default=None,
+                       help="(arrays) default: inferred from Y's dtype")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=32,
+                       help="mini-batch size (text: number of parallel streams)")
+    train.add_argument("--seq-len", type=int, default=64,
+                       help="(text) truncated-BPTT chunk length")
+    train.add_argument("--tbptt", type=int, default=None,
+                       help="(arrays) truncated BPTT chunk length")
+    train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
+    train.add_argument("--lr", type=float, default=None,
+                       help="learning rate (default: 1e-3 adam, 1e-2 sgd)")
+    train.add_argument("--momentum", type=float, default=0.0, help="(sgd)")
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--clip-norm", type=float, default=5.0,
+                       help="clip the global gradient norm (0 disables)")
+    train.add_argument("--clip-value", type=float, default=None,
+                       help="clip each gradient element")
+    train.add_argument("--val-split", type=float, default=0.1,
+                       help="fraction held out for validation")
+    train.add_argument("--patience", type=int, default=None, help="early-stopping patience")
+    train.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint", default=None,
+                       help="save the model (with optimizer state) here after every epoch")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from --checkpoint if it exists")
+    train.add_argument("--plot", default=None,
+                       help="PNG of loss and gradient norms (default: next to --checkpoint)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", formatter_class=fmt,
+                            help="generate text from a saved character model",
+                            description="Generate text from a character model saved by "
+                            "`fastrnn demo` or `fastrnn train TEXT --checkpoint PATH`.")
+    sample.add_argument("model", help="model file (.npz)")
+    sample.add_argument("--length", type=int, default=500)
+    sample.add_argument("--temperature", type=float, default=0.8)
+    sample.add_argument("--prompt", default="")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    sample.set_defaults(func=cmd_sample)
+
+    sub.add_parser("bench", add_help=False, help="run the benchmarks (fastrnn bench --help)")
+    return parser
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if getattr(args, "clip_norm", None) == 0:
+        args.clip_norm = None
+    for name in ("save", "plot"):
+        if getattr(args, name, None) == "":
+            setattr(args, name, None)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

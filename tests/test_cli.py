@@ -1,0 +1,121 @@
+"""The fastrnn command: help, demo, train (text and arrays, checkpoint/resume), sample, bench."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastrnn as fr
+from fastrnn import cli
+
+try:
+    import matplotlib  # noqa: F401
+    HAVE_MPL = True
+except ImportError:
+    HAVE_MPL = False
+
+
+def test_help_everywhere(capsys):
+    for argv in ([], ["--help"], ["demo", "--help"], ["train", "--help"],
+                 ["sample", "--help"]):
+        try:
+            assert cli.main(argv) == 0
+        except SystemExit as exc:
+            assert exc.code == 0
+        out = capsys.readouterr().out
+        assert "usage: fastrnn" in out
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "fastrnn", "--help"], capture_output=True,
+                          text=True, cwd=root, timeout=60)
+    assert proc.returncode == 0 and "demo" in proc.stdout and "bench" in proc.stdout
+
+
+def test_demo_small_then_sample(tmp_path, capsys):
+    model_path, png = tmp_path / "demo.npz", tmp_path / "demo.png"
+    code = cli.main(["demo", "--epochs", "2", "--chars", "12000", "--hidden", "32",
+                     "--seq-len", "32", "--streams", "16", "--length", "40", "--quiet",
+                     "--save", str(model_path), "--plot", str(png)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "generated text" in out and "epoch 2:" in out
+    model = fr.load(model_path)
+    losses = model.history["loss"]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert png.exists() == HAVE_MPL
+    assert cli.main(["sample", str(model_path), "--length", "30", "--prompt", "ROS",
+                     "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("ROS") and len(text.rstrip("\n")) >= 33
+    # the same seed gives the same text
+    cli.main(["sample", str(model_path), "--length", "30", "--prompt", "ROS", "--seed", "1"])
+    assert capsys.readouterr().out == text
+
+
+def test_train_text_checkpoint_and_resume(tmp_path, capsys):
+    text_path = tmp_path / "corpus.txt"
+    text_path.write_text(fr.data.bundled_text()[:8000])
+    ckpt = tmp_path / "char.npz"
+    base = ["train", str(text_path), "--hidden", "16", "--seq-len", "16", "--batch-size", "8",
+            "--lr", "5e-3", "--quiet", "--checkpoint", str(ckpt), "--plot", ""]
+    assert cli.main(base + ["--epochs", "1"]) == 0
+    assert fr.load(ckpt).epoch == 1
+    assert cli.main(base + ["--epochs", "1", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out
+    resumed = fr.load(ckpt)
+    assert resumed.epoch == 2 and resumed.metadata["kind"] == "char_lm"
+    # the resumed run equals an uninterrupted 2-epoch run
+    whole = tmp_path / "whole.npz"
+    cli.main(["train", str(text_path), "--hidden", "16", "--seq-len", "16", "--batch-size",
+              "8", "--lr", "5e-3", "--quiet", "--checkpoint", str(whole), "--plot", "",
+              "--epochs", "2"])
+    for k, v in fr.load(whole).state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[k], v, err_msg=k)
+
+
+def test_train_on_arrays(tmp_path, capsys):
+    X, Y = fr.data.adding_problem(200, steps=6, seed=0)
+    np.savez(tmp_path / "adding.npz", X=X, Y=Y)
+    ckpt = tmp_path / "reg.npz"
+    assert cli.main(["train", str(tmp_path / "adding.npz"), "--hidden", "8", "--epochs", "2",
+                     "--lr", "1e-2", "--quiet", "--checkpoint", str(ckpt), "--cell", "gru",
+                     "--plot", str(tmp_path / "reg.png")]) == 0
+    model = fr.load(ckpt)
+    assert model.loss == "mse" and model.output == "last" and model.cell == "gru"
+    assert len(model.history["val_loss"]) == 2
+    assert (tmp_path / "reg.png").exists() == HAVE_MPL
+    # .npy with integer sequence targets -> a per-step classifier
+    labels = (X[:, :, 0] > 0.5).astype(np.int64)
+    np.save(tmp_path / "x.npy", X)
+    np.save(tmp_path / "y.npy", labels)
+    assert cli.main(["train", str(tmp_path / "x.npy"), "--targets", str(tmp_path / "y.npy"),
+                     "--hidden", "8", "--epochs", "1", "--quiet", "--plot", ""]) == 0
+    assert "val_accuracy" in capsys.readouterr().out
+    # bad data: a clear error, no traceback
+    bad = X.copy()
+    bad[0, 0, 0] = np.nan
+    np.savez(tmp_path / "bad.npz", X=bad, Y=Y)
+    assert cli.main(["train", str(tmp_path / "bad.npz"), "--quiet"]) == 1
+    assert "NaN" in capsys.readouterr().err
+
+
+def test_sample_refuses_a_non_char_model(tmp_path):
+    path = tmp_path / "m.npz"
+    fr.SequenceModel(2, 4, 1).save(path)
+    with pytest.raises(SystemExit, match="character"):
+        cli.main(["sample", str(path)])
+
+
+def test_bench_is_delegated(monkeypatch, capsys):
+    calls = []
+    fake = type(sys)("fastrnn.bench")
+    fake.main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "fastrnn.bench", fake)
+    monkeypatch.setattr(fr, "bench", fake, raising=False)
+    assert cli.main(["bench", "--quick", "x"]) == 0
+    assert calls == [["--quick", "x"]]
+    monkeypatch.setitem(sys.modules, "fastrnn.bench", None)
+    monkeypatch.delattr(fr, "bench", raising=False)
+    assert cli.main(["bench"]) == 2
+    assert "not part of this installation" in capsys.readouterr().err
