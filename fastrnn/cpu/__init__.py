@@ -3,15 +3,81 @@
 The layer classes call :func:`forward_direction` and :func:`backward_direction` once per
 layer-direction; everything inside the time loop is compiled.
 """
+import contextlib
+import functools
+import os
 import threading
 
+import numba
 import numpy as np
 
-from .. import cells
 from .kernels import get_kernels
 
 name = "cpu"
 _workspaces = threading.local()  # per-thread, so concurrent eval calls never share buffers
+
+# Below this many rows a chunk's per-step GEMM is too thin to pay for its own thread.
+MIN_ROWS_PER_CHUNK = 4
+# Below this many multiply-adds per call (T*B*G*H*H) the recurrence runs on one thread.
+MIN_PARALLEL_WORK = 1 << 20
+# Per-step GEMMs smaller than this (B*G*H*H multiply-adds) lose time to BLAS threading.
+MIN_THREADED_GEMM = 1 << 21
+
+
+@functools.lru_cache(maxsize=1)
+def _numba_blas():
+    """threadpoolctl handle on the BLAS that Numba's np.dot calls (SciPy's cython_blas).
+
+    NumPy's wheels bundle a separate OpenBLAS with its own thread pool, so the big GEMMs
+    done with NumPy keep every core while this one is pinned to a thread.
+    """
+    import scipy
+    import scipy.linalg.cython_blas  # noqa: F401  (loads the library before the scan)
+    from threadpoolctl import ThreadpoolController
+
+    blas = ThreadpoolController().select(user_api="blas")
+    scipy_dir = os.path.dirname(os.path.abspath(scipy.__file__))
+    own = [lib.filepath for lib in blas.lib_controllers
+           if lib.filepath.startswith(scipy_dir)
+           or os.path.basename(os.path.dirname(lib.filepath)) == "scipy.libs"]
+    return blas.select(filepath=own) if own else blas
+
+
+class _SingleThreadedBlas:
+    """Process-wide "BLAS on one thread" section, safe when several threads enter at once:
+    the first to enter lowers the thread count, the last to leave restores it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._limiter = None
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                self._limiter = _numba_blas().limit(limits=1)
+            self._depth += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+
+
+_single_threaded_blas = _SingleThreadedBlas()
+
+
+def _schedule(T, B, GH, H):
+    """(n_chunks, context): how many row chunks run the recurrence in parallel, and the
+    BLAS threading to use for the per-step GEMMs inside it."""
+    n_chunks = min(numba.get_num_threads(), B // MIN_ROWS_PER_CHUNK)
+    if n_chunks < 2 or T * B * GH * H < MIN_PARALLEL_WORK:
+        n_chunks = 1
+    if n_chunks > 1 or B * GH * H < MIN_THREADED_GEMM:
+        return n_chunks, _single_threaded_blas
+    return n_chunks, contextlib.nullcontext()
 
 
 def _workspace(key, shape, dtype):
@@ -86,25 +152,32 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     Hc = H if cell.has_cell_state else 0
     forward, _ = get_kernels(cell.name, dtype)
     key = (cell.name, reverse)
+    x_proj = _workspace(key + ("x_proj",), (T * B, GH), dtype)
     if train:
         h_seq = np.empty((T + 1, B, H), dtype)
         c_seq = np.empty((T + 1, B, Hc), dtype)
         acts = np.empty((T, B, cell.saved * H), dtype)
-        x_proj = _workspace(key + ("x_proj",), (T * B, GH), dtype)
         first = T if reverse else 0
         last = 0 if reverse else T
     else:
         h_seq = _workspace(key + ("h_seq",), (2, B, H), dtype)
         c_seq = _workspace(key + ("c_seq",), (2, B, Hc), dtype)
         acts = _workspace(key + ("acts",), (1, B, cell.saved * H), dtype)
-        x_proj = _workspace(key + ("x_proj",), (T * B, GH), dtype)
         first, last = 0, T % 2
     h_proj = _workspace(key + ("h_proj",), (B, GH), dtype)
+    h_new = _workspace(key + ("h_new",), (B, H), dtype)
+    c_new = _workspace(key + ("c_new",), (B, Hc), dtype)
     h_seq[first] = h0
     if Hc:
         c_seq[first] = c0
-    forward(x2d, w_ih.T, w_hh.T, b_ih, b_hh, lengths, reverse, train,
-            h_seq, c_seq, acts, x_proj, h_proj, out, out_col)
+    # The input projection of every step is one GEMM on all cores (NumPy's BLAS).
+    np.matmul(x2d, w_ih.T, out=x_proj)
+    # BLAS runs measurably faster on a C-contiguous transpose than on the F-order view.
+    w_hh_t = np.ascontiguousarray(w_hh.T)
+    n_chunks, blas_threads = _schedule(T, B, GH, H)
+    with blas_threads:
+        forward(x_proj, w_hh_t, b_ih, b_hh, lengths, reverse, train,
+                h_seq, c_seq, acts, h_proj, h_new, c_new, out, out_col, n_chunks)
     h_n = h_seq[last].copy()
     c_n = c_seq[last].copy() if Hc else None
     saved = Saved(x2d, lengths, reverse, h_seq, c_seq, acts) if train else None
@@ -132,8 +205,11 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     dh_direct = np.empty((B, H), dtype)
     dc_prev = np.empty((B, Hc), dtype)
     dh_rec = np.empty((B, H), dtype)
-    backward(dout, out_col, w_hh, saved.lengths, saved.reverse, saved.h_seq, saved.c_seq,
-             saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev, dh_rec)
+    n_chunks, blas_threads = _schedule(T, B, GH, H)
+    with blas_threads:
+        backward(dout, out_col, w_hh, saved.lengths, saved.reverse, saved.h_seq,
+                 saved.c_seq, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev, dh_rec,
+                 n_chunks)
     dgx2d = dgx.reshape(T * B, GH)
     dgh2d = dgh.reshape(T * B, GH)
     rev = int(saved.reverse)

@@ -48,24 +48,25 @@ def scalar_bindings(dtype):
     return dict(ONE=one, ZERO=zero, tanh=tanh_j, sigmoid=sigmoid_j)
 
 
-def get_kernels(cell_name, dtype, parallel=False):
+def get_kernels(cell_name, dtype):
     """Return (forward_sequence, backward_sequence) compiled for cell_name and dtype."""
-    return _compile_kernels(cell_name, np.dtype(dtype), bool(parallel))
+    return _compile_kernels(cell_name, np.dtype(dtype))
 
 
 @functools.lru_cache(maxsize=None)
-def _compile_kernels(cell_name, dtype, parallel):
+def _compile_kernels(cell_name, dtype):
     spec = cells.CELLS[cell_name]
     tanh, sigmoid = _ACTIVATIONS[dtype]
     version = _source_hash(spec.forward, spec.backward, tanh, sigmoid,
                            driver.forward_sequence, driver.backward_sequence)
-    suffix = f"{cell_name}_{dtype.name}_{'par' if parallel else 'ser'}_{version}"
+    suffix = f"{cell_name}_{dtype.name}_{version}"
     bind = scalar_bindings(dtype)
     unit_forward = njit(inline="always")(cells.specialize(spec.forward, suffix, **bind))
     unit_backward = njit(inline="always")(cells.specialize(spec.backward, suffix, **bind))
-    options = dict(KERNEL_OPTIONS, parallel=parallel)
+    options = dict(KERNEL_OPTIONS, parallel=True)
+    chunk_rows = njit(inline="always")(driver.chunk_rows)
     driver_bind = dict(cell_forward=unit_forward, cell_backward=unit_backward,
-                       ZERO=bind["ZERO"])
+                       ZERO=bind["ZERO"], chunk_rows=chunk_rows)
     forward = njit(**options)(cells.specialize(driver.forward_sequence, suffix, **driver_bind))
     backward = njit(**options)(cells.specialize(driver.backward_sequence, suffix, **driver_bind))
     return forward, backward
