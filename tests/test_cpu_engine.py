@@ -1,0 +1,113 @@
+"""The CPU engine's scheduling: parallel row chunks, BLAS threading, thread safety."""
+import threading
+
+import numpy as np
+import pytest
+
+import fastrnn.cpu as cpu
+from helpers import CELLS, make_layer
+from tolerances import PARITY, assert_close
+
+
+def _run(cell, dtype, seed=0, lengths=True, T=7, B=11, I=5, H=6):
+    layer = make_layer(cell, I, H, num_layers=2, bidirectional=True, dtype=dtype, seed=seed)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    lens = rng.integers(1, T + 1, B) if lengths else None
+    out, h_n = layer(x, lengths=lens)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dx, dh0 = layer.backward(dout)
+    grads = {k: v.copy() for k, v in layer.grads.items()}
+    return out, dx, grads
+
+
+@pytest.fixture
+def force_chunks(monkeypatch):
+    """Make even tiny shapes split into parallel row chunks (uneven: 11 rows into 2 or 3)."""
+    monkeypatch.setattr(cpu, "MIN_ROWS_PER_CHUNK", 1)
+    monkeypatch.setattr(cpu, "MIN_PARALLEL_WORK", 0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_parallel_row_chunks_match_serial(cell, dtype, monkeypatch):
+    monkeypatch.setattr(cpu, "MIN_PARALLEL_WORK", 1 << 62)  # serial reference
+    serial = _run(cell, dtype)
+    monkeypatch.setattr(cpu, "MIN_ROWS_PER_CHUNK", 1)
+    monkeypatch.setattr(cpu, "MIN_PARALLEL_WORK", 0)
+    assert cpu._schedule(7, 11, 6, 6)[0] > 1
+    chunked = _run(cell, dtype)
+    tol = PARITY[np.dtype(dtype)]
+    assert_close(chunked[0], serial[0], name="out", **tol)
+    assert_close(chunked[1], serial[1], name="dx", **tol)
+    for name in serial[2]:
+        assert_close(chunked[2][name], serial[2][name], name=name, **tol)
+
+
+def test_same_inputs_same_bits(force_chunks):
+    first, second = _run("lstm", "float32"), _run("lstm", "float32")
+    assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
+    for name in first[2]:
+        assert np.array_equal(first[2][name], second[2][name]), name
+
+
+def test_blas_thread_count_restored(force_chunks):
+    before = [lib.num_threads for lib in cpu._numba_blas().lib_controllers]
+    _run("gru", "float32")
+    after = [lib.num_threads for lib in cpu._numba_blas().lib_controllers]
+    assert before == after
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_two_threads_share_one_layer_in_eval(chunked, monkeypatch):
+    """Eval workspaces are per thread: concurrent calls on one layer give each its answer."""
+    if chunked:
+        monkeypatch.setattr(cpu, "MIN_ROWS_PER_CHUNK", 1)
+        monkeypatch.setattr(cpu, "MIN_PARALLEL_WORK", 0)
+    layer = make_layer("lstm", 4, 8, num_layers=2, seed=1).eval()
+    rng = np.random.default_rng(1)
+    inputs = [rng.standard_normal((12, 6, 4)).astype(np.float32) for _ in range(2)]
+    expected = [layer(x)[0] for x in inputs]
+    errors = []
+
+    def worker(k):
+        try:
+            for _ in range(30):
+                out, _ = layer(inputs[k])
+                if not np.array_equal(out, expected[k]):
+                    errors.append(f"thread {k}: wrong output")
+                    return
+        except Exception as exc:  # surfaced by the assert below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_training_in_two_threads_on_two_layers():
+    layers = [make_layer("gru", 3, 5, seed=s) for s in (2, 3)]
+    x = np.random.default_rng(2).standard_normal((9, 8, 3)).astype(np.float32)
+    expected = []
+    for layer in layers:
+        out, _ = layer(x)
+        layer.backward(np.ones_like(out))
+        expected.append({k: v.copy() for k, v in layer.grads.items()})
+        layer.zero_grad()
+
+    def worker(layer):
+        for _ in range(10):
+            out, _ = layer(x)
+            layer.backward(np.ones_like(out))
+
+    threads = [threading.Thread(target=worker, args=(layer,)) for layer in layers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for layer, grads in zip(layers, expected):
+        for name, grad in grads.items():
+            assert_close(layer.grads[name], 10 * grad, name=name, **PARITY[np.dtype("float32")])
