@@ -106,7 +106,7 @@ def _torch_unrolled(model, X, Y, lengths):
             norms[k, t] = np.sqrt(sum(float((hidden[k][d][b][t].grad ** 2).sum())
                                       for d in range(D) for b in range(B)
                                       if t < lengths[b]))
-    return float(loss), grads, norms
+    return float(loss.detach()), grads, norms
 
 
 CONFIGS = [
@@ -237,14 +237,15 @@ def test_clipping_matches_torch():
 # ---------------------------------------------------------------------------- training
 
 def test_lstm_and_gru_learn_a_short_adding_problem():
-    X, Y = fr.data.adding_problem(1500, steps=10, seed=0)
+    # The T=30 version (examples/adding_problem.py) takes minutes; this is its T=10 cousin.
+    X, Y = fr.data.adding_problem(2000, steps=10, seed=0)
     Xv, Yv = fr.data.adding_problem(300, steps=10, seed=1)
     for cell in ("lstm", "gru"):
         model = fr.SequenceModel(2, 16, 1, cell=cell, seed=0)
-        hist = model.fit(X, Y, epochs=8, batch_size=32, lr=1e-2, validation_data=(Xv, Yv),
+        hist = model.fit(X, Y, epochs=10, batch_size=32, lr=1e-2, validation_data=(Xv, Yv),
                          verbose=False)
         assert hist["val_loss"][0] > 0.05  # starts near the variance of the target (~0.17)
-        assert hist["val_loss"][-1] < 0.02, (cell, hist["val_loss"])
+        assert hist["val_loss"][-1] < 0.01, (cell, hist["val_loss"])
 
 
 def test_classification_history_has_accuracy_and_improves():
@@ -323,7 +324,6 @@ def test_diverging_run_stops_with_a_clear_error_and_finite_weights():
                   verbose=False, callbacks=[lambda e, logs: snapshots.append(e)])
     for name, value in model.state_dict().items():
         assert np.all(np.isfinite(value)), name
-    assert np.isfinite(model.evaluate(X, Y)["loss"]) or True  # weights finite is the promise
 
 
 def test_early_stopping_and_callbacks_stop_training():
