@@ -152,7 +152,8 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     Hc = H if cell.has_cell_state else 0
     forward, _ = get_kernels(cell.name, dtype)
     key = (cell.name, reverse)
-    x_proj = _workspace(key + ("x_proj",), (T * B, GH), dtype)
+    # x_proj lives only during this call; backward reuses the same buffer for dgx.
+    x_proj = _workspace(key + ("gates",), (T * B, GH), dtype)
     if train:
         h_seq = np.empty((T + 1, B, H), dtype)
         c_seq = np.empty((T + 1, B, Hc), dtype)
@@ -197,14 +198,16 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     dtype = dout.dtype
     Hc = H if cell.has_cell_state else 0
     _, backward = get_kernels(cell.name, dtype)
-    dgx = np.empty((T, B, GH), dtype)
+    key = (cell.name, saved.reverse)
+    dgx = _workspace(key + ("gates",), (T * B, GH), dtype).reshape(T, B, GH)
     # Only the GRU's candidate gate has different input- and recurrent-side gradients.
-    dgh = np.empty((T, B, GH), dtype) if cell.separate_recurrent_grad else dgx
+    dgh = (_workspace(key + ("gates_h",), (T * B, GH), dtype).reshape(T, B, GH)
+           if cell.separate_recurrent_grad else dgx)
     dh = np.array(dh_n, dtype=dtype, order="C", copy=True)
     dc = np.array(dc_n, dtype=dtype, order="C", copy=True) if Hc else np.empty((B, 0), dtype)
-    dh_direct = np.empty((B, H), dtype)
-    dc_prev = np.empty((B, Hc), dtype)
-    dh_rec = np.empty((B, H), dtype)
+    dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
+    dc_prev = _workspace(key + ("dc_prev",), (B, Hc), dtype)
+    dh_rec = _workspace(key + ("dh_rec",), (B, H), dtype)
     n_chunks, blas_threads = _schedule(T, B, GH, H)
     with blas_threads:
         backward(dout, out_col, w_hh, saved.lengths, saved.reverse, saved.h_seq,
