@@ -348,14 +348,14 @@ def build_parser():
                           description="Train a character-level LSTM on the bundled public-"
                           "domain text (Shakespeare, As You Like It) and print generated "
                           "text.")
-    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--epochs", type=int, default=6)
     demo.add_argument("--cell", choices=["lstm", "gru", "rnn"], default="lstm")
     demo.add_argument("--hidden", type=int, default=128)
     demo.add_argument("--layers", type=int, default=1)
     demo.add_argument("--seq-len", type=int, default=64, help="truncated-BPTT chunk length")
     demo.add_argument("--streams", type=int, default=32,
                       help="parallel text streams (the batch size)")
-    demo.add_argument("--lr", type=float, default=5e-3)
+    demo.add_argument("--lr", type=float, default=1e-2)
     demo.add_argument("--chars", type=int, default=None,
                       help="use only the first CHARS characters of the text")
     demo.add_argument("--length", type=int, default=400, help="characters to generate")
