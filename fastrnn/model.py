@@ -588,8 +588,12 @@ class SequenceModel:
         try:
             for _ in range(epochs):
                 self.epoch += 1
-                logs = self._fit_epoch(X, Y, lengths, batch_size, shuffle, clip_norm,
-                                       clip_value, tbptt, epochs, verbose, classify, val)
+                try:
+                    logs = self._fit_epoch(X, Y, lengths, batch_size, shuffle, clip_norm,
+                                           clip_value, tbptt, epochs, verbose, classify, val)
+                except BaseException:
+                    self.epoch -= 1  # the epoch did not complete
+                    raise
                 for key, value in logs.items():
                     history.setdefault(key, []).append(value)
                     self.history.setdefault(key, []).append(value)

@@ -324,6 +324,7 @@ def test_diverging_run_stops_with_a_clear_error_and_finite_weights():
                   verbose=False, callbacks=[lambda e, logs: snapshots.append(e)])
     for name, value in model.state_dict().items():
         assert np.all(np.isfinite(value)), name
+    assert model.epoch == len(snapshots)  # only completed epochs count
 
 
 def test_early_stopping_and_callbacks_stop_training():
