@@ -101,3 +101,11 @@ def reference_forward(cell, layer, x, h0=None, lengths=None):
 def state_parts(state):
     """h_n or (h_n, c_n) -> list of arrays."""
     return list(state) if isinstance(state, tuple) else [state]
+
+
+def force_parallel_cpu(monkeypatch):
+    """Make the CPU engine split even tiny batches into parallel row chunks (its thresholds
+    are tuned for speed, so without this small test shapes only exercise the serial path)."""
+    from fastrnn import cpu
+    monkeypatch.setattr(cpu, "MIN_ROWS_PER_CHUNK", 1)
+    monkeypatch.setattr(cpu, "MIN_PARALLEL_WORK", 0)

@@ -8,7 +8,8 @@ entries is differenced (all of them for small tensors) to keep the file fast.
 import numpy as np
 import pytest
 
-from helpers import CELLS, H0_MODES, has_cell_state, setup_case, stable_seed, state_parts
+from helpers import (CELLS, H0_MODES, force_parallel_cpu, has_cell_state, setup_case,
+                     stable_seed, state_parts)
 from tolerances import FD, FD_EPS, assert_close
 
 ENTRIES_PER_TENSOR = 20
@@ -103,6 +104,14 @@ def test_backward_matches_finite_differences(cell, num_layers, bidirectional, us
     if h0_mode == "learned":  # the learned state's gradient is dh0 summed over the batch
         for name, grad in zip(("initial_h", "initial_c"), dh0_parts):
             assert_close(layer.grads[name], grad.sum(axis=1), name=name, **FD)
+
+
+@pytest.mark.parametrize("h0_mode", H0_MODES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_parallel_row_chunks_match_finite_differences(cell, h0_mode, monkeypatch):
+    """The same check with the batch split into parallel row chunks."""
+    force_parallel_cpu(monkeypatch)
+    test_backward_matches_finite_differences(cell, 2, True, True, h0_mode)
 
 
 @pytest.mark.parametrize("cell", CELLS)

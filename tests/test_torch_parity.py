@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers import CELLS, DTYPES, make_layer, state_parts  # noqa: E402
+from helpers import CELLS, DTYPES, force_parallel_cpu, make_layer, state_parts  # noqa: E402
 from make_golden import TORCH_DTYPES, run_torch, torch_module  # noqa: E402
 from tolerances import assert_parity  # noqa: E402
 
@@ -40,9 +40,14 @@ def _t(array):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("seed", [*range(N_RANDOM), *(f"mid{k}" for k in range(4))])
-def test_random_configuration_matches_torch(seed, dtype):
-    if isinstance(seed, str):
+@pytest.mark.parametrize("seed", [*range(N_RANDOM), *(f"mid{k}" for k in range(4)),
+                                  *(f"par{k}" for k in range(8))])
+def test_random_configuration_matches_torch(seed, dtype, monkeypatch):
+    if isinstance(seed, str) and seed.startswith("par"):  # parallel row chunks
+        force_parallel_cpu(monkeypatch)
+        seed = 2000 + int(seed[3:])
+        cfg = dict(random_config(seed), B=int(3 + seed % 5))
+    elif isinstance(seed, str):
         seed = 1000 + int(seed[3:])
         cfg = mid_size_config(seed)
     else:
