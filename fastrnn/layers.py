@@ -275,6 +275,25 @@ class _RecurrentLayer:
         self._backend, self.device, self._saved = backend, device, None
         return self
 
+    def __getstate__(self):
+        # Picklable (multiprocessing, copy.deepcopy): parameters travel as NumPy arrays and
+        # the backend module is looked up again from the device name.
+        state = self.__dict__.copy()
+        state["params"] = self.state_dict()
+        state["grads"] = OrderedDict((k, np.array(self._backend.to_host(v)))
+                                     for k, v in self.grads.items())
+        state["_saved"] = None
+        del state["_backend"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._backend = _backend(self.device)
+        self.params = OrderedDict((k, self._backend.asarray(v, self.dtype))
+                                  for k, v in self.params.items())
+        self.grads = OrderedDict((k, self._backend.asarray(v, self.dtype))
+                                 for k, v in self.grads.items())
+
     def __repr__(self):
         return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}, "
                 f"num_layers={self.num_layers}, bidirectional={self.bidirectional}, "

@@ -111,3 +111,30 @@ def test_training_in_two_threads_on_two_layers():
     for layer, grads in zip(layers, expected):
         for name, grad in grads.items():
             assert_close(layer.grads[name], 10 * grad, name=name, **PARITY[np.dtype("float32")])
+
+
+def test_forked_child_runs_chunked_layers(force_chunks):
+    """The row-chunk thread pool is rebuilt in a forked child instead of hanging."""
+    import multiprocessing
+
+    layer = make_layer("rnn_tanh", 3, 4, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((5, 8, 3)).astype(np.float32)
+    expected = layer(x)[0]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        result = pool.apply_async(layer, (x,)).get(timeout=60)
+    assert np.array_equal(result[0], expected)
+
+
+def test_layer_pickles_with_parameters_and_grads():
+    import pickle
+
+    layer = make_layer("lstm", 3, 4, seed=0, learn_initial_state=True)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    out, _ = layer(x)
+    layer.backward(np.ones_like(out))
+    clone = pickle.loads(pickle.dumps(layer))
+    for name in layer.params:
+        assert np.array_equal(clone.params[name], layer.params[name])
+        assert np.array_equal(clone.grads[name], layer.grads[name])
+    assert np.array_equal(clone.eval()(x)[0], layer.eval()(x)[0])

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -78,6 +79,28 @@ def _schedule(T, B, GH, H):
     if n_chunks > 1 or B * GH * H < MIN_THREADED_GEMM:
         return n_chunks, _single_threaded_blas
     return n_chunks, contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=1)
+def _pool():
+    return ThreadPoolExecutor(max_workers=max(1, numba.get_num_threads() - 1),
+                              thread_name_prefix="fastrnn")
+
+
+# A forked child inherits the pool object but not its threads: give it a fresh one.
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
+def _run_row_chunks(kernel, args, T, B, GH, H):
+    """kernel(*args, lo, hi) over row chunks of [0, B): chunk 0 in this thread, the others
+    on the pool (the kernels release the GIL), with the scheduled BLAS threading."""
+    n_chunks, blas_threads = _schedule(T, B, GH, H)
+    bounds = [(k * B // n_chunks, (k + 1) * B // n_chunks) for k in range(n_chunks)]
+    with blas_threads:
+        others = [_pool().submit(kernel, *args, lo, hi) for lo, hi in bounds[1:]]
+        kernel(*args, *bounds[0])
+        for future in others:
+            future.result()
 
 
 def _workspace(key, shape, dtype):
@@ -175,10 +198,8 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     np.matmul(x2d, w_ih.T, out=x_proj)
     # BLAS runs measurably faster on a C-contiguous transpose than on the F-order view.
     w_hh_t = np.ascontiguousarray(w_hh.T)
-    n_chunks, blas_threads = _schedule(T, B, GH, H)
-    with blas_threads:
-        forward(x_proj, w_hh_t, b_ih, b_hh, lengths, reverse, train,
-                h_seq, c_seq, acts, h_proj, h_new, c_new, out, out_col, n_chunks)
+    _run_row_chunks(forward, (x_proj, w_hh_t, b_ih, b_hh, lengths, reverse, train, h_seq,
+                              c_seq, acts, h_proj, h_new, c_new, out, out_col), T, B, GH, H)
     h_n = h_seq[last].copy()
     c_n = c_seq[last].copy() if Hc else None
     saved = Saved(x2d, lengths, reverse, h_seq, c_seq, acts) if train else None
@@ -208,11 +229,9 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
     dc_prev = _workspace(key + ("dc_prev",), (B, Hc), dtype)
     dh_rec = _workspace(key + ("dh_rec",), (B, H), dtype)
-    n_chunks, blas_threads = _schedule(T, B, GH, H)
-    with blas_threads:
-        backward(dout, out_col, w_hh, saved.lengths, saved.reverse, saved.h_seq,
-                 saved.c_seq, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev, dh_rec,
-                 n_chunks)
+    _run_row_chunks(backward, (dout, out_col, w_hh, saved.lengths, saved.reverse, saved.h_seq,
+                               saved.c_seq, saved.acts, dgx, dgh, dh, dc, dh_direct,
+                               dc_prev, dh_rec), T, B, GH, H)
     dgx2d = dgx.reshape(T * B, GH)
     dgh2d = dgh.reshape(T * B, GH)
     rev = int(saved.reverse)

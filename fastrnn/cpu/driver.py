@@ -3,10 +3,11 @@
 ``cell_forward`` / ``cell_backward`` are placeholders: :mod:`fastrnn.cpu.kernels` binds each
 cell's unit functions into a copy of these drivers and compiles it with ``@njit``.
 
-Parallelism. Batch rows never interact inside the recurrence, so the rows are split into
-``n_chunks`` contiguous chunks and each chunk runs the *whole* time loop on its own thread
-(``prange``), with its own single-threaded per-step GEMM. No thread waits for another between
-steps. The big GEMMs (input projection, weight gradients) run outside, on all cores.
+Parallelism. Batch rows never interact inside the recurrence, so each call handles the rows
+[lo, hi) only: :mod:`fastrnn.cpu` runs contiguous row chunks on several threads at once (the
+kernels release the GIL), each running the *whole* time loop with its own single-threaded
+per-step GEMM, so no thread waits for another between steps. The big GEMMs (input
+projection, weight gradients) run outside, on all cores.
 
 Time slots. ``h_seq``/``c_seq`` (S, B, H) hold states. In training S = T + 1 and the state
 *entering* time step t sits in slot ``t + reverse`` and the state leaving it in slot
@@ -14,7 +15,6 @@ Time slots. ``h_seq``/``c_seq`` (S, B, H) hold states. In training S = T + 1 and
 weight gradient needs (one GEMM). In eval S = 2 and the two slots alternate.
 """
 import numpy as np
-from numba import prange
 
 from ..cells._math import ZERO
 
@@ -27,13 +27,8 @@ def cell_backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direc
     raise NotImplementedError  # bound per cell
 
 
-def chunk_rows(chunk, n_chunks, B):
-    """Rows [lo, hi) of chunk number ``chunk`` when B rows are split into n_chunks."""
-    return chunk * B // n_chunks, (chunk + 1) * B // n_chunks
-
-
 def forward_sequence(x_proj, w_hh_t, b_ih, b_hh, lengths, reverse, train,
-                     h_seq, c_seq, acts, h_proj, h_new, c_new, out, out_col, n_chunks):
+                     h_seq, c_seq, acts, h_proj, h_new, c_new, out, out_col, lo, hi):
     """Run the recurrence of one direction of one layer over the whole sequence.
 
     x_proj (T*B, G*H) input projection x·W_ihᵀ, time-major rows; w_hh_t (H, G*H);
@@ -41,7 +36,7 @@ def forward_sequence(x_proj, w_hh_t, b_ih, b_hh, lengths, reverse, train,
     h_seq, c_seq (S, B, H) states (c_seq has H = 0 unless LSTM) with the initial state
     already in its slot; acts (T or 1, B, A*H) saved activations; h_proj (B, G*H),
     h_new, c_new (B, H) workspaces; out (T, B, D*H) receives h in columns
-    out_col:out_col+H, zero past a length; n_chunks >= 1 row chunks run in parallel.
+    out_col:out_col+H, zero past a length. Only rows lo:hi are touched.
 
     The cell writes the new state into h_new/c_new, not into h_seq/c_seq: LLVM cannot tell
     two slots of one array apart and leaves the unit loop scalar (measured 6x slower).
@@ -50,43 +45,41 @@ def forward_sequence(x_proj, w_hh_t, b_ih, b_hh, lengths, reverse, train,
     B = out.shape[1]
     H = h_seq.shape[2]
     Hc = c_seq.shape[2]
-    for chunk in prange(n_chunks):
-        lo, hi = chunk_rows(chunk, n_chunks, B)
-        for s in range(T):
-            t = T - 1 - s if reverse else s
-            if train:
-                prev = t + 1 if reverse else t
-                nxt = t if reverse else t + 1
-                a = t
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        if train:
+            prev = t + 1 if reverse else t
+            nxt = t if reverse else t + 1
+            a = t
+        else:
+            prev = s % 2
+            nxt = 1 - prev
+            a = 0
+        np.dot(h_seq[prev, lo:hi], w_hh_t, h_proj[lo:hi])
+        for b in range(lo, hi):
+            out_row = out[t, b, out_col:out_col + H]
+            if t < lengths[b]:
+                hn = h_new[b]
+                cn = c_new[b]
+                for j in range(H):
+                    cell_forward(j, H, x_proj[t * B + b], h_proj[b], b_ih, b_hh,
+                                 h_seq[prev, b], c_seq[prev, b], hn, cn, acts[a, b])
+                for j in range(H):
+                    h_seq[nxt, b, j] = hn[j]
+                    out_row[j] = hn[j]
+                for j in range(Hc):
+                    c_seq[nxt, b, j] = cn[j]
             else:
-                prev = s % 2
-                nxt = 1 - prev
-                a = 0
-            np.dot(h_seq[prev, lo:hi], w_hh_t, h_proj[lo:hi])
-            for b in range(lo, hi):
-                out_row = out[t, b, out_col:out_col + H]
-                if t < lengths[b]:
-                    hn = h_new[b]
-                    cn = c_new[b]
-                    for j in range(H):
-                        cell_forward(j, H, x_proj[t * B + b], h_proj[b], b_ih, b_hh,
-                                     h_seq[prev, b], c_seq[prev, b], hn, cn, acts[a, b])
-                    for j in range(H):
-                        h_seq[nxt, b, j] = hn[j]
-                        out_row[j] = hn[j]
-                    for j in range(Hc):
-                        c_seq[nxt, b, j] = cn[j]
-                else:
-                    # Past this row's length the state is carried unchanged and the output is 0.
-                    for j in range(H):
-                        h_seq[nxt, b, j] = h_seq[prev, b, j]
-                        out_row[j] = ZERO
-                    for j in range(Hc):
-                        c_seq[nxt, b, j] = c_seq[prev, b, j]
+                # Past this row's length the state is carried unchanged and the output is 0.
+                for j in range(H):
+                    h_seq[nxt, b, j] = h_seq[prev, b, j]
+                    out_row[j] = ZERO
+                for j in range(Hc):
+                    c_seq[nxt, b, j] = c_seq[prev, b, j]
 
 
 def backward_sequence(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, acts,
-                      dgx, dgh, dh, dc, dh_direct, dc_prev, dh_rec, n_chunks):
+                      dgx, dgh, dh, dc, dh_direct, dc_prev, dh_rec, lo, hi):
     """BPTT through the recurrence of one direction of one layer (training-mode slots).
 
     dout (T, B, D*H) gradient of the output (columns out_col:out_col+H); w_hh (G*H, H);
@@ -94,41 +87,39 @@ def backward_sequence(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, acts,
     pre-activation gradients of the input and recurrent side (the same array unless the
     cell has separate_recurrent_grad); dh, dc (B, H) hold the gradient w.r.t. the final
     state on entry and w.r.t. the initial state on exit; dh_direct, dc_prev, dh_rec (B, H)
-    workspaces; n_chunks >= 1 row chunks run in parallel.
+    workspaces. Only rows lo:hi are touched.
     """
     T = dout.shape[0]
     B = dout.shape[1]
     H = h_seq.shape[2]
     Hc = c_seq.shape[2]
-    for chunk in prange(n_chunks):
-        lo, hi = chunk_rows(chunk, n_chunks, B)
-        for s in range(T):
-            t = s if reverse else T - 1 - s
-            prev = t + 1 if reverse else t
-            nxt = t if reverse else t + 1
-            for b in range(lo, hi):
-                if t < lengths[b]:
-                    dh_b = dh[b]
-                    d_out = dout[t, b, out_col:out_col + H]
-                    for j in range(H):
-                        dh_b[j] += d_out[j]
-                    dd = dh_direct[b]
-                    dcp = dc_prev[b]
-                    for j in range(H):
-                        cell_backward(j, H, dh_b, dc[b], acts[t, b], h_seq[prev, b],
-                                      c_seq[prev, b], h_seq[nxt, b], dgx[t, b], dgh[t, b],
-                                      dd, dcp)
-                else:
-                    # Padded step: no gradient enters; the state gradient passes through.
-                    dgx[t, b, :] = ZERO
-                    dgh[t, b, :] = ZERO
-                    for j in range(H):
-                        dh_direct[b, j] = dh[b, j]
-                    for j in range(Hc):
-                        dc_prev[b, j] = dc[b, j]
-            np.dot(dgh[t, lo:hi], w_hh, dh_rec[lo:hi])
-            for b in range(lo, hi):
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        prev = t + 1 if reverse else t
+        nxt = t if reverse else t + 1
+        for b in range(lo, hi):
+            if t < lengths[b]:
+                dh_b = dh[b]
+                d_out = dout[t, b, out_col:out_col + H]
                 for j in range(H):
-                    dh[b, j] = dh_direct[b, j] + dh_rec[b, j]
+                    dh_b[j] += d_out[j]
+                dd = dh_direct[b]
+                dcp = dc_prev[b]
+                for j in range(H):
+                    cell_backward(j, H, dh_b, dc[b], acts[t, b], h_seq[prev, b],
+                                  c_seq[prev, b], h_seq[nxt, b], dgx[t, b], dgh[t, b],
+                                  dd, dcp)
+            else:
+                # Padded step: no gradient enters; the state gradient passes through.
+                dgx[t, b, :] = ZERO
+                dgh[t, b, :] = ZERO
+                for j in range(H):
+                    dh_direct[b, j] = dh[b, j]
                 for j in range(Hc):
-                    dc[b, j] = dc_prev[b, j]
+                    dc_prev[b, j] = dc[b, j]
+        np.dot(dgh[t, lo:hi], w_hh, dh_rec[lo:hi])
+        for b in range(lo, hi):
+            for j in range(H):
+                dh[b, j] = dh_direct[b, j] + dh_rec[b, j]
+            for j in range(Hc):
+                dc[b, j] = dc_prev[b, j]

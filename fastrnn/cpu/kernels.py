@@ -11,7 +11,8 @@ from .. import cells
 from . import activations, driver
 
 # fastmath lets LLVM vectorise the pointwise loops; error_model="numpy" removes the
-# zero-division check that would otherwise sit in every division (DESIGN.md section 4).
+# zero-division check that would otherwise sit in every division (DESIGN.md section 4);
+# nogil lets fastrnn.cpu run row chunks of one call on several threads.
 KERNEL_OPTIONS = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
 
 # A cell's unit loop touches up to ~11 arrays whose data pointers LLVM cannot prove distinct,
@@ -63,10 +64,10 @@ def _compile_kernels(cell_name, dtype):
     bind = scalar_bindings(dtype)
     unit_forward = njit(inline="always")(cells.specialize(spec.forward, suffix, **bind))
     unit_backward = njit(inline="always")(cells.specialize(spec.backward, suffix, **bind))
-    options = dict(KERNEL_OPTIONS, parallel=True)
-    chunk_rows = njit(inline="always")(driver.chunk_rows)
     driver_bind = dict(cell_forward=unit_forward, cell_backward=unit_backward,
-                       ZERO=bind["ZERO"], chunk_rows=chunk_rows)
-    forward = njit(**options)(cells.specialize(driver.forward_sequence, suffix, **driver_bind))
-    backward = njit(**options)(cells.specialize(driver.backward_sequence, suffix, **driver_bind))
+                       ZERO=bind["ZERO"])
+    forward = njit(**KERNEL_OPTIONS)(
+        cells.specialize(driver.forward_sequence, suffix, **driver_bind))
+    backward = njit(**KERNEL_OPTIONS)(
+        cells.specialize(driver.backward_sequence, suffix, **driver_bind))
     return forward, backward
