@@ -42,7 +42,8 @@ def torch_module(cell, I, H, num_layers, bidirectional, batch_first, bias):
 
 
 def run_torch(cell, module, x, h0, c0, lengths, R1, R2, R2c, batch_first):
-    """Forward + backward of the projection loss; returns (out, h_n, c_n, dx, dh0, dc0)."""
+    """Forward + backward of the projection loss; returns (out, h_n, c_n, dx); the state and
+    parameter gradients are left in .grad."""
     x = x.clone().requires_grad_()
     T = x.shape[1] if batch_first else x.shape[0]
     if cell == "lstm":
