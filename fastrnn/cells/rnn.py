@@ -15,7 +15,8 @@ def tanh_backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direc
 
 def relu_forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
     pre = xg[j] + b_ih[j] + hg[j] + b_hh[j]
-    h_next[j] = pre if pre > ZERO else ZERO
+    # Written so that NaN propagates, as in PyTorch (NaN <= 0 is False).
+    h_next[j] = ZERO if pre <= ZERO else pre
 
 
 def relu_backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direct, dc_prev):

@@ -27,8 +27,9 @@ def tanh_f32(x):
     The clamp uses conditional expressions, not min()/max(): Numba's builtins lower to
     control flow that stops LLVM from vectorising the enclosing loop.
     """
-    xc = x if x < _CLAMP else _CLAMP
-    xc = xc if xc > -_CLAMP else -_CLAMP
+    # Comparisons ordered so that NaN (every comparison False) passes through unclamped.
+    xc = _CLAMP if x >= _CLAMP else x
+    xc = -_CLAMP if xc <= -_CLAMP else xc
     x2 = xc * xc
     p = x2 * _A13 + _A11
     p = x2 * p + _A9

@@ -13,7 +13,10 @@ from . import activations, driver
 # fastmath lets LLVM vectorise the pointwise loops; error_model="numpy" removes the
 # zero-division check that would otherwise sit in every division (DESIGN.md section 4);
 # nogil lets fastrnn.cpu run row chunks of one call on several threads.
-KERNEL_OPTIONS = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
+# The fast-math flags leave out "nnan"/"ninf": with them LLVM may assume no NaN exists and
+# turn tanh(NaN) into -1, hiding NaN from the caller; PyTorch propagates it, so do we.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+KERNEL_OPTIONS = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
 
 # A cell's unit loop touches up to ~11 arrays whose data pointers LLVM cannot prove distinct,
 # so it vectorises only behind runtime overlap checks. LLVM's default budget for those checks
@@ -32,7 +35,8 @@ _ACTIVATIONS = {
 def _source_hash(*funcs):
     """Short hash of the bytecode of funcs; part of each kernel's name so that Numba's cache
     (which does not track inlined callees) is invalidated when cell or driver code changes."""
-    digest = hashlib.sha1(repr((_LLVM_OPTIONS, sorted(KERNEL_OPTIONS.items()))).encode())
+    build_flags = (_LLVM_OPTIONS, sorted(FASTMATH), KERNEL_OPTIONS["error_model"])
+    digest = hashlib.sha1(repr(build_flags).encode())
     for func in funcs:
         digest.update(marshal.dumps(func.__code__))
     return digest.hexdigest()[:10]
