@@ -256,7 +256,21 @@ def time_calls(fn, number):
     return (time.perf_counter() - start) / number
 
 
-def compare(case, mode, rounds=5, min_time=0.05, with_torch=True, seed=0):
+def warm_up(fn, seconds):
+    """Untimed calls for about ``seconds`` (at least one).
+
+    Measured here: after a burst of torch calls, fastrnn's next ~20 ms of calls ran up to 2x
+    slower, because torch's OpenMP workers keep spinning on the cores after returning. Each
+    engine therefore gets a short warm-up before each of its timed batches, so both are
+    timed in their steady state rather than in the other's wake.
+    """
+    deadline = time.perf_counter() + seconds
+    fn()
+    while time.perf_counter() < deadline:
+        fn()
+
+
+def compare(case, mode, rounds=5, min_time=0.05, with_torch=True, seed=0, warmup=0.03):
     """Interleaved A B A B timing of one case; returns a result dict (times in seconds)."""
     fast = fastrnn_step(case, mode, seed)
     fast()  # JIT (or cache load) and workspace allocation, outside the timing
@@ -268,9 +282,11 @@ def compare(case, mode, rounds=5, min_time=0.05, with_torch=True, seed=0):
     n_slow = calibrate(slow, min_time) if slow else 0
     fast_times, slow_times, ratios = [], [], []
     for _ in range(rounds):
+        warm_up(fast, warmup)
         a = time_calls(fast, n_fast)
         fast_times.append(a)
         if slow:
+            warm_up(slow, warmup)
             b = time_calls(slow, n_slow)
             slow_times.append(b)
             ratios.append(b / a)

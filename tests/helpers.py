@@ -106,6 +106,6 @@ def state_parts(state):
 def force_parallel_cpu(monkeypatch):
     """Make the CPU engine split even tiny batches into parallel row chunks (its thresholds
     are tuned for speed, so without this small test shapes only exercise the serial path)."""
-    from fastrnn import cpu
-    monkeypatch.setattr(cpu, "MIN_ROWS_PER_CHUNK", 1)
-    monkeypatch.setattr(cpu, "MIN_PARALLEL_WORK", 0)
+    from fastrnn.cpu import threads
+    monkeypatch.setattr(threads, "MIN_ROWS_PER_CHUNK", 1)
+    monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)

@@ -4,8 +4,8 @@ import threading
 import numpy as np
 import pytest
 
-import fastrnn.cpu as cpu
-from helpers import CELLS, make_layer
+from fastrnn.cpu import threads
+from helpers import CELLS, force_parallel_cpu, make_layer
 from tolerances import PARITY, assert_close
 
 
@@ -23,19 +23,17 @@ def _run(cell, dtype, seed=0, lengths=True, T=7, B=11, I=5, H=6):
 
 @pytest.fixture
 def force_chunks(monkeypatch):
-    """Make even tiny shapes split into parallel row chunks (uneven: 11 rows into 2 or 3)."""
-    monkeypatch.setattr(cpu, "MIN_ROWS_PER_CHUNK", 1)
-    monkeypatch.setattr(cpu, "MIN_PARALLEL_WORK", 0)
+    """Make even tiny shapes split into parallel chunks (uneven: 11 rows into 2)."""
+    force_parallel_cpu(monkeypatch)
 
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_parallel_row_chunks_match_serial(cell, dtype, monkeypatch):
-    monkeypatch.setattr(cpu, "MIN_PARALLEL_WORK", 1 << 62)  # serial reference
+    monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 1 << 62)  # serial reference
     serial = _run(cell, dtype)
-    monkeypatch.setattr(cpu, "MIN_ROWS_PER_CHUNK", 1)
-    monkeypatch.setattr(cpu, "MIN_PARALLEL_WORK", 0)
-    assert cpu._schedule(7, 11, 6, 6)[0] > 1
+    force_parallel_cpu(monkeypatch)
+    assert len(threads.chunk_bounds(11, 1, threads.MIN_ROWS_PER_CHUNK)) > 1
     chunked = _run(cell, dtype)
     tol = PARITY[np.dtype(dtype)]
     assert_close(chunked[0], serial[0], name="out", **tol)
@@ -52,9 +50,9 @@ def test_same_inputs_same_bits(force_chunks):
 
 
 def test_blas_thread_count_restored(force_chunks):
-    before = [lib.num_threads for lib in cpu._numba_blas().lib_controllers]
+    before = [lib.num_threads for lib in threads._blas().lib_controllers]
     _run("gru", "float32")
-    after = [lib.num_threads for lib in cpu._numba_blas().lib_controllers]
+    after = [lib.num_threads for lib in threads._blas().lib_controllers]
     assert before == after
 
 
@@ -62,8 +60,7 @@ def test_blas_thread_count_restored(force_chunks):
 def test_two_threads_share_one_layer_in_eval(chunked, monkeypatch):
     """Eval workspaces are per thread: concurrent calls on one layer give each its answer."""
     if chunked:
-        monkeypatch.setattr(cpu, "MIN_ROWS_PER_CHUNK", 1)
-        monkeypatch.setattr(cpu, "MIN_PARALLEL_WORK", 0)
+        force_parallel_cpu(monkeypatch)
     layer = make_layer("lstm", 4, 8, num_layers=2, seed=1).eval()
     rng = np.random.default_rng(1)
     inputs = [rng.standard_normal((12, 6, 4)).astype(np.float32) for _ in range(2)]

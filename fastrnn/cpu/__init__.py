@@ -3,105 +3,16 @@
 The layer classes call :func:`forward_direction` and :func:`backward_direction` once per
 layer-direction; everything inside the time loop is compiled.
 """
-import contextlib
-import functools
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 
 from .kernels import get_kernels
+from . import threads
+from .threads import chunk_bounds, run_chunks, single_threaded_blas
 
 name = "cpu"
 _workspaces = threading.local()  # per-thread, so concurrent eval calls never share buffers
-
-# Below this many rows a chunk's per-step GEMM is too thin to pay for its own thread.
-MIN_ROWS_PER_CHUNK = 4
-# Below this many multiply-adds per call (T*B*G*H*H) the recurrence runs on one thread.
-MIN_PARALLEL_WORK = 1 << 20
-# Per-step GEMMs smaller than this (B*G*H*H multiply-adds) lose time to BLAS threading.
-MIN_THREADED_GEMM = 1 << 21
-
-
-@functools.lru_cache(maxsize=1)
-def _numba_blas():
-    """threadpoolctl handle on the BLAS that Numba's np.dot calls (SciPy's cython_blas).
-
-    NumPy's wheels bundle a separate OpenBLAS with its own thread pool, so the big GEMMs
-    done with NumPy keep every core while this one is pinned to a thread.
-    """
-    import scipy
-    import scipy.linalg.cython_blas  # noqa: F401  (loads the library before the scan)
-    from threadpoolctl import ThreadpoolController
-
-    blas = ThreadpoolController().select(user_api="blas")
-    scipy_dir = os.path.dirname(os.path.abspath(scipy.__file__))
-    own = [lib.filepath for lib in blas.lib_controllers
-           if lib.filepath.startswith(scipy_dir)
-           or os.path.basename(os.path.dirname(lib.filepath)) == "scipy.libs"]
-    return blas.select(filepath=own) if own else blas
-
-
-class _SingleThreadedBlas:
-    """Process-wide "BLAS on one thread" section, safe when several threads enter at once:
-    the first to enter lowers the thread count, the last to leave restores it."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._limiter = None
-
-    def __enter__(self):
-        with self._lock:
-            if self._depth == 0:
-                self._limiter = _numba_blas().limit(limits=1)
-            self._depth += 1
-
-    def __exit__(self, *exc):
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
-                self._limiter.restore_original_limits()
-                self._limiter = None
-
-
-_single_threaded_blas = _SingleThreadedBlas()
-
-
-def _schedule(T, B, GH, H):
-    """(n_chunks, context): how many row chunks run the recurrence in parallel, and the
-    BLAS threading to use for the per-step GEMMs inside it."""
-    n_chunks = min(numba.get_num_threads(), B // MIN_ROWS_PER_CHUNK)
-    if n_chunks < 2 or T * B * GH * H < MIN_PARALLEL_WORK:
-        n_chunks = 1
-    if n_chunks > 1 or B * GH * H < MIN_THREADED_GEMM:
-        return n_chunks, _single_threaded_blas
-    return n_chunks, contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=1)
-def _pool():
-    return ThreadPoolExecutor(max_workers=max(1, numba.get_num_threads() - 1),
-                              thread_name_prefix="fastrnn")
-
-
-# A forked child inherits the pool object but not its threads: give it a fresh one.
-os.register_at_fork(after_in_child=_pool.cache_clear)
-
-
-def _run_row_chunks(kernel, args, T, B, GH, H):
-    """kernel(*args, lo, hi) over row chunks of [0, B): chunk 0 in this thread, the others
-    on the pool (the kernels release the GIL), with the scheduled BLAS threading."""
-    n_chunks, blas_threads = _schedule(T, B, GH, H)
-    bounds = [(k * B // n_chunks, (k + 1) * B // n_chunks) for k in range(n_chunks)]
-    with blas_threads:
-        others = [_pool().submit(kernel, *args, lo, hi) for lo, hi in bounds[1:]]
-        kernel(*args, *bounds[0])
-        for future in others:
-            future.result()
-
 
 def _workspace(key, shape, dtype):
     """A reusable array for this thread, keyed by its role; reallocated when shape changes."""
@@ -194,12 +105,20 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     h_seq[first] = h0
     if Hc:
         c_seq[first] = c0
-    # The input projection of every step is one GEMM on all cores (NumPy's BLAS).
-    np.matmul(x2d, w_ih.T, out=x_proj)
     # BLAS runs measurably faster on a C-contiguous transpose than on the F-order view.
     w_hh_t = np.ascontiguousarray(w_hh.T)
-    _run_row_chunks(forward, (x_proj, w_hh_t, b_ih, b_hh, lengths, reverse, train, h_seq,
-                              c_seq, acts, h_proj, h_new, c_new, out, out_col), T, B, GH, H)
+    I = x2d.shape[1]
+
+    def project(lo, hi):  # x_proj rows lo:hi = x2d rows · W_ihᵀ (every step at once)
+        np.matmul(x2d[lo:hi], w_ih.T, out=x_proj[lo:hi])
+
+    def recur(lo, hi):  # batch rows lo:hi through all T steps
+        forward(x_proj, w_hh_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, acts,
+                h_proj, h_new, c_new, out, out_col, lo, hi)
+
+    with single_threaded_blas:
+        run_chunks(project, chunk_bounds(T * B, T * B * GH * I))
+        run_chunks(recur, chunk_bounds(B, T * B * GH * H, threads.MIN_ROWS_PER_CHUNK))
     h_n = h_seq[last].copy()
     c_n = c_seq[last].copy() if Hc else None
     saved = Saved(x2d, lengths, reverse, h_seq, c_seq, acts) if train else None
@@ -229,18 +148,30 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
     dc_prev = _workspace(key + ("dc_prev",), (B, Hc), dtype)
     dh_rec = _workspace(key + ("dh_rec",), (B, H), dtype)
-    _run_row_chunks(backward, (dout, out_col, w_hh, saved.lengths, saved.reverse, saved.h_seq,
-                               saved.c_seq, saved.acts, dgx, dgh, dh, dc, dh_direct,
-                               dc_prev, dh_rec), T, B, GH, H)
     dgx2d = dgx.reshape(T * B, GH)
     dgh2d = dgh.reshape(T * B, GH)
     rev = int(saved.reverse)
     h_prev2d = saved.h_seq[rev:rev + T].reshape(T * B, H)
+    x2d = saved.x2d
+    I = x2d.shape[1]
     d_w_ih, d_w_hh, d_b_ih, d_b_hh = grads
-    d_w_ih += dgx2d.T @ saved.x2d
-    d_w_hh += dgh2d.T @ h_prev2d
-    if d_b_ih is not None:
-        d_b_ih += dgx2d.sum(axis=0)
-        d_b_hh += dgh2d.sum(axis=0)
-    dx2d += dgx2d @ w_ih
+
+    def recur(lo, hi):  # batch rows lo:hi back through all T steps
+        backward(dout, out_col, w_hh, saved.lengths, saved.reverse, saved.h_seq, saved.c_seq,
+                 saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev, dh_rec, lo, hi)
+
+    def weight_grads(lo, hi):  # gate rows lo:hi of dW_ih, dW_hh, db: one GEMM each
+        d_w_ih[lo:hi] += dgx2d[:, lo:hi].T @ x2d
+        d_w_hh[lo:hi] += dgh2d[:, lo:hi].T @ h_prev2d
+        if d_b_ih is not None:
+            d_b_ih[lo:hi] += dgx2d[:, lo:hi].sum(axis=0)
+            d_b_hh[lo:hi] += dgh2d[:, lo:hi].sum(axis=0)
+
+    def input_grad(lo, hi):  # rows lo:hi of dx
+        dx2d[lo:hi] += dgx2d[lo:hi] @ w_ih
+
+    with single_threaded_blas:
+        run_chunks(recur, chunk_bounds(B, T * B * GH * H, threads.MIN_ROWS_PER_CHUNK))
+        run_chunks(weight_grads, chunk_bounds(GH, T * B * GH * (I + H)))
+        run_chunks(input_grad, chunk_bounds(T * B, T * B * GH * I))
     return dh, (dc if Hc else None)

@@ -1,0 +1,90 @@
+"""How the CPU backend uses the cores: one thread pool of ours, BLAS pinned to one thread.
+
+Measured on the 2-core reference machine: OpenBLAS worker threads keep spinning for a while
+after each threaded GEMM, and so do PyTorch's OpenMP threads. On a small machine those
+spinning threads steal the core that the next step needs (a recurrence after a threaded
+projection ran 30 -> 49 ms). So during a fastrnn call every BLAS library runs on the calling
+thread only, and all parallelism comes from splitting work into independent chunks run on
+this module's pool: row blocks of GEMMs, batch-row chunks of the recurrence (the kernels
+release the GIL, NumPy's matmul does too). Idle pool threads block; they never spin.
+"""
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+
+# A chunk of a recurrence needs at least this many batch rows to pay for its own thread.
+MIN_ROWS_PER_CHUNK = 4
+# Work below this many multiply-adds runs on the calling thread alone.
+MIN_PARALLEL_WORK = 1 << 20
+
+
+def num_threads():
+    """Threads fastrnn uses: Numba's setting (NUMBA_NUM_THREADS, numba.set_num_threads)."""
+    return numba.get_num_threads()
+
+
+@functools.lru_cache(maxsize=1)
+def _pool():
+    return ThreadPoolExecutor(max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
+                              thread_name_prefix="fastrnn")
+
+
+# A forked child inherits the pool object but not its threads: give it a fresh one.
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
+def chunk_bounds(n, work, min_size=1):
+    """Split range(n) into contiguous [lo, hi) chunks, one per thread when ``work``
+    (multiply-adds) is large enough and each chunk keeps at least ``min_size`` items."""
+    chunks = min(num_threads(), n // max(1, min_size))
+    if chunks < 2 or work < MIN_PARALLEL_WORK:
+        chunks = 1
+    return [(k * n // chunks, (k + 1) * n // chunks) for k in range(chunks)]
+
+
+def run_chunks(func, bounds):
+    """func(lo, hi) for every chunk: the first on this thread, the others on the pool."""
+    others = [_pool().submit(func, lo, hi) for lo, hi in bounds[1:]]
+    try:
+        func(*bounds[0])
+    finally:
+        for future in others:
+            future.result()
+
+
+@functools.lru_cache(maxsize=1)
+def _blas():
+    """threadpoolctl handle on every loaded BLAS (NumPy's and SciPy's, which Numba calls)."""
+    import scipy.linalg.cython_blas  # noqa: F401  (loads Numba's BLAS before the scan)
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
+
+
+class _SingleThreadedBlas:
+    """Process-wide "BLAS on the calling thread" section, safe when several threads enter at
+    once: the first to enter lowers the thread count, the last to leave restores it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._limiter = None
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                self._limiter = _blas().limit(limits=1)
+            self._depth += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+
+
+single_threaded_blas = _SingleThreadedBlas()
