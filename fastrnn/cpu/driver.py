@@ -9,14 +9,13 @@ kernels release the GIL), each running the *whole* time loop with its own single
 per-step GEMM, so no thread waits for another between steps. The big GEMMs (input
 projection, weight gradients) run outside, on all cores.
 
-Time slots. ``h_seq``/``c_seq`` (S, B, H) hold states. In training S = T + 1 and the state
-*entering* time step t sits in slot ``t + reverse`` and the state leaving it in slot
-``t + 1 - reverse``, so ``h_seq[reverse:reverse + T]`` is, in time order, every h_{prev} the
-weight gradient needs (one GEMM). In eval S = 2 and the two slots alternate.
+Time slots: see :mod:`fastrnn.cells.slots` (``forward_step``/``backward_step`` are bound in
+compiled form, as the cell functions are).
 """
 import numpy as np
 
 from ..cells._math import ZERO
+from ..cells.slots import backward_step, forward_step
 
 
 def cell_forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
@@ -46,15 +45,7 @@ def forward_sequence(x_proj, w_hh_t, b_ih, b_hh, lengths, reverse, train,
     H = h_seq.shape[2]
     Hc = c_seq.shape[2]
     for s in range(T):
-        t = T - 1 - s if reverse else s
-        if train:
-            prev = t + 1 if reverse else t
-            nxt = t if reverse else t + 1
-            a = t
-        else:
-            prev = s % 2
-            nxt = 1 - prev
-            a = 0
+        t, prev, nxt, a = forward_step(s, T, reverse, train)
         np.dot(h_seq[prev, lo:hi], w_hh_t, h_proj[lo:hi])
         for b in range(lo, hi):
             out_row = out[t, b, out_col:out_col + H]
@@ -94,9 +85,7 @@ def backward_sequence(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, acts,
     H = h_seq.shape[2]
     Hc = c_seq.shape[2]
     for s in range(T):
-        t = s if reverse else T - 1 - s
-        prev = t + 1 if reverse else t
-        nxt = t if reverse else t + 1
+        t, prev, nxt = backward_step(s, T, reverse)
         for b in range(lo, hi):
             if t < lengths[b]:
                 dh_b = dh[b]

@@ -8,6 +8,7 @@ import numpy as np
 from numba import njit
 
 from .. import cells
+from ..cells import slots
 from . import activations, driver
 
 # fastmath lets LLVM vectorise the pointwise loops; error_model="numpy" removes the
@@ -62,13 +63,18 @@ def get_kernels(cell_name, dtype):
 def _compile_kernels(cell_name, dtype):
     spec = cells.CELLS[cell_name]
     tanh, sigmoid = _ACTIVATIONS[dtype]
-    version = _source_hash(spec.forward, spec.backward, tanh, sigmoid,
-                           driver.forward_sequence, driver.backward_sequence)
+    version = _source_hash(spec.forward, spec.backward, tanh, sigmoid, slots.forward_step,
+                           slots.backward_step, driver.forward_sequence,
+                           driver.backward_sequence)
     suffix = f"{cell_name}_{dtype.name}_{version}"
     bind = scalar_bindings(dtype)
     unit_forward = njit(inline="always")(cells.specialize(spec.forward, suffix, **bind))
     unit_backward = njit(inline="always")(cells.specialize(spec.backward, suffix, **bind))
+    forward_step = njit(inline="always")(cells.specialize(slots.forward_step, suffix))
+    backward_step = njit(inline="always")(
+        cells.specialize(slots.backward_step, suffix, forward_step=forward_step))
     driver_bind = dict(cell_forward=unit_forward, cell_backward=unit_backward,
+                       forward_step=forward_step, backward_step=backward_step,
                        ZERO=bind["ZERO"])
     forward = njit(**KERNEL_OPTIONS)(
         cells.specialize(driver.forward_sequence, suffix, **driver_bind))

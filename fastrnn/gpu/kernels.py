@@ -15,9 +15,9 @@ recurrent weights are staged once into dynamic shared memory when they fit (``w_
 they stay on chip across all steps; otherwise every step reads them from global memory (L2
 resident for the sizes that matter) -- the general path, with no size limit.
 
-Time slots are the CPU driver's (fastrnn/cpu/driver.py): in training ``h_seq``/``c_seq`` are
-(T+1, B, H) and the state entering step t sits in slot ``t + reverse``; in eval they are
-(2, B, H) and the two slots alternate.
+Time slots are the CPU driver's, from the same functions (:mod:`fastrnn.cells.slots`): in
+training ``h_seq``/``c_seq`` are (T+1, B, H) and the state entering step t sits in slot
+``t + reverse``; in eval they are (2, B, H) and the two slots alternate.
 
 Arrays that a cell does not have (c for RNN/GRU, acts for RNN) are passed as (1, 1, 1)
 dummies and :func:`clamp` clamps the index, so no kernel ever forms an out-of-range view.
@@ -29,6 +29,8 @@ import math
 import numpy as np
 
 from .. import cells
+from ..cells import slots
+from ..cells.slots import backward_step, forward_step  # placeholders, rebound per kernel
 
 # Placeholders, rebound per specialisation (the templates below are never compiled unbound).
 DTYPE = np.float64
@@ -88,15 +90,7 @@ def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq,
         cuda.syncthreads()
     length = lengths[b]
     for s in range(T):
-        t = T - 1 - s if reverse else s
-        if train:
-            prev = t + 1 if reverse else t
-            nxt = t if reverse else t + 1
-            a = t
-        else:
-            prev = s % 2
-            nxt = 1 - prev
-            a = 0
+        t, prev, nxt, a = forward_step(s, T, reverse, train)
         h_prev = h_seq[prev, b]
         h_next = h_seq[nxt, b]
         cb = clamp(b, c_seq.shape[1])
@@ -164,9 +158,7 @@ def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts,
     cb = clamp(b, c_seq.shape[1])
     ab = clamp(b, acts.shape[1])
     for s in range(T):
-        t = s if reverse else T - 1 - s
-        prev = t + 1 if reverse else t
-        nxt = t if reverse else t + 1
+        t, prev, nxt = backward_step(s, T, reverse)
         gx = dgx[t * B + b]
         gh = dgh[t * B + b]
         if t < length:
@@ -349,11 +341,15 @@ def recurrence_kernels(cell_name, dtype):
     def build():
         bind = scalar_bindings(dtype)
         version = source_hash(spec.forward, spec.backward, sigmoid, clamp, forward_rows,
-                              backward_rows)
+                              backward_rows, slots.forward_step, slots.backward_step)
         suffix = f"{cell_name}_{dtype.name}_{version}"
         unit_forward = _device(spec.forward, suffix, **bind)
         unit_backward = _device(spec.backward, suffix, **bind)
+        forward_step = _device(slots.forward_step, suffix)
         common = dict(cell_forward=unit_forward, cell_backward=unit_backward,
+                      forward_step=forward_step,
+                      backward_step=_device(slots.backward_step, suffix,
+                                            forward_step=forward_step),
                       clamp=_device(clamp, suffix),
                       ZERO=bind["ZERO"], DTYPE=bind["DTYPE"])
         return (_kernel(forward_rows, suffix, **common),
