@@ -29,23 +29,28 @@ class CellSpec:
     gates: G, number of gate blocks in weight_ih (rows = G*H).
     saved: A, activations saved per unit in training mode (acts has A*H columns).
     has_cell_state: True for the LSTM (a second state c).
-    separate_recurrent_grad: backward writes dgh separately from dgx (GRU).
+    separate_gates: the last ``separate_gates`` gates have a recurrent-side gradient that
+        differs from the input side (GRU: 1, its candidate gate); backward writes dgh.
     """
 
     name: str
     gates: int
     saved: int
     has_cell_state: bool
-    separate_recurrent_grad: bool
+    separate_gates: int
     forward: object
     backward: object
 
+    @property
+    def separate_recurrent_grad(self):
+        return self.separate_gates > 0
+
 
 CELLS = {
-    "rnn_tanh": CellSpec("rnn_tanh", 1, 0, False, False, rnn.tanh_forward, rnn.tanh_backward),
-    "rnn_relu": CellSpec("rnn_relu", 1, 0, False, False, rnn.relu_forward, rnn.relu_backward),
-    "lstm": CellSpec("lstm", 4, 5, True, False, lstm.forward, lstm.backward),
-    "gru": CellSpec("gru", 3, 4, False, True, gru.forward, gru.backward),
+    "rnn_tanh": CellSpec("rnn_tanh", 1, 0, False, 0, rnn.tanh_forward, rnn.tanh_backward),
+    "rnn_relu": CellSpec("rnn_relu", 1, 0, False, 0, rnn.relu_forward, rnn.relu_backward),
+    "lstm": CellSpec("lstm", 4, 5, True, 0, lstm.forward, lstm.backward),
+    "gru": CellSpec("gru", 3, 4, False, 1, gru.forward, gru.backward),
 }
 
 

@@ -13,6 +13,9 @@ from .threads import chunk_bounds, run_chunks, single_threaded_blas
 
 name = "cpu"
 _workspaces = threading.local()  # per-thread, so concurrent eval calls never share buffers
+# dx is accumulated in blocks of this many rows: the GEMM's temporary is one block, not all
+# T*B rows (training peak memory).
+DX_BLOCK_ROWS = 2048
 
 def _workspace(key, shape, dtype):
     """A reusable array for this thread, keyed by its role; reallocated when shape changes."""
@@ -140,16 +143,19 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     _, backward = get_kernels(cell.name, dtype)
     key = (cell.name, saved.reverse)
     dgx = _workspace(key + ("gates",), (T * B, GH), dtype).reshape(T, B, GH)
-    # Only the GRU's candidate gate has different input- and recurrent-side gradients.
-    dgh = (_workspace(key + ("gates_h",), (T * B, GH), dtype).reshape(T, B, GH)
-           if cell.separate_recurrent_grad else dgx)
+    # Only the trailing gates whose recurrent-side gradient differs (the GRU's candidate
+    # gate) need storage of their own over time; dW_hh takes the others from dgx.
+    tail = cell.separate_gates * H
+    dgh_step = _workspace(key + ("dgh_step",), (B, GH), dtype)
+    dgh_tail = _workspace(key + ("dgh_tail",), (T * B, tail), dtype).reshape(T, B, tail)
     dh = np.array(dh_n, dtype=dtype, order="C", copy=True)
     dc = np.array(dc_n, dtype=dtype, order="C", copy=True) if Hc else np.empty((B, 0), dtype)
     dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
     dc_prev = _workspace(key + ("dc_prev",), (B, Hc), dtype)
     dh_rec = _workspace(key + ("dh_rec",), (B, H), dtype)
     dgx2d = dgx.reshape(T * B, GH)
-    dgh2d = dgh.reshape(T * B, GH)
+    tail2d = dgh_tail.reshape(T * B, tail)
+    tail_start = GH - tail
     rev = int(saved.reverse)
     h_prev2d = saved.h_seq[rev:rev + T].reshape(T * B, H)
     x2d = saved.x2d
@@ -158,17 +164,29 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
 
     def recur(lo, hi):  # batch rows lo:hi back through all T steps
         backward(dout, out_col, w_hh, saved.lengths, saved.reverse, saved.h_seq, saved.c_seq,
-                 saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev, dh_rec, lo, hi)
+                 saved.acts, dgx, dgh_step, dgh_tail, dh, dc, dh_direct, dc_prev, dh_rec,
+                 lo, hi)
+
+    def recurrent_grads(lo, hi):  # (T*B, hi-lo) recurrent-side gate gradients, gates lo:hi
+        if lo >= tail_start:
+            return tail2d[:, lo - tail_start:hi - tail_start]
+        return dgx2d[:, lo:hi]
 
     def weight_grads(lo, hi):  # gate rows lo:hi of dW_ih, dW_hh, db: one GEMM each
         d_w_ih[lo:hi] += dgx2d[:, lo:hi].T @ x2d
-        d_w_hh[lo:hi] += dgh2d[:, lo:hi].T @ h_prev2d
         if d_b_ih is not None:
             d_b_ih[lo:hi] += dgx2d[:, lo:hi].sum(axis=0)
-            d_b_hh[lo:hi] += dgh2d[:, lo:hi].sum(axis=0)
+        # Split where the recurrent-side gradients switch from dgx to dgh_tail.
+        for a, b in ((lo, min(hi, tail_start)), (max(lo, tail_start), hi)):
+            if a < b:
+                d_w_hh[a:b] += recurrent_grads(a, b).T @ h_prev2d
+                if d_b_hh is not None:
+                    d_b_hh[a:b] += recurrent_grads(a, b).sum(axis=0)
 
-    def input_grad(lo, hi):  # rows lo:hi of dx
-        dx2d[lo:hi] += dgx2d[lo:hi] @ w_ih
+    def input_grad(lo, hi):  # rows lo:hi of dx, in blocks so the GEMM's temporary stays small
+        for a in range(lo, hi, DX_BLOCK_ROWS):
+            b = min(hi, a + DX_BLOCK_ROWS)
+            dx2d[a:b] += dgx2d[a:b] @ w_ih
 
     with single_threaded_blas:
         run_chunks(recur, chunk_bounds(B, T * B * GH * H, threads.MIN_ROWS_PER_CHUNK))

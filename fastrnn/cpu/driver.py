@@ -70,13 +70,16 @@ def forward_sequence(x_proj, w_hh_t, b_ih, b_hh, lengths, reverse, train,
 
 
 def backward_sequence(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, acts,
-                      dgx, dgh, dh, dc, dh_direct, dc_prev, dh_rec, lo, hi):
+                      dgx, dgh_step, dgh_tail, dh, dc, dh_direct, dc_prev, dh_rec, lo, hi):
     """BPTT through the recurrence of one direction of one layer (training-mode slots).
 
     dout (T, B, D*H) gradient of the output (columns out_col:out_col+H); w_hh (G*H, H);
-    h_seq, c_seq, acts as saved by forward_sequence; dgx, dgh (T, B, G*H) receive the
-    pre-activation gradients of the input and recurrent side (the same array unless the
-    cell has separate_recurrent_grad); dh, dc (B, H) hold the gradient w.r.t. the final
+    h_seq, c_seq, acts as saved by forward_sequence; dgx (T, B, G*H) receives the
+    pre-activation gradients of the input side, which are also the recurrent side's unless
+    the cell has separate gates (S = dgh_tail.shape[2] // H > 0): then dgh_step (B, G*H)
+    receives each step's recurrent-side gradients and only their last S gate blocks, the part
+    that differs, are kept in dgh_tail (T, B, S*H) for the weight gradient (this saves
+    (G - S)/G of a (T, B, G*H) array). dh, dc (B, H) hold the gradient w.r.t. the final
     state on entry and w.r.t. the initial state on exit; dh_direct, dc_prev, dh_rec (B, H)
     workspaces. Only rows lo:hi are touched.
     """
@@ -84,6 +87,8 @@ def backward_sequence(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, acts,
     B = dout.shape[1]
     H = h_seq.shape[2]
     Hc = c_seq.shape[2]
+    tail = dgh_tail.shape[2]
+    tail_start = dgx.shape[2] - tail
     for s in range(T):
         t, prev, nxt = backward_step(s, T, reverse)
         for b in range(lo, hi):
@@ -96,18 +101,21 @@ def backward_sequence(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, acts,
                 dcp = dc_prev[b]
                 for j in range(H):
                     cell_backward(j, H, dh_b, dc[b], acts[t, b], h_seq[prev, b],
-                                  c_seq[prev, b], h_seq[nxt, b], dgx[t, b], dgh[t, b],
+                                  c_seq[prev, b], h_seq[nxt, b], dgx[t, b], dgh_step[b],
                                   dd, dcp)
             else:
                 # Padded step: no gradient enters; the state gradient passes through.
                 dgx[t, b, :] = ZERO
-                dgh[t, b, :] = ZERO
+                dgh_step[b, :] = ZERO
                 for j in range(H):
                     dh_direct[b, j] = dh[b, j]
                 for j in range(Hc):
                     dc_prev[b, j] = dc[b, j]
-        np.dot(dgh[t, lo:hi], w_hh, dh_rec[lo:hi])
+        recurrent_grads = dgh_step if tail else dgx[t]
+        np.dot(recurrent_grads[lo:hi], w_hh, dh_rec[lo:hi])
         for b in range(lo, hi):
+            for j in range(tail):
+                dgh_tail[t, b, j] = dgh_step[b, tail_start + j]
             for j in range(H):
                 dh[b, j] = dh_direct[b, j] + dh_rec[b, j]
             for j in range(Hc):
