@@ -284,3 +284,20 @@ def test_cuda_device_unavailable_raises_runtime_error(monkeypatch):
     with pytest.raises(RuntimeError, match="no usable CUDA GPU"):
         layer.to("cuda")
     assert layer.device == "cpu"
+
+
+@needs_gpu
+def test_sequence_model_trains_on_gpu_as_on_cpu():
+    """SequenceModel with device="cuda": same losses and predictions as on the CPU."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((6, 4, 2)).astype(np.float32)
+    Y = rng.standard_normal((6, 1)).astype(np.float32)
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = fr.SequenceModel(2, 3, 1, cell="gru", device=device, seed=0)
+        history = model.fit(X, Y, epochs=2, batch_size=3, lr=0.01, verbose=False,
+                            shuffle=False)
+        results[device] = (np.array(history["loss"]), model.predict(X))
+    tol = GPU_VS_CPU[np.dtype(np.float32)]
+    assert_close(results["cuda"][0], results["cpu"][0], name="loss", **tol)
+    assert_close(results["cuda"][1], results["cpu"][1], name="predict", **tol)
