@@ -9,7 +9,6 @@ kernel would silently promote). It needs numba-cuda with NVVM (the cuda-toolkit 
 import re
 import types as pytypes
 
-import numpy as np
 import pytest
 
 from fastrnn import cells, gpu

@@ -6,7 +6,7 @@ import pytest
 
 import fastrnn as fr
 from fastrnn import optim
-from tolerances import FD, PARITY, assert_close, assert_parity
+from tolerances import FD, assert_close, assert_parity
 
 try:
     import torch

@@ -3,7 +3,7 @@
 n = tanh(W_in x + b_in + r * (W_hn h_prev + b_hn)); h = (1 - z) n + z h_prev.
 acts (4H,): r, z, n, hn = W_hn h_prev + b_hn of unit j at acts[4j : 4j+4].
 """
-from ._math import ONE, ZERO, sigmoid, tanh  # placeholders, rebound by each backend
+from ._math import ONE, sigmoid, tanh  # placeholders, rebound by each backend
 
 
 def forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):

@@ -84,7 +84,6 @@ def backward_sequence(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, acts,
     workspaces. Only rows lo:hi are touched.
     """
     T = dout.shape[0]
-    B = dout.shape[1]
     H = h_seq.shape[2]
     Hc = c_seq.shape[2]
     tail = dgh_tail.shape[2]

@@ -33,6 +33,8 @@ from ..cells import slots
 from ..cells.slots import backward_step, forward_step  # placeholders, rebound per kernel
 
 # Placeholders, rebound per specialisation (the templates below are never compiled unbound).
+# ``cuda`` too: numba.cuda is imported only once a GPU or the simulator is known to be usable.
+cuda = None
 DTYPE = np.float64
 ZERO = 0.0
 ONE = 1.0
