@@ -7,8 +7,8 @@ import threading
 
 import numpy as np
 
-from .kernels import get_kernels
 from . import threads
+from .kernels import get_kernels
 from .threads import chunk_bounds, run_chunks, single_threaded_blas
 
 name = "cpu"
@@ -16,6 +16,7 @@ _workspaces = threading.local()  # per-thread, so concurrent eval calls never sh
 # dx is accumulated in blocks of this many rows: the GEMM's temporary is one block, not all
 # T*B rows (training peak memory).
 DX_BLOCK_ROWS = 2048
+
 
 def _workspace(key, shape, dtype):
     """A reusable array for this thread, keyed by its role; reallocated when shape changes."""
