@@ -4,6 +4,7 @@ import threading
 import numpy as np
 import pytest
 
+import fastrnn.cpu as cpu
 from fastrnn.cpu import threads
 from helpers import CELLS, force_parallel_cpu, make_layer
 from tolerances import PARITY, assert_close
@@ -40,6 +41,23 @@ def test_parallel_row_chunks_match_serial(cell, dtype, monkeypatch):
     assert_close(chunked[1], serial[1], name="dx", **tol)
     for name in serial[2]:
         assert_close(chunked[2][name], serial[2][name], name=name, **tol)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_blocked_per_step_gemm_matches_single_call(cell, monkeypatch):
+    """Per-step GEMMs split into column and depth blocks (partial ones too) give the
+    same results as one GEMM per step."""
+    whole = _run(cell, "float64")
+    monkeypatch.setattr(cpu, "SMALL_GEMM", 1)
+    monkeypatch.setattr(cpu, "GEMM_BLOCK_N", 5)
+    monkeypatch.setattr(cpu, "GEMM_MIN_BLOCK_K", 4)
+    assert cpu.gemm_blocks(11, 6, 24) == (5, 4)
+    blocked = _run(cell, "float64")
+    tol = PARITY[np.dtype("float64")]
+    for got, want, name in ((blocked[0], whole[0], "out"), (blocked[1], whole[1], "dx")):
+        assert_close(got, want, name=name, **tol)
+    for name in whole[2]:
+        assert_close(blocked[2][name], whole[2][name], name=name, **tol)
 
 
 def test_same_inputs_same_bits(force_chunks):

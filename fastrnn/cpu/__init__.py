@@ -16,6 +16,21 @@ _workspaces = threading.local()  # per-thread, so concurrent eval calls never sh
 # dx is accumulated in blocks of this many rows: the GEMM's temporary is one block, not all
 # T*B rows (training peak memory).
 DX_BLOCK_ROWS = 2048
+# OpenBLAS's small-matrix GEMM (no packing) covers M*N*K up to this (measured boundary).
+SMALL_GEMM = 1 << 19
+GEMM_BLOCK_N = 64
+GEMM_MIN_BLOCK_K = 16
+
+
+def gemm_blocks(M, K, N):
+    """(block_n, block_k) for a per-step GEMM (M, K)·(K, N): blocks small enough
+    (M*block_n*block_k <= SMALL_GEMM) for OpenBLAS's unpacked small-matrix path, 64 columns
+    wide, at least 16 deep; the whole product at once when it is that small already."""
+    if M * K * N <= SMALL_GEMM:
+        return N, K
+    block_n = min(N, GEMM_BLOCK_N)
+    depth = SMALL_GEMM // (M * block_n) // GEMM_MIN_BLOCK_K * GEMM_MIN_BLOCK_K
+    return block_n, min(K, max(GEMM_MIN_BLOCK_K, depth))
 
 
 def _workspace(key, shape, dtype):
@@ -118,7 +133,7 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
 
     def recur(lo, hi):  # batch rows lo:hi through all T steps
         forward(x_proj, w_hh_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, acts,
-                h_proj, h_new, c_new, out, out_col, lo, hi)
+                h_proj, h_new, c_new, out, out_col, lo, hi, gemm_blocks(hi - lo, H, GH))
 
     with single_threaded_blas:
         run_chunks(project, chunk_bounds(T * B, T * B * GH * I))
@@ -166,7 +181,7 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     def recur(lo, hi):  # batch rows lo:hi back through all T steps
         backward(dout, out_col, w_hh, saved.lengths, saved.reverse, saved.h_seq, saved.c_seq,
                  saved.acts, dgx, dgh_step, dgh_tail, dh, dc, dh_direct, dc_prev, dh_rec,
-                 lo, hi)
+                 lo, hi, gemm_blocks(hi - lo, GH, H))
 
     def recurrent_grads(lo, hi):  # (T*B, hi-lo) recurrent-side gate gradients, gates lo:hi
         if lo >= tail_start:

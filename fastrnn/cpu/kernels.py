@@ -5,7 +5,8 @@ import marshal
 
 import llvmlite.binding as llvm
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.np.linalg import _BLAS, ensure_blas
 
 from .. import cells
 from ..cells import slots
@@ -27,6 +28,8 @@ _LLVM_OPTIONS = ("-runtime-memory-check-threshold=256", "-vectorize-memory-check
 for _option in _LLVM_OPTIONS:
     llvm.set_option("fastrnn", _option)
 
+_NUMBA_TYPES = {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64}
+
 _ACTIVATIONS = {
     np.dtype(np.float32): (activations.tanh_f32, activations.sigmoid_f32),
     np.dtype(np.float64): (activations.tanh_f64, activations.sigmoid_f64),
@@ -34,10 +37,12 @@ _ACTIVATIONS = {
 
 
 def _source_hash(*funcs):
-    """Short hash of the bytecode of funcs; part of each kernel's name so that Numba's cache
-    (which does not track inlined callees) is invalidated when cell or driver code changes."""
-    build_flags = (_LLVM_OPTIONS, sorted(FASTMATH), KERNEL_OPTIONS["error_model"])
-    digest = hashlib.sha1(repr(build_flags).encode())
+    """Short hash of the bytecode of funcs and of this module; part of each kernel's name so
+    that Numba's cache (which does not track inlined callees or bound globals) is
+    invalidated when cell, driver or binding code changes."""
+    # This file's own text too: it holds the compile options and what gets bound where.
+    with open(__file__, "rb") as source:
+        digest = hashlib.sha1(source.read())
     for func in funcs:
         digest.update(marshal.dumps(func.__code__))
     return digest.hexdigest()[:10]
@@ -64,8 +69,8 @@ def _compile_kernels(cell_name, dtype):
     spec = cells.CELLS[cell_name]
     tanh, sigmoid = _ACTIVATIONS[dtype]
     version = _source_hash(spec.forward, spec.backward, tanh, sigmoid, slots.forward_step,
-                           slots.backward_step, driver.forward_sequence,
-                           driver.backward_sequence)
+                           slots.backward_step, driver.matmul_blocked,
+                           driver.forward_sequence, driver.backward_sequence)
     suffix = f"{cell_name}_{dtype.name}_{version}"
     bind = scalar_bindings(dtype)
     unit_forward = njit(inline="always")(cells.specialize(spec.forward, suffix, **bind))
@@ -73,9 +78,13 @@ def _compile_kernels(cell_name, dtype):
     forward_step = njit(inline="always")(cells.specialize(slots.forward_step, suffix))
     backward_step = njit(inline="always")(
         cells.specialize(slots.backward_step, suffix, forward_step=forward_step))
+    ensure_blas()
+    matmul_blocked = njit(inline="always")(cells.specialize(
+        driver.matmul_blocked, suffix, xxgemm=_BLAS().numba_xxgemm(_NUMBA_TYPES[dtype]),
+        BLAS_KIND=ord("s" if dtype == np.float32 else "d")))
     driver_bind = dict(cell_forward=unit_forward, cell_backward=unit_backward,
                        forward_step=forward_step, backward_step=backward_step,
-                       ZERO=bind["ZERO"])
+                       matmul_blocked=matmul_blocked, ONE=bind["ONE"], ZERO=bind["ZERO"])
     forward = njit(**KERNEL_OPTIONS)(
         cells.specialize(driver.forward_sequence, suffix, **driver_bind))
     backward = njit(**KERNEL_OPTIONS)(
