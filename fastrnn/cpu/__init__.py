@@ -3,6 +3,7 @@
 The layer classes call :func:`forward_direction` and :func:`backward_direction` once per
 layer-direction; everything inside the time loop is compiled.
 """
+import contextlib
 import threading
 
 import numpy as np
@@ -105,8 +106,6 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     Hc = H if cell.has_cell_state else 0
     forward, _ = get_kernels(cell.name, dtype)
     key = (cell.name, reverse)
-    # x_proj lives only during this call; backward reuses the same buffer for dgx.
-    x_proj = _workspace(key + ("gates",), (T * B, GH), dtype)
     if train:
         h_seq = np.empty((T + 1, B, H), dtype)
         c_seq = np.empty((T + 1, B, Hc), dtype)
@@ -118,26 +117,31 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
         c_seq = _workspace(key + ("c_seq",), (2, B, Hc), dtype)
         acts = _workspace(key + ("acts",), (1, B, cell.saved * H), dtype)
         first, last = 0, T % 2
+    x_proj = _workspace(key + ("x_proj",), (B, GH), dtype)
     h_proj = _workspace(key + ("h_proj",), (B, GH), dtype)
     h_new = _workspace(key + ("h_new",), (B, H), dtype)
     c_new = _workspace(key + ("c_new",), (B, Hc), dtype)
     h_seq[first] = h0
     if Hc:
         c_seq[first] = c0
-    # BLAS runs measurably faster on a C-contiguous transpose than on the F-order view.
+    # BLAS runs measurably faster on C-contiguous transposes than on the F-order views.
+    w_ih_t = np.ascontiguousarray(w_ih.T)
     w_hh_t = np.ascontiguousarray(w_hh.T)
     I = x2d.shape[1]
 
-    def project(lo, hi):  # x_proj rows lo:hi = x2d rows · W_ihᵀ (every step at once)
-        np.matmul(x2d[lo:hi], w_ih.T, out=x_proj[lo:hi])
-
     def recur(lo, hi):  # batch rows lo:hi through all T steps
-        forward(x_proj, w_hh_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, acts,
-                h_proj, h_new, c_new, out, out_col, lo, hi, gemm_blocks(hi - lo, H, GH))
+        blocks = gemm_blocks(hi - lo, I, GH) + gemm_blocks(hi - lo, H, GH)
+        forward(x2d, w_ih_t, w_hh_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, acts,
+                x_proj, h_proj, h_new, c_new, out, out_col, lo, hi, blocks)
 
-    with single_threaded_blas:
-        run_chunks(project, chunk_bounds(T * B, T * B * GH * I))
-        run_chunks(recur, chunk_bounds(B, T * B * GH * H, threads.MIN_ROWS_PER_CHUNK))
+    chunks = chunk_bounds(B, T * B * GH * (I + H), threads.MIN_ROWS_PER_CHUNK)
+    # Small GEMM blocks never start OpenBLAS threads; pinning (about 10 us) is only needed
+    # when a chunk is too tall for blocks of SMALL_GEMM.
+    rows = max(hi - lo for lo, hi in chunks)
+    tall = any(rows * bn * bk > SMALL_GEMM
+               for bn, bk in (gemm_blocks(rows, I, GH), gemm_blocks(rows, H, GH)))
+    with single_threaded_blas if tall else contextlib.nullcontext():
+        run_chunks(recur, chunks)
     h_n = h_seq[last].copy()
     c_n = c_seq[last].copy() if Hc else None
     saved = Saved(x2d, lengths, reverse, h_seq, c_seq, acts) if train else None
@@ -158,7 +162,7 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     Hc = H if cell.has_cell_state else 0
     _, backward = get_kernels(cell.name, dtype)
     key = (cell.name, saved.reverse)
-    dgx = _workspace(key + ("gates",), (T * B, GH), dtype).reshape(T, B, GH)
+    dgx = _workspace(key + ("dgx",), (T * B, GH), dtype).reshape(T, B, GH)
     # Only the trailing gates whose recurrent-side gradient differs (the GRU's candidate
     # gate) need storage of their own over time; dW_hh takes the others from dgx.
     tail = cell.separate_gates * H
