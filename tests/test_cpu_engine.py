@@ -7,7 +7,7 @@ import pytest
 import fastrnn.cpu as cpu
 from fastrnn.cpu import threads
 from helpers import CELLS, force_parallel_cpu, make_layer
-from tolerances import PARITY, assert_close
+from tolerances import FAST_ACTIVATION_ATOL, PARITY, assert_close
 
 
 def _run(cell, dtype, seed=0, lengths=True, T=7, B=11, I=5, H=6):
@@ -153,3 +153,29 @@ def test_layer_pickles_with_parameters_and_grads():
         assert np.array_equal(clone.params[name], layer.params[name])
         assert np.array_equal(clone.grads[name], layer.grads[name])
     assert np.array_equal(clone.eval()(x)[0], layer.eval()(x)[0])
+
+
+def test_float32_activations_accuracy():
+    """The rational float32 tanh and the sigmoid built on it, over [-20, 20] and at the
+    clamp and tiny-argument edges, against float64 NumPy."""
+    from numba import njit
+
+    from fastrnn.cpu.kernels import scalar_bindings
+
+    bind = scalar_bindings(np.dtype(np.float32))
+    tanh, sigmoid = bind["tanh"], bind["sigmoid"]
+
+    @njit
+    def apply(x, out_tanh, out_sigmoid):
+        for i in range(x.shape[0]):
+            out_tanh[i] = tanh(x[i])
+            out_sigmoid[i] = sigmoid(x[i])
+
+    x = np.concatenate([np.linspace(-20, 20, 200001), [-7.9053, 7.9053, 4e-4, -4e-4, 0.0]])
+    x = x.astype(np.float32)
+    got_tanh, got_sigmoid = np.empty_like(x), np.empty_like(x)
+    apply(x, got_tanh, got_sigmoid)
+    exact = x.astype(np.float64)
+    assert_close(got_tanh, np.tanh(exact), rtol=0, atol=FAST_ACTIVATION_ATOL, name="tanh")
+    assert_close(got_sigmoid, 1 / (1 + np.exp(-exact)), rtol=0, atol=FAST_ACTIVATION_ATOL,
+                 name="sigmoid")

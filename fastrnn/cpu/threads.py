@@ -3,8 +3,10 @@
 Measured on the 2-core reference machine: OpenBLAS worker threads keep spinning for a while
 after each threaded GEMM, and so do PyTorch's OpenMP threads. On a small machine those
 spinning threads steal the core that the next step needs (a recurrence after a threaded
-projection ran 30 -> 49 ms). So during a fastrnn call every BLAS library runs on the calling
-thread only, and all parallelism comes from splitting work into independent chunks run on
+projection ran 30 -> 49 ms). So during a fastrnn call every BLAS call runs on the calling
+thread only -- the per-step GEMM blocks are below OpenBLAS's threading threshold, and the
+big GEMMs of backward are pinned with :data:`single_threaded_blas` -- and all parallelism
+comes from splitting work into independent chunks run on
 this module's pool: row blocks of GEMMs, batch-row chunks of the recurrence (the kernels
 release the GIL, NumPy's matmul does too). Idle pool threads block; they never spin.
 """
