@@ -34,6 +34,20 @@ def gemm_blocks(M, K, N):
     return block_n, min(K, max(GEMM_MIN_BLOCK_K, depth))
 
 
+def pack_panels(b, block_n, key):
+    """b (K, N) (any strides) -> (N*K,) workspace holding, for each n0 in range(0, N,
+    block_n), b[:, n0:n0 + block_n] as a C-contiguous block at offset n0*K: the layout
+    :func:`fastrnn.cpu.driver.matmul_panels` reads (one transposing copy per call, as a plain
+    C-contiguous transpose would cost)."""
+    K, N = b.shape
+    # Keyed by shape too: the layers of a stack alternate between their shapes.
+    panels = _workspace(key + (K, N), (N * K,), b.dtype)
+    for n0 in range(0, N, block_n):
+        width = min(block_n, N - n0)
+        panels[n0 * K:(n0 + width) * K].reshape(K, width)[...] = b[:, n0:n0 + width]
+    return panels
+
+
 def _workspace(key, shape, dtype):
     """A reusable array for this thread, keyed by its role; reallocated when shape changes."""
     store = _workspaces.__dict__.setdefault("arrays", {})
@@ -124,22 +138,20 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     h_seq[first] = h0
     if Hc:
         c_seq[first] = c0
-    # BLAS runs measurably faster on C-contiguous transposes than on the F-order views.
-    w_ih_t = np.ascontiguousarray(w_ih.T)
-    w_hh_t = np.ascontiguousarray(w_hh.T)
     I = x2d.shape[1]
+    chunks = chunk_bounds(B, T * B * GH * (I + H), threads.MIN_ROWS_PER_CHUNK)
+    rows = max(hi - lo for lo, hi in chunks)  # the blocks suit every chunk (none is taller)
+    blocks = gemm_blocks(rows, I, GH) + gemm_blocks(rows, H, GH)
+    w_ih_panels = pack_panels(w_ih.T, blocks[0], key + ("w_ih_panels",))
+    w_hh_panels = pack_panels(w_hh.T, blocks[2], key + ("w_hh_panels",))
 
     def recur(lo, hi):  # batch rows lo:hi through all T steps
-        blocks = gemm_blocks(hi - lo, I, GH) + gemm_blocks(hi - lo, H, GH)
-        forward(x2d, w_ih_t, w_hh_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, acts,
-                x_proj, h_proj, h_new, c_new, out, out_col, lo, hi, blocks)
+        forward(x2d, w_ih_panels, w_hh_panels, b_ih, b_hh, lengths, reverse, train, h_seq,
+                c_seq, acts, x_proj, h_proj, h_new, c_new, out, out_col, lo, hi, blocks)
 
-    chunks = chunk_bounds(B, T * B * GH * (I + H), threads.MIN_ROWS_PER_CHUNK)
     # Small GEMM blocks never start OpenBLAS threads; pinning (about 10 us) is only needed
     # when a chunk is too tall for blocks of SMALL_GEMM.
-    rows = max(hi - lo for lo, hi in chunks)
-    tall = any(rows * bn * bk > SMALL_GEMM
-               for bn, bk in (gemm_blocks(rows, I, GH), gemm_blocks(rows, H, GH)))
+    tall = rows * blocks[0] * blocks[1] > SMALL_GEMM or rows * blocks[2] * blocks[3] > SMALL_GEMM
     with single_threaded_blas if tall else contextlib.nullcontext():
         run_chunks(recur, chunks)
     h_n = h_seq[last].copy()
@@ -182,10 +194,14 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     I = x2d.shape[1]
     d_w_ih, d_w_hh, d_b_ih, d_b_hh = grads
 
+    recur_chunks = chunk_bounds(B, T * B * GH * H, threads.MIN_ROWS_PER_CHUNK)
+    blocks = gemm_blocks(max(hi - lo for lo, hi in recur_chunks), GH, H)
+    w_hh_panels = pack_panels(w_hh, blocks[0], key + ("w_hh_panels_backward",))
+
     def recur(lo, hi):  # batch rows lo:hi back through all T steps
-        backward(dout, out_col, w_hh, saved.lengths, saved.reverse, saved.h_seq, saved.c_seq,
-                 saved.acts, dgx, dgh_step, dgh_tail, dh, dc, dh_direct, dc_prev, dh_rec,
-                 lo, hi, gemm_blocks(hi - lo, GH, H))
+        backward(dout, out_col, w_hh_panels, saved.lengths, saved.reverse, saved.h_seq,
+                 saved.c_seq, saved.acts, dgx, dgh_step, dgh_tail, dh, dc, dh_direct, dc_prev,
+                 dh_rec, lo, hi, blocks)
 
     def recurrent_grads(lo, hi):  # (T*B, hi-lo) recurrent-side gate gradients, gates lo:hi
         if lo >= tail_start:
@@ -209,7 +225,7 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
             dx2d[a:b] += dgx2d[a:b] @ w_ih
 
     with single_threaded_blas:
-        run_chunks(recur, chunk_bounds(B, T * B * GH * H, threads.MIN_ROWS_PER_CHUNK))
+        run_chunks(recur, recur_chunks)
         run_chunks(weight_grads, chunk_bounds(GH, T * B * GH * (I + H)))
         run_chunks(input_grad, chunk_bounds(T * B, T * B * GH * I))
     return dh, (dc if Hc else None)

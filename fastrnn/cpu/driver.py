@@ -33,38 +33,44 @@ def xxgemm(kind, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
 BLAS_KIND = 0  # bound: ord("s") for float32, ord("d") for float64
 
 
-def matmul_blocked(a, b, c, scalars, block_n, block_k):
-    """c (M, N) = a (M, K) · b (K, N), all with C-contiguous rows, as BLAS GEMMs over blocks
-    of block_n columns and block_k inner indices (summed into c with beta = 1).
+def matmul_panels(a, panels, c, scalars, block_n, block_k):
+    """c (M, N) = a (M, K) · b (K, N), where b is stored as column panels (see
+    :func:`fastrnn.cpu.pack_panels`): panels (N*K,) holds, for each n0 in range(0, N,
+    block_n), b[:, n0:n0 + width] as a C-contiguous (K, width) block at offset n0*K. Each
+    BLAS call multiplies block_k rows of one panel (summed into c with beta = 1).
 
     Measured: OpenBLAS packs all of b on every call, and for a thin a (the batch rows of one
     step) that packing dominates; blocks with M*block_n*block_k <= 2**19 take its
     small-matrix path instead ((32, 256)·(256, 1024): 235 -> 149 us; (64, 512)·(512, 2048):
-    1577 -> 1239 us). scalars holds (1, 0, 1) in the dtype (alpha, first beta, later beta);
-    BLAS is column-major, so each call computes a block of cᵀ = bᵀ·aᵀ.
+    1577 -> 1239 us). Panels give each block a short row stride (width, not N): a power-of-
+    two N made the rows of a block collide in the caches (64 rows, (64, 512)·(512, 2048),
+    2 threads: 212 -> 225 GFLOP/s). scalars holds (1, 0, 1) in the dtype (alpha, first beta,
+    later beta); BLAS is column-major, so each call computes a block of cᵀ = bᵀ·aᵀ.
     """
     M, K = a.shape
-    N = b.shape[1]
+    N = c.shape[1]
     for n0 in range(0, N, block_n):
+        width = min(block_n, N - n0)
         for k0 in range(0, K, block_k):
             beta = scalars[1:] if k0 == 0 else scalars[2:]
-            xxgemm(BLAS_KIND, 110, 110, min(block_n, N - n0), M, min(block_k, K - k0),
-                   scalars.ctypes, b[k0, n0:].ctypes, N, a[0, k0:].ctypes, K, beta.ctypes,
-                   c[0, n0:].ctypes, N)
+            xxgemm(BLAS_KIND, 110, 110, width, M, min(block_k, K - k0), scalars.ctypes,
+                   panels[n0 * K + k0 * width:].ctypes, width, a[0, k0:].ctypes, K,
+                   beta.ctypes, c[0, n0:].ctypes, N)
 
 
-def forward_sequence(x2d, w_ih_t, w_hh_t, b_ih, b_hh, lengths, reverse, train,
+def forward_sequence(x2d, w_ih_panels, w_hh_panels, b_ih, b_hh, lengths, reverse, train,
                      h_seq, c_seq, acts, x_proj, h_proj, h_new, c_new, out, out_col, lo, hi,
                      blocks):
     """Run one direction of one layer over the whole sequence.
 
-    x2d (T*B, I) input, time-major rows; w_ih_t (I, G*H), w_hh_t (H, G*H) transposed
-    weights; b_ih, b_hh (G*H,); lengths (B,) int64 with 1 <= len <= T; reverse, train bools;
+    x2d (T*B, I) input, time-major rows; w_ih_panels, w_hh_panels: W_ihᵀ (I, G*H) and
+    W_hhᵀ (H, G*H) packed in column panels of blocks[0] and blocks[2] columns (see
+    matmul_panels); b_ih, b_hh (G*H,); lengths (B,) int64 with 1 <= len <= T; reverse, train bools;
     h_seq, c_seq (S, B, H) states (c_seq has H = 0 unless LSTM) with the initial state
     already in its slot; acts (T or 1, B, A*H) saved activations; x_proj, h_proj (B, G*H),
     h_new, c_new (B, H) workspaces; out (T, B, D*H) receives h in columns
     out_col:out_col+H, zero past a length. Only rows lo:hi are touched. blocks =
-    (x block_n, x block_k, h block_n, h block_k) for the two GEMMs (see matmul_blocked).
+    (x block_n, x block_k, h block_n, h block_k) for the two GEMMs (see matmul_panels).
 
     Each step projects its own input (x_t·W_ihᵀ) just before the recurrent product, rather
     than all steps in one GEMM up front as DESIGN.md section 4 suggests: in OpenBLAS's
@@ -82,10 +88,10 @@ def forward_sequence(x2d, w_ih_t, w_hh_t, b_ih, b_hh, lengths, reverse, train,
     scalars = np.array((ONE, ZERO, ONE))
     for s in range(T):
         t, prev, nxt, a = forward_step(s, T, reverse, train)
-        matmul_blocked(x2d[t * B + lo:t * B + hi], w_ih_t, x_proj[lo:hi], scalars,
-                       blocks[0], blocks[1])
-        matmul_blocked(h_seq[prev, lo:hi], w_hh_t, h_proj[lo:hi], scalars, blocks[2],
-                       blocks[3])
+        matmul_panels(x2d[t * B + lo:t * B + hi], w_ih_panels, x_proj[lo:hi], scalars,
+                      blocks[0], blocks[1])
+        matmul_panels(h_seq[prev, lo:hi], w_hh_panels, h_proj[lo:hi], scalars, blocks[2],
+                      blocks[3])
         for b in range(lo, hi):
             out_row = out[t, b, out_col:out_col + H]
             if t < lengths[b]:
@@ -108,12 +114,13 @@ def forward_sequence(x2d, w_ih_t, w_hh_t, b_ih, b_hh, lengths, reverse, train,
                     c_seq[nxt, b, j] = c_seq[prev, b, j]
 
 
-def backward_sequence(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, acts,
+def backward_sequence(dout, out_col, w_hh_panels, lengths, reverse, h_seq, c_seq, acts,
                       dgx, dgh_step, dgh_tail, dh, dc, dh_direct, dc_prev, dh_rec, lo, hi,
                       blocks):
     """BPTT through the recurrence of one direction of one layer (training-mode slots).
 
-    dout (T, B, D*H) gradient of the output (columns out_col:out_col+H); w_hh (G*H, H);
+    dout (T, B, D*H) gradient of the output (columns out_col:out_col+H); w_hh_panels: W_hh
+    (G*H, H) packed in column panels of blocks[0] columns (see matmul_panels);
     h_seq, c_seq, acts as saved by forward_sequence; dgx (T, B, G*H) receives the
     pre-activation gradients of the input side, which are also the recurrent side's unless
     the cell has separate gates (S = dgh_tail.shape[2] // H > 0): then dgh_step (B, G*H)
@@ -152,8 +159,8 @@ def backward_sequence(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, acts,
                 for j in range(Hc):
                     dc_prev[b, j] = dc[b, j]
         recurrent_grads = dgh_step if tail else dgx[t]
-        matmul_blocked(recurrent_grads[lo:hi], w_hh, dh_rec[lo:hi], scalars, blocks[0],
-                       blocks[1])
+        matmul_panels(recurrent_grads[lo:hi], w_hh_panels, dh_rec[lo:hi], scalars, blocks[0],
+                      blocks[1])
         for b in range(lo, hi):
             for j in range(tail):
                 dgh_tail[t, b, j] = dgh_step[b, tail_start + j]

@@ -69,7 +69,7 @@ def _compile_kernels(cell_name, dtype):
     spec = cells.CELLS[cell_name]
     tanh, sigmoid = _ACTIVATIONS[dtype]
     version = _source_hash(spec.forward, spec.backward, tanh, sigmoid, slots.forward_step,
-                           slots.backward_step, driver.matmul_blocked,
+                           slots.backward_step, driver.matmul_panels,
                            driver.forward_sequence, driver.backward_sequence)
     suffix = f"{cell_name}_{dtype.name}_{version}"
     bind = scalar_bindings(dtype)
@@ -79,12 +79,12 @@ def _compile_kernels(cell_name, dtype):
     backward_step = njit(inline="always")(
         cells.specialize(slots.backward_step, suffix, forward_step=forward_step))
     ensure_blas()
-    matmul_blocked = njit(inline="always")(cells.specialize(
-        driver.matmul_blocked, suffix, xxgemm=_BLAS().numba_xxgemm(_NUMBA_TYPES[dtype]),
+    matmul_panels = njit(inline="always")(cells.specialize(
+        driver.matmul_panels, suffix, xxgemm=_BLAS().numba_xxgemm(_NUMBA_TYPES[dtype]),
         BLAS_KIND=ord("s" if dtype == np.float32 else "d")))
     driver_bind = dict(cell_forward=unit_forward, cell_backward=unit_backward,
                        forward_step=forward_step, backward_step=backward_step,
-                       matmul_blocked=matmul_blocked, ONE=bind["ONE"], ZERO=bind["ZERO"])
+                       matmul_panels=matmul_panels, ONE=bind["ONE"], ZERO=bind["ZERO"])
     forward = njit(**KERNEL_OPTIONS)(
         cells.specialize(driver.forward_sequence, suffix, **driver_bind))
     backward = njit(**KERNEL_OPTIONS)(
