@@ -2,9 +2,11 @@
 
 Each cell is a pair of *unit* functions that handle hidden unit ``j`` of one batch row:
 
-``forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts)``
-    xg, hg (G*H,): input and recurrent pre-activations of the row (no bias);
-    b_ih, b_hh (G*H,); h_prev, c_prev (H,) state entering the step; writes h_next[j],
+``forward(j, H, pre, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts)``
+    pre (G*H,): pre-activations of the row without bias, W_ih x + W_hh h_prev for the
+    gates whose two sides are summed (all but the last ``separate_gates``), W_ih x alone for
+    the separate ones; hg (G*H,): W_hh h_prev, read only at the separate gates (the GRU's
+    candidate, where the reset gate multiplies the recurrent side); b_ih, b_hh (G*H,); h_prev, c_prev (H,) state entering the step; writes h_next[j],
     c_next[j] and the activations backward needs into acts (A*H,).
 ``backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direct, dc_prev)``
     dh, dc (H,): gradient reaching the state after the step; writes the pre-activation
@@ -44,6 +46,10 @@ class CellSpec:
     @property
     def separate_recurrent_grad(self):
         return self.separate_gates > 0
+
+    def summed_columns(self, H):
+        """Gate columns [0, split) whose input and recurrent pre-activations are summed."""
+        return (self.gates - self.separate_gates) * H
 
 
 CELLS = {

@@ -3,23 +3,23 @@
 acts (5H,): i, f, g, o, tanh(c) of unit j at acts[5j : 5j+5] -- saved so backward computes no
 transcendental.
 """
-from ._math import ONE, ZERO, sigmoid, tanh  # placeholders, rebound by each backend
+from ._math import ONE, ZERO, save, sigmoid, tanh  # placeholders, rebound by each backend
 
 
-def forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
-    i = sigmoid(xg[j] + b_ih[j] + hg[j] + b_hh[j])
-    f = sigmoid(xg[H + j] + b_ih[H + j] + hg[H + j] + b_hh[H + j])
-    g = tanh(xg[2 * H + j] + b_ih[2 * H + j] + hg[2 * H + j] + b_hh[2 * H + j])
-    o = sigmoid(xg[3 * H + j] + b_ih[3 * H + j] + hg[3 * H + j] + b_hh[3 * H + j])
+def forward(j, H, pre, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
+    i = sigmoid(pre[j] + b_ih[j] + b_hh[j])
+    f = sigmoid(pre[H + j] + b_ih[H + j] + b_hh[H + j])
+    g = tanh(pre[2 * H + j] + b_ih[2 * H + j] + b_hh[2 * H + j])
+    o = sigmoid(pre[3 * H + j] + b_ih[3 * H + j] + b_hh[3 * H + j])
     c = f * c_prev[j] + i * g
     tanh_c = tanh(c)
     c_next[j] = c
     h_next[j] = o * tanh_c
-    acts[5 * j] = i
-    acts[5 * j + 1] = f
-    acts[5 * j + 2] = g
-    acts[5 * j + 3] = o
-    acts[5 * j + 4] = tanh_c
+    save(acts, 5 * j, i)
+    save(acts, 5 * j + 1, f)
+    save(acts, 5 * j + 2, g)
+    save(acts, 5 * j + 3, o)
+    save(acts, 5 * j + 4, tanh_c)
 
 
 def backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direct, dc_prev):

@@ -2,8 +2,8 @@
 from ._math import ONE, ZERO, tanh  # placeholders, rebound by each backend
 
 
-def tanh_forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
-    h_next[j] = tanh(xg[j] + b_ih[j] + hg[j] + b_hh[j])
+def tanh_forward(j, H, pre, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
+    h_next[j] = tanh(pre[j] + b_ih[j] + b_hh[j])
 
 
 def tanh_backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direct, dc_prev):
@@ -13,10 +13,10 @@ def tanh_backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direc
     dh_direct[j] = ZERO
 
 
-def relu_forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
-    pre = xg[j] + b_ih[j] + hg[j] + b_hh[j]
+def relu_forward(j, H, pre, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
+    z = pre[j] + b_ih[j] + b_hh[j]
     # Written so that NaN propagates, as in PyTorch (NaN <= 0 is False).
-    h_next[j] = ZERO if pre <= ZERO else pre
+    h_next[j] = ZERO if z <= ZERO else z
 
 
 def relu_backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direct, dc_prev):

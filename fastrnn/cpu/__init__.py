@@ -28,23 +28,27 @@ def gemm_blocks(M, K, N):
     (M*block_n*block_k <= SMALL_GEMM) for OpenBLAS's unpacked small-matrix path, 64 columns
     wide, at least 16 deep; the whole product at once when it is that small already."""
     if M * K * N <= SMALL_GEMM:
-        return N, K
+        return max(1, N), max(1, K)
     block_n = min(N, GEMM_BLOCK_N)
     depth = SMALL_GEMM // (M * block_n) // GEMM_MIN_BLOCK_K * GEMM_MIN_BLOCK_K
     return block_n, min(K, max(GEMM_MIN_BLOCK_K, depth))
 
 
-def pack_panels(b, block_n, key):
-    """b (K, N) (any strides) -> (N*K,) workspace holding, for each n0 in range(0, N,
-    block_n), b[:, n0:n0 + block_n] as a C-contiguous block at offset n0*K: the layout
-    :func:`fastrnn.cpu.driver.matmul_panels` reads (one transposing copy per call, as a plain
-    C-contiguous transpose would cost)."""
-    K, N = b.shape
+def pack_panels(parts, block_n, key):
+    """parts: 2-D arrays (K_i, N) (any strides), stacked along K into b (K, N) -> (N*K,)
+    workspace holding, for each n0 in range(0, N, block_n), b[:, n0:n0 + block_n] as a
+    C-contiguous block at offset n0*K: the layout :func:`fastrnn.cpu.driver.matmul_panels`
+    reads (one transposing copy per call, as a plain C-contiguous transpose would cost)."""
+    K, N = sum(part.shape[0] for part in parts), parts[0].shape[1]
     # Keyed by shape too: the layers of a stack alternate between their shapes.
-    panels = _workspace(key + (K, N), (N * K,), b.dtype)
+    panels = _workspace(key + (K, N), (N * K,), parts[0].dtype)
     for n0 in range(0, N, block_n):
         width = min(block_n, N - n0)
-        panels[n0 * K:(n0 + width) * K].reshape(K, width)[...] = b[:, n0:n0 + width]
+        panel = panels[n0 * K:(n0 + width) * K].reshape(K, width)
+        k0 = 0
+        for part in parts:
+            panel[k0:k0 + part.shape[0]] = part[:, n0:n0 + width]
+            k0 += part.shape[0]
     return panels
 
 
@@ -118,7 +122,8 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     GH = w_hh.shape[0]
     dtype = out.dtype
     Hc = H if cell.has_cell_state else 0
-    forward, _ = get_kernels(cell.name, dtype)
+    kernels = get_kernels(cell.name, dtype)
+    forward = kernels.forward_train if train else kernels.forward_eval
     key = (cell.name, reverse)
     if train:
         h_seq = np.empty((T + 1, B, H), dtype)
@@ -131,27 +136,32 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
         c_seq = _workspace(key + ("c_seq",), (2, B, Hc), dtype)
         acts = _workspace(key + ("acts",), (1, B, cell.saved * H), dtype)
         first, last = 0, T % 2
-    x_proj = _workspace(key + ("x_proj",), (B, GH), dtype)
-    h_proj = _workspace(key + ("h_proj",), (B, GH), dtype)
+    I = x2d.shape[1]
+    split = cell.summed_columns(H)
+    xh = _workspace(key + ("xh",), (B, I + H), dtype)
+    pre = _workspace(key + ("pre",), (B, GH), dtype)
+    hg = _workspace(key + ("hg",), (B, GH), dtype)
     h_new = _workspace(key + ("h_new",), (B, H), dtype)
     c_new = _workspace(key + ("c_new",), (B, Hc), dtype)
     h_seq[first] = h0
     if Hc:
         c_seq[first] = c0
-    I = x2d.shape[1]
     chunks = chunk_bounds(B, T * B * GH * (I + H), threads.MIN_ROWS_PER_CHUNK)
     rows = max(hi - lo for lo, hi in chunks)  # the blocks suit every chunk (none is taller)
-    blocks = gemm_blocks(rows, I, GH) + gemm_blocks(rows, H, GH)
-    w_ih_panels = pack_panels(w_ih.T, blocks[0], key + ("w_ih_panels",))
-    w_hh_panels = pack_panels(w_hh.T, blocks[2], key + ("w_hh_panels",))
+    blocks = (gemm_blocks(rows, I + H, split) + gemm_blocks(rows, I, GH - split)
+              + gemm_blocks(rows, H, GH - split))
+    w_ih_t, w_hh_t = w_ih.T, w_hh.T
+    w_panels = pack_panels((w_ih_t[:, :split], w_hh_t[:, :split]), blocks[0], key + ("w",))
+    w_ih_panels = pack_panels((w_ih_t[:, split:],), blocks[2], key + ("w_ih",))
+    w_hh_panels = pack_panels((w_hh_t[:, split:],), blocks[4], key + ("w_hh",))
 
     def recur(lo, hi):  # batch rows lo:hi through all T steps
-        forward(x2d, w_ih_panels, w_hh_panels, b_ih, b_hh, lengths, reverse, train, h_seq,
-                c_seq, acts, x_proj, h_proj, h_new, c_new, out, out_col, lo, hi, blocks)
+        forward(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, lengths, reverse, train,
+                h_seq, c_seq, acts, xh, pre, hg, h_new, c_new, out, out_col, lo, hi, blocks)
 
     # Small GEMM blocks never start OpenBLAS threads; pinning (about 10 us) is only needed
     # when a chunk is too tall for blocks of SMALL_GEMM.
-    tall = rows * blocks[0] * blocks[1] > SMALL_GEMM or rows * blocks[2] * blocks[3] > SMALL_GEMM
+    tall = any(rows * blocks[i] * blocks[i + 1] > SMALL_GEMM for i in (0, 2, 4))
     with single_threaded_blas if tall else contextlib.nullcontext():
         run_chunks(recur, chunks)
     h_n = h_seq[last].copy()
@@ -172,7 +182,7 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     GH, H = w_hh.shape
     dtype = dout.dtype
     Hc = H if cell.has_cell_state else 0
-    _, backward = get_kernels(cell.name, dtype)
+    backward = get_kernels(cell.name, dtype).backward
     key = (cell.name, saved.reverse)
     dgx = _workspace(key + ("dgx",), (T * B, GH), dtype).reshape(T, B, GH)
     # Only the trailing gates whose recurrent-side gradient differs (the GRU's candidate
@@ -196,7 +206,7 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
 
     recur_chunks = chunk_bounds(B, T * B * GH * H, threads.MIN_ROWS_PER_CHUNK)
     blocks = gemm_blocks(max(hi - lo for lo, hi in recur_chunks), GH, H)
-    w_hh_panels = pack_panels(w_hh, blocks[0], key + ("w_hh_panels_backward",))
+    w_hh_panels = pack_panels((w_hh,), blocks[0], key + ("w_hh_backward",))
 
     def recur(lo, hi):  # batch rows lo:hi back through all T steps
         backward(dout, out_col, w_hh_panels, saved.lengths, saved.reverse, saved.h_seq,

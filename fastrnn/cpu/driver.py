@@ -49,34 +49,40 @@ def matmul_panels(a, panels, c, scalars, block_n, block_k):
     """
     M, K = a.shape
     N = c.shape[1]
+    lda = a.strides[0] // a.itemsize
+    ldc = c.strides[0] // c.itemsize
     for n0 in range(0, N, block_n):
         width = min(block_n, N - n0)
         for k0 in range(0, K, block_k):
             beta = scalars[1:] if k0 == 0 else scalars[2:]
             xxgemm(BLAS_KIND, 110, 110, width, M, min(block_k, K - k0), scalars.ctypes,
-                   panels[n0 * K + k0 * width:].ctypes, width, a[0, k0:].ctypes, K,
-                   beta.ctypes, c[0, n0:].ctypes, N)
+                   panels[n0 * K + k0 * width:].ctypes, width, a[0, k0:].ctypes, lda,
+                   beta.ctypes, c[0, n0:].ctypes, ldc)
 
 
-def forward_sequence(x2d, w_ih_panels, w_hh_panels, b_ih, b_hh, lengths, reverse, train,
-                     h_seq, c_seq, acts, x_proj, h_proj, h_new, c_new, out, out_col, lo, hi,
-                     blocks):
+def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, lengths, reverse,
+                     train, h_seq, c_seq, acts, xh, pre, hg, h_new, c_new, out, out_col, lo,
+                     hi, blocks):
     """Run one direction of one layer over the whole sequence.
 
-    x2d (T*B, I) input, time-major rows; w_ih_panels, w_hh_panels: W_ihᵀ (I, G*H) and
-    W_hhᵀ (H, G*H) packed in column panels of blocks[0] and blocks[2] columns (see
-    matmul_panels); b_ih, b_hh (G*H,); lengths (B,) int64 with 1 <= len <= T; reverse, train bools;
-    h_seq, c_seq (S, B, H) states (c_seq has H = 0 unless LSTM) with the initial state
-    already in its slot; acts (T or 1, B, A*H) saved activations; x_proj, h_proj (B, G*H),
-    h_new, c_new (B, H) workspaces; out (T, B, D*H) receives h in columns
-    out_col:out_col+H, zero past a length. Only rows lo:hi are touched. blocks =
-    (x block_n, x block_k, h block_n, h block_k) for the two GEMMs (see matmul_panels).
+    x2d (T*B, I) input, time-major rows; split = G*H minus the H columns of each separate
+    gate (see fastrnn.cells); w_panels: [W_ih | W_hh]ᵀ[:, :split] ((I+H), split),
+    w_ih_panels: W_ihᵀ[:, split:] (I, G*H - split), w_hh_panels: W_hhᵀ[:, split:]
+    (H, G*H - split), each packed in column panels (see matmul_panels) of blocks[0],
+    blocks[2], blocks[4] columns; b_ih, b_hh (G*H,); lengths (B,) int64 with
+    1 <= len <= T; reverse, train bools; h_seq, c_seq (S, B, H) states (c_seq has H = 0
+    unless LSTM) with the initial state already in its slot; acts (T or 1, B, A*H) saved
+    activations; workspaces xh (B, I+H), pre, hg (B, G*H), h_new, c_new (B, H); out
+    (T, B, D*H) receives h in columns out_col:out_col+H, zero past a length. Only rows
+    lo:hi are touched. blocks = (block_n, block_k) of the three GEMMs in that order.
 
-    Each step projects its own input (x_t·W_ihᵀ) just before the recurrent product, rather
-    than all steps in one GEMM up front as DESIGN.md section 4 suggests: in OpenBLAS's
-    small-matrix blocks the per-step product runs as fast, and the (T*B, G*H) projection
-    never makes a round trip through memory (measured: LSTM 100x64x128x256 eval forward
-    31.4 -> 26.8 ms, 100x32x32x64 1.84 -> 1.49 ms, 50x128x512x512 unchanged).
+    Each step copies [x_t | h_prev] side by side and multiplies it by the stacked weights
+    in one GEMM, whose result is the sum of both sides' pre-activations: the cell reads one
+    array, not two, and nothing is projected ahead. DESIGN.md section 4 suggests projecting
+    all steps' inputs in one GEMM up front; in OpenBLAS's small-matrix blocks the per-step
+    product runs as fast, and the (T*B, G*H) projection never goes through memory
+    (measured: LSTM 100x64x128x256 eval forward 31.4 -> 26.8 ms, 100x32x32x64 1.84 -> 1.49
+    ms, 50x128x512x512 unchanged).
 
     The cell writes the new state into h_new/c_new, not into h_seq/c_seq: LLVM cannot tell
     two slots of one array apart and leaves the unit loop scalar (measured 6x slower).
@@ -85,20 +91,33 @@ def forward_sequence(x2d, w_ih_panels, w_hh_panels, b_ih, b_hh, lengths, reverse
     B = out.shape[1]
     H = h_seq.shape[2]
     Hc = c_seq.shape[2]
+    I = x2d.shape[1]
+    split = w_panels.shape[0] // (I + H)
     scalars = np.array((ONE, ZERO, ONE))
     for s in range(T):
         t, prev, nxt, a = forward_step(s, T, reverse, train)
-        matmul_panels(x2d[t * B + lo:t * B + hi], w_ih_panels, x_proj[lo:hi], scalars,
-                      blocks[0], blocks[1])
-        matmul_panels(h_seq[prev, lo:hi], w_hh_panels, h_proj[lo:hi], scalars, blocks[2],
-                      blocks[3])
+        x_rows = x2d[t * B + lo:t * B + hi]
+        for b in range(lo, hi):
+            row = xh[b]
+            x_row = x2d[t * B + b]
+            for k in range(I):
+                row[k] = x_row[k]
+            for k in range(H):
+                row[I + k] = h_seq[prev, b, k]
+        matmul_panels(xh[lo:hi], w_panels, pre[lo:hi, :split], scalars, blocks[0],
+                      blocks[1])
+        if split < pre.shape[1]:
+            matmul_panels(x_rows, w_ih_panels, pre[lo:hi, split:], scalars, blocks[2],
+                          blocks[3])
+            matmul_panels(h_seq[prev, lo:hi], w_hh_panels, hg[lo:hi, split:], scalars,
+                          blocks[4], blocks[5])
         for b in range(lo, hi):
             out_row = out[t, b, out_col:out_col + H]
             if t < lengths[b]:
                 hn = h_new[b]
                 cn = c_new[b]
                 for j in range(H):
-                    cell_forward(j, H, x_proj[b], h_proj[b], b_ih, b_hh,
+                    cell_forward(j, H, pre[b], hg[b], b_ih, b_hh,
                                  h_seq[prev, b], c_seq[prev, b], hn, cn, acts[a, b])
                 for j in range(H):
                     h_seq[nxt, b, j] = hn[j]

@@ -2,6 +2,7 @@
 import functools
 import hashlib
 import marshal
+from typing import NamedTuple
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -9,7 +10,7 @@ from numba import njit, types
 from numba.np.linalg import _BLAS, ensure_blas
 
 from .. import cells
-from ..cells import slots
+from ..cells import _math, slots
 from . import activations, driver
 
 # fastmath lets LLVM vectorise the pointwise loops; error_model="numpy" removes the
@@ -59,34 +60,60 @@ def scalar_bindings(dtype):
     return dict(ONE=one, ZERO=zero, tanh=tanh_j, sigmoid=sigmoid_j)
 
 
+class Kernels(NamedTuple):
+    """The compiled drivers of one (cell, dtype): forward_sequence keeping the activations
+    backward needs (train) or none (eval), and backward_sequence."""
+
+    forward_train: object
+    forward_eval: object
+    backward: object
+
+
 def get_kernels(cell_name, dtype):
-    """Return (forward_sequence, backward_sequence) compiled for cell_name and dtype."""
+    """Return the :class:`Kernels` of cell_name and dtype (each compiles at its first call)."""
     return _compile_kernels(cell_name, np.dtype(dtype))
+
+
+def _skip_save(acts, k, value):
+    """The eval-mode ``save`` of the cells: nothing is kept."""
 
 
 @functools.lru_cache(maxsize=None)
 def _compile_kernels(cell_name, dtype):
     spec = cells.CELLS[cell_name]
     tanh, sigmoid = _ACTIVATIONS[dtype]
-    version = _source_hash(spec.forward, spec.backward, tanh, sigmoid, slots.forward_step,
-                           slots.backward_step, driver.matmul_panels,
+    version = _source_hash(spec.forward, spec.backward, tanh, sigmoid, _math.save,
+                           slots.forward_step, slots.backward_step, driver.matmul_panels,
                            driver.forward_sequence, driver.backward_sequence)
     suffix = f"{cell_name}_{dtype.name}_{version}"
     bind = scalar_bindings(dtype)
-    unit_forward = njit(inline="always")(cells.specialize(spec.forward, suffix, **bind))
     unit_backward = njit(inline="always")(cells.specialize(spec.backward, suffix, **bind))
     forward_step = njit(inline="always")(cells.specialize(slots.forward_step, suffix))
     backward_step = njit(inline="always")(
         cells.specialize(slots.backward_step, suffix, forward_step=forward_step))
-    ensure_blas()
     matmul_panels = njit(inline="always")(cells.specialize(
-        driver.matmul_panels, suffix, xxgemm=_BLAS().numba_xxgemm(_NUMBA_TYPES[dtype]),
-        BLAS_KIND=ord("s" if dtype == np.float32 else "d")))
-    driver_bind = dict(cell_forward=unit_forward, cell_backward=unit_backward,
-                       forward_step=forward_step, backward_step=backward_step,
-                       matmul_panels=matmul_panels, ONE=bind["ONE"], ZERO=bind["ZERO"])
-    forward = njit(**KERNEL_OPTIONS)(
-        cells.specialize(driver.forward_sequence, suffix, **driver_bind))
-    backward = njit(**KERNEL_OPTIONS)(
-        cells.specialize(driver.backward_sequence, suffix, **driver_bind))
-    return forward, backward
+        driver.matmul_panels, suffix, **_blas_bindings(dtype)))
+    driver_bind = dict(cell_backward=unit_backward, forward_step=forward_step,
+                       backward_step=backward_step, matmul_panels=matmul_panels,
+                       ONE=bind["ONE"], ZERO=bind["ZERO"])
+
+    def forward(mode, save):
+        unit_forward = njit(inline="always")(
+            cells.specialize(spec.forward, f"{suffix}_{mode}", save=save, **bind))
+        return njit(**KERNEL_OPTIONS)(cells.specialize(
+            driver.forward_sequence, f"{suffix}_{mode}", cell_forward=unit_forward,
+            **driver_bind))
+
+    save = njit(inline="always")(cells.specialize(_math.save, suffix))
+    return Kernels(
+        forward_train=forward("train", save),
+        forward_eval=forward("eval", njit(inline="always")(_skip_save)),
+        backward=njit(**KERNEL_OPTIONS)(
+            cells.specialize(driver.backward_sequence, suffix, **driver_bind)))
+
+
+def _blas_bindings(dtype):
+    """Numba's BLAS GEMM entry point for dtype and the kind code it expects."""
+    ensure_blas()
+    return dict(xxgemm=_BLAS().numba_xxgemm(_NUMBA_TYPES[dtype]),
+                BLAS_KIND=ord("s" if dtype == np.float32 else "d"))

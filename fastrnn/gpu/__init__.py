@@ -300,7 +300,7 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     shared_bytes = (GH if hg_shared else 0) * itemsize + (H * GH if w_shared else 0) * itemsize
     _launch(forward_rows, B, _row_threads(GH), shared_bytes,
             x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train), h_seq,
-            c_seq, Hc, acts, hg_ws, out, out_col, w_shared, hg_shared)
+            c_seq, Hc, acts, hg_ws, out, out_col, w_shared, hg_shared, cell.summed_columns(H))
     h_n = _copy(h_seq[last])
     c_n = _copy(c_seq[last]) if Hc else None
     saved = Saved(x2d, lengths, bool(reverse), h_seq, c_seq, acts) if train else None

@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from .. import cells
-from ..cells import slots
+from ..cells import _math, slots
 from ..cells.slots import backward_step, forward_step  # placeholders, rebound per kernel
 
 # Placeholders, rebound per specialisation (the templates below are never compiled unbound).
@@ -41,7 +41,7 @@ ONE = 1.0
 TILE = 16
 
 
-def cell_forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
+def cell_forward(j, H, pre, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
     raise NotImplementedError  # bound per cell
 
 
@@ -63,11 +63,13 @@ def sigmoid(x):
 # ---------------------------------------------------------------------------- recurrence
 
 def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc, acts,
-                 hg_ws, out, out_col, w_shared, hg_shared):
+                 hg_ws, out, out_col, w_shared, hg_shared, split):
     """Whole-sequence forward of one layer-direction; launch with grid (B,), any block size.
 
-    x_proj (T*B, G*H) = x . W_ih^T (no bias); w_t (H*G*H,) = W_hh^T flattened row-major, so
-    thread g reading w_t[k*G*H + g] is coalesced across the warp; b_ih, b_hh (G*H,);
+    x_proj (T*B, G*H) = x . W_ih^T (no bias), a workspace: each step adds the recurrent
+    product into its row's first split columns, the gates whose two sides the cell reads
+    summed (see fastrnn.cells), and leaves the others in hg; w_t (H*G*H,) = W_hh^T
+    flattened row-major, so thread g reading w_t[k*G*H + g] is coalesced across the warp; b_ih, b_hh (G*H,);
     lengths (B,) int64 in [1, T]; h_seq (S, B, H) and c_seq (S, B, H) or (1, 1, 1) hold the
     initial state in its slot; Hc = H for the LSTM, else 0; acts (T or 1, B, A*H) or
     (1, 1, 1); hg_ws (B, G*H) global workspace for the recurrent product when it is not kept
@@ -101,13 +103,16 @@ def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq,
         # t < length is the same for every thread of the block, so the barriers inside the
         # branch are reached by all of them.
         if t < length:
+            xg = x_proj[t * B + b]
             for g in range(tid, GH, nthreads):
                 acc = ZERO
                 for k in range(H):
                     acc += w[k * GH + g] * h_prev[k]
-                hg[g] = acc
+                if g < split:
+                    xg[g] += acc
+                else:
+                    hg[g] = acc
             cuda.syncthreads()
-            xg = x_proj[t * B + b]
             ac = acts[clamp(a, acts.shape[0]), clamp(b, acts.shape[1])]
             for j in range(tid, H, nthreads):
                 cell_forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, ac)
@@ -331,7 +336,9 @@ def scalar_bindings(dtype):
         one, zero = dtype.type(1), dtype.type(0)
         suffix = f"gpu_{dtype.name}"
         sig = _device(sigmoid, suffix, ONE=one)
-        return dict(ONE=one, ZERO=zero, DTYPE=_numba_type(dtype), tanh=math.tanh, sigmoid=sig)
+        save = _device(_math.save, suffix)
+        return dict(ONE=one, ZERO=zero, DTYPE=_numba_type(dtype), tanh=math.tanh, sigmoid=sig,
+                    save=save)
     return _compiled(("scalars", dtype), build)
 
 
@@ -342,8 +349,9 @@ def recurrence_kernels(cell_name, dtype):
 
     def build():
         bind = scalar_bindings(dtype)
-        version = source_hash(spec.forward, spec.backward, sigmoid, clamp, forward_rows,
-                              backward_rows, slots.forward_step, slots.backward_step)
+        version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp,
+                              forward_rows, backward_rows, slots.forward_step,
+                              slots.backward_step)
         suffix = f"{cell_name}_{dtype.name}_{version}"
         unit_forward = _device(spec.forward, suffix, **bind)
         unit_backward = _device(spec.backward, suffix, **bind)
