@@ -17,8 +17,11 @@ from . import activations, driver
 # zero-division check that would otherwise sit in every division (DESIGN.md section 4);
 # nogil lets fastrnn.cpu run row chunks of one call on several threads.
 # The fast-math flags leave out "nnan"/"ninf": with them LLVM may assume no NaN exists and
-# turn tanh(NaN) into -1, hiding NaN from the caller; PyTorch propagates it, so do we.
-FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# turn tanh(NaN) into -1, hiding NaN from the caller; PyTorch propagates it, so do we. They
+# leave out "reassoc" too: the train and eval forward kernels are compiled separately, and
+# with it LLVM reorders their additions differently (float64 outputs 1 ulp apart); the
+# loops have no reductions, so it bought no speed (measured).
+FASTMATH = {"nsz", "arcp", "contract", "afn"}
 KERNEL_OPTIONS = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
 
 # A cell's unit loop touches up to ~11 arrays whose data pointers LLVM cannot prove distinct,
