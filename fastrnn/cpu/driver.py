@@ -43,8 +43,8 @@ def matmul_panels(a, panels, c, scalars, block_n, block_k):
     step) that packing dominates; blocks with M*block_n*block_k <= 2**19 take its
     small-matrix path instead ((32, 256)·(256, 1024): 235 -> 149 us; (64, 512)·(512, 2048):
     1577 -> 1239 us). Panels give each block a short row stride (width, not N): a power-of-
-    two N made the rows of a block collide in the caches (64 rows, (64, 512)·(512, 2048),
-    2 threads: 212 -> 225 GFLOP/s). scalars holds (1, 0, 1) in the dtype (alpha, first beta,
+    two N made the rows of a block collide in the caches (benchmarks/gemm_blocks.py: 64 rows,
+    (64, 512)·(512, 2048), 2 threads: 206 -> 224 GFLOP/s). scalars holds (1, 0, 1) in the dtype (alpha, first beta,
     later beta); BLAS is column-major, so each call computes a block of cᵀ = bᵀ·aᵀ.
     """
     M, K = a.shape
@@ -96,24 +96,22 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
     scalars = np.array((ONE, ZERO, ONE))
     for s in range(T):
         t, prev, nxt, a = forward_step(s, T, reverse, train)
-        x_rows = x2d[t * B + lo:t * B + hi]
         for b in range(lo, hi):
             row = xh[b]
             x_row = x2d[t * B + b]
             for k in range(I):
                 row[k] = x_row[k]
-            h_row = h_seq[prev, b]
+            h_row = h_seq[prev, b]  # a 1-D view: on h_seq[prev, b, k] the loop stayed scalar
             for k in range(H):
                 row[I + k] = h_row[k]
         matmul_panels(xh[lo:hi], w_panels, pre[lo:hi, :split], scalars, blocks[0],
                       blocks[1])
         if split < pre.shape[1]:
-            matmul_panels(x_rows, w_ih_panels, pre[lo:hi, split:], scalars, blocks[2],
-                          blocks[3])
+            matmul_panels(x2d[t * B + lo:t * B + hi], w_ih_panels, pre[lo:hi, split:],
+                          scalars, blocks[2], blocks[3])
             matmul_panels(h_seq[prev, lo:hi], w_hh_panels, hg[lo:hi, split:], scalars,
                           blocks[4], blocks[5])
         for b in range(lo, hi):
-            # 1-D views: the copy loops vectorise on them, not on 3-D indexing (measured).
             out_row = out[t, b, out_col:out_col + H]
             h_prev, h_next = h_seq[prev, b], h_seq[nxt, b]
             c_prev, c_next = c_seq[prev, b], c_seq[nxt, b]
