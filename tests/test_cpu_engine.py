@@ -60,6 +60,45 @@ def test_blocked_per_step_gemm_matches_single_call(cell, monkeypatch):
         assert_close(blocked[2][name], whole[2][name], name=name, **tol)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_units_split_between_threads_match_whole(cell, dtype, monkeypatch):
+    """With too few batch rows to split, long sequences split the hidden units between two
+    threads that wait for each other every step; uneven parts, lengths, both directions,
+    two layers, train and eval give the same results as one thread."""
+    def run():
+        train = _run(cell, dtype, B=3)
+        layer = make_layer(cell, 5, 6, num_layers=2, bidirectional=True, dtype=dtype, seed=0)
+        x = np.random.default_rng(0).standard_normal((7, 3, 5)).astype(dtype)
+        return train + (layer.eval()(x, lengths=[7, 2, 5])[0],)
+
+    whole = run()
+    monkeypatch.setattr(cpu, "MIN_SPLIT_BYTES", 0)
+    monkeypatch.setattr(cpu, "GEMM_BLOCK_BYTES", 0)
+    monkeypatch.setattr(cpu, "UNIT_PART_MULTIPLE", 2)
+    monkeypatch.setattr(threads, "num_threads", lambda: 2)
+    assert cpu.unit_parts(7, 1, 3, 11, 24, 6, 8) == [(0, 2), (2, 6)]
+    split = run()
+    tol = PARITY[np.dtype(dtype)]
+    for got, want, name in zip(split[:2] + split[3:], whole[:2] + whole[3:],
+                               ("out", "dx", "eval out")):
+        assert_close(got, want, name=name, **tol)
+    for name in whole[2]:
+        assert_close(split[2][name], whole[2][name], name=name, **tol)
+
+
+def test_units_split_only_when_it_pays(monkeypatch):
+    monkeypatch.setattr(threads, "num_threads", lambda: 2)
+    monkeypatch.setattr(cpu, "GEMM_BLOCK_BYTES", 32768)
+    # LSTM(32, 64), B = 1: at T = 200 the dispatch costs more than the split saves.
+    assert cpu.unit_parts(200, 1, 1, 96, 256, 64, 4) == [(0, 64)]
+    assert cpu.unit_parts(2000, 1, 1, 96, 256, 64, 4) == [(0, 32), (32, 64)]
+    assert cpu.unit_parts(2000, 2, 1, 96, 256, 64, 4) == [(0, 64)]  # rows split already
+    assert cpu.unit_parts(2000, 1, 8, 96, 256, 64, 4) == [(0, 64)]  # enough rows
+    monkeypatch.setattr(threads, "num_threads", lambda: 1)
+    assert cpu.unit_parts(2000, 1, 1, 96, 256, 64, 4) == [(0, 64)]
+
+
 def test_same_inputs_same_bits(force_chunks):
     first, second = _run("lstm", "float32"), _run("lstm", "float32")
     assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])

@@ -3,8 +3,8 @@
 The simulator runs kernels as Python and checks no types; this test runs the real Numba-CUDA
 compiler (type inference, lowering, NVVM) on each kernel with the argument types the backend
 passes, and checks that float32 kernels do no float64 arithmetic (a bare Python float in a
-kernel would silently promote). It needs numba-cuda with NVVM (the cuda-toolkit wheels, e.g.
-``pip install "numba-cuda[cu13]"``) and skips otherwise, and under the simulator.
+kernel would silently promote). It needs numba-cuda with NVVM and NVRTC (the cuda-toolkit
+wheels, e.g. ``pip install "numba-cuda[cu13]"``) and skips otherwise, and under the simulator.
 """
 import re
 import types as pytypes
@@ -28,6 +28,13 @@ def _compiler():
         nvvm.NVVM()
     except Exception as exc:  # no libNVVM: the compiler cannot run here
         pytest.skip(f"NVVM not available: {exc}")
+    try:  # newer numba-cuda (0.30) also links NVRTC-compiled shims into every kernel
+        from numba.cuda.cudadrv import nvrtc
+        nvrtc._get_nvrtc_version()
+    except ImportError:
+        pass  # older numba-cuda: NVVM alone compiles
+    except Exception as exc:
+        pytest.skip(f"NVRTC not available: {exc}")
     return cuda, dispatcher
 
 

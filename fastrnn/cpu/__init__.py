@@ -11,6 +11,7 @@ import numpy as np
 
 from . import threads
 from .kernels import get_kernels
+from .driver import SYNC_STRIDE
 from .threads import chunk_bounds, run_chunks, single_threaded_blas
 
 name = "cpu"
@@ -61,6 +62,69 @@ def gemm_blocks(M, K, N, itemsize=4):
     depth = min(SMALL_GEMM // (M * block_n), GEMM_BLOCK_BYTES // (block_n * itemsize))
     depth = depth // GEMM_MIN_BLOCK_K * GEMM_MIN_BLOCK_K
     return block_n, min(K, max(GEMM_MIN_BLOCK_K, depth))
+
+
+# Units of one sequence are split between threads (see unit_parts) in multiples of this many,
+# whole vectors of float32 for the pointwise loop,
+UNIT_PART_MULTIPLE = 16
+# and only when a sequence streams at least this many weight bytes (T * weights): the second
+# thread costs a dispatch (about 90 us through the pool here) and the packing of its weights
+# per call. Measured (LSTM eval, B = 1, split / whole, in-process A/B): T=200 (32, 64)
+# 0.88x, T=600 (32, 64) 1.31x, T=200 (64, 128) 1.35x, T=2000 (32, 64) 1.27x.
+MIN_SPLIT_BYTES = 1 << 25
+
+
+def unit_parts(T, row_chunks, B, K, GH, H, itemsize):
+    """[(u0, u1)] unit ranges that threads share in a forward of T steps with (K, GH)
+    stacked weights: one (all H units) unless the batch rows did not split (row_chunks ==
+    1) because there are too few (B < 2*MIN_ROWS_PER_CHUNK), several threads are allowed,
+    and the weights outgrow L1. Then each step is a GEMV reading all the weights from L2; in
+    halves they mostly stay in each core's L1 (a GEMV (1, 96)·(96, 256): 1.55 us,
+    (1, 96)·(96, 128): 0.60 us).
+
+    Two parts at most: the parts of a call wait for each other, so with more, concurrent
+    calls could fill the pool with partial groups all waiting for a queued member; with two,
+    a call needs one pool thread and its other part runs on the caller's thread."""
+    parts = min(2, threads.num_threads(), H // UNIT_PART_MULTIPLE)
+    weight_bytes = K * GH * itemsize
+    if (row_chunks > 1 or B >= 2 * threads.MIN_ROWS_PER_CHUNK or parts < 2
+            or weight_bytes <= 3 * GEMM_BLOCK_BYTES // 2 or T * weight_bytes < MIN_SPLIT_BYTES):
+        return [(0, H)]
+    bounds = [k * H // parts // UNIT_PART_MULTIPLE * UNIT_PART_MULTIPLE for k in range(parts)]
+    return list(zip(bounds, bounds[1:] + [H]))
+
+
+class _ForwardPart:
+    """What the forward of the units u0:u1 reads (see driver.forward_sequence): its gate
+    columns of the weights, in panels, and of the biases; its GEMM blocks for chunks of
+    ``rows`` batch rows; its workspaces for B rows."""
+
+    def __init__(self, cell, B, I, w_ih, w_hh, b_ih, b_hh, rows, u0, u1, key):
+        GH, H = w_hh.shape
+        P = u1 - u0
+        dtype = w_hh.dtype
+        if P == H:
+            w_ih_t, w_hh_t = w_ih.T, w_hh.T
+            self.b_ih, self.b_hh = b_ih, b_hh
+        else:  # the G gate blocks of these units, side by side
+            columns = (np.arange(GH // H)[:, None] * H + np.arange(u0, u1)).ravel()
+            w_ih_t, w_hh_t = w_ih[columns].T, w_hh[columns].T
+            self.b_ih, self.b_hh = b_ih[columns], b_hh[columns]
+        GP = w_ih_t.shape[1]
+        split = cell.summed_columns(P)
+        size = dtype.itemsize
+        self.blocks = (gemm_blocks(rows, I + H, split, size)
+                       + gemm_blocks(rows, I, GP - split, size)
+                       + gemm_blocks(rows, H, GP - split, size))
+        self.w_panels = pack_panels((w_ih_t[:, :split], w_hh_t[:, :split]), self.blocks[0],
+                                    key + ("w",))
+        self.w_ih_panels = pack_panels((w_ih_t[:, split:],), self.blocks[2], key + ("w_ih",))
+        self.w_hh_panels = pack_panels((w_hh_t[:, split:],), self.blocks[4], key + ("w_hh",))
+        self.xh = _workspace(key + ("xh",), (B, I + H), dtype)
+        self.pre = _workspace(key + ("pre",), (B, GP), dtype)
+        self.hg = _workspace(key + ("hg",), (B, GP), dtype)
+        self.h_new = _workspace(key + ("h_new",), (B, P), dtype)
+        self.c_new = _workspace(key + ("c_new",), (B, P if cell.has_cell_state else 0), dtype)
 
 
 def pack_panels(parts, block_n, key):
@@ -165,35 +229,33 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
         c_seq = _workspace(key + ("c_seq",), (2, B, Hc), dtype)
         acts = _workspace(key + ("acts",), (1, B, cell.saved * H), dtype)
         first, last = 0, T % 2
-    I = x2d.shape[1]
-    split = cell.summed_columns(H)
-    xh = _workspace(key + ("xh",), (B, I + H), dtype)
-    pre = _workspace(key + ("pre",), (B, GH), dtype)
-    hg = _workspace(key + ("hg",), (B, GH), dtype)
-    h_new = _workspace(key + ("h_new",), (B, H), dtype)
-    c_new = _workspace(key + ("c_new",), (B, Hc), dtype)
     h_seq[first] = h0
     if Hc:
         c_seq[first] = c0
+    I = x2d.shape[1]
     chunks = chunk_bounds(B, T * B * GH * (I + H), threads.MIN_ROWS_PER_CHUNK)
+    parts = unit_parts(T, len(chunks), B, I + H, GH, H, dtype.itemsize)
     rows = max(hi - lo for lo, hi in chunks)  # the blocks suit every chunk (none is taller)
-    size = dtype.itemsize
-    blocks = (gemm_blocks(rows, I + H, split, size) + gemm_blocks(rows, I, GH - split, size)
-              + gemm_blocks(rows, H, GH - split, size))
-    w_ih_t, w_hh_t = w_ih.T, w_hh.T
-    w_panels = pack_panels((w_ih_t[:, :split], w_hh_t[:, :split]), blocks[0], key + ("w",))
-    w_ih_panels = pack_panels((w_ih_t[:, split:],), blocks[2], key + ("w_ih",))
-    w_hh_panels = pack_panels((w_hh_t[:, split:],), blocks[4], key + ("w_hh",))
+    runs = [_ForwardPart(cell, B, I, w_ih, w_hh, b_ih, b_hh, rows, u0, u1, key + (u0,))
+            for u0, u1 in parts]
+    sync = np.zeros(len(parts) * SYNC_STRIDE, np.int64)
 
-    def recur(lo, hi):  # batch rows lo:hi through all T steps
-        forward(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, lengths, reverse, train,
-                h_seq, c_seq, acts, xh, pre, hg, h_new, c_new, out, out_col, lo, hi, blocks)
+    def recur(lo, hi, part=0):  # batch rows lo:hi, units of parts[part], through all T steps
+        run = runs[part]
+        forward(x2d, run.w_panels, run.w_ih_panels, run.w_hh_panels, run.b_ih, run.b_hh,
+                lengths, reverse, train, h_seq, c_seq, acts, run.xh, run.pre, run.hg,
+                run.h_new, run.c_new, out, out_col, lo, hi, run.blocks, parts[part][0], sync,
+                part)
 
     # Small GEMM blocks never start OpenBLAS threads; pinning (about 10 us) is only needed
     # when a chunk is too tall for blocks of SMALL_GEMM.
-    tall = any(rows * blocks[i] * blocks[i + 1] > SMALL_GEMM for i in (0, 2, 4))
+    tall = any(rows * run.blocks[i] * run.blocks[i + 1] > SMALL_GEMM
+               for run in runs for i in (0, 2, 4))
     with single_threaded_blas if tall else contextlib.nullcontext():
-        run_chunks(recur, chunks)
+        if len(parts) > 1:  # every part runs every row, at once (they wait for each other)
+            run_chunks(lambda part, _: recur(0, B, part), [(p, p + 1) for p in range(len(parts))])
+        else:
+            run_chunks(recur, chunks)
     h_n = h_seq[last].copy()
     c_n = c_seq[last].copy() if Hc else None
     saved = Saved(x2d, lengths, reverse, h_seq, c_seq, acts) if train else None

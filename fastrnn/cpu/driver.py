@@ -13,6 +13,9 @@ Time slots: see :mod:`fastrnn.cells.slots` (``forward_step``/``backward_step`` a
 compiled form, as the cell functions are).
 """
 import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ..cells._math import ONE, ZERO
 from ..cells.slots import backward_step, forward_step
@@ -33,6 +36,46 @@ def xxgemm(kind, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
 BLAS_KIND = 0  # bound: ord("s") for float32, ord("d") for float64
 
 
+# int64 slots between two parts' progress counters in a sync array (one cache line apart, so
+# the spinning reader of one counter does not keep stealing the line the other part writes).
+SYNC_STRIDE = 16
+
+
+@intrinsic
+def _store_release(typingctx, array, index, value):
+    """array[index] = value (int64), as an atomic release store: the writes before it are
+    visible to a thread that sees the value."""
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, value=args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1]])
+        builder.store_atomic(args[2], pointer, "release", 8)
+        return context.get_dummy_value()
+    return types.void(array, index, types.int64), codegen
+
+
+@intrinsic
+def _load_acquire(typingctx, array, index):
+    """array[index] (int64) as an atomic acquire load: a plain load could be hoisted out of a
+    spin loop."""
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, value=args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1]])
+        return builder.load_atomic(pointer, "acquire", 8)
+    return types.int64(array, index), codegen
+
+
+def wait_for_parts(sync, part, steps):
+    """Barrier between the parts of one sequence: record that this part has finished
+    ``steps`` steps, then spin until every other part has too. sync (parts*SYNC_STRIDE,)
+    int64, zeroed before the parts start; a single part returns at once."""
+    _store_release(sync, part * SYNC_STRIDE, steps)
+    for other in range(sync.shape[0] // SYNC_STRIDE):
+        while _load_acquire(sync, other * SYNC_STRIDE) < steps:
+            pass
+
+
 def matmul_panels(a, panels, c, scalars, block_n, block_k):
     """c (M, N) = a (M, K) · b (K, N), where b is stored as column panels (see
     :func:`fastrnn.cpu.pack_panels`): panels (N*K,) holds, for each n0 in range(0, N,
@@ -44,8 +87,8 @@ def matmul_panels(a, panels, c, scalars, block_n, block_k):
     small-matrix path instead ((32, 256)·(256, 1024): 235 -> 149 us; (64, 512)·(512, 2048):
     1577 -> 1239 us). Panels give each block a short row stride (width, not N): a power-of-
     two N made the rows of a block collide in the caches (benchmarks/gemm_blocks.py: 64 rows,
-    (64, 512)·(512, 2048), 2 threads: 206 -> 224 GFLOP/s). scalars holds (1, 0, 1) in the dtype (alpha, first beta,
-    later beta); BLAS is column-major, so each call computes a block of cᵀ = bᵀ·aᵀ.
+    (64, 512)·(512, 2048), 2 threads: 206 -> 224 GFLOP/s). scalars holds (1, 0, 1) in the
+    dtype (alpha, first beta, later beta); BLAS is column-major, so each call computes a block of cᵀ = bᵀ·aᵀ.
     """
     M, K = a.shape
     N = c.shape[1]
@@ -62,19 +105,22 @@ def matmul_panels(a, panels, c, scalars, block_n, block_k):
 
 def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, lengths, reverse,
                      train, h_seq, c_seq, acts, xh, pre, hg, h_new, c_new, out, out_col, lo,
-                     hi, blocks):
-    """Run one direction of one layer over the whole sequence.
+                     hi, blocks, u0, sync, part):
+    """Run one direction of one layer over the whole sequence, for the batch rows lo:hi and
+    the hidden units u0:u0+P (P = h_new.shape[1]; all H units unless the units are split
+    between threads, see below).
 
-    x2d (T*B, I) input, time-major rows; split = G*H minus the H columns of each separate
-    gate (see fastrnn.cells); w_panels: [W_ih | W_hh]ᵀ[:, :split] ((I+H), split),
-    w_ih_panels: W_ihᵀ[:, split:] (I, G*H - split), w_hh_panels: W_hhᵀ[:, split:]
-    (H, G*H - split), each packed in column panels (see matmul_panels) of blocks[0],
-    blocks[2], blocks[4] columns; b_ih, b_hh (G*H,); lengths (B,) int64 with
+    x2d (T*B, I) input, time-major rows; split = G*P minus the P columns of each separate
+    gate (see fastrnn.cells); the weights hold only the gate columns of units u0:u0+P, in
+    gate order, G blocks of P: w_panels: [W_ih | W_hh]ᵀ[:, :split] ((I+H), split),
+    w_ih_panels: W_ihᵀ[:, split:] (I, G*P - split), w_hh_panels: W_hhᵀ[:, split:]
+    (H, G*P - split), each packed in column panels (see matmul_panels) of blocks[0],
+    blocks[2], blocks[4] columns; b_ih, b_hh (G*P,) likewise; lengths (B,) int64 with
     1 <= len <= T; reverse, train bools; h_seq, c_seq (S, B, H) states (c_seq has H = 0
     unless LSTM) with the initial state already in its slot; acts (T or 1, B, A*H) saved
-    activations; workspaces xh (B, I+H), pre, hg (B, G*H), h_new, c_new (B, H); out
-    (T, B, D*H) receives h in columns out_col:out_col+H, zero past a length. Only rows
-    lo:hi are touched. blocks = (block_n, block_k) of the three GEMMs in that order.
+    activations; workspaces xh (B, I+H), pre, hg (B, G*P), h_new, c_new (B, P) (c_new
+    (B, 0) unless LSTM); out (T, B, D*H) receives h in columns out_col:out_col+H, zero past
+    a length. blocks = (block_n, block_k) of the three GEMMs in that order.
 
     Each step copies [x_t | h_prev] side by side and multiplies it by the stacked weights
     in one GEMM, whose result is the sum of both sides' pre-activations: the cell reads one
@@ -84,13 +130,22 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
     (measured: LSTM 100x64x128x256 eval forward 31.4 -> 26.8 ms, 100x32x32x64 1.84 -> 1.49
     ms, 50x128x512x512 unchanged).
 
+    Split units: with one batch row or a few, a step is one GEMV whose weights outgrow L1;
+    the threads then share the units instead of the rows (sync (parts*SYNC_STRIDE,) int64
+    zeros, part = this thread's index): each reads only its units' weights, and after each
+    step waits until every part has written its units of h (:func:`wait_for_parts`) before
+    the next step reads all of h_prev. With one part (sync.shape[0] == SYNC_STRIDE) that
+    wait is a single store.
+
     The cell writes the new state into h_new/c_new, not into h_seq/c_seq: LLVM cannot tell
     two slots of one array apart and leaves the unit loop scalar (measured 6x slower).
     """
     T = out.shape[0]
     B = out.shape[1]
     H = h_seq.shape[2]
-    Hc = c_seq.shape[2]
+    P = h_new.shape[1]
+    Pc = c_new.shape[1]
+    saved_per_unit = acts.shape[2] // H
     I = x2d.shape[1]
     split = w_panels.shape[0] // (I + H)
     scalars = np.array((ONE, ZERO, ONE))
@@ -112,27 +167,29 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
             matmul_panels(h_seq[prev, lo:hi], w_hh_panels, hg[lo:hi, split:], scalars,
                           blocks[4], blocks[5])
         for b in range(lo, hi):
-            out_row = out[t, b, out_col:out_col + H]
-            h_prev, h_next = h_seq[prev, b], h_seq[nxt, b]
-            c_prev, c_next = c_seq[prev, b], c_seq[nxt, b]
+            out_row = out[t, b, out_col + u0:out_col + u0 + P]
+            h_prev, h_next = h_seq[prev, b, u0:u0 + P], h_seq[nxt, b, u0:u0 + P]
+            c_prev, c_next = c_seq[prev, b, u0:u0 + Pc], c_seq[nxt, b, u0:u0 + Pc]
             if t < lengths[b]:
                 hn = h_new[b]
                 cn = c_new[b]
-                for j in range(H):
-                    cell_forward(j, H, pre[b], hg[b], b_ih, b_hh, h_prev, c_prev, hn, cn,
-                                 acts[a, b])
-                for j in range(H):
+                unit_acts = acts[a, b, saved_per_unit * u0:saved_per_unit * (u0 + P)]
+                for j in range(P):
+                    cell_forward(j, P, pre[b], hg[b], b_ih, b_hh, h_prev, c_prev, hn, cn,
+                                 unit_acts)
+                for j in range(P):
                     h_next[j] = hn[j]
                     out_row[j] = hn[j]
-                for j in range(Hc):
+                for j in range(Pc):
                     c_next[j] = cn[j]
             else:
                 # Past this row's length the state is carried unchanged and the output is 0.
-                for j in range(H):
+                for j in range(P):
                     h_next[j] = h_prev[j]
                     out_row[j] = ZERO
-                for j in range(Hc):
+                for j in range(Pc):
                     c_next[j] = c_prev[j]
+        wait_for_parts(sync, part, s + 1)
 
 
 def backward_sequence(dout, out_col, w_hh_panels, lengths, reverse, h_seq, c_seq, acts,

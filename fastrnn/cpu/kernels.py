@@ -87,7 +87,8 @@ def _compile_kernels(cell_name, dtype):
     tanh, sigmoid = _ACTIVATIONS[dtype]
     version = _source_hash(spec.forward, spec.backward, tanh, sigmoid, _math.save,
                            slots.forward_step, slots.backward_step, driver.matmul_panels,
-                           driver.forward_sequence, driver.backward_sequence)
+                           driver.wait_for_parts, driver.forward_sequence,
+                           driver.backward_sequence)
     suffix = f"{cell_name}_{dtype.name}_{version}"
     bind = scalar_bindings(dtype)
     unit_backward = njit(inline="always")(cells.specialize(spec.backward, suffix, **bind))
@@ -98,7 +99,7 @@ def _compile_kernels(cell_name, dtype):
         driver.matmul_panels, suffix, **_blas_bindings(dtype)))
     driver_bind = dict(cell_backward=unit_backward, forward_step=forward_step,
                        backward_step=backward_step, matmul_panels=matmul_panels,
-                       ONE=bind["ONE"], ZERO=bind["ZERO"])
+                       wait_for_parts=_wait_for_parts(), ONE=bind["ONE"], ZERO=bind["ZERO"])
 
     def forward(mode, save):
         unit_forward = njit(inline="always")(
@@ -113,6 +114,11 @@ def _compile_kernels(cell_name, dtype):
         forward_eval=forward("eval", njit(inline="always")(_skip_save)),
         backward=njit(**KERNEL_OPTIONS)(
             cells.specialize(driver.backward_sequence, suffix, **driver_bind)))
+
+
+@functools.lru_cache(maxsize=1)
+def _wait_for_parts():
+    return njit(inline="always")(driver.wait_for_parts)
 
 
 def _blas_bindings(dtype):
