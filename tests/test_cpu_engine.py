@@ -74,7 +74,7 @@ def test_units_split_between_threads_match_whole(cell, dtype, monkeypatch):
 
     whole = run()
     monkeypatch.setattr(cpu, "MIN_SPLIT_BYTES", 0)
-    monkeypatch.setattr(cpu, "GEMM_BLOCK_BYTES", 0)
+    monkeypatch.setattr(cpu, "L1_DATA_BYTES", 0)
     monkeypatch.setattr(cpu, "UNIT_PART_MULTIPLE", 2)
     monkeypatch.setattr(threads, "num_threads", lambda: 2)
     assert cpu.unit_parts(7, 1, 3, 11, 24, 6, 8) == [(0, 2), (2, 6)]
@@ -89,14 +89,16 @@ def test_units_split_between_threads_match_whole(cell, dtype, monkeypatch):
 
 def test_units_split_only_when_it_pays(monkeypatch):
     monkeypatch.setattr(threads, "num_threads", lambda: 2)
-    monkeypatch.setattr(cpu, "GEMM_BLOCK_BYTES", 32768)
-    # LSTM(32, 64), B = 1: at T = 200 the dispatch costs more than the split saves.
-    assert cpu.unit_parts(200, 1, 1, 96, 256, 64, 4) == [(0, 64)]
-    assert cpu.unit_parts(2000, 1, 1, 96, 256, 64, 4) == [(0, 32), (32, 64)]
-    assert cpu.unit_parts(2000, 2, 1, 96, 256, 64, 4) == [(0, 64)]  # rows split already
-    assert cpu.unit_parts(2000, 1, 8, 96, 256, 64, 4) == [(0, 64)]  # enough rows
-    monkeypatch.setattr(threads, "num_threads", lambda: 1)
+    monkeypatch.setattr(cpu, "L1_DATA_BYTES", 49152)
+    # LSTM(64, 128), B = 1: 393 KB of weights, 8 L1s.
+    assert cpu.unit_parts(200, 1, 1, 192, 512, 128, 4) == [(0, 64), (64, 128)]
+    assert cpu.unit_parts(20, 1, 1, 192, 512, 128, 4) == [(0, 128)]  # too short to pay
+    assert cpu.unit_parts(200, 2, 1, 192, 512, 128, 4) == [(0, 128)]  # rows split already
+    assert cpu.unit_parts(200, 1, 8, 192, 512, 128, 4) == [(0, 128)]  # enough rows
+    # LSTM(32, 64): 98 KB, two L1s.
     assert cpu.unit_parts(2000, 1, 1, 96, 256, 64, 4) == [(0, 64)]
+    monkeypatch.setattr(threads, "num_threads", lambda: 1)
+    assert cpu.unit_parts(200, 1, 1, 192, 512, 128, 4) == [(0, 128)]
 
 
 def test_same_inputs_same_bits(force_chunks):

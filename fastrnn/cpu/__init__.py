@@ -47,7 +47,8 @@ def _l1_data_bytes(default=32768):
 # in L1: two thirds of it, leaving room for the rows and results streaming past. Measured on
 # a 48 KiB-L1 Xeon, LSTM(128, 256) eval at 100x64: 64 x 256 blocks (64 KiB) 26.1 ms, 64 x 128
 # (32 KiB) 22.5 ms (tmp A/B in one process; 24 and 40 KiB within noise of 32, 48 KiB slower).
-GEMM_BLOCK_BYTES = _l1_data_bytes() * 2 // 3
+L1_DATA_BYTES = _l1_data_bytes()
+GEMM_BLOCK_BYTES = L1_DATA_BYTES * 2 // 3
 
 
 def gemm_blocks(M, K, N, itemsize=4):
@@ -67,10 +68,13 @@ def gemm_blocks(M, K, N, itemsize=4):
 # Units of one sequence are split between threads (see unit_parts) in multiples of this many,
 # whole vectors of float32 for the pointwise loop,
 UNIT_PART_MULTIPLE = 16
+# only when the stacked weights are at least this many times the L1 data cache (a step then
+# streams them from L2, and two cores stream half each; measured with
+# benchmarks/cpu_rules.py: LSTM(64, 128) eval at T = 200, 393 KB of weights, 1.3x faster;
+# LSTM(32, 64), 98 KB, gained or lost by turns, within this VM's noise),
+MIN_SPLIT_L1_MULTIPLE = 4
 # and only when a sequence streams at least this many weight bytes (T * weights): the second
-# thread costs a dispatch (about 90 us through the pool here) and the packing of its weights
-# per call. Measured (LSTM eval, B = 1, split / whole, in-process A/B): T=200 (32, 64)
-# 0.88x, T=600 (32, 64) 1.31x, T=200 (64, 128) 1.35x, T=2000 (32, 64) 1.27x.
+# thread costs a dispatch (about 90 us through the pool here) and a packing of its weights.
 MIN_SPLIT_BYTES = 1 << 25
 
 
@@ -78,9 +82,7 @@ def unit_parts(T, row_chunks, B, K, GH, H, itemsize):
     """[(u0, u1)] unit ranges that threads share in a forward of T steps with (K, GH)
     stacked weights: one (all H units) unless the batch rows did not split (row_chunks ==
     1) because there are too few (B < 2*MIN_ROWS_PER_CHUNK), several threads are allowed,
-    and the weights outgrow L1. Then each step is a GEMV reading all the weights from L2; in
-    halves they mostly stay in each core's L1 (a GEMV (1, 96)·(96, 256): 1.55 us,
-    (1, 96)·(96, 128): 0.60 us).
+    and the weights are large and streamed often enough (see MIN_SPLIT_L1_MULTIPLE).
 
     Two parts at most: the parts of a call wait for each other, so with more, concurrent
     calls could fill the pool with partial groups all waiting for a queued member; with two,
@@ -88,7 +90,8 @@ def unit_parts(T, row_chunks, B, K, GH, H, itemsize):
     parts = min(2, threads.num_threads(), H // UNIT_PART_MULTIPLE)
     weight_bytes = K * GH * itemsize
     if (row_chunks > 1 or B >= 2 * threads.MIN_ROWS_PER_CHUNK or parts < 2
-            or weight_bytes <= 3 * GEMM_BLOCK_BYTES // 2 or T * weight_bytes < MIN_SPLIT_BYTES):
+            or weight_bytes < MIN_SPLIT_L1_MULTIPLE * L1_DATA_BYTES
+            or T * weight_bytes < MIN_SPLIT_BYTES):
         return [(0, H)]
     bounds = [k * H // parts // UNIT_PART_MULTIPLE * UNIT_PART_MULTIPLE for k in range(parts)]
     return list(zip(bounds, bounds[1:] + [H]))
