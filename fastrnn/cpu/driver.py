@@ -34,6 +34,9 @@ def xxgemm(kind, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
 
 
 BLAS_KIND = 0  # bound: ord("s") for float32, ord("d") for float64
+# bound: (alpha, first beta, later beta) = (1, 0, 1) in the dtype, see matmul_panels; a
+# constant, as the kernels allocate nothing (they run without Numba's reference counting).
+BLAS_SCALARS = np.array((1.0, 0.0, 1.0))
 
 
 # int64 slots between two parts' progress counters in a sync array (one cache line apart, so
@@ -69,9 +72,13 @@ def _load_acquire(typingctx, array, index):
 def wait_for_parts(sync, part, steps):
     """Barrier between the parts of one sequence: record that this part has finished
     ``steps`` steps, then spin until every other part has too. sync (parts*SYNC_STRIDE,)
-    int64, zeroed before the parts start; a single part returns at once."""
+    int64, zeroed before the parts start. With a single part nothing is touched: row
+    chunks, which never wait for each other, pass one sync array to all of them."""
+    parts = sync.shape[0] // SYNC_STRIDE
+    if parts < 2:
+        return
     _store_release(sync, part * SYNC_STRIDE, steps)
-    for other in range(sync.shape[0] // SYNC_STRIDE):
+    for other in range(parts):
         while _load_acquire(sync, other * SYNC_STRIDE) < steps:
             pass
 
@@ -134,8 +141,8 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
     the threads then share the units instead of the rows (sync (parts*SYNC_STRIDE,) int64
     zeros, part = this thread's index): each reads only its units' weights, and after each
     step waits until every part has written its units of h (:func:`wait_for_parts`) before
-    the next step reads all of h_prev. With one part (sync.shape[0] == SYNC_STRIDE) that
-    wait is a single store.
+    the next step reads all of h_prev. With one part (sync.shape[0] == SYNC_STRIDE) there
+    is no wait.
 
     The cell writes the new state into h_new/c_new, not into h_seq/c_seq: LLVM cannot tell
     two slots of one array apart and leaves the unit loop scalar (measured 6x slower).
@@ -148,7 +155,7 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
     saved_per_unit = acts.shape[2] // H
     I = x2d.shape[1]
     split = w_panels.shape[0] // (I + H)
-    scalars = np.array((ONE, ZERO, ONE))
+    scalars = BLAS_SCALARS
     for s in range(T):
         t, prev, nxt, a = forward_step(s, T, reverse, train)
         for b in range(lo, hi):
@@ -171,11 +178,16 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
             h_prev, h_next = h_seq[prev, b, u0:u0 + P], h_seq[nxt, b, u0:u0 + P]
             c_prev, c_next = c_seq[prev, b, u0:u0 + Pc], c_seq[nxt, b, u0:u0 + Pc]
             if t < lengths[b]:
+                # Every view is made before the unit loop: making one inside it costs an
+                # atomic reference count update per unit, on a counter the other threads'
+                # views share (NRT_incref was 16 % of LSTM 100x32x32x64 eval in perf).
                 hn = h_new[b]
                 cn = c_new[b]
+                pre_b = pre[b]
+                hg_b = hg[b]
                 unit_acts = acts[a, b, saved_per_unit * u0:saved_per_unit * (u0 + P)]
                 for j in range(P):
-                    cell_forward(j, P, pre[b], hg[b], b_ih, b_hh, h_prev, c_prev, hn, cn,
+                    cell_forward(j, P, pre_b, hg_b, b_ih, b_hh, h_prev, c_prev, hn, cn,
                                  unit_acts)
                 for j in range(P):
                     h_next[j] = hn[j]
@@ -213,7 +225,7 @@ def backward_sequence(dout, out_col, w_hh_panels, lengths, reverse, h_seq, c_seq
     Hc = c_seq.shape[2]
     tail = dgh_tail.shape[2]
     tail_start = dgx.shape[2] - tail
-    scalars = np.array((ONE, ZERO, ONE))
+    scalars = BLAS_SCALARS
     for s in range(T):
         t, prev, nxt = backward_step(s, T, reverse)
         for b in range(lo, hi):
@@ -224,10 +236,12 @@ def backward_sequence(dout, out_col, w_hh_panels, lengths, reverse, h_seq, c_seq
                     dh_b[j] += d_out[j]
                 dd = dh_direct[b]
                 dcp = dc_prev[b]
+                # Views made before the unit loop (see forward_sequence).
+                dc_b, acts_b, dgx_b, dgh_b = dc[b], acts[t, b], dgx[t, b], dgh_step[b]
+                h_prev, c_prev, h_next = h_seq[prev, b], c_seq[prev, b], h_seq[nxt, b]
                 for j in range(H):
-                    cell_backward(j, H, dh_b, dc[b], acts[t, b], h_seq[prev, b],
-                                  c_seq[prev, b], h_seq[nxt, b], dgx[t, b], dgh_step[b],
-                                  dd, dcp)
+                    cell_backward(j, H, dh_b, dc_b, acts_b, h_prev, c_prev, h_next, dgx_b,
+                                  dgh_b, dd, dcp)
             else:
                 # Padded step: no gradient enters; the state gradient passes through.
                 dgx[t, b, :] = ZERO
