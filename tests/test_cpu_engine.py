@@ -28,6 +28,14 @@ def force_chunks(monkeypatch):
     force_parallel_cpu(monkeypatch)
 
 
+def force_unit_split(monkeypatch):
+    """Make every forward with fewer than 8 rows split its units between two threads."""
+    monkeypatch.setattr(cpu, "MIN_SPLIT_BYTES", 0)
+    monkeypatch.setattr(cpu, "L1_DATA_BYTES", 0)
+    monkeypatch.setattr(cpu, "UNIT_PART_MULTIPLE", 2)
+    monkeypatch.setattr(threads, "num_threads", lambda: 2)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_parallel_row_chunks_match_serial(cell, dtype, monkeypatch):
@@ -73,10 +81,7 @@ def test_units_split_between_threads_match_whole(cell, dtype, monkeypatch):
         return train + (layer.eval()(x, lengths=[7, 2, 5])[0],)
 
     whole = run()
-    monkeypatch.setattr(cpu, "MIN_SPLIT_BYTES", 0)
-    monkeypatch.setattr(cpu, "L1_DATA_BYTES", 0)
-    monkeypatch.setattr(cpu, "UNIT_PART_MULTIPLE", 2)
-    monkeypatch.setattr(threads, "num_threads", lambda: 2)
+    force_unit_split(monkeypatch)
     assert cpu.unit_parts(7, 1, 3, 11, 24, 6, 8) == [(0, 2), (2, 6)]
     split = run()
     tol = PARITY[np.dtype(dtype)]
@@ -115,11 +120,14 @@ def test_blas_thread_count_restored(force_chunks):
     assert before == after
 
 
-@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("chunked", [False, "rows", "units"])
 def test_two_threads_share_one_layer_in_eval(chunked, monkeypatch):
-    """Eval workspaces are per thread: concurrent calls on one layer give each its answer."""
-    if chunked:
+    """Eval workspaces are per thread: concurrent calls on one layer give each its answer.
+    With units split, both calls' parts wait for each other through the one pool thread."""
+    if chunked == "rows":
         force_parallel_cpu(monkeypatch)
+    elif chunked == "units":
+        force_unit_split(monkeypatch)
     layer = make_layer("lstm", 4, 8, num_layers=2, seed=1).eval()
     rng = np.random.default_rng(1)
     inputs = [rng.standard_normal((12, 6, 4)).astype(np.float32) for _ in range(2)]
