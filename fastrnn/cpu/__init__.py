@@ -148,12 +148,29 @@ def pack_panels(parts, block_n, key):
     return panels
 
 
+# Workspaces (the weight panels among them) start on a cache-line boundary: NumPy aligns to
+# 16 bytes only, and a one-row step's GEMV streams its weights in 64-byte loads, each of
+# which then straddles two lines (benchmarks/gemm_blocks.py 1 96 256: 31 GFLOP/s from a
+# NumPy array, 60 from the panels, which happened to be aligned). Arrays made anew on every
+# call stay NumPy's: the few microseconds of aligning them cost the one-row RNN 10 %.
+ALIGNMENT = 64
+
+
+def aligned_empty(shape, dtype):
+    """np.empty(shape, dtype) whose data starts at a multiple of ALIGNMENT bytes."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(size + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
 def _workspace(key, shape, dtype):
     """A reusable array for this thread, keyed by its role; reallocated when shape changes."""
     store = _workspaces.__dict__.setdefault("arrays", {})
     array = store.get(key)
     if array is None or array.shape != shape or array.dtype != dtype:
-        array = np.empty(shape, dtype)
+        array = aligned_empty(shape, dtype)
         store[key] = array
     return array
 
