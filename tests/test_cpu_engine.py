@@ -95,15 +95,15 @@ def test_units_split_between_threads_match_whole(cell, dtype, monkeypatch):
 def test_units_split_only_when_it_pays(monkeypatch):
     monkeypatch.setattr(threads, "num_threads", lambda: 2)
     monkeypatch.setattr(cpu, "L1_DATA_BYTES", 49152)
-    # LSTM(64, 128), B = 1: 393 KB of weights, 8 L1s.
-    assert cpu.unit_parts(200, 1, 1, 192, 512, 128, 4) == [(0, 64), (64, 128)]
-    assert cpu.unit_parts(20, 1, 1, 192, 512, 128, 4) == [(0, 128)]  # too short to pay
-    assert cpu.unit_parts(200, 2, 1, 192, 512, 128, 4) == [(0, 128)]  # rows split already
-    assert cpu.unit_parts(200, 1, 8, 192, 512, 128, 4) == [(0, 128)]  # enough rows
-    # LSTM(32, 64): 98 KB, two L1s.
-    assert cpu.unit_parts(2000, 1, 1, 96, 256, 64, 4) == [(0, 64)]
+    # LSTM(128, 256), B = 1: 1.5 MB of weights, 32 L1s.
+    assert cpu.unit_parts(200, 1, 1, 384, 1024, 256, 4) == [(0, 128), (128, 256)]
+    assert cpu.unit_parts(20, 1, 1, 384, 1024, 256, 4) == [(0, 256)]  # too short to pay
+    assert cpu.unit_parts(200, 2, 1, 384, 1024, 256, 4) == [(0, 256)]  # rows split already
+    assert cpu.unit_parts(200, 1, 8, 384, 1024, 256, 4) == [(0, 256)]  # enough rows
+    # LSTM(64, 128): 393 KB, 8 L1s.
+    assert cpu.unit_parts(2000, 1, 1, 192, 512, 128, 4) == [(0, 128)]
     monkeypatch.setattr(threads, "num_threads", lambda: 1)
-    assert cpu.unit_parts(200, 1, 1, 192, 512, 128, 4) == [(0, 128)]
+    assert cpu.unit_parts(200, 1, 1, 384, 1024, 256, 4) == [(0, 256)]
 
 
 def test_same_inputs_same_bits(force_chunks):

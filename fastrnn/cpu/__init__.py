@@ -69,10 +69,10 @@ def gemm_blocks(M, K, N, itemsize=4):
 # whole vectors of float32 for the pointwise loop,
 UNIT_PART_MULTIPLE = 16
 # only when the stacked weights are at least this many times the L1 data cache (a step then
-# streams them from L2, and two cores stream half each; measured with
-# benchmarks/cpu_rules.py: LSTM(64, 128) eval at T = 200, 393 KB of weights, 1.3x faster;
-# LSTM(32, 64), 98 KB, gained or lost by turns, within this VM's noise),
-MIN_SPLIT_L1_MULTIPLE = 4
+# streams them from L2, and two cores stream half each; benchmarks/cpu_rules.py, LSTM eval,
+# B = 1, T = 200: I, H = 128, 256 (1.5 MB of weights) 1.58-1.66x faster, 64, 128 (393 KB)
+# 1.00-1.05x, 32, 64 (98 KB) 1.34-1.6x slower),
+MIN_SPLIT_L1_MULTIPLE = 16
 # and only when a sequence streams at least this many weight bytes (T * weights): the second
 # thread costs a dispatch (about 90 us through the pool here) and a packing of its weights.
 MIN_SPLIT_BYTES = 1 << 25
