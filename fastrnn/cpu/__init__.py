@@ -44,9 +44,10 @@ def _l1_data_bytes(default=32768):
 
 
 # A weight block of a per-step GEMM is read once for every few batch rows, so it should stay
-# in L1: two thirds of it, leaving room for the rows and results streaming past. Measured on
-# a 48 KiB-L1 Xeon, LSTM(128, 256) eval at 100x64: 64 x 256 blocks (64 KiB) 26.1 ms, 64 x 128
-# (32 KiB) 22.5 ms (tmp A/B in one process; 24 and 40 KiB within noise of 32, 48 KiB slower).
+# in L1: two thirds of it, leaving room for the rows and results streaming past. On a
+# 48 KiB-L1 Xeon, LSTM(128, 256) eval at 100x64 ran 1.04-1.12x slower with the 64 x 256
+# blocks (64 KiB) of the uncapped rule than with 64 x 128 (benchmarks/cpu_rules.py); caps of
+# 24 and 40 KiB measured within noise of 32 KiB, 48 KiB slower.
 L1_DATA_BYTES = _l1_data_bytes()
 GEMM_BLOCK_BYTES = L1_DATA_BYTES * 2 // 3
 

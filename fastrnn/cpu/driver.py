@@ -17,7 +17,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..cells._math import ONE, ZERO
+from ..cells._math import ZERO
 from ..cells.slots import backward_step, forward_step
 
 
@@ -95,7 +95,8 @@ def matmul_panels(a, panels, c, scalars, block_n, block_k):
     1577 -> 1239 us). Panels give each block a short row stride (width, not N): a power-of-
     two N made the rows of a block collide in the caches (benchmarks/gemm_blocks.py: 64 rows,
     (64, 512)·(512, 2048), 2 threads: 206 -> 224 GFLOP/s). scalars holds (1, 0, 1) in the
-    dtype (alpha, first beta, later beta); BLAS is column-major, so each call computes a block of cᵀ = bᵀ·aᵀ.
+    dtype (alpha, first beta, later beta); BLAS is column-major, so each call computes a
+    block of cᵀ = bᵀ·aᵀ.
     """
     M, K = a.shape
     N = c.shape[1]
@@ -137,12 +138,12 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
     (measured: LSTM 100x64x128x256 eval forward 31.4 -> 26.8 ms, 100x32x32x64 1.84 -> 1.49
     ms, 50x128x512x512 unchanged).
 
-    Split units: with one batch row or a few, a step is one GEMV whose weights outgrow L1;
-    the threads then share the units instead of the rows (sync (parts*SYNC_STRIDE,) int64
-    zeros, part = this thread's index): each reads only its units' weights, and after each
-    step waits until every part has written its units of h (:func:`wait_for_parts`) before
-    the next step reads all of h_prev. With one part (sync.shape[0] == SYNC_STRIDE) there
-    is no wait.
+    Split units: with one batch row or a few, a step is one GEMV; when its weights are many
+    times L1 (see fastrnn.cpu.unit_parts) the threads share the units instead of the rows
+    (sync (parts*SYNC_STRIDE,) int64 zeros, part = this thread's index): each reads only
+    its units' weights, and after each step waits until every part has written its units
+    of h (:func:`wait_for_parts`) before the next step reads all of h_prev. With one part
+    (sync.shape[0] == SYNC_STRIDE) there is no wait.
 
     The cell writes the new state into h_new/c_new, not into h_seq/c_seq: LLVM cannot tell
     two slots of one array apart and leaves the unit loop scalar (measured 6x slower).

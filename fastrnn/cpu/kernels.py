@@ -105,7 +105,7 @@ def _compile_kernels(cell_name, dtype):
     driver_bind = dict(cell_backward=unit_backward, forward_step=forward_step,
                        backward_step=backward_step, matmul_panels=matmul_panels,
                        BLAS_SCALARS=np.array((1, 0, 1), dtype),
-                       wait_for_parts=_wait_for_parts(), ONE=bind["ONE"], ZERO=bind["ZERO"])
+                       wait_for_parts=_wait_for_parts(), ZERO=bind["ZERO"])
 
     def forward(mode, save):
         unit_forward = njit(inline="always")(
