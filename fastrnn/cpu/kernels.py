@@ -24,7 +24,7 @@ from . import activations, driver
 FASTMATH = {"nsz", "arcp", "contract", "afn"}
 # _nrt=False: without Numba's runtime, making an array view costs nothing; with it, each
 # view inside the time loop did an atomic reference count update, on counters the other
-# row chunks' threads update too (NRT_incref was 16 % of LSTM 100x32x32x64 eval in perf).
+# row chunks' threads update too (NRT_incref was 12-16 % of LSTM 100x32x32x64 eval in perf).
 # The kernels therefore allocate nothing.
 KERNEL_OPTIONS = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True,
                       _nrt=False)
