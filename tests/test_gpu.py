@@ -269,6 +269,55 @@ def test_gpu_device_arrays_in_device_arrays_out():
         layer(cuda.to_device(x.astype(np.float64)))
 
 
+def _foreign_library(library):
+    """CuPy or torch with a usable CUDA device, else skip (the simulator has neither)."""
+    if gpu._simulator_enabled():
+        pytest.skip("CuPy arrays and torch CUDA tensors need a real GPU")
+    module = pytest.importorskip(library)
+    if library == "torch" and not module.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    return module
+
+
+def _foreign_array(library, module, array):
+    """A CuPy array or torch CUDA tensor holding ``array``."""
+    if library == "cupy":
+        return module.asarray(array)
+    return module.from_numpy(array).to("cuda")
+
+
+def _foreign_pointer(library, module, device_array):
+    """Device address of ``device_array`` once wrapped by the library (zero-copy wrap)."""
+    if library == "cupy":
+        return module.asarray(device_array).data.ptr
+    return module.as_tensor(device_array, device="cuda").data_ptr()
+
+
+@needs_gpu
+@pytest.mark.parametrize("library", ["cupy", "torch"])
+def test_gpu_foreign_device_arrays_used_in_place(library):
+    """CuPy arrays and torch CUDA tensors go in through __cuda_array_interface__ with no host
+    copy, and the device arrays that come out wrap back into the library without a copy."""
+    module = _foreign_library(library)
+    layer, x, h0, lengths = setup_case("gru", **SHAPE, h0_mode="given", dtype="float32",
+                                       seed=11)
+    ref_out, ref_h = layer(x, h0=h0, lengths=lengths)
+    dout = np.random.default_rng(1).standard_normal(ref_out.shape).astype(np.float32)
+    ref_dx, ref_dh0 = layer.backward(dout)
+    layer.to("cuda")
+    layer.zero_grad()
+    out, h_n = layer(_foreign_array(library, module, x), lengths=lengths,
+                     h0=_foreign_array(library, module, h0))
+    dx, dh0 = layer.backward(_foreign_array(library, module, dout))
+    assert all(gpu.is_device_array(a) for a in (out, h_n, dx, dh0))
+    tol = GPU_VS_CPU[np.dtype(np.float32)]
+    for name, got, want in (("out", out, ref_out), ("h_n", h_n, ref_h), ("dx", dx, ref_dx),
+                            ("dh0", dh0, ref_dh0)):
+        assert_close(got.copy_to_host(), want, name=name, **tol)
+    pointer = out.__cuda_array_interface__["data"][0]
+    assert _foreign_pointer(library, module, out) == pointer
+
+
 def test_cuda_device_unavailable_raises_runtime_error(monkeypatch):
     """Without numba-cuda, or without a GPU, device="cuda" fails at construction with a
     RuntimeError that says which is missing (runs everywhere: availability is faked)."""
