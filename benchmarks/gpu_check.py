@@ -62,7 +62,8 @@ def run_gpu_tests(timeout, log_dir):
     installed; the full log goes to log_dir/gpu_tests.log when log_dir is given."""
     env = dict(os.environ)
     env.pop("NUMBA_ENABLE_CUDASIM", None)
-    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "tests/test_gpu.py"]
+    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:benchmark",
+               "tests/test_gpu.py"]
     if importlib.util.find_spec("xdist") is not None:
         command += ["-n", str(min(8, os.cpu_count() or 1))]
     start = time.perf_counter()

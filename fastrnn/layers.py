@@ -223,8 +223,8 @@ class _RecurrentLayer:
                                  for k, v in host.items())
 
     def zero_grad(self):
-        for name, grad in self.grads.items():
-            grad[...] = 0
+        for grad in self.grads.values():
+            self._backend.fill_zeros(grad)
 
     def state_dict(self):
         """Parameters as NumPy arrays under PyTorch's names (plus initial_h/initial_c)."""

@@ -38,6 +38,31 @@ def small_blocks(monkeypatch):
     sys.setswitchinterval(interval)
 
 
+@pytest.fixture(autouse=True)
+def real_device_array_limits(monkeypatch):
+    """Under the simulator, refuse what a real numba-cuda DeviceNDArray refuses, so CI catches
+    code that only the simulator's NumPy-backed fake arrays accept (seen on an H200: ``a[...]
+    = 0`` raises TypeError, a 3-D ``transpose`` NotImplementedError)."""
+    if REASON is not None or not gpu._simulator_enabled():
+        return
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    setitem, transpose = FakeCUDAArray.__setitem__, FakeCUDAArray.transpose
+
+    def strict_setitem(self, key, value):
+        keys = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in keys):
+            raise TypeError("a real DeviceNDArray cannot be indexed with ...")
+        return setitem(self, key, value)
+
+    def strict_transpose(self, axes=None):
+        if self.ndim != 2 and not (axes and tuple(axes) == tuple(range(self.ndim))):
+            raise NotImplementedError("a real DeviceNDArray transposes only in 2-D")
+        return transpose(self, axes)
+
+    monkeypatch.setattr(FakeCUDAArray, "__setitem__", strict_setitem)
+    monkeypatch.setattr(FakeCUDAArray, "transpose", strict_transpose)
+
+
 def _pair(cell, dtype, seed, **kwargs):
     """The same layer (same parameters) on the CPU and on the GPU, and the case's inputs."""
     cpu_layer, x, h0, lengths = setup_case(cell, **SHAPE, dtype=dtype, seed=seed, **kwargs)
@@ -262,7 +287,9 @@ def test_gpu_device_arrays_in_device_arrays_out():
     assert_close(c_n.copy_to_host(), ref_c, name="c_n", **tol)
     assert_close(dx.copy_to_host(), ref_dx, name="dx", **tol)
     # A strided (non-contiguous) device view is made contiguous on the device.
-    x_strided = cuda.to_device(np.ascontiguousarray(np.swapaxes(x, 0, 1))).transpose((1, 0, 2))
+    # (numba-cuda device arrays only transpose in 2-D, so the view is a slice of a wider one.)
+    x_strided = cuda.to_device(np.concatenate([x, x], axis=2))[:, :, :x.shape[2]]
+    assert not x_strided.is_c_contiguous()
     out_strided, _ = layer(x_strided, h0=h0_dev)
     assert_close(out_strided.copy_to_host(), ref_out, name="out (strided x)", **tol)
     with pytest.raises(TypeError, match="dtype"):

@@ -192,6 +192,11 @@ def empty(shape, dtype):
     return np.empty(shape, dtype)
 
 
+def fill_zeros(array):
+    """Set every element of ``array`` to 0 in place."""
+    array.fill(0)
+
+
 def stack(arrays):
     """list of (B, H) -> (len, B, H)."""
     return np.stack(arrays)

@@ -1,8 +1,8 @@
 """GPU backend: Numba-CUDA device arrays and ``@cuda.jit`` kernels (see :mod:`.kernels`).
 
-Same interface as :mod:`fastrnn.cpu` (asarray, to_host, zeros, empty, stack, swap01,
-broadcast_rows, add_batch_sum, forward_direction, backward_direction) with device arrays in
-place of NumPy arrays, plus :func:`require_gpu`. This module imports without numba-cuda;
+Same interface as :mod:`fastrnn.cpu` (asarray, to_host, zeros, empty, fill_zeros, stack,
+swap01, broadcast_rows, add_batch_sum, forward_direction, backward_direction) with device
+arrays in place of NumPy arrays, plus :func:`require_gpu`. This module imports without numba-cuda;
 ``numba.cuda`` is only imported once a GPU (or the CUDA simulator) is known to be usable.
 
 Launches per layer-direction and call, independent of T: forward = 1 transpose of W_hh +
@@ -194,6 +194,12 @@ def zeros(shape, dtype):
     out = empty(shape, dtype)
     _fill(out, 0)
     return out
+
+
+def fill_zeros(array):
+    """Set every element of the contiguous device array to 0 in place, on the device (a real
+    DeviceNDArray has no ``array[...] = 0``; the simulator's fake arrays hide that)."""
+    _fill(array, 0)
 
 
 def _fill(array, value):
