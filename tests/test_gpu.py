@@ -24,11 +24,12 @@ SHAPE = dict(T=5, B=3, I=3, H=4)
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Shrink launch geometry: rows kernels get 3 threads for G*H >= 4 outputs (partial
-    thread loops), GEMM tiles of 4 leave partial tiles for I=3 and T*B=15, elementwise
-    kernels span several blocks."""
+    thread loops); GEMM blocks of 2x2 threads, each 4x4 outputs, cover 8x8 tiles of c, so
+    T*B=15 rows take two blocks, the second partial, and I=3 leaves partial k-tiles;
+    elementwise kernels span several blocks."""
     if REASON is None:
         monkeypatch.setattr(gpu, "ROW_THREADS", 3)
-        monkeypatch.setattr(gpu, "GEMM_TILE", 4)
+        monkeypatch.setattr(gpu, "GEMM_TILE", 2)
         monkeypatch.setattr(gpu, "ELEMENT_THREADS", 8)
     # The simulator's block manager busy-polls its threads; a short GIL switch interval
     # makes its syncthreads about 4x faster. Harmless elsewhere.
@@ -132,11 +133,14 @@ def test_gpu_matches_cpu(cell, layers_dirs, use_lengths, h0_mode, dtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("shared_bytes", [0, 48 * 1024], ids=["global", "shared"])
+@pytest.mark.parametrize("shared_bytes", [0, 40, 200, 48 * 1024],
+                         ids=["global", "h-only", "h-and-products", "shared"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_gpu_weights_in_global_or_shared_memory(monkeypatch, cell, shared_bytes):
-    """The general path (W_hh and the recurrent product in global memory) and the on-chip
-    path give the CPU engine's results; batch_first and bias=False ride along."""
+    """The general path (everything in global memory), the partly on-chip ones (H=4 in
+    float64: 40 bytes hold h alone; 200 bytes h and the recurrent product in forward, the
+    gate gradients in backward) and the all on-chip path give the CPU engine's results;
+    batch_first and bias=False ride along."""
     monkeypatch.setattr(gpu, "SHARED_BYTES", shared_bytes)
     seed = stable_seed("shared", cell, shared_bytes)
     cpu_layer, gpu_layer, x, h0, lengths = _pair(

@@ -21,7 +21,7 @@ name = "cuda"
 # so the device check can tune it. Read at every launch, never inside a kernel.
 ROW_THREADS = 256        # threads per block of the recurrence kernels (one block per batch row)
 ELEMENT_THREADS = 256    # threads per block of the 1-D elementwise kernels
-GEMM_TILE = 16           # gemm block is (GEMM_TILE, GEMM_TILE); a compile-time constant
+GEMM_TILE = 16           # gemm block is (GEMM_TILE, GEMM_TILE) threads; a compile-time constant
 SHARED_BYTES = 48 * 1024  # Numba caps dynamic shared memory per block at 48 KB
 
 _workspaces = threading.local()  # per thread, like the CPU backend
@@ -97,7 +97,8 @@ def _gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
     if M == 0 or N == 0:
         return
     tile = GEMM_TILE
-    grid = ((N + tile - 1) // tile, (M + tile - 1) // tile)
+    span = tile * _kernels().GEMM_REG  # rows and columns of c per block
+    grid = ((N + span - 1) // span, (M + span - 1) // span)
     _launch(_linalg(c.dtype)["gemm"], grid, (tile, tile), 0,
             a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate)
 
@@ -262,6 +263,18 @@ def _row_threads(width):
     return max(1, min(ROW_THREADS, 32 * ((width + 31) // 32)))
 
 
+def _fitting_prefix(sizes, itemsize):
+    """The longest prefix of ``sizes`` (element counts of the shared-memory parts of a
+    recurrence kernel, most useful first) whose total fits in SHARED_BYTES."""
+    total, fitting = 0, []
+    for size in sizes:
+        total += size
+        if total * itemsize > SHARED_BYTES:
+            break
+        fitting.append(size)
+    return fitting
+
+
 def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, train,
                       out, out_col):
     """Forward of one layer-direction on the device (same contract as the CPU backend).
@@ -301,12 +314,13 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     w_t = _workspace(key + ("w_t",), (H, GH), dtype)
     _elementwise("transpose2d", dtype, GH * H, w_hh, w_t)
     hg_ws = _workspace(key + ("hg",), (B, GH), dtype)
-    hg_shared = GH * itemsize <= SHARED_BYTES
-    w_shared = hg_shared and (GH + H * GH) * itemsize <= SHARED_BYTES
-    shared_bytes = (GH if hg_shared else 0) * itemsize + (H * GH if w_shared else 0) * itemsize
-    _launch(forward_rows, B, _row_threads(GH), shared_bytes,
+    # Shared memory, in order of benefit per byte: h, then hg, then the weights.
+    parts = _fitting_prefix((H, GH, H * GH), itemsize)
+    h_shared, hg_shared, w_shared = (len(parts) > i for i in range(3))
+    _launch(forward_rows, B, _row_threads(GH), sum(parts) * itemsize,
             x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train), h_seq,
-            c_seq, Hc, acts, hg_ws, out, out_col, w_shared, hg_shared, cell.summed_columns(H))
+            c_seq, Hc, acts, hg_ws, out, out_col, h_shared, hg_shared, w_shared,
+            cell.summed_columns(H))
     h_n = _copy(h_seq[last])
     c_n = _copy(c_seq[last]) if Hc else None
     saved = Saved(x2d, lengths, bool(reverse), h_seq, c_seq, acts) if train else None
@@ -337,11 +351,12 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     dc = _copy(dc_n) if Hc else _dummy(2, dtype)
     dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
     dc_prev = _workspace(key + ("dc_prev",), (B, H), dtype) if Hc else _dummy(2, dtype)
-    w_shared = GH * H * dtype.itemsize <= SHARED_BYTES
-    _launch(backward_rows, B, _row_threads(H),
-            GH * H * dtype.itemsize if w_shared else 0,
+    parts = _fitting_prefix((GH, GH * H), dtype.itemsize)
+    gh_shared, w_shared = (len(parts) > i for i in range(2))
+    _launch(backward_rows, B, _row_threads(H), sum(parts) * dtype.itemsize,
             dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
-            saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev, w_shared)
+            saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev, gh_shared,
+            w_shared)
     rows = T * B
     rev = int(saved.reverse)
     h_prev2d = _flat(saved.h_seq)[rev * B * H:(rev + T) * B * H]  # (T*B, H), time order

@@ -39,6 +39,7 @@ DTYPE = np.float64
 ZERO = 0.0
 ONE = 1.0
 TILE = 16
+REG = 4
 
 
 def cell_forward(j, H, pre, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
@@ -62,19 +63,44 @@ def sigmoid(x):
 
 # ---------------------------------------------------------------------------- recurrence
 
+def dot(w, offset, stride, v, n):
+    """sum over k < n of w[offset + k*stride] * v[k], as four partial sums (k mod 4) added
+    at the end: four independent multiply-add chains instead of one, so a small recurrent
+    product does not wait out each add's latency. A fixed order: deterministic."""
+    s0 = ZERO
+    s1 = ZERO
+    s2 = ZERO
+    s3 = ZERO
+    n4 = n - n % 4
+    for k in range(0, n4, 4):
+        i = offset + k * stride
+        s0 += w[i] * v[k]
+        s1 += w[i + stride] * v[k + 1]
+        s2 += w[i + 2 * stride] * v[k + 2]
+        s3 += w[i + 3 * stride] * v[k + 3]
+    for k in range(n4, n):
+        s0 += w[offset + k * stride] * v[k]
+    return (s0 + s1) + (s2 + s3)
+
+
 def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc, acts,
-                 hg_ws, out, out_col, w_shared, hg_shared, split):
+                 hg_ws, out, out_col, h_shared, hg_shared, w_shared, split):
     """Whole-sequence forward of one layer-direction; launch with grid (B,), any block size.
 
     x_proj (T*B, G*H) = x . W_ih^T (no bias), a workspace: each step adds the recurrent
     product into its row's first split columns, the gates whose two sides the cell reads
-    summed (see fastrnn.cells), and leaves the others in hg; w_t (H*G*H,) = W_hh^T
-    flattened row-major, so thread g reading w_t[k*G*H + g] is coalesced across the warp; b_ih, b_hh (G*H,);
-    lengths (B,) int64 in [1, T]; h_seq (S, B, H) and c_seq (S, B, H) or (1, 1, 1) hold the
-    initial state in its slot; Hc = H for the LSTM, else 0; acts (T or 1, B, A*H) or
+    summed (see fastrnn.cells), and leaves the others in hg; w_t (H*G*H,) = W_hh^T flattened
+    row-major, so thread g reading w_t[k*G*H + g] is coalesced across the warp; b_ih, b_hh
+    (G*H,); lengths (B,) int64 in [1, T]; h_seq (S, B, H) and c_seq (S, B, H) or (1, 1, 1)
+    hold the initial state in its slot; Hc = H for the LSTM, else 0; acts (T or 1, B, A*H) or
     (1, 1, 1); hg_ws (B, G*H) global workspace for the recurrent product when it is not kept
-    in shared memory; out (T, B, D*H) receives h in columns out_col:out_col+H and 0 past a row's length.
-    Dynamic shared memory: [hg (G*H) if hg_shared][W_hh^T (H*G*H) if w_shared].
+    in shared memory; out (T, B, D*H) receives h in columns out_col:out_col+H and 0 past a
+    row's length. Dynamic shared memory, each part only if its flag is set (the host sets
+    them in this order, so each implies the one before): [h (H)][hg (G*H)][W_hh^T (H*G*H)].
+
+    The state h is kept in shared memory across steps: the thread that computes h_next[j]
+    also writes it there, so the product of the next step reads h from on chip, not from
+    the global h_seq (which still receives every step: backward and the output need it).
     """
     b = cuda.blockIdx.x
     tid = cuda.threadIdx.x
@@ -84,18 +110,24 @@ def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq,
     H = h_seq.shape[2]
     GH = hg_ws.shape[1]
     dyn = cuda.shared.array(0, DTYPE)
-    hg_off = GH if hg_shared else 0
-    hg = dyn[0:GH] if hg_shared else hg_ws[b]
-    w = dyn[hg_off:hg_off + H * GH] if w_shared else w_t
+    hs_len = H if h_shared else 0
+    hg_len = GH if hg_shared else 0
+    hs = dyn[0:hs_len]
+    hg = dyn[hs_len:hs_len + hg_len] if hg_shared else hg_ws[b]
+    w = dyn[hs_len + hg_len:hs_len + hg_len + H * GH] if w_shared else w_t
     if w_shared:
         # Staged once: the weights then stay on chip for all T steps.
         for i in range(tid, H * GH, nthreads):
             w[i] = w_t[i]
-        cuda.syncthreads()
+    if h_shared and T > 0:
+        first = forward_step(0, T, reverse, train)[1]
+        for k in range(tid, H, nthreads):
+            hs[k] = h_seq[first, b, k]
+    cuda.syncthreads()
     length = lengths[b]
     for s in range(T):
         t, prev, nxt, a = forward_step(s, T, reverse, train)
-        h_prev = h_seq[prev, b]
+        h_prev = hs if h_shared else h_seq[prev, b]
         h_next = h_seq[nxt, b]
         cb = clamp(b, c_seq.shape[1])
         c_prev = c_seq[clamp(prev, c_seq.shape[0]), cb]
@@ -105,9 +137,7 @@ def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq,
         if t < length:
             xg = x_proj[t * B + b]
             for g in range(tid, GH, nthreads):
-                acc = ZERO
-                for k in range(H):
-                    acc += w[k * GH + g] * h_prev[k]
+                acc = dot(w, g, GH, h_prev, H)
                 if g < split:
                     xg[g] += acc
                 else:
@@ -115,7 +145,10 @@ def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq,
             cuda.syncthreads()
             ac = acts[clamp(a, acts.shape[0]), clamp(b, acts.shape[1])]
             for j in range(tid, H, nthreads):
+                # The cell reads h_prev[j] only, so overwriting hs[j] after it is safe.
                 cell_forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, ac)
+                if h_shared:
+                    hs[j] = h_next[j]
                 out[t, b, out_col + j] = h_next[j]
         else:
             # Past this row's length the state is carried unchanged and the output is 0.
@@ -124,13 +157,13 @@ def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq,
                 out[t, b, out_col + j] = ZERO
             for j in range(tid, Hc, nthreads):
                 c_next[j] = c_prev[j]
-        # h_next must be complete before any thread reads it as the next step's h_prev, and
-        # every read of hg must be done before the next step overwrites it.
+        # h (shared and global) must be complete before any thread reads it as the next
+        # step's h_prev, and every read of hg must be done before the next step overwrites it.
         cuda.syncthreads()
 
 
 def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts, dgx, dgh,
-                  dh, dc, dh_direct, dc_prev, w_shared):
+                  dh, dc, dh_direct, dc_prev, gh_shared, w_shared):
     """Whole-sequence BPTT of one layer-direction; launch with grid (B,), any block size.
 
     dout (T, B, D*H) (columns out_col:out_col+H); w_hh (G*H*H,) = W_hh flattened row-major, so
@@ -138,11 +171,12 @@ def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts,
     (training slots); dgx, dgh (T*B, G*H) receive the pre-activation gradients (the same array
     unless GRU); dh, dc (B, H) hold the gradient w.r.t. the final state on entry and w.r.t.
     the initial state on exit; dh_direct, dc_prev (B, H) workspaces; unless LSTM (Hc = 0) dc
-    and dc_prev are (1, 1) dummies. Dynamic shared memory: [W_hh (G*H*H) if w_shared].
+    and dc_prev are (1, 1) dummies. Dynamic shared memory, each part only if its flag is set
+    (gh_shared implied by w_shared): [this step's dgh row (G*H)][W_hh (G*H*H)].
 
-    Thread ownership makes one barrier per step enough: the thread that handles unit j in the
-    pointwise pass also owns dh[j], dh_direct[j], dc[j], dc_prev[j] in the product pass; only
-    the gate gradients dgh[t] are read across threads, and each step writes a new row of dgh.
+    Thread ownership keeps the barriers few: the thread that handles unit j in the pointwise
+    pass also owns dh[j], dh_direct[j], dc[j], dc_prev[j] in the product pass; only the gate
+    gradients dgh[t] are read across threads (from their shared copy when it fits).
     """
     b = cuda.blockIdx.x
     tid = cuda.threadIdx.x
@@ -152,7 +186,9 @@ def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts,
     H = h_seq.shape[2]
     GH = dgx.shape[1]
     dyn = cuda.shared.array(0, DTYPE)
-    w = dyn[0:GH * H] if w_shared else w_hh
+    gs_len = GH if gh_shared else 0
+    gs = dyn[0:gs_len]
+    w = dyn[gs_len:gs_len + GH * H] if w_shared else w_hh
     if w_shared:
         for i in range(tid, GH * H, nthreads):
             w[i] = w_hh[i]
@@ -175,11 +211,15 @@ def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts,
                               h_seq[prev, b], c_seq[clamp(prev, c_seq.shape[0]), cb],
                               h_seq[nxt, b], gx, gh, dd, dcp)
             cuda.syncthreads()
+            if gh_shared:
+                # Every thread has passed the barrier above, so all reads of the previous
+                # step's copy are done.
+                for g in range(tid, GH, nthreads):
+                    gs[g] = gh[g]
+                cuda.syncthreads()
+            gv = gs if gh_shared else gh
             for k in range(tid, H, nthreads):
-                acc = ZERO
-                for g in range(GH):
-                    acc += gh[g] * w[g * H + k]
-                dh_b[k] = dd[k] + acc
+                dh_b[k] = dd[k] + dot(w, k, H, gv, GH)
             for k in range(tid, Hc, nthreads):
                 dc_b[k] = dcp[k]
         else:
@@ -196,30 +236,62 @@ def gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
     """c (M*N,) row-major (M, N) = [c +] A . B with A(m, k) = a[m*a_rs + k*a_cs] and
     B(k, n) = b[k*b_rs + n*b_cs]: strides express every transpose the layers need.
 
-    Launch with block (TILE, TILE) and grid (ceil(N/TILE), ceil(M/TILE)). Each thread sums
-    its output over k in a fixed order, so results are deterministic (no atomics).
+    Launch with block (TILE, TILE) and grid (ceil(N/(TILE*REG)), ceil(M/(TILE*REG))). A block
+    computes a (TILE*REG)^2 tile of c; each thread REG x REG outputs at rows ty + i*TILE and
+    columns tx + j*TILE, held in registers, so every value read from shared memory feeds REG
+    multiply-adds (a one-output thread did one per two shared loads). Each output sums over
+    k in increasing order, so results are deterministic (no atomics) and independent of the
+    tile sizes.
     """
-    a_tile = cuda.shared.array((TILE, TILE), DTYPE)
-    b_tile = cuda.shared.array((TILE, TILE), DTYPE)
+    a_tile = cuda.shared.array((TILE * REG, TILE), DTYPE)
+    b_tile = cuda.shared.array((TILE, TILE * REG), DTYPE)
+    acc = cuda.local.array((REG, REG), DTYPE)
+    a_reg = cuda.local.array(REG, DTYPE)
+    b_reg = cuda.local.array(REG, DTYPE)
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
-    row = cuda.blockIdx.y * TILE + ty
-    col = cuda.blockIdx.x * TILE + tx
-    acc = ZERO
+    tid = ty * TILE + tx
+    span = TILE * REG
+    row0 = cuda.blockIdx.y * span
+    col0 = cuda.blockIdx.x * span
+    for i in range(REG):
+        for j in range(REG):
+            acc[i, j] = ZERO
     for k0 in range(0, K, TILE):
-        ka = k0 + tx
-        kb = k0 + ty
-        a_tile[ty, tx] = a[row * a_rs + ka * a_cs] if row < M and ka < K else ZERO
-        b_tile[ty, tx] = b[kb * b_rs + col * b_cs] if kb < K and col < N else ZERO
+        # Stage the two tiles; consecutive threads take consecutive addresses along whichever
+        # axis has unit stride, so the loads coalesce for transposed operands as well.
+        for e in range(tid, span * TILE, TILE * TILE):
+            if a_cs == 1:
+                m, kk = e // TILE, e % TILE
+            else:
+                kk, m = e // span, e % span
+            gm, gk = row0 + m, k0 + kk
+            a_tile[m, kk] = a[gm * a_rs + gk * a_cs] if gm < M and gk < K else ZERO
+            if b_cs == 1:
+                kk, n = e // span, e % span
+            else:
+                n, kk = e // TILE, e % TILE
+            gk, gn = k0 + kk, col0 + n
+            b_tile[kk, n] = b[gk * b_rs + gn * b_cs] if gk < K and gn < N else ZERO
         cuda.syncthreads()
         for kk in range(TILE):
-            acc += a_tile[ty, kk] * b_tile[kk, tx]
+            for i in range(REG):
+                a_reg[i] = a_tile[ty + i * TILE, kk]
+            for j in range(REG):
+                b_reg[j] = b_tile[kk, tx + j * TILE]
+            for i in range(REG):
+                for j in range(REG):
+                    acc[i, j] += a_reg[i] * b_reg[j]
         cuda.syncthreads()
-    if row < M and col < N:
-        if accumulate:
-            c[row * N + col] += acc
-        else:
-            c[row * N + col] = acc
+    for i in range(REG):
+        row = row0 + ty + i * TILE
+        for j in range(REG):
+            col = col0 + tx + j * TILE
+            if row < M and col < N:
+                if accumulate:
+                    c[row * N + col] += acc[i, j]
+                else:
+                    c[row * N + col] = acc[i, j]
 
 
 def column_sum_add(a, M, N, out):
@@ -349,7 +421,7 @@ def recurrence_kernels(cell_name, dtype):
 
     def build():
         bind = scalar_bindings(dtype)
-        version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp,
+        version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp, dot,
                               forward_rows, backward_rows, slots.forward_step,
                               slots.backward_step)
         suffix = f"{cell_name}_{dtype.name}_{version}"
@@ -361,11 +433,14 @@ def recurrence_kernels(cell_name, dtype):
                       backward_step=_device(slots.backward_step, suffix,
                                             forward_step=forward_step),
                       clamp=_device(clamp, suffix),
+                      dot=_device(dot, suffix, ZERO=bind["ZERO"]),
                       ZERO=bind["ZERO"], DTYPE=bind["DTYPE"])
         return (_kernel(forward_rows, suffix, **common),
                 _kernel(backward_rows, suffix, **common))
     return _compiled(("recurrence", cell_name, dtype), build)
 
+
+GEMM_REG = 4  # outputs per thread along each axis of a gemm tile (compile-time constant)
 
 LINALG = ("gemm", "column_sum_add", "batch_sum_add", "fill", "copy3d", "transpose2d",
           "broadcast_rows")
@@ -377,7 +452,8 @@ def linalg_kernels(dtype, tile):
     dtype = np.dtype(dtype)
 
     def build():
-        bind = dict(ZERO=dtype.type(0), DTYPE=_numba_type(dtype), TILE=int(tile))
+        bind = dict(ZERO=dtype.type(0), DTYPE=_numba_type(dtype), TILE=int(tile),
+                    REG=GEMM_REG)
         funcs = [globals()[name] for name in LINALG]
         suffix = f"{dtype.name}_t{tile}_{source_hash(*funcs)}"
         return {f.__name__: _kernel(f, suffix, **bind) for f in funcs}
