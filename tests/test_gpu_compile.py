@@ -73,11 +73,11 @@ def test_recurrence_kernels_compile(compile_ptx, cell, dtype):
     a1, a2, a3, i1, i64, boolean, _ = _arrays(dtype)
     forward, backward = kernels.recurrence_kernels(cell, dtype)
     ptx = compile_ptx(forward, [a2, a1, a1, a1, i1, boolean, boolean, a3, a3, i64, a3, a2,
-                                a3, i64, boolean, boolean, i64])
+                                a3, i64, boolean, boolean, boolean, i64])
     assert "bar.sync" in ptx and ".entry" in ptx
     _assert_no_f64_math(ptx, dtype)
     ptx = compile_ptx(backward, [a3, i64, a1, i1, boolean, a3, a3, i64, a3, a2, a2, a2, a2,
-                                 a2, a2, boolean])
+                                 a2, a2, boolean, boolean])
     _assert_no_f64_math(ptx, dtype)
 
 

@@ -40,6 +40,7 @@ ZERO = 0.0
 ONE = 1.0
 TILE = 16
 REG = 4
+SPAN = 64
 
 
 def cell_forward(j, H, pre, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
@@ -243,15 +244,15 @@ def gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
     k in increasing order, so results are deterministic (no atomics) and independent of the
     tile sizes.
     """
-    a_tile = cuda.shared.array((TILE * REG, TILE), DTYPE)
-    b_tile = cuda.shared.array((TILE, TILE * REG), DTYPE)
+    a_tile = cuda.shared.array((SPAN, TILE), DTYPE)  # SPAN = TILE * REG: shapes must be
+    b_tile = cuda.shared.array((TILE, SPAN), DTYPE)  # literal constants in Numba-CUDA
     acc = cuda.local.array((REG, REG), DTYPE)
     a_reg = cuda.local.array(REG, DTYPE)
     b_reg = cuda.local.array(REG, DTYPE)
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     tid = ty * TILE + tx
-    span = TILE * REG
+    span = SPAN
     row0 = cuda.blockIdx.y * span
     col0 = cuda.blockIdx.x * span
     for i in range(REG):
@@ -453,7 +454,7 @@ def linalg_kernels(dtype, tile):
 
     def build():
         bind = dict(ZERO=dtype.type(0), DTYPE=_numba_type(dtype), TILE=int(tile),
-                    REG=GEMM_REG)
+                    REG=GEMM_REG, SPAN=int(tile) * GEMM_REG)
         funcs = [globals()[name] for name in LINALG]
         suffix = f"{dtype.name}_t{tile}_{source_hash(*funcs)}"
         return {f.__name__: _kernel(f, suffix, **bind) for f in funcs}
