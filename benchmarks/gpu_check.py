@@ -35,7 +35,7 @@ GOALS = {(1000, 1, 32, 64): 3.0, (100, 8, 64, 128): 3.0, (100, 64, 256, 256): 1.
          (50, 256, 512, 512): 0.7, (200, 32, 128, 1024): 0.7}
 TOTAL_BUDGET_S = 270.0   # the table's deadline; with the breakdown, under 5 minutes
 TEST_BUDGET_S = 100.0    # the pytest step
-BREAKDOWN_BUDGET_S = 20.0  # the breakdown runs after the table, past its deadline
+BREAKDOWN_BUDGET_S = 40.0  # the breakdown runs after the table, past its deadline
 DETERMINISM_SHAPE = (50, 16, 64, 128)  # (T, B, I, H) of the bit-identity check
 ROUNDS = 5               # A/B rounds per measurement
 SAMPLE_S = 0.02          # each timed sample repeats the call until about this long
@@ -200,7 +200,7 @@ def measure(cell, shape, backward):
     return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
 
 
-def benchmark(deadline):
+def benchmark(deadline, tf32_default_pass=True):
     import torch
     torch.backends.cudnn.enabled = True
     header = (f"{'cell':8s} {'T,B,I,H':>19s} {'mode':>7s} {'tf32':>5s} {'fr us/step':>10s} "
@@ -211,7 +211,7 @@ def benchmark(deadline):
     default_tf32 = torch.backends.cudnn.allow_tf32
     # TF32 off for every case first (like for like: fastrnn computes in plain float32),
     # then cuDNN's default, so that a short budget loses the less important half.
-    for tf32 in ((False, True) if default_tf32 else (False,)):
+    for tf32 in ((False, True) if default_tf32 and tf32_default_pass else (False,)):
         for shape in SHAPES:
             for cell in CELLS:
                 for backward in (False, True):
@@ -243,22 +243,23 @@ def _median_time(fn, rounds=ROUNDS):
 
 
 def breakdown(deadline):
-    """Where the LSTM's eval forward goes at the three larger shapes: the input-projection
-    GEMM alone against the whole call, and the whole call at several block sizes of the
-    recurrence kernel (fastrnn.gpu.ROW_THREADS)."""
+    """Where the LSTM's time goes at every shape: the input-projection GEMM alone against
+    the eval forward, and the eval forward and forward+backward per step with each
+    recurrence path (fastrnn.gpu.RECURRENCE rows / units) at two block sizes
+    (fastrnn.gpu.ROW_THREADS)."""
     from numba import cuda
     from fastrnn import gpu
-    print("== breakdown, LSTM eval forward (float32): projection GEMM share; us/step by "
-          "ROW_THREADS")
-    default_threads = gpu.ROW_THREADS
+    print("== breakdown, LSTM float32: projection GEMM; us/step, eval fwd / fwd+bwd, by "
+          "recurrence path and ROW_THREADS")
+    defaults = gpu.RECURRENCE, gpu.ROW_THREADS
     rng = np.random.default_rng(0)
-    for T, B, I, H in SHAPES[2:]:
+    for T, B, I, H in SHAPES:
         if time.perf_counter() > deadline:
             print(f"   {(T, B, I, H)} skipped: out of time budget")
             continue
         layer = make_fastrnn("lstm", I, H)
-        layer.eval()
         x = cuda.to_device(rng.standard_normal((T, B, I)).astype(np.float32))
+        dout = cuda.to_device(rng.standard_normal((T, B, H)).astype(np.float32))
         w_ih = layer.params["weight_ih_l0"]
         x_proj = cuda.device_array((T * B, 4 * H), np.float32)
 
@@ -266,22 +267,31 @@ def breakdown(deadline):
             gpu._gemm(gpu._flat(x), I, 1, gpu._flat(w_ih), 1, I, gpu._flat(x_proj), T * B,
                       4 * H, I, False)
 
+        def train_step():
+            out, _ = layer(x)
+            layer.backward(dout)
+
         projection()
         t_gemm = _median_time(projection)
-        per_threads = {}
-        for threads in (128, 256, 512, 1024):
-            gpu.ROW_THREADS = threads
-            try:
-                layer(x)
-                per_threads[threads] = _median_time(lambda: layer(x)) / T * 1e6
-            except Exception as exc:  # e.g. too many registers for the block: say, go on
-                print(f"   ROW_THREADS={threads}: {type(exc).__name__}: {exc}"[:200])
-        gpu.ROW_THREADS = default_threads
-        call = per_threads.get(default_threads, float("nan")) * T / 1e6
+        cells_out = []
+        for path in ("rows", "units"):
+            for threads in (256, 512):
+                gpu.RECURRENCE, gpu.ROW_THREADS = path, threads
+                try:
+                    layer.eval()
+                    layer(x)
+                    fwd = _median_time(lambda: layer(x)) / T * 1e6
+                    layer.train()
+                    train_step()
+                    both = _median_time(train_step) / T * 1e6
+                    cells_out.append(f"{path}/{threads}: {fwd:.1f} / {both:.1f}")
+                except Exception as exc:  # e.g. a block size that does not launch: say so
+                    cells_out.append(f"{path}/{threads}: {type(exc).__name__}")
+                    print(f"   {path}/{threads}: {type(exc).__name__}: {exc}"[:300])
+        gpu.RECURRENCE, gpu.ROW_THREADS = defaults
         print(f"   {str((T, B, I, H)):>19s} GEMM {t_gemm * 1e3:7.3f} ms "
-              f"({2.0 * T * B * 4 * H * I / t_gemm / 1e12:5.2f} TFLOP/s, "
-              f"{100 * t_gemm / call:4.1f} % of the call); us/step "
-              + " ".join(f"{k}:{v:.1f}" for k, v in per_threads.items()), flush=True)
+              f"({2.0 * T * B * 4 * H * I / t_gemm / 1e12:5.2f} TFLOP/s); "
+              + "; ".join(cells_out), flush=True)
 
 
 def summarize(met):
@@ -296,6 +306,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", action="store_true", help="print shapes/FLOPs, no GPU")
     parser.add_argument("--skip-tests", action="store_true", help="skip the pytest step")
+    parser.add_argument("--tf32-off-only", action="store_true",
+                        help="time cuDNN with TF32 off only (skip the pass at its default)")
     args = parser.parse_args(argv)
     if args.plan:
         plan()
@@ -317,7 +329,7 @@ def main(argv=None):
         ok &= run_gpu_tests(min(TEST_BUDGET_S, deadline - time.perf_counter()),
                             os.environ.get("OUT"))
     ok &= check_determinism()
-    summarize(benchmark(deadline))
+    summarize(benchmark(deadline, not args.tf32_off_only))
     breakdown(deadline + BREAKDOWN_BUDGET_S)
     print(f"== total {time.perf_counter() - start:.0f} s; {'all checks passed' if ok else 'FAILED'}")
     return 0 if ok else 1

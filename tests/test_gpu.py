@@ -152,6 +152,38 @@ def test_gpu_weights_in_global_or_shared_memory(monkeypatch, cell, shared_bytes)
 
 
 @needs_gpu
+@pytest.mark.parametrize("shared_bytes", [0, 48 * 1024], ids=["global", "shared"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_unit_split_matches_rows_bitwise(monkeypatch, cell, shared_bytes):
+    """The unit-split kernels (a block per slice of hidden units: here 3 units per block,
+    so H=4 takes a full and a partial block) give the row kernels' bits, forward and
+    backward, with lengths, both directions, 2 layers and a learned h0 -- and so the CPU
+    engine's results. On a GPU they run as persistent cooperative kernels; on the simulator
+    one launch per step."""
+    monkeypatch.setattr(gpu, "UNITS_PER_BLOCK", 3)
+    monkeypatch.setattr(gpu, "SHARED_BYTES", shared_bytes)
+    seed = stable_seed("units", cell, shared_bytes)
+    results = {}
+    for path in ("rows", "units"):
+        monkeypatch.setattr(gpu, "RECURRENCE", path)
+        cpu_layer, gpu_layer, x, h0, lengths = _pair(
+            cell, "float64", seed, num_layers=2, bidirectional=True, use_lengths=True,
+            h0_mode="learned")
+        dout, dh_n = _random_cotangents(np.random.default_rng(seed), cpu_layer, cell,
+                                        "float64")
+        results[path] = _run(gpu_layer, x, h0, lengths, dout, dh_n)
+    _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n), results["units"], "float64")
+    rows, units = results["rows"], results["units"]
+    for name, a, b in (("out", rows[0], units[0]), ("dx", rows[2], units[2])):
+        assert np.array_equal(a, b), name
+    for part_rows, part_units in zip(state_parts(rows[1]) + state_parts(rows[3]),
+                                     state_parts(units[1]) + state_parts(units[3])):
+        assert np.array_equal(part_rows, part_units)
+    for name in rows[4]:
+        assert np.array_equal(rows[4][name], units[4][name]), name
+
+
+@needs_gpu
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_gpu_backward_matches_finite_differences(cell):
     """float64 central differences of L = sum(out*R1) + sum(h_n*R2), computed on the GPU."""

@@ -97,3 +97,23 @@ def test_linalg_kernels_compile(compile_ptx, dtype):
     }
     for name, argtypes in signatures.items():
         _assert_no_f64_math(compile_ptx(k[name], argtypes), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cell", sorted(cells.CELLS))
+def test_unit_kernels_compile(compile_ptx, cell, dtype):
+    """The unit-split kernels: the persistent ones (grid barrier) only ever run on a GPU, so
+    this is the one check of their typing that runs without one."""
+    from fastrnn.gpu import kernels
+    a1, a2, a3, i1, i64, boolean, _ = _arrays(dtype)
+    k = kernels.unit_kernels(cell, dtype)
+    forward = [a2, a1, a1, a1, i1, boolean, boolean, a3, a3, i64, a3, a2, a3, i64, boolean,
+               i64, i64]
+    backward = [a3, i64, a1, i1, boolean, a3, a3, i64, a3, a2, a2, a2, a2, a2, a2, boolean,
+                i64]
+    for name, argtypes in (("forward_units", forward), ("forward_units_one", [i64] + forward),
+                           ("backward_units", backward),
+                           ("backward_units_one", [i64, i64] + backward)):
+        ptx = compile_ptx(k[name], argtypes)
+        assert ".entry" in ptx, name
+        _assert_no_f64_math(ptx, dtype)

@@ -23,6 +23,11 @@ ROW_THREADS = 256        # threads per block of the recurrence kernels (one bloc
 ELEMENT_THREADS = 256    # threads per block of the 1-D elementwise kernels
 GEMM_TILE = 16           # gemm block is (GEMM_TILE, GEMM_TILE) threads; a compile-time constant
 SHARED_BYTES = 48 * 1024  # Numba caps dynamic shared memory per block at 48 KB
+# Which recurrence kernels run: "rows" (a block per batch row, kernels.forward_rows), "units"
+# (a block per slice of hidden units and a grid barrier per step, kernels.forward_units), or
+# "auto" (units where a cooperative launch is possible, see _use_units).
+RECURRENCE = "auto"
+UNITS_PER_BLOCK = None   # None: as few as fill at most one block per multiprocessor
 
 _workspaces = threading.local()  # per thread, like the CPU backend
 
@@ -275,6 +280,59 @@ def _fitting_prefix(sizes, itemsize):
     return fitting
 
 
+# ---------------------------------------------------------------------------- unit split
+
+_units_broken = []  # the reason, once a cooperative launch has failed in this process
+
+
+def _multiprocessors():
+    try:
+        return int(_cuda().get_current_device().MULTIPROCESSOR_COUNT)
+    except Exception:  # the simulator's fake device has no such attribute
+        return 1
+
+
+def _use_units():
+    """Whether this call runs the unit-split kernels (see RECURRENCE)."""
+    if RECURRENCE != "auto":
+        return RECURRENCE == "units"
+    return not _simulator_enabled() and not _units_broken
+
+
+def _unit_geometry(H, width):
+    """(units per block, blocks, threads per block) of a unit-split launch whose blocks
+    handle ``width`` (row, column) pairs per owned unit: at most one block per
+    multiprocessor, so that every block is resident and the grid barrier cannot hang."""
+    U = UNITS_PER_BLOCK or -(-H // max(1, _multiprocessors()))
+    U = max(1, min(U, H))
+    blocks = -(-H // U)
+    return U, blocks, _row_threads(width * U)
+
+
+def _launch_units(kind, one, persistent_args, step_args_for):
+    """Launch a unit-split recurrence: the persistent kernel on a GPU, or one launch per
+    step (per part of a step) on the simulator, which cannot cross a grid barrier. Under
+    RECURRENCE "auto" a failed cooperative launch (no cudadevrt to link, say) is reported
+    once and the process falls back to the row kernels, which need no grid barrier; a
+    forced "units" raises."""
+    kernel, grid, threads, shared_bytes = kind
+    if _simulator_enabled():
+        for args in step_args_for:
+            _launch(one, grid, threads, shared_bytes, *args)
+        return True
+    try:
+        _launch(kernel, grid, threads, shared_bytes, *persistent_args)
+        return True
+    except Exception as exc:  # numba raises several types for link and launch failures
+        if RECURRENCE != "auto":
+            raise
+        import warnings
+        _units_broken.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(f"fastrnn: unit-split GPU kernels unavailable ({_units_broken[0]}); "
+                      f"using the row kernels", RuntimeWarning, stacklevel=3)
+        return False
+
+
 def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, train,
                       out, out_col):
     """Forward of one layer-direction on the device (same contract as the CPU backend).
@@ -291,7 +349,6 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     itemsize = dtype.itemsize
     Hc = H if cell.has_cell_state else 0
     A = cell.saved * H
-    forward_rows, _ = _kernels().recurrence_kernels(cell.name, dtype)
     key = ("fwd", cell.name, bool(reverse))
     if train:
         h_seq = empty((T + 1, B, H), dtype)
@@ -314,17 +371,41 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     w_t = _workspace(key + ("w_t",), (H, GH), dtype)
     _elementwise("transpose2d", dtype, GH * H, w_hh, w_t)
     hg_ws = _workspace(key + ("hg",), (B, GH), dtype)
+    split = cell.summed_columns(H)
+    if _use_units():
+        U, blocks, threads = _unit_geometry(H, B * (GH // H))
+        w_shared = H * (GH // H) * U * itemsize <= SHARED_BYTES
+        shared_bytes = H * (GH // H) * U * itemsize if w_shared else 0
+        kernels = _kernels().unit_kernels(cell.name, dtype)
+        tail = (x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train), h_seq,
+                c_seq, Hc, acts, hg_ws, out, out_col, w_shared, split, U)
+        launched = _launch_units((kernels["forward_units"], blocks, threads, shared_bytes),
+                                 kernels["forward_units_one"], tail,
+                                 ((s,) + tail for s in range(T)))
+    else:
+        launched = False
+    if not launched:
+        _forward_rows(cell, dtype, x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq,
+                      c_seq, Hc, acts, hg_ws, out, out_col, split)
+    h_n = _copy(h_seq[last])
+    c_n = _copy(c_seq[last]) if Hc else None
+    saved = Saved(x2d, lengths, bool(reverse), h_seq, c_seq, acts) if train else None
+    return h_n, c_n, saved
+
+
+def _forward_rows(cell, dtype, x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq,
+                  c_seq, Hc, acts, hg_ws, out, out_col, split):
+    """The row-owning forward kernel (arguments as kernels.forward_rows)."""
+    forward_rows, _ = _kernels().recurrence_kernels(cell.name, dtype)
+    B, GH = hg_ws.shape
+    H = h_seq.shape[2]
+    itemsize = dtype.itemsize
     # Shared memory, in order of benefit per byte: h, then hg, then the weights.
     parts = _fitting_prefix((H, GH, H * GH), itemsize)
     h_shared, hg_shared, w_shared = (len(parts) > i for i in range(3))
     _launch(forward_rows, B, _row_threads(GH), sum(parts) * itemsize,
             x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train), h_seq,
-            c_seq, Hc, acts, hg_ws, out, out_col, h_shared, hg_shared, w_shared,
-            cell.summed_columns(H))
-    h_n = _copy(h_seq[last])
-    c_n = _copy(c_seq[last]) if Hc else None
-    saved = Saved(x2d, lengths, bool(reverse), h_seq, c_seq, acts) if train else None
-    return h_n, c_n, saved
+            c_seq, Hc, acts, hg_ws, out, out_col, h_shared, hg_shared, w_shared, split)
 
 
 def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads, dx2d):
@@ -351,12 +432,25 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     dc = _copy(dc_n) if Hc else _dummy(2, dtype)
     dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
     dc_prev = _workspace(key + ("dc_prev",), (B, H), dtype) if Hc else _dummy(2, dtype)
-    parts = _fitting_prefix((GH, GH * H), dtype.itemsize)
-    gh_shared, w_shared = (len(parts) > i for i in range(2))
-    _launch(backward_rows, B, _row_threads(H), sum(parts) * dtype.itemsize,
-            dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
-            saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev, gh_shared,
-            w_shared)
+    launched = False
+    if _use_units():
+        U, blocks, threads = _unit_geometry(H, B)
+        w_shared = GH * U * dtype.itemsize <= SHARED_BYTES
+        kernels = _kernels().unit_kernels(cell.name, dtype)
+        args = (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
+                saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev, w_shared, U)
+        launched = _launch_units(
+            (kernels["backward_units"], blocks, threads,
+             GH * U * dtype.itemsize if w_shared else 0),
+            kernels["backward_units_one"], args,
+            ((s, phase) + args for s in range(T) for phase in (0, 1)))
+    if not launched:
+        parts = _fitting_prefix((GH, GH * H), dtype.itemsize)
+        gh_shared, w_shared = (len(parts) > i for i in range(2))
+        _launch(backward_rows, B, _row_threads(H), sum(parts) * dtype.itemsize,
+                dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
+                saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev, gh_shared,
+                w_shared)
     rows = T * B
     rev = int(saved.reverse)
     h_prev2d = _flat(saved.h_seq)[rev * B * H:(rev + T) * B * H]  # (T*B, H), time order

@@ -231,6 +231,216 @@ def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts,
             cuda.syncthreads()
 
 
+# ---------------------------------------------------------------------------- unit-split recurrence
+#
+# "Unit-owning persistent kernels", for batches too few or weights too large for the row
+# kernels above: block ``u`` owns hidden units [u*U, u*U + U) (the last block fewer) for every
+# batch row, so each block keeps only its slice of W_hh -- G*U columns of the recurrent
+# product, on chip when it fits -- and the whole GPU works on every step. Each step needs the
+# whole previous state (forward) or the whole gate gradient (backward), which other blocks
+# wrote, so the persistent kernels cross a grid barrier (a cooperative launch; at most one
+# block per multiprocessor) once per step. The step functions are also launched one step at
+# a time (``*_units_one``): the CUDA simulator runs blocks one after another and so cannot
+# cross a grid barrier, and the tests check the unit-split arithmetic that way. Every output
+# sums in the order the row kernels use (``dot``), so the two paths give the same bits.
+
+def units_of_block(H, U):
+    """(first unit, number of units) owned by this block."""
+    u0 = cuda.blockIdx.x * U
+    return u0, min(U, H - u0)
+
+
+def owned_column(gl, Ub, u0, H):
+    """Column of the (., G*H) gate arrays of the block's local gate column gl (gate-major:
+    local column q*Ub + i is gate q of unit u0 + i)."""
+    q = gl // Ub
+    return q * H + u0 + (gl - q * Ub)
+
+
+def stage_forward_slice(w_t, ws, H, GH, U):
+    """ws (H*G*Ub,) = the block's columns of W_hh^T: ws[k*G*Ub + gl] = w_t[k*GH + column]."""
+    u0, Ub = units_of_block(H, U)
+    GU = (GH // H) * Ub
+    for i in range(cuda.threadIdx.x, H * GU, cuda.blockDim.x):
+        k = i // GU
+        ws[i] = w_t[k * GH + owned_column(i - k * GU, Ub, u0, H)]
+    cuda.syncthreads()
+
+
+def stage_backward_slice(w_hh, ws, H, GH, U):
+    """ws (G*H*Ub,) = the block's columns of W_hh: ws[g*Ub + i] = w_hh[g*H + u0 + i]."""
+    u0, Ub = units_of_block(H, U)
+    for e in range(cuda.threadIdx.x, GH * Ub, cuda.blockDim.x):
+        g = e // Ub
+        ws[e] = w_hh[g * H + u0 + e - g * Ub]
+    cuda.syncthreads()
+
+
+def forward_units_step(s, x_proj, w_t, ws, w_shared, b_ih, b_hh, lengths, reverse, train,
+                       h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, U):
+    """Step s of forward for the block's units, every batch row (arrays as forward_rows; ws
+    the block's slice of W_hh^T when w_shared). Ends with a block barrier; the caller
+    crosses the grid barrier before the next step."""
+    T = out.shape[0]
+    B = out.shape[1]
+    H = h_seq.shape[2]
+    GH = hg_ws.shape[1]
+    u0, Ub = units_of_block(H, U)
+    GU = (GH // H) * Ub
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    t, prev, nxt, a = forward_step(s, T, reverse, train)
+    # Recurrent product for (row, owned gate column) pairs; consecutive threads take
+    # consecutive columns of one row, so they share h_prev and read ws without conflicts.
+    for p in range(tid, B * GU, nthreads):
+        b = p // GU
+        gl = p - b * GU
+        if t < lengths[b]:
+            g = owned_column(gl, Ub, u0, H)
+            if w_shared:
+                acc = dot(ws, gl, GU, h_seq[prev, b], H)
+            else:
+                acc = dot(w_t, g, GH, h_seq[prev, b], H)
+            if g < split:
+                x_proj[t * B + b, g] += acc
+            else:
+                hg_ws[b, g] = acc
+    cuda.syncthreads()
+    for p in range(tid, B * Ub, nthreads):
+        b = p // Ub
+        j = u0 + p - b * Ub
+        h_prev = h_seq[prev, b]
+        h_next = h_seq[nxt, b]
+        cb = clamp(b, c_seq.shape[1])
+        c_prev = c_seq[clamp(prev, c_seq.shape[0]), cb]
+        c_next = c_seq[clamp(nxt, c_seq.shape[0]), cb]
+        if t < lengths[b]:
+            ac = acts[clamp(a, acts.shape[0]), clamp(b, acts.shape[1])]
+            cell_forward(j, H, x_proj[t * B + b], hg_ws[b], b_ih, b_hh, h_prev, c_prev,
+                         h_next, c_next, ac)
+            out[t, b, out_col + j] = h_next[j]
+        else:
+            h_next[j] = h_prev[j]
+            out[t, b, out_col + j] = ZERO
+            if Hc > 0:
+                c_next[j] = c_prev[j]
+    cuda.syncthreads()
+
+
+def forward_units(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc, acts,
+                  hg_ws, out, out_col, w_shared, split, U):
+    """Whole-sequence forward, unit-split; cooperative launch with grid (ceil(H/U),).
+    Dynamic shared memory: [the block's W_hh^T slice (H*G*U)] if w_shared."""
+    ws = cuda.shared.array(0, DTYPE)
+    H = h_seq.shape[2]
+    if w_shared:
+        stage_forward_slice(w_t, ws, H, hg_ws.shape[1], U)
+    grid = cuda.cg.this_grid()
+    for s in range(out.shape[0]):
+        forward_units_step(s, x_proj, w_t, ws, w_shared, b_ih, b_hh, lengths, reverse, train,
+                           h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, U)
+        grid.sync()
+
+
+def forward_units_one(s, x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc,
+                      acts, hg_ws, out, out_col, w_shared, split, U):
+    """Step s alone of forward_units (one launch per step: the simulator's path)."""
+    ws = cuda.shared.array(0, DTYPE)
+    if w_shared:
+        stage_forward_slice(w_t, ws, h_seq.shape[2], hg_ws.shape[1], U)
+    forward_units_step(s, x_proj, w_t, ws, w_shared, b_ih, b_hh, lengths, reverse, train,
+                       h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, U)
+
+
+def backward_units_pointwise(s, dout, out_col, lengths, reverse, h_seq, c_seq, acts, dgx,
+                             dgh, dh, dc, dh_direct, dc_prev, U):
+    """Pointwise part of BPTT step s for the block's units, every row: the gate gradients
+    of the owned gate columns (arrays as backward_rows)."""
+    T = dout.shape[0]
+    B = dout.shape[1]
+    H = h_seq.shape[2]
+    G = dgx.shape[1] // H
+    u0, Ub = units_of_block(H, U)
+    t, prev, nxt = backward_step(s, T, reverse)
+    for p in range(cuda.threadIdx.x, B * Ub, cuda.blockDim.x):
+        b = p // Ub
+        j = u0 + p - b * Ub
+        gx = dgx[t * B + b]
+        gh = dgh[t * B + b]
+        if t < lengths[b]:
+            dh[b, j] += dout[t, b, out_col + j]
+            cb = clamp(b, c_seq.shape[1])
+            cell_backward(j, H, dh[b], dc[clamp(b, dc.shape[0])],
+                          acts[clamp(t, acts.shape[0]), clamp(b, acts.shape[1])],
+                          h_seq[prev, b], c_seq[clamp(prev, c_seq.shape[0]), cb],
+                          h_seq[nxt, b], gx, gh, dh_direct[b],
+                          dc_prev[clamp(b, dc_prev.shape[0])])
+        else:
+            for q in range(G):
+                gx[q * H + j] = ZERO
+                gh[q * H + j] = ZERO
+
+
+def backward_units_product(s, w_hh, ws, w_shared, lengths, reverse, Hc, dgh, dh, dc,
+                           dh_direct, dc_prev, U):
+    """Product part of BPTT step s: dh[b, k] = dh_direct[b, k] + dgh[t, b] . W_hh[:, k] for
+    the block's units k, every row (needs every block's gate gradients: after the grid
+    barrier). ws is the block's slice of W_hh when w_shared."""
+    B = dh.shape[0]
+    H = dh.shape[1]
+    GH = dgh.shape[1]
+    T = dgh.shape[0] // B
+    u0, Ub = units_of_block(H, U)
+    t = backward_step(s, T, reverse)[0]
+    for p in range(cuda.threadIdx.x, B * Ub, cuda.blockDim.x):
+        b = p // Ub
+        i = p - b * Ub
+        if t < lengths[b]:
+            gh = dgh[t * B + b]
+            if w_shared:
+                acc = dot(ws, i, Ub, gh, GH)
+            else:
+                acc = dot(w_hh, u0 + i, H, gh, GH)
+            dh[b, u0 + i] = dh_direct[b, u0 + i] + acc
+            if Hc > 0:
+                dc[b, u0 + i] = dc_prev[b, u0 + i]
+
+
+def backward_units(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts, dgx, dgh,
+                   dh, dc, dh_direct, dc_prev, w_shared, U):
+    """Whole-sequence BPTT, unit-split; cooperative launch with grid (ceil(H/U),).
+    Dynamic shared memory: [the block's W_hh slice (G*H*U)] if w_shared. One grid barrier
+    per step, between the pointwise part (gate gradients) and the product (which reads
+    every block's); the product's dh is the block's own, read after a block barrier."""
+    ws = cuda.shared.array(0, DTYPE)
+    H = h_seq.shape[2]
+    if w_shared:
+        stage_backward_slice(w_hh, ws, H, dgx.shape[1], U)
+    grid = cuda.cg.this_grid()
+    for s in range(dout.shape[0]):
+        backward_units_pointwise(s, dout, out_col, lengths, reverse, h_seq, c_seq, acts, dgx,
+                                 dgh, dh, dc, dh_direct, dc_prev, U)
+        grid.sync()
+        backward_units_product(s, w_hh, ws, w_shared, lengths, reverse, Hc, dgh, dh, dc,
+                               dh_direct, dc_prev, U)
+        cuda.syncthreads()
+
+
+def backward_units_one(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc,
+                       acts, dgx, dgh, dh, dc, dh_direct, dc_prev, w_shared, U):
+    """One part (phase 0 pointwise, 1 product) of BPTT step s of backward_units (two
+    launches per step: the simulator's path)."""
+    ws = cuda.shared.array(0, DTYPE)
+    if phase == 0:
+        backward_units_pointwise(s, dout, out_col, lengths, reverse, h_seq, c_seq, acts, dgx,
+                                 dgh, dh, dc, dh_direct, dc_prev, U)
+    else:
+        if w_shared:
+            stage_backward_slice(w_hh, ws, h_seq.shape[2], dgx.shape[1], U)
+        backward_units_product(s, w_hh, ws, w_shared, lengths, reverse, Hc, dgh, dh, dc,
+                               dh_direct, dc_prev, U)
+
+
 # ---------------------------------------------------------------------------- linear algebra
 
 def gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
@@ -387,6 +597,11 @@ def _device(func, suffix, **bindings):
     return cuda.jit(device=True)(cells.specialize(func, suffix, **bindings))
 
 
+def _cuda_module():
+    from numba import cuda
+    return cuda
+
+
 def _kernel(func, suffix, **bindings):
     from numba import cuda
     bindings.setdefault("cuda", cuda)
@@ -439,6 +654,39 @@ def recurrence_kernels(cell_name, dtype):
         return (_kernel(forward_rows, suffix, **common),
                 _kernel(backward_rows, suffix, **common))
     return _compiled(("recurrence", cell_name, dtype), build)
+
+
+UNIT_KERNELS = ("forward_units", "forward_units_one", "backward_units", "backward_units_one")
+
+
+def unit_kernels(cell_name, dtype):
+    """dict name -> the unit-split kernels (UNIT_KERNELS) compiled for cell_name and dtype."""
+    dtype = np.dtype(dtype)
+    spec = cells.CELLS[cell_name]
+
+    def build():
+        bind = scalar_bindings(dtype)
+        parts = (units_of_block, owned_column, stage_forward_slice, stage_backward_slice,
+                 forward_units_step, backward_units_pointwise, backward_units_product)
+        kernels = [globals()[name] for name in UNIT_KERNELS]
+        version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp, dot,
+                              slots.forward_step, slots.backward_step, *parts, *kernels)
+        suffix = f"{cell_name}_{dtype.name}_{version}"
+        forward_step = _device(slots.forward_step, suffix)
+        common = dict(cuda=_cuda_module(), ZERO=bind["ZERO"], DTYPE=bind["DTYPE"],
+                      clamp=_device(clamp, suffix),
+                      dot=_device(dot, suffix, ZERO=bind["ZERO"]),
+                      forward_step=forward_step,
+                      backward_step=_device(slots.backward_step, suffix,
+                                            forward_step=forward_step),
+                      cell_forward=_device(spec.forward, suffix, **bind),
+                      cell_backward=_device(spec.backward, suffix, **bind))
+        common["units_of_block"] = _device(units_of_block, suffix, cuda=common["cuda"])
+        common["owned_column"] = _device(owned_column, suffix)
+        for part in parts[2:]:
+            common[part.__name__] = _device(part, suffix, **common)
+        return {func.__name__: _kernel(func, suffix, **common) for func in kernels}
+    return _compiled(("units", cell_name, dtype), build)
 
 
 GEMM_REG = 4  # outputs per thread along each axis of a gemm tile (compile-time constant)
