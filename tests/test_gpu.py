@@ -381,6 +381,34 @@ def test_gpu_foreign_device_arrays_used_in_place(library):
     assert _foreign_pointer(library, module, out) == pointer
 
 
+def test_unit_launch_shrinks_blocks_until_the_grid_fits_then_falls_back(monkeypatch):
+    """A cooperative grid must be resident at once: when the block size does not allow it,
+    the launch retries with half the threads; any other failure under "auto" is reported
+    (RuntimeWarning) and the row kernels take over, while a forced "units" raises. Runs
+    everywhere: the launches are faked."""
+    monkeypatch.setattr(gpu, "_simulator_enabled", lambda: False)
+    monkeypatch.setattr(gpu, "_units_broken", [])
+    monkeypatch.setattr(gpu, "RECURRENCE", "auto")
+    seen = []
+
+    def fake_launch(kernel, grid, threads, shared_bytes, *args):
+        seen.append(threads)
+        if kernel == "too big" and threads > 128:
+            raise ValueError("The specified grid size (128 * 1 * 1) exceeds the limit (0)")
+        if kernel == "no cudadevrt":
+            raise OSError("cannot link cudadevrt")
+
+    monkeypatch.setattr(gpu, "_launch", fake_launch)
+    assert gpu._launch_units(("too big", 128, 512, 0), None, (), ())
+    assert seen == [512, 256, 128]
+    with pytest.warns(RuntimeWarning, match="cannot link cudadevrt"):
+        assert not gpu._launch_units(("no cudadevrt", 128, 256, 0), None, (), ())
+    assert not gpu._use_units(1, 4096)  # the process stays on the row kernels
+    monkeypatch.setattr(gpu, "RECURRENCE", "units")
+    with pytest.raises(OSError):
+        gpu._launch_units(("no cudadevrt", 128, 256, 0), None, (), ())
+
+
 def test_cuda_device_unavailable_raises_runtime_error(monkeypatch):
     """Without numba-cuda, or without a GPU, device="cuda" fails at construction with a
     RuntimeError that says which is missing (runs everywhere: availability is faked)."""

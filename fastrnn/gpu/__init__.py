@@ -19,7 +19,10 @@ name = "cuda"
 
 # Launch geometry, module-level so tests can shrink it (several blocks, partial blocks) and
 # so the device check can tune it. Read at every launch, never inside a kernel.
-ROW_THREADS = 256        # threads per block of the recurrence kernels (one block per batch row)
+# Most threads per block of the recurrence kernels. 512 against 256, row kernels, LSTM eval
+# forward on an H200 (us/step, benchmarks/gpu_check.py breakdown): 86 vs 126 at
+# (100,64,256,256), 823 vs 1460 at (200,32,128,1024), 540 vs 515 at (50,256,512,512).
+ROW_THREADS = 512
 ELEMENT_THREADS = 256    # threads per block of the 1-D elementwise kernels
 GEMM_TILE = 16           # gemm block is (GEMM_TILE, GEMM_TILE) threads; a compile-time constant
 SHARED_BYTES = 48 * 1024  # Numba caps dynamic shared memory per block at 48 KB
@@ -28,6 +31,7 @@ SHARED_BYTES = 48 * 1024  # Numba caps dynamic shared memory per block at 48 KB
 # "auto" (units where a cooperative launch is possible, see _use_units).
 RECURRENCE = "auto"
 UNITS_PER_BLOCK = None   # None: as few as fill at most one block per multiprocessor
+UNITS_MIN_HIDDEN = 128   # "auto" keeps the row kernels below this hidden size (_use_units)
 
 _workspaces = threading.local()  # per thread, like the CPU backend
 
@@ -292,11 +296,20 @@ def _multiprocessors():
         return 1
 
 
-def _use_units():
-    """Whether this call runs the unit-split kernels (see RECURRENCE)."""
+def _use_units(B, H):
+    """Whether this call runs the unit-split kernels (see RECURRENCE). "auto" takes them
+    where a grid barrier is possible, the batch leaves multiprocessors idle under the row
+    kernels (B below their number), and H >= UNITS_MIN_HIDDEN. Measured on an H200 (LSTM,
+    benchmarks/gpu_check.py breakdown, us per step, eval forward): units 53-62 against rows
+    86-126 at (100,64,256,256), 334-565 against 823-1460 at (200,32,128,1024), even at
+    (100,8,64,128); rows ahead at (1000,1,32,64) (6.0-6.3 against 8.8-9.9, where the
+    barrier costs more than it spreads) and at (50,256,512,512), whose 256 rows already
+    fill the GPU."""
     if RECURRENCE != "auto":
         return RECURRENCE == "units"
-    return not _simulator_enabled() and not _units_broken
+    if _simulator_enabled() or _units_broken:
+        return False
+    return B < _multiprocessors() and H >= UNITS_MIN_HIDDEN
 
 
 def _unit_geometry(H, width):
@@ -321,8 +334,16 @@ def _launch_units(kind, one, persistent_args, step_args_for):
             _launch(one, grid, threads, shared_bytes, *args)
         return True
     try:
-        _launch(kernel, grid, threads, shared_bytes, *persistent_args)
-        return True
+        while True:
+            try:
+                _launch(kernel, grid, threads, shared_bytes, *persistent_args)
+                return True
+            except ValueError as exc:
+                # "grid size exceeds the limit": at this block size (registers, shared
+                # memory) not every block can be resident at once; smaller blocks can be.
+                if "exceeds the limit" not in str(exc) or threads <= 32:
+                    raise
+                threads //= 2
     except Exception as exc:  # numba raises several types for link and launch failures
         if RECURRENCE != "auto":
             raise
@@ -372,7 +393,7 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     _elementwise("transpose2d", dtype, GH * H, w_hh, w_t)
     hg_ws = _workspace(key + ("hg",), (B, GH), dtype)
     split = cell.summed_columns(H)
-    if _use_units():
+    if _use_units(B, H):
         U, blocks, threads = _unit_geometry(H, B * (GH // H))
         w_shared = H * (GH // H) * U * itemsize <= SHARED_BYTES
         shared_bytes = H * (GH // H) * U * itemsize if w_shared else 0
@@ -433,7 +454,7 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
     dc_prev = _workspace(key + ("dc_prev",), (B, H), dtype) if Hc else _dummy(2, dtype)
     launched = False
-    if _use_units():
+    if _use_units(B, H):
         U, blocks, threads = _unit_geometry(H, B)
         w_shared = GH * U * dtype.itemsize <= SHARED_BYTES
         kernels = _kernels().unit_kernels(cell.name, dtype)
