@@ -41,6 +41,7 @@ ONE = 1.0
 TILE = 16
 REG = 4
 SPAN = 64
+IDX = int
 
 
 def cell_forward(j, H, pre, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
@@ -67,20 +68,31 @@ def sigmoid(x):
 def dot(w, offset, stride, v, n):
     """sum over k < n of w[offset + k*stride] * v[k], as four partial sums (k mod 4) added
     at the end: four independent multiply-add chains instead of one, so a small recurrent
-    product does not wait out each add's latency. A fixed order: deterministic."""
+    product does not wait out each add's latency. A fixed order: deterministic.
+
+    Indices are unsigned (IDX): with a signed index Numba emits Python's negative-index
+    wrap-around on every access. In the PTX of this loop that was 127 instructions per 8
+    multiply-adds with int64 ``range`` indices, and is 20 per 4 now -- and the recurrence
+    kernels are instruction-bound at small sizes (Nsight Compute, see the README)."""
     s0 = ZERO
     s1 = ZERO
     s2 = ZERO
     s3 = ZERO
-    n4 = n - n % 4
-    for k in range(0, n4, 4):
-        i = offset + k * stride
+    n4 = IDX(n - n % 4)
+    st = IDX(stride)
+    i = IDX(offset)
+    k = IDX(0)
+    while k < n4:
         s0 += w[i] * v[k]
-        s1 += w[i + stride] * v[k + 1]
-        s2 += w[i + 2 * stride] * v[k + 2]
-        s3 += w[i + 3 * stride] * v[k + 3]
-    for k in range(n4, n):
-        s0 += w[offset + k * stride] * v[k]
+        s1 += w[i + st] * v[k + IDX(1)]
+        s2 += w[i + IDX(2) * st] * v[k + IDX(2)]
+        s3 += w[i + IDX(3) * st] * v[k + IDX(3)]
+        i += IDX(4) * st
+        k += IDX(4)
+    while k < IDX(n):
+        s0 += w[i] * v[k]
+        i += st
+        k += IDX(1)
     return (s0 + s1) + (s2 + s3)
 
 
@@ -608,6 +620,12 @@ def _kernel(func, suffix, **bindings):
     return cuda.jit(cache=True)(cells.specialize(func, suffix, **bindings))
 
 
+def _index_type():
+    """numba.uint64: the type of unsigned array indices in the hot loops (see dot)."""
+    import numba
+    return numba.uint64
+
+
 def _numba_type(dtype):
     # The numba type (not np.float32): both the compiler and the simulator accept it as the
     # dtype of cuda.shared.array.
@@ -649,7 +667,7 @@ def recurrence_kernels(cell_name, dtype):
                       backward_step=_device(slots.backward_step, suffix,
                                             forward_step=forward_step),
                       clamp=_device(clamp, suffix),
-                      dot=_device(dot, suffix, ZERO=bind["ZERO"]),
+                      dot=_device(dot, suffix, ZERO=bind["ZERO"], IDX=_index_type()),
                       ZERO=bind["ZERO"], DTYPE=bind["DTYPE"])
         return (_kernel(forward_rows, suffix, **common),
                 _kernel(backward_rows, suffix, **common))
@@ -675,7 +693,7 @@ def unit_kernels(cell_name, dtype):
         forward_step = _device(slots.forward_step, suffix)
         common = dict(cuda=_cuda_module(), ZERO=bind["ZERO"], DTYPE=bind["DTYPE"],
                       clamp=_device(clamp, suffix),
-                      dot=_device(dot, suffix, ZERO=bind["ZERO"]),
+                      dot=_device(dot, suffix, ZERO=bind["ZERO"], IDX=_index_type()),
                       forward_step=forward_step,
                       backward_step=_device(slots.backward_step, suffix,
                                             forward_step=forward_step),
