@@ -1,0 +1,58 @@
+"""Size of the recurrence kernels' inner loops in PTX, compiled for sm_90 without a GPU.
+
+    python benchmarks/gpu_ptx_loops.py [CELL] [DTYPE]      # default: lstm float32
+
+Prints, for forward_rows and forward_units, (instructions, multiply-adds) of every loop that
+does at least four float multiply-adds: a loop is the code between a label and the branch
+back to it. The recurrent dot product is the short loop with 4 multiply-adds. Needs
+numba-cuda with NVVM and NVRTC (``pip install "numba-cuda[cu13]"``); not part of CI.
+"""
+import re
+import sys
+import types as pytypes
+
+
+def loops(ptx, fma):
+    """[(instructions, multiply-adds)] of the loops of ptx with >= 4 multiply-adds."""
+    found = []
+    for label in re.findall(r"^(\$L__BB\d+_\d+):", ptx, re.M):
+        body = ptx.split(label + ":", 1)[1]
+        back = re.search(r"bra(?:\.uni)?\s+" + re.escape(label) + ";", body)
+        if not back:
+            continue
+        loop = body[:back.start()]
+        count = len(re.findall(fma, loop))
+        if count >= 4:
+            lines = [line for line in loop.splitlines()
+                     if line.strip() and not line.strip().startswith(("//", ".", "$"))]
+            found.append((len(lines), count))
+    return found
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cell = argv[0] if argv else "lstm"
+    dtype = argv[1] if len(argv) > 1 else "float32"
+    from numba import cuda, types
+    from numba.cuda import dispatcher
+    # Device functions ask the current device for its compute capability; say sm_90.
+    dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
+    from fastrnn.gpu import kernels
+    f = types.float32 if dtype == "float32" else types.float64
+    a1, a2, a3 = (types.Array(f, n, "C") for n in (1, 2, 3))
+    i1, i64, b = types.Array(types.int64, 1, "C"), types.int64, types.boolean
+    fma = r"\bfma\.rn\.f32" if dtype == "float32" else r"\bfma\.rn\.f64"
+    forward_rows, _ = kernels.recurrence_kernels(cell, dtype)
+    units = kernels.unit_kernels(cell, dtype)
+    for name, kernel, argtypes in (
+            ("forward_rows", forward_rows,
+             (a2, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, b, b, b, i64)),
+            ("forward_units", units["forward_units"],
+             (a2, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, b, i64, i64))):
+        ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=(9, 0))
+        print(f"{name} {cell} {dtype}: loops (instructions, multiply-adds): "
+              f"{loops(ptx, fma)}")
+
+
+if __name__ == "__main__":
+    main()
