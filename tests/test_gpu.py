@@ -424,6 +424,13 @@ def test_cuda_device_unavailable_raises_runtime_error(monkeypatch):
     with pytest.raises(RuntimeError, match="no usable CUDA GPU"):
         layer.to("cuda")
     assert layer.device == "cpu"
+    # A numba-cuda whose compiler cannot load with this NumPy: said at construction too.
+    monkeypatch.setattr(gpu, "_gpu_present", lambda: True)
+    monkeypatch.setattr(gpu, "_compiler_load_error",
+                        lambda: "AttributeError: module 'numpy' has no attribute 'row_stack'")
+    pytest.importorskip("numba_cuda")
+    with pytest.raises(RuntimeError, match="cannot load its compiler with NumPy"):
+        fr.LSTM(2, 3, device="cuda")
 
 
 @needs_gpu

@@ -55,6 +55,20 @@ def _gpu_present():
         return False
 
 
+def _compiler_load_error():
+    """None, or why numba-cuda's compiler cannot load here. Its array support is imported
+    lazily at the first kernel compile, so a numba-cuda that does not support the installed
+    NumPy (seen on an H200 image: numba-cuda 0.30.4 with NumPy 2.5, where ``np.row_stack``
+    is gone) would otherwise fail deep inside the first call."""
+    try:
+        importlib.import_module("numba.cuda.np.arrayobj")
+    except ModuleNotFoundError:
+        return None  # another numba-cuda layout: nothing to check ahead of time
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def unavailable_reason():
     """None when device="cuda" can run here, else a sentence saying what is missing."""
     if _simulator_enabled():
@@ -66,6 +80,13 @@ def unavailable_reason():
         return ("device='cuda': numba-cuda is installed but no usable CUDA GPU was found "
                 "(no NVIDIA driver or device); set NUMBA_ENABLE_CUDASIM=1 before importing "
                 "numba to run on the CUDA simulator instead")
+    error = _compiler_load_error()
+    if error is not None:
+        from numba import cuda  # noqa: F401 (present: checked above)
+        import numba_cuda
+        return (f"device='cuda': numba-cuda {getattr(numba_cuda, '__version__', '?')} "
+                f"cannot load its compiler with NumPy {np.__version__} ({error}); install "
+                f"a NumPy version that this numba-cuda supports")
     return None
 
 
