@@ -2,14 +2,18 @@
 
 Same interface as :mod:`fastrnn.cpu` (asarray, to_host, zeros, empty, fill_zeros, stack,
 swap01, broadcast_rows, add_batch_sum, forward_direction, backward_direction) with device
-arrays in place of NumPy arrays, plus :func:`require_gpu`. This module imports without numba-cuda;
-``numba.cuda`` is only imported once a GPU (or the CUDA simulator) is known to be usable.
+arrays in place of NumPy arrays, plus :func:`require_gpu`. This module imports without
+numba-cuda; ``numba.cuda`` is only imported once a GPU (or the CUDA simulator) is known to be
+usable.
 
 Launches per layer-direction and call, independent of T: forward = 1 transpose of W_hh +
 1 input-projection GEMM + 1 persistent recurrence kernel (+ 1 fill when h0 is zeros);
 backward = 1 persistent BPTT kernel + 3 GEMMs (dW_ih, dW_hh, dx) + 2 bias column sums.
+The recurrence kernel is row-owning or unit-split (RECURRENCE); only the unit split forced on
+the simulator, which cannot cross a grid barrier, launches once per step instead.
 All on the default stream, so their order is the program order.
 """
+import importlib
 import importlib.util
 import threading
 
@@ -82,7 +86,6 @@ def unavailable_reason():
                 "numba to run on the CUDA simulator instead")
     error = _compiler_load_error()
     if error is not None:
-        from numba import cuda  # noqa: F401 (present: checked above)
         import numba_cuda
         return (f"device='cuda': numba-cuda {getattr(numba_cuda, '__version__', '?')} "
                 f"cannot load its compiler with NumPy {np.__version__} ({error}); install "

@@ -71,9 +71,10 @@ def dot(w, offset, stride, v, n):
     product does not wait out each add's latency. A fixed order: deterministic.
 
     Indices are unsigned (IDX): with a signed index Numba emits Python's negative-index
-    wrap-around on every access. In the PTX of this loop that was 127 instructions per 8
-    multiply-adds with int64 ``range`` indices, and is 20 per 4 now -- and the recurrence
-    kernels are instruction-bound at small sizes (Nsight Compute, see the README)."""
+    wrap-around on every access. In the PTX of forward_rows and forward_units
+    (benchmarks/gpu_ptx_loops.py) this loop was 84-128 instructions per 4-8 multiply-adds
+    with int64 ``range`` indices and is 20-26 per 4 now; the recurrence kernels are
+    instruction-bound at small sizes (Nsight Compute, see the README)."""
     s0 = ZERO
     s1 = ZERO
     s2 = ZERO
