@@ -3,6 +3,7 @@
 The layer classes call :func:`forward_direction` and :func:`backward_direction` once per
 layer-direction; everything inside the time loop is compiled.
 """
+import collections
 import contextlib
 import os
 import threading
@@ -10,7 +11,7 @@ import threading
 import numpy as np
 
 from . import threads
-from .kernels import get_kernels
+from .kernels import get_kernels, pack_kernel
 from .driver import SYNC_STRIDE
 from .threads import chunk_bounds, run_chunks, single_threaded_blas
 
@@ -99,54 +100,82 @@ def unit_parts(T, row_chunks, B, K, GH, H, itemsize):
 
 
 class _ForwardPart:
-    """What the forward of the units u0:u1 reads (see driver.forward_sequence): its gate
-    columns of the weights, in panels, and of the biases; its GEMM blocks for chunks of
-    ``rows`` batch rows; its workspaces for B rows."""
+    """What the forward of the units u0:u1 reads (see driver.forward_sequence), for B batch
+    rows of I inputs and H units: its GEMM blocks for chunks of ``rows`` batch rows, its
+    workspaces, and arrays for its gate columns of the weights, in panels, which
+    :meth:`load` fills on every call (the weights may have changed in place). Built once
+    per shape and kept (see :func:`_forward_part`)."""
 
-    def __init__(self, cell, B, I, w_ih, w_hh, b_ih, b_hh, rows, u0, u1, key):
-        GH, H = w_hh.shape
+    def __init__(self, cell, B, I, H, GH, dtype, rows, u0, u1):
         P = u1 - u0
-        dtype = w_hh.dtype
-        if P == H:
-            w_ih_t, w_hh_t = w_ih.T, w_hh.T
-            self.b_ih, self.b_hh = b_ih, b_hh
-        else:  # the G gate blocks of these units, side by side
-            columns = (np.arange(GH // H)[:, None] * H + np.arange(u0, u1)).ravel()
-            w_ih_t, w_hh_t = w_ih[columns].T, w_hh[columns].T
-            self.b_ih, self.b_hh = b_ih[columns], b_hh[columns]
-        GP = w_ih_t.shape[1]
-        split = cell.summed_columns(P)
+        GP = GH // H * P
+        # The G gate blocks of these units, side by side (None: all units, as stored).
+        self.columns = None if P == H else \
+            (np.arange(GH // H)[:, None] * H + np.arange(u0, u1)).ravel()
+        self.split = split = cell.summed_columns(P)
         size = dtype.itemsize
         self.blocks = (gemm_blocks(rows, I + H, split, size)
                        + gemm_blocks(rows, I, GP - split, size)
                        + gemm_blocks(rows, H, GP - split, size))
-        self.w_panels = pack_panels((w_ih_t[:, :split], w_hh_t[:, :split]), self.blocks[0],
-                                    key + ("w",))
-        self.w_ih_panels = pack_panels((w_ih_t[:, split:],), self.blocks[2], key + ("w_ih",))
-        self.w_hh_panels = pack_panels((w_hh_t[:, split:],), self.blocks[4], key + ("w_hh",))
-        self.xh = _workspace(key + ("xh",), (B, I + H), dtype)
-        self.pre = _workspace(key + ("pre",), (B, GP), dtype)
-        self.hg = _workspace(key + ("hg",), (B, GP), dtype)
-        self.h_new = _workspace(key + ("h_new",), (B, P), dtype)
-        self.c_new = _workspace(key + ("c_new",), (B, P if cell.has_cell_state else 0), dtype)
+        self.w_panels = aligned_empty(((I + H) * split,), dtype)
+        self.w_ih_panels = aligned_empty((I * (GP - split),), dtype)
+        self.w_hh_panels = aligned_empty((H * (GP - split),), dtype)
+        self.xh = aligned_empty((B, I + H), dtype)
+        self.pre = aligned_empty((B, GP), dtype)
+        self.hg = aligned_empty((B, GP), dtype)
+        self.h_new = aligned_empty((B, P), dtype)
+        self.c_new = aligned_empty((B, P if cell.has_cell_state else 0), dtype)
+
+    def load(self, w_ih, w_hh, b_ih, b_hh):
+        """Pack this call's weights w_ih (G*H, I), w_hh (G*H, H) and take its biases
+        b_ih, b_hh (G*H,) (their columns of this part). Returns self."""
+        if self.columns is not None:
+            w_ih, w_hh = w_ih[self.columns], w_hh[self.columns]
+            b_ih, b_hh = b_ih[self.columns], b_hh[self.columns]
+        self.b_ih, self.b_hh = b_ih, b_hh
+        w_ih_t, w_hh_t, split = w_ih.T, w_hh.T, self.split
+        pack_into(self.w_panels, (w_ih_t[:, :split], w_hh_t[:, :split]), self.blocks[0])
+        if self.w_ih_panels.size:
+            pack_into(self.w_ih_panels, (w_ih_t[:, split:],), self.blocks[2])
+            pack_into(self.w_hh_panels, (w_hh_t[:, split:],), self.blocks[4])
+        return self
+
+
+# Forward parts are kept per thread by role and shape (the layers of a stack, or calls with
+# another batch size, alternate between a few); past this many the least recently used goes.
+MAX_FORWARD_PARTS = 8
+
+
+def _forward_part(cell, B, I, H, GH, dtype, rows, u0, u1, key):
+    """This thread's :class:`_ForwardPart` for these shapes, made on first use."""
+    parts = _workspaces.__dict__.setdefault("forward_parts", collections.OrderedDict())
+    signature = key + (B, I, H, GH, dtype, rows, u0, u1)
+    part = parts.get(signature)
+    if part is None:
+        part = parts[signature] = _ForwardPart(cell, B, I, H, GH, dtype, rows, u0, u1)
+        if len(parts) > MAX_FORWARD_PARTS:
+            parts.popitem(last=False)
+    else:
+        parts.move_to_end(signature)
+    return part
+
+
+def pack_into(panels, parts, block_n):
+    """parts: one or two 2-D arrays (K_i, N) (any strides), stacked along K into b (K, N)
+    -> panels (N*K,) holding, for each n0 in range(0, N, block_n), b[:, n0:n0 + block_n] as
+    a C-contiguous block at offset n0*K: the layout :func:`fastrnn.cpu.driver.matmul_panels`
+    reads (a compiled transposing copy, see driver.pack_panels). Returns panels."""
+    first = parts[0]
+    second = parts[1] if len(parts) > 1 else first[:0]
+    pack_kernel()(first, second, panels, block_n)
+    return panels
 
 
 def pack_panels(parts, block_n, key):
-    """parts: 2-D arrays (K_i, N) (any strides), stacked along K into b (K, N) -> (N*K,)
-    workspace holding, for each n0 in range(0, N, block_n), b[:, n0:n0 + block_n] as a
-    C-contiguous block at offset n0*K: the layout :func:`fastrnn.cpu.driver.matmul_panels`
-    reads (one transposing copy per call, as a plain C-contiguous transpose would cost)."""
+    """:func:`pack_into` a workspace of this thread keyed by key and the packed shape."""
     K, N = sum(part.shape[0] for part in parts), parts[0].shape[1]
     # Keyed by shape too: the layers of a stack alternate between their shapes.
-    panels = _workspace(key + (K, N), (N * K,), parts[0].dtype)
-    for n0 in range(0, N, block_n):
-        width = min(block_n, N - n0)
-        panel = panels[n0 * K:(n0 + width) * K].reshape(K, width)
-        k0 = 0
-        for part in parts:
-            panel[k0:k0 + part.shape[0]] = part[:, n0:n0 + width]
-            k0 += part.shape[0]
-    return panels
+    return pack_into(_workspace(key + (K, N), (N * K,), parts[0].dtype), parts, block_n)
 
 
 # Workspaces (the weight panels among them) start on a cache-line boundary: NumPy aligns to
@@ -262,8 +291,8 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     chunks = chunk_bounds(B, T * B * GH * (I + H), threads.MIN_ROWS_PER_CHUNK)
     parts = unit_parts(T, len(chunks), B, I + H, GH, H, dtype.itemsize)
     rows = max(hi - lo for lo, hi in chunks)  # the blocks suit every chunk (none is taller)
-    runs = [_ForwardPart(cell, B, I, w_ih, w_hh, b_ih, b_hh, rows, u0, u1, key + (u0,))
-            for u0, u1 in parts]
+    runs = [_forward_part(cell, B, I, H, GH, dtype, rows, u0, u1, key).load(
+        w_ih, w_hh, b_ih, b_hh) for u0, u1 in parts]
     sync = np.zeros(len(parts) * SYNC_STRIDE, np.int64)
 
     def recur(lo, hi, part=0):  # batch rows lo:hi, units of parts[part], through all T steps

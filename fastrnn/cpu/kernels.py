@@ -123,6 +123,19 @@ def _compile_kernels(cell_name, dtype):
 
 
 @functools.lru_cache(maxsize=1)
+def pack_kernel():
+    """driver.pack_panels, compiled (one specialisation per layout of the parts)."""
+    suffix = f"cpu_{_source_hash(driver.pack_panels, driver._copy_tiled)}"
+    copy_tiled = njit(inline="always")(driver._copy_tiled)
+    # One specialisation for parts of every layout ("A"): transposed weights (F) and their
+    # column slices (A) would otherwise compile apart.
+    signatures = [types.void(T[:, :], T[:, :], T[::1], types.intp)
+                  for T in (types.float32, types.float64)]
+    return njit(signatures, **KERNEL_OPTIONS)(
+        cells.specialize(driver.pack_panels, suffix, _copy_tiled=copy_tiled))
+
+
+@functools.lru_cache(maxsize=1)
 def _wait_for_parts():
     return njit(inline="always")(driver.wait_for_parts)
 
