@@ -13,7 +13,7 @@ per-round ratios, so clock drift and neighbours on the machine cancel. ratio = c
 fastrnn time (> 1: fastrnn is faster). Inputs are torch CUDA tensors handed to fastrnn through
 ``__cuda_array_interface__``, so neither side copies to the host. (4) A breakdown of the
 LSTM: the input-projection GEMM alone, and µs per step of each recurrence path (rows, units)
-at 256 and 512 threads per block. ``--tf32-off-only`` skips the TF32-default pass of (3).
+with the shared-memory opt-in (fastrnn.gpu.SHARED_OPT_IN) on and off. ``--tf32-off-only`` skips the TF32-default pass of (3).
 
 Needs numba, numba-cuda, torch (CUDA build). The full pytest log goes to $OUT/gpu_tests.log
 when OUT is set. Prints the table; exits 1 if a check failed.
@@ -248,13 +248,13 @@ def _median_time(fn, rounds=ROUNDS):
 def breakdown(deadline):
     """Where the LSTM's time goes at every shape: the input-projection GEMM alone against
     the eval forward, and the eval forward and forward+backward per step with each
-    recurrence path (fastrnn.gpu.RECURRENCE rows / units) at two block sizes
-    (fastrnn.gpu.ROW_THREADS)."""
+    recurrence path (fastrnn.gpu.RECURRENCE rows / units), with shared memory beyond 48 KB
+    (fastrnn.gpu.SHARED_OPT_IN) and without ("48k")."""
     from numba import cuda
     from fastrnn import gpu
     print("== breakdown, LSTM float32: projection GEMM; us/step, eval fwd / fwd+bwd, by "
-          "recurrence path and ROW_THREADS")
-    defaults = gpu.RECURRENCE, gpu.ROW_THREADS
+          "recurrence path, with and without the shared-memory opt-in")
+    defaults = gpu.RECURRENCE, gpu.SHARED_OPT_IN
     rng = np.random.default_rng(0)
     for T, B, I, H in SHAPES:
         if time.perf_counter() > deadline:
@@ -278,8 +278,9 @@ def breakdown(deadline):
         t_gemm = _median_time(projection)
         cells_out = []
         for path in ("rows", "units"):
-            for threads in (256, 512):
-                gpu.RECURRENCE, gpu.ROW_THREADS = path, threads
+            for opt_in in (True, False):
+                gpu.RECURRENCE, gpu.SHARED_OPT_IN = path, opt_in
+                label = path if opt_in else f"{path}/48k"
                 try:
                     layer.eval()
                     layer(x)
@@ -287,11 +288,16 @@ def breakdown(deadline):
                     layer.train()
                     train_step()
                     both = _median_time(train_step) / T * 1e6
-                    cells_out.append(f"{path}/{threads}: {fwd:.1f} / {both:.1f}")
-                except Exception as exc:  # e.g. a block size that does not launch: say so
-                    cells_out.append(f"{path}/{threads}: {type(exc).__name__}")
-                    print(f"   {path}/{threads}: {type(exc).__name__}: {exc}"[:300])
-        gpu.RECURRENCE, gpu.ROW_THREADS = defaults
+                    cells_out.append(f"{label}: {fwd:.1f} / {both:.1f}")
+                except Exception as exc:  # e.g. a launch that fails: say so, go on
+                    cells_out.append(f"{label}: {type(exc).__name__}")
+                    print(f"   {label}: {type(exc).__name__}: {exc}"[:300])
+        gpu.RECURRENCE, gpu.SHARED_OPT_IN = defaults
+    if gpu._opt_in_broken:
+        print(f"   shared-memory opt-in FAILED: {gpu._opt_in_broken[0]}"[:300])
+    else:
+        print(f"   shared-memory opt-in: {len(gpu._opted_in)} kernels, up to "
+              f"{max(gpu._opted_in.values(), default=0)} bytes")
         print(f"   {str((T, B, I, H)):>19s} GEMM {t_gemm * 1e3:7.3f} ms "
               f"({2.0 * T * B * 4 * H * I / t_gemm / 1e12:5.2f} TFLOP/s); "
               + "; ".join(cells_out), flush=True)

@@ -4,8 +4,11 @@
 
 Prints, for forward_rows and forward_units, (instructions, multiply-adds) of every loop that
 does at least four float multiply-adds: a loop is the code between a label and the branch
-back to it. The recurrent dot product is the short loop with 4 multiply-adds. Needs
-numba-cuda with NVVM and NVRTC (``pip install "numba-cuda[cu13]"``); not part of CI.
+back to it. The recurrent dot product is the short loop with 4 multiply-adds. Then ptxas's
+resource line for each kernel (registers per thread, spills, stack), from assembling the PTX
+for sm_90 with nvJitLink -- the occupancy limit Nsight Compute reports, without a GPU. Needs
+numba-cuda with NVVM and NVRTC (``pip install "numba-cuda[cu13]"``, which brings nvJitLink);
+not part of CI.
 """
 import re
 import sys
@@ -27,6 +30,36 @@ def loops(ptx, fma):
                      if line.strip() and not line.strip().startswith(("//", ".", "$"))]
             found.append((len(lines), count))
     return found
+
+
+def ptxas_resources(ptx):
+    """ptxas's resource line (registers, stack, spills, ...) for ptx assembled for sm_90 by
+    nvJitLink; the grid-barrier kernels link the device runtime (libcudadevrt.a) of the
+    cuda-toolkit wheels, as numba-cuda does."""
+    import glob
+    import os
+
+    from cuda.bindings import nvjitlink
+    options = ["-arch=sm_90", "-verbose"]
+    handle = nvjitlink.create(len(options), options)
+    try:
+        data = ptx.encode()
+        nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "kernel.ptx")
+        if "cudaCGGetIntrinsicHandle" in ptx or "cudaCGSynchronizeGrid" in ptx:
+            import nvidia
+            runtime = glob.glob(os.path.join(nvidia.__path__[0], "*", "lib", "libcudadevrt.a"))
+            nvjitlink.add_file(handle, nvjitlink.InputType.LIBRARY, runtime[0])
+        nvjitlink.complete(handle)
+        log = bytearray(nvjitlink.get_info_log_size(handle))
+        nvjitlink.get_info_log(handle, log)
+    finally:
+        nvjitlink.destroy(handle)
+    lines = log.decode(errors="replace").splitlines()
+    # The last "used N registers" line is the kernel's, after linking.
+    used = [line.split(":", 1)[-1].strip() for line in lines if "used " in line and
+            "registers" in line]
+    spills = [line.split(".", 1)[-1].strip() for line in lines if "spill" in line]
+    return used[-1:] + spills[-1:]
 
 
 def main(argv=None):
@@ -52,6 +85,7 @@ def main(argv=None):
         ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=(9, 0))
         print(f"{name} {cell} {dtype}: loops (instructions, multiply-adds): "
               f"{loops(ptx, fma)}")
+        print(f"{name} {cell} {dtype}: ptxas sm_90: {'; '.join(ptxas_resources(ptx))}")
 
 
 if __name__ == "__main__":

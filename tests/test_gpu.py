@@ -64,10 +64,10 @@ def real_device_array_limits(monkeypatch):
     monkeypatch.setattr(FakeCUDAArray, "transpose", strict_transpose)
 
 
-def _pair(cell, dtype, seed, **kwargs):
+def _pair(cell, dtype, seed, shape=SHAPE, **kwargs):
     """The same layer (same parameters) on the CPU and on the GPU, and the case's inputs."""
-    cpu_layer, x, h0, lengths = setup_case(cell, **SHAPE, dtype=dtype, seed=seed, **kwargs)
-    gpu_layer = make_layer(cell, SHAPE["I"], SHAPE["H"], num_layers=cpu_layer.num_layers,
+    cpu_layer, x, h0, lengths = setup_case(cell, **shape, dtype=dtype, seed=seed, **kwargs)
+    gpu_layer = make_layer(cell, shape["I"], shape["H"], num_layers=cpu_layer.num_layers,
                            bidirectional=cpu_layer.bidirectional,
                            batch_first=cpu_layer.batch_first,
                            learn_initial_state=cpu_layer.learn_initial_state,
@@ -86,8 +86,8 @@ def _run(layer, x, h0, lengths, dout, dh_n):
     return out, h_n, dx, dh0, grads
 
 
-def _random_cotangents(rng, layer, cell, dtype):
-    T, B, H = SHAPE["T"], SHAPE["B"], SHAPE["H"]
+def _random_cotangents(rng, layer, cell, dtype, shape=SHAPE):
+    T, B, H = shape["T"], shape["B"], shape["H"]
     LD = layer.num_layers * layer.num_directions
     dout = rng.standard_normal((T, B, layer.num_directions * H)).astype(dtype)
     parts = [rng.standard_normal((LD, B, H)).astype(dtype)
@@ -448,3 +448,75 @@ def test_sequence_model_trains_on_gpu_as_on_cpu():
     tol = GPU_VS_CPU[np.dtype(np.float32)]
     assert_close(results["cuda"][0], results["cpu"][0], name="loss", **tol)
     assert_close(results["cuda"][1], results["cpu"][1], name="predict", **tol)
+
+
+def test_shared_budget_opts_in_only_where_it_costs_no_occupancy(monkeypatch):
+    """Kernels whose launch puts at most one block on a multiprocessor get the device's
+    opt-in shared memory; others, the simulator and SHARED_OPT_IN = False keep 48 KB; a
+    failed opt-in warns once and leaves every kernel at 48 KB. Runs everywhere: the opt-in
+    itself is faked (the real one runs in test_gpu_weights_beyond_48_kb_stay_on_chip)."""
+    monkeypatch.setattr(gpu, "_simulator_enabled", lambda: False)
+    monkeypatch.setattr(gpu, "_opt_in_broken", [])
+    monkeypatch.setattr(gpu, "SHARED_OPT_IN", True)
+    calls = []
+
+    def fake_opt_in(kernel, args):
+        calls.append(kernel)
+        if kernel == "refused":
+            raise RuntimeError("CUDA_ERROR_INVALID_VALUE")
+        return 227 * 1024
+
+    monkeypatch.setattr(gpu, "_opt_in_limit", fake_opt_in)
+    assert gpu._shared_budget("k", (), True) == 227 * 1024
+    assert gpu._shared_budget("k", (), False) == gpu.SHARED_BYTES
+    monkeypatch.setattr(gpu, "SHARED_OPT_IN", False)
+    assert gpu._shared_budget("k", (), True) == gpu.SHARED_BYTES
+    monkeypatch.setattr(gpu, "SHARED_OPT_IN", True)
+    assert calls == ["k"]
+    with pytest.warns(RuntimeWarning, match="CUDA_ERROR_INVALID_VALUE"):
+        assert gpu._shared_budget("refused", (), True) == gpu.SHARED_BYTES
+    assert gpu._shared_budget("k", (), True) == gpu.SHARED_BYTES  # no second try
+    assert calls == ["k", "refused"]
+
+
+def test_row_launch_beyond_48_kb_that_fails_is_redone_within_48_kb(monkeypatch):
+    """A row-kernel launch with more than 48 KB of shared memory that the driver refuses is
+    redone with the parts that fit in 48 KB, and the process stops opting in (warned once).
+    Runs everywhere: the budget and the launches are faked."""
+    monkeypatch.setattr(gpu, "_simulator_enabled", lambda: False)
+    monkeypatch.setattr(gpu, "_opt_in_broken", [])
+    monkeypatch.setattr(gpu, "_opt_in_limit", lambda kernel, args: 227 * 1024)
+    launched = []
+
+    def fake_launch(kernel, grid, threads, shared_bytes, *flags):
+        launched.append((shared_bytes, flags))
+        if shared_bytes > gpu.SHARED_BYTES:
+            raise RuntimeError("CUDA_ERROR_INVALID_VALUE")
+
+    monkeypatch.setattr(gpu, "_launch", fake_launch)
+    sizes = (64, 256, 64 * 256)  # h, hg, W_hh^T of LSTM(*, 64): 66.3 KB in float32
+    with pytest.warns(RuntimeWarning, match="CUDA_ERROR_INVALID_VALUE"):
+        gpu._launch_rows("forward_rows", 1, 256, sizes, 4, lambda *flags: flags)
+    assert launched == [(4 * sum(sizes), (True, True, True)),
+                        (4 * (64 + 256), (True, True, False))]
+    assert gpu._shared_budget("forward_rows", (), True) == gpu.SHARED_BYTES
+
+
+@needs_gpu
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gpu_weights_beyond_48_kb_stay_on_chip(monkeypatch, cell):
+    """On a real GPU, W_hh beyond 48 KB (H=64 in float32: 64 KB for the LSTM, 48 KB + h
+    for the GRU) goes to shared memory through the opt-in, one batch row per block, and the
+    results are the CPU engine's. The simulator has no limit to opt out of: skipped."""
+    if gpu._simulator_enabled():
+        pytest.skip("the CUDA simulator has no shared-memory limit")
+    monkeypatch.setattr(gpu, "ROW_THREADS", 512)
+    monkeypatch.setattr(gpu, "_opted_in", {})
+    seed = stable_seed("opt-in", cell)
+    shape = dict(T=4, B=1, I=8, H=64)
+    cpu_layer, gpu_layer, x, h0, lengths = _pair(cell, "float32", seed, shape)
+    dout, dh_n = _random_cotangents(np.random.default_rng(seed), cpu_layer, cell, "float32",
+                                    shape)
+    _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n),
+             _run(gpu_layer, x, h0, lengths, dout, dh_n), "float32")
+    assert gpu._opted_in and min(gpu._opted_in.values()) > gpu.SHARED_BYTES

@@ -29,7 +29,12 @@ name = "cuda"
 ROW_THREADS = 512
 ELEMENT_THREADS = 256    # threads per block of the 1-D elementwise kernels
 GEMM_TILE = 16           # gemm block is (GEMM_TILE, GEMM_TILE) threads; a compile-time constant
-SHARED_BYTES = 48 * 1024  # Numba caps dynamic shared memory per block at 48 KB
+# Dynamic shared memory a block may use without opting in: 48 KB. CUDA lets a kernel opt in
+# to more (up to 227 KB on an H100/H200), a per-kernel attribute Numba-CUDA does not set
+# (NVIDIA/numba-cuda#94); _shared_budget sets it. SHARED_OPT_IN = False keeps every kernel at
+# SHARED_BYTES (for comparison, benchmarks/gpu_check.py breakdown).
+SHARED_BYTES = 48 * 1024
+SHARED_OPT_IN = True
 # Which recurrence kernels run: "rows" (a block per batch row, kernels.forward_rows), "units"
 # (a block per slice of hidden units and a grid barrier per step, kernels.forward_units), or
 # "auto" (units where a cooperative launch is possible, see _use_units).
@@ -296,16 +301,86 @@ def _row_threads(width):
     return max(1, min(ROW_THREADS, 32 * ((width + 31) // 32)))
 
 
-def _fitting_prefix(sizes, itemsize):
+def _fitting_prefix(sizes, itemsize, budget):
     """The longest prefix of ``sizes`` (element counts of the shared-memory parts of a
-    recurrence kernel, most useful first) whose total fits in SHARED_BYTES."""
+    recurrence kernel, most useful first) whose total fits in ``budget`` bytes."""
     total, fitting = 0, []
     for size in sizes:
         total += size
-        if total * itemsize > SHARED_BYTES:
+        if total * itemsize > budget:
             break
         fitting.append(size)
     return fitting
+
+
+_opted_in = {}         # handle of a compiled kernel -> the dynamic shared bytes it may use
+_opt_in_broken = []    # the reason, once opting in has failed in this process
+
+
+def _shared_budget(kernel, args, one_block_per_multiprocessor):
+    """Bytes of dynamic shared memory ``kernel``, launched with ``args`` (flags may be
+    placeholders: only the argument types matter), may use.
+
+    SHARED_BYTES, unless SHARED_OPT_IN, a real GPU, and ``one_block_per_multiprocessor``:
+    the launch never puts two of its blocks on one multiprocessor (a unit-split grid, or
+    no more row blocks than multiprocessors), so more shared memory costs no occupancy.
+    Then the budget is the device's opt-in maximum (:func:`_opt_in_limit`). If opting in
+    fails (another numba-cuda, say), it warns once and every kernel keeps SHARED_BYTES."""
+    if not (SHARED_OPT_IN and one_block_per_multiprocessor) or _simulator_enabled() \
+            or _opt_in_broken:
+        return SHARED_BYTES
+    try:
+        return max(SHARED_BYTES, _opt_in_limit(kernel, args))
+    except Exception as exc:  # numba-cuda's internals moved, or the driver refused
+        _stop_opting_in(exc)
+        return SHARED_BYTES
+
+
+def _stop_opting_in(exc):
+    """Keep every later launch within SHARED_BYTES, and say why, once."""
+    import warnings
+    _opt_in_broken.append(f"{type(exc).__name__}: {exc}")
+    warnings.warn(f"fastrnn: GPU kernels keep {SHARED_BYTES // 1024} KB of shared memory "
+                  f"({_opt_in_broken[0]})", RuntimeWarning, stacklevel=4)
+
+
+def _launch_rows(kernel, B, threads, sizes, itemsize, args_for):
+    """Launch a row-owning recurrence kernel (grid (B,)) with the longest prefix of its
+    shared-memory parts ``sizes`` (element counts, most useful first) that fits its budget;
+    args_for(*flags) gives its arguments, flags saying which parts are in shared memory. If a
+    launch beyond SHARED_BYTES fails, the process stops opting in and the launch is redone
+    within SHARED_BYTES (a launch refused for its configuration has run nothing)."""
+    def flags(parts):
+        return [len(parts) > i for i in range(len(sizes))]
+    budget = _shared_budget(kernel, args_for(*flags([])), B <= _multiprocessors())
+    parts = _fitting_prefix(sizes, itemsize, budget)
+    try:
+        _launch(kernel, B, threads, sum(parts) * itemsize, *args_for(*flags(parts)))
+    except Exception as exc:
+        if sum(parts) * itemsize <= SHARED_BYTES:
+            raise
+        _stop_opting_in(exc)
+        parts = _fitting_prefix(sizes, itemsize, SHARED_BYTES)
+        _launch(kernel, B, threads, sum(parts) * itemsize, *args_for(*flags(parts)))
+
+
+def _opt_in_limit(kernel, args):
+    """Raise the dynamic shared-memory limit of ``kernel``, compiled for the types of
+    ``args``, to the device's opt-in maximum (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+    once per compiled kernel) and return it in bytes. Numba-CUDA has no public call for this
+    (NVIDIA/numba-cuda#94): the compiled kernel is reached through the private
+    ``_compile_for_args`` and ``_codelibrary`` of numba-cuda 0.30."""
+    from numba.cuda.cudadrv.driver import binding, driver
+    function = kernel._compile_for_args(*args)._codelibrary.get_cufunc()
+    key = int(function.handle)
+    if key not in _opted_in:
+        device = function.device
+        limit = int(device.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN) - int(function.attrs.shared)
+        driver.cuKernelSetAttribute(
+            binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            limit, function.handle, device.id)
+        _opted_in[key] = limit
+    return _opted_in[key]
 
 
 # ---------------------------------------------------------------------------- unit split
@@ -419,11 +494,15 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     split = cell.summed_columns(H)
     if _use_units(B, H):
         U, blocks, threads = _unit_geometry(H, B * (GH // H))
-        w_shared = H * (GH // H) * U * itemsize <= SHARED_BYTES
-        shared_bytes = H * (GH // H) * U * itemsize if w_shared else 0
         kernels = _kernels().unit_kernels(cell.name, dtype)
-        tail = (x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train), h_seq,
-                c_seq, Hc, acts, hg_ws, out, out_col, w_shared, split, U)
+
+        def tail(w_shared):
+            return (x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train),
+                    h_seq, c_seq, Hc, acts, hg_ws, out, out_col, w_shared, split, U)
+        slice_bytes = H * (GH // H) * U * itemsize
+        w_shared = slice_bytes <= _shared_budget(kernels["forward_units"], tail(False), True)
+        shared_bytes = slice_bytes if w_shared else 0
+        tail = tail(w_shared)
         launched = _launch_units((kernels["forward_units"], blocks, threads, shared_bytes),
                                  kernels["forward_units_one"], tail,
                                  ((s,) + tail for s in range(T)))
@@ -445,12 +524,12 @@ def _forward_rows(cell, dtype, x_proj, w_t, b_ih, b_hh, lengths, reverse, train,
     B, GH = hg_ws.shape
     H = h_seq.shape[2]
     itemsize = dtype.itemsize
+
+    def args(h_shared, hg_shared, w_shared):
+        return (x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train), h_seq,
+                c_seq, Hc, acts, hg_ws, out, out_col, h_shared, hg_shared, w_shared, split)
     # Shared memory, in order of benefit per byte: h, then hg, then the weights.
-    parts = _fitting_prefix((H, GH, H * GH), itemsize)
-    h_shared, hg_shared, w_shared = (len(parts) > i for i in range(3))
-    _launch(forward_rows, B, _row_threads(GH), sum(parts) * itemsize,
-            x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train), h_seq,
-            c_seq, Hc, acts, hg_ws, out, out_col, h_shared, hg_shared, w_shared, split)
+    _launch_rows(forward_rows, B, _row_threads(GH), (H, GH, H * GH), itemsize, args)
 
 
 def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads, dx2d):
@@ -480,22 +559,27 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     launched = False
     if _use_units(B, H):
         U, blocks, threads = _unit_geometry(H, B)
-        w_shared = GH * U * dtype.itemsize <= SHARED_BYTES
         kernels = _kernels().unit_kernels(cell.name, dtype)
-        args = (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
-                saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev, w_shared, U)
+
+        def unit_args(w_shared):
+            return (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
+                    saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev,
+                    w_shared, U)
+        slice_bytes = GH * U * dtype.itemsize
+        w_shared = slice_bytes <= _shared_budget(kernels["backward_units"], unit_args(False),
+                                                 True)
+        args = unit_args(w_shared)
         launched = _launch_units(
-            (kernels["backward_units"], blocks, threads,
-             GH * U * dtype.itemsize if w_shared else 0),
+            (kernels["backward_units"], blocks, threads, slice_bytes if w_shared else 0),
             kernels["backward_units_one"], args,
             ((s, phase) + args for s in range(T) for phase in (0, 1)))
     if not launched:
-        parts = _fitting_prefix((GH, GH * H), dtype.itemsize)
-        gh_shared, w_shared = (len(parts) > i for i in range(2))
-        _launch(backward_rows, B, _row_threads(H), sum(parts) * dtype.itemsize,
-                dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
-                saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev, gh_shared,
-                w_shared)
+        def row_args(gh_shared, w_shared):
+            return (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
+                    saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev,
+                    gh_shared, w_shared)
+        _launch_rows(backward_rows, B, _row_threads(H), (GH, GH * H), dtype.itemsize,
+                     row_args)
     rows = T * B
     rev = int(saved.reverse)
     h_prev2d = _flat(saved.h_seq)[rev * B * H:(rev + T) * B * H]  # (T*B, H), time order
