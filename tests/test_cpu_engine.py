@@ -228,3 +228,19 @@ def test_float32_activations_accuracy():
     assert_close(got_tanh, np.tanh(exact), rtol=0, atol=FAST_ACTIVATION_ATOL, name="tanh")
     assert_close(got_sigmoid, 1 / (1 + np.exp(-exact)), rtol=0, atol=FAST_ACTIVATION_ATOL,
                  name="sigmoid")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_read_only_weights_are_accepted(cell):
+    """Parameters a caller made read-only (e.g. views of a read-only buffer put into
+    layer.params) run forward and backward as writable ones do: the compiled weight packing
+    accepts them, and the results are the same bits."""
+    writable = _run(cell, "float32")
+    layer = make_layer(cell, 5, 6, num_layers=2, bidirectional=True, dtype="float32", seed=0)
+    for value in layer.params.values():
+        value.flags.writeable = False
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 11, 5)).astype("float32")
+    out, _ = layer(x, lengths=rng.integers(1, 8, 11))
+    dx, _ = layer.backward(rng.standard_normal(out.shape).astype("float32"))
+    assert np.array_equal(out, writable[0]) and np.array_equal(dx, writable[1])

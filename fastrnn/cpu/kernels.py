@@ -128,8 +128,9 @@ def pack_kernel():
     suffix = f"cpu_{_source_hash(driver.pack_panels, driver._copy_tiled)}"
     copy_tiled = njit(inline="always")(driver._copy_tiled)
     # One specialisation for parts of every layout ("A"): transposed weights (F) and their
-    # column slices (A) would otherwise compile apart.
-    signatures = [types.void(T[:, :], T[:, :], T[::1], types.intp)
+    # column slices (A) would otherwise compile apart. Typed read-only, so read-only weights
+    # (which writable ones convert to) are accepted too.
+    signatures = [types.void(*[types.Array(T, 2, "A", readonly=True)] * 2, T[::1], types.intp)
                   for T in (types.float32, types.float64)]
     return njit(signatures, **KERNEL_OPTIONS)(
         cells.specialize(driver.pack_panels, suffix, _copy_tiled=copy_tiled))
