@@ -2,8 +2,10 @@
 
     python benchmarks/gpu_ptx_loops.py [CELL] [DTYPE]      # default: lstm float32
 
-Prints, for forward_rows and forward_units, (instructions, multiply-adds) of every loop that
-does at least four float multiply-adds: a loop is the code between a label and the branch
+Prints, for the four recurrence kernels (rows and units, forward and backward), their PTX
+instruction count, their 64-bit integer divisions (each a long instruction sequence on the
+GPU) and (instructions, multiply-adds) of every loop that does at least four float
+multiply-adds: a loop is the code between a label and the branch
 back to it. The recurrent dot product is the short loop with 4 multiply-adds. Then ptxas's
 resource line for each kernel (registers per thread, spills, stack), from assembling the PTX
 for sm_90 with nvJitLink -- the occupancy limit Nsight Compute reports, without a GPU. Needs
@@ -75,17 +77,29 @@ def main(argv=None):
     a1, a2, a3 = (types.Array(f, n, "C") for n in (1, 2, 3))
     i1, i64, b = types.Array(types.int64, 1, "C"), types.int64, types.boolean
     fma = r"\bfma\.rn\.f32" if dtype == "float32" else r"\bfma\.rn\.f64"
-    forward_rows, _ = kernels.recurrence_kernels(cell, dtype)
+    forward_rows, backward_rows = kernels.recurrence_kernels(cell, dtype)
     units = kernels.unit_kernels(cell, dtype)
     for name, kernel, argtypes in (
             ("forward_rows", forward_rows,
              (a2, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, b, b, b, i64)),
+            ("backward_rows", backward_rows,
+             (a3, i64, a1, i1, b, a3, a3, i64, a3, a2, a2, a2, a2, a2, a2, b, b)),
             ("forward_units", units["forward_units"],
-             (a2, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, b, i64, i64))):
+             (a2, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, b, i64, i64)),
+            ("backward_units", units["backward_units"],
+             (a3, i64, a1, i1, b, a3, a3, i64, a3, a2, a2, a2, a2, a2, a2, b, i64))):
         ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=(9, 0))
-        print(f"{name} {cell} {dtype}: loops (instructions, multiply-adds): "
-              f"{loops(ptx, fma)}")
+        divisions = len(re.findall(r"\b(?:div|rem)[.][su]64\b", ptx))
+        print(f"{name} {cell} {dtype}: {instructions(ptx)} PTX instructions, "
+              f"{divisions} 64-bit integer divisions; "
+              f"loops (instructions, multiply-adds): {loops(ptx, fma)}")
         print(f"{name} {cell} {dtype}: ptxas sm_90: {'; '.join(ptxas_resources(ptx))}")
+
+
+def instructions(ptx):
+    """Number of PTX instructions (not labels, directives, braces or comments)."""
+    return sum(1 for line in ptx.splitlines() if line.strip() and
+               not line.strip().startswith(("//", ".", "$", "{", "}")))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,16 @@ TILE = 16
 REG = 4
 SPAN = 64
 IDX = int
+U32 = int  # bound: numba.uint32 (see _fixed_width_types)
+I64 = int  # bound: numba.int64
+
+# Block-strided loops are written ``i = tid; while i < n: ...; i += nthreads``, not as
+# ``range(tid, n, nthreads)``: Numba computes a range's trip count with a 64-bit division,
+# a long instruction sequence on the GPU, at every entry -- several per time step. Without
+# them (and with the pair walks below), compiled for sm_90 (benchmarks/gpu_ptx_loops.py,
+# LSTM float32): forward_rows 1485 -> 819 PTX instructions and 84 -> 64 registers,
+# backward_rows 1330 -> 648, forward_units 1683 -> 988 (21 -> 3 divisions, the 3 outside
+# the time loop).
 
 
 def cell_forward(j, H, pre, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts):
@@ -131,12 +141,16 @@ def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq,
     w = dyn[hs_len + hg_len:hs_len + hg_len + H * GH] if w_shared else w_t
     if w_shared:
         # Staged once: the weights then stay on chip for all T steps.
-        for i in range(tid, H * GH, nthreads):
+        i = tid
+        while i < H * GH:
             w[i] = w_t[i]
+            i += nthreads
     if h_shared and T > 0:
         first = forward_step(0, T, reverse, train)[1]
-        for k in range(tid, H, nthreads):
+        k = tid
+        while k < H:
             hs[k] = h_seq[first, b, k]
+            k += nthreads
     cuda.syncthreads()
     length = lengths[b]
     for s in range(T):
@@ -150,27 +164,35 @@ def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq,
         # branch are reached by all of them.
         if t < length:
             xg = x_proj[t * B + b]
-            for g in range(tid, GH, nthreads):
+            g = tid
+            while g < GH:
                 acc = dot(w, g, GH, h_prev, H)
                 if g < split:
                     xg[g] += acc
                 else:
                     hg[g] = acc
+                g += nthreads
             cuda.syncthreads()
             ac = acts[clamp(a, acts.shape[0]), clamp(b, acts.shape[1])]
-            for j in range(tid, H, nthreads):
+            j = tid
+            while j < H:
                 # The cell reads h_prev[j] only, so overwriting hs[j] after it is safe.
                 cell_forward(j, H, xg, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, ac)
                 if h_shared:
                     hs[j] = h_next[j]
                 out[t, b, out_col + j] = h_next[j]
+                j += nthreads
         else:
             # Past this row's length the state is carried unchanged and the output is 0.
-            for j in range(tid, H, nthreads):
+            j = tid
+            while j < H:
                 h_next[j] = h_prev[j]
                 out[t, b, out_col + j] = ZERO
-            for j in range(tid, Hc, nthreads):
+                j += nthreads
+            j = tid
+            while j < Hc:
                 c_next[j] = c_prev[j]
+                j += nthreads
         # h (shared and global) must be complete before any thread reads it as the next
         # step's h_prev, and every read of hg must be done before the next step overwrites it.
         cuda.syncthreads()
@@ -204,8 +226,10 @@ def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts,
     gs = dyn[0:gs_len]
     w = dyn[gs_len:gs_len + GH * H] if w_shared else w_hh
     if w_shared:
-        for i in range(tid, GH * H, nthreads):
+        i = tid
+        while i < GH * H:
             w[i] = w_hh[i]
+            i += nthreads
         cuda.syncthreads()
     length = lengths[b]
     dh_b = dh[b]
@@ -219,28 +243,38 @@ def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts,
         gx = dgx[t * B + b]
         gh = dgh[t * B + b]
         if t < length:
-            for j in range(tid, H, nthreads):
+            j = tid
+            while j < H:
                 dh_b[j] += dout[t, b, out_col + j]
                 cell_backward(j, H, dh_b, dc_b, acts[clamp(t, acts.shape[0]), ab],
                               h_seq[prev, b], c_seq[clamp(prev, c_seq.shape[0]), cb],
                               h_seq[nxt, b], gx, gh, dd, dcp)
+                j += nthreads
             cuda.syncthreads()
             if gh_shared:
                 # Every thread has passed the barrier above, so all reads of the previous
                 # step's copy are done.
-                for g in range(tid, GH, nthreads):
+                g = tid
+                while g < GH:
                     gs[g] = gh[g]
+                    g += nthreads
                 cuda.syncthreads()
             gv = gs if gh_shared else gh
-            for k in range(tid, H, nthreads):
+            k = tid
+            while k < H:
                 dh_b[k] = dd[k] + dot(w, k, H, gv, GH)
-            for k in range(tid, Hc, nthreads):
+                k += nthreads
+            k = tid
+            while k < Hc:
                 dc_b[k] = dcp[k]
+                k += nthreads
         else:
             # Padded step: no gradient enters and the state gradient passes through unchanged.
-            for g in range(tid, GH, nthreads):
+            g = tid
+            while g < GH:
                 gx[g] = ZERO
                 gh[g] = ZERO
+                g += nthreads
             cuda.syncthreads()
 
 
@@ -257,6 +291,30 @@ def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts,
 # cross a grid barrier, and the tests check the unit-split arithmetic that way. Every output
 # sums in the order the row kernels use (``dot``), so the two paths give the same bits.
 
+def pair_walk(W):
+    """Where this thread starts in a block-strided walk over (row, column) pairs of a
+    (rows, W) grid, p = row*W + column, p = threadIdx, threadIdx + blockDim, ...: returns
+    (row, column, row step, column step). With pair_next the walk needs two integer
+    divisions per call instead of one per pair (64-bit division is a long instruction
+    sequence on the GPU; benchmarks/gpu_ptx_loops.py)."""
+    # In 32 bits (a short sequence on the GPU; 64-bit division is a long one): W and the
+    # thread counts are far below 2**32.
+    w = U32(W)
+    step_b = I64(U32(cuda.blockDim.x) // w)
+    b = I64(U32(cuda.threadIdx.x) // w)
+    return b, I64(cuda.threadIdx.x) - b * W, step_b, I64(cuda.blockDim.x) - step_b * W
+
+
+def pair_next(b, i, step_b, step_i, W):
+    """The next pair of the walk of :func:`pair_walk` (p += blockDim)."""
+    i += step_i
+    b += step_b
+    if i >= W:
+        i -= W
+        b += 1
+    return b, i
+
+
 def units_of_block(H, U):
     """(first unit, number of units) owned by this block."""
     u0 = cuda.blockIdx.x * U
@@ -266,26 +324,33 @@ def units_of_block(H, U):
 def owned_column(gl, Ub, u0, H):
     """Column of the (., G*H) gate arrays of the block's local gate column gl (gate-major:
     local column q*Ub + i is gate q of unit u0 + i)."""
-    q = gl // Ub
-    return q * H + u0 + (gl - q * Ub)
+    q = 0
+    while gl >= Ub:  # gl // Ub by subtraction: at most G - 1 steps, no integer division
+        gl -= Ub
+        q += 1
+    return q * H + u0 + gl
 
 
 def stage_forward_slice(w_t, ws, H, GH, U):
     """ws (H*G*Ub,) = the block's columns of W_hh^T: ws[k*G*Ub + gl] = w_t[k*GH + column]."""
     u0, Ub = units_of_block(H, U)
     GU = (GH // H) * Ub
-    for i in range(cuda.threadIdx.x, H * GU, cuda.blockDim.x):
+    i = cuda.threadIdx.x
+    while i < H * GU:
         k = i // GU
         ws[i] = w_t[k * GH + owned_column(i - k * GU, Ub, u0, H)]
+        i += cuda.blockDim.x
     cuda.syncthreads()
 
 
 def stage_backward_slice(w_hh, ws, H, GH, U):
     """ws (G*H*Ub,) = the block's columns of W_hh: ws[g*Ub + i] = w_hh[g*H + u0 + i]."""
     u0, Ub = units_of_block(H, U)
-    for e in range(cuda.threadIdx.x, GH * Ub, cuda.blockDim.x):
+    e = cuda.threadIdx.x
+    while e < GH * Ub:
         g = e // Ub
         ws[e] = w_hh[g * H + u0 + e - g * Ub]
+        e += cuda.blockDim.x
     cuda.syncthreads()
 
 
@@ -300,14 +365,11 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, b_ih, b_hh, lengths, revers
     GH = hg_ws.shape[1]
     u0, Ub = units_of_block(H, U)
     GU = (GH // H) * Ub
-    tid = cuda.threadIdx.x
-    nthreads = cuda.blockDim.x
     t, prev, nxt, a = forward_step(s, T, reverse, train)
     # Recurrent product for (row, owned gate column) pairs; consecutive threads take
     # consecutive columns of one row, so they share h_prev and read ws without conflicts.
-    for p in range(tid, B * GU, nthreads):
-        b = p // GU
-        gl = p - b * GU
+    b, gl, step_b, step_i = pair_walk(GU)
+    while b < B:
         if t < lengths[b]:
             g = owned_column(gl, Ub, u0, H)
             if w_shared:
@@ -318,10 +380,11 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, b_ih, b_hh, lengths, revers
                 x_proj[t * B + b, g] += acc
             else:
                 hg_ws[b, g] = acc
+        b, gl = pair_next(b, gl, step_b, step_i, GU)
     cuda.syncthreads()
-    for p in range(tid, B * Ub, nthreads):
-        b = p // Ub
-        j = u0 + p - b * Ub
+    b, i, step_b, step_i = pair_walk(Ub)
+    while b < B:
+        j = u0 + i
         h_prev = h_seq[prev, b]
         h_next = h_seq[nxt, b]
         cb = clamp(b, c_seq.shape[1])
@@ -337,6 +400,7 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, b_ih, b_hh, lengths, revers
             out[t, b, out_col + j] = ZERO
             if Hc > 0:
                 c_next[j] = c_prev[j]
+        b, i = pair_next(b, i, step_b, step_i, Ub)
     cuda.syncthreads()
 
 
@@ -375,9 +439,9 @@ def backward_units_pointwise(s, dout, out_col, lengths, reverse, h_seq, c_seq, a
     G = dgx.shape[1] // H
     u0, Ub = units_of_block(H, U)
     t, prev, nxt = backward_step(s, T, reverse)
-    for p in range(cuda.threadIdx.x, B * Ub, cuda.blockDim.x):
-        b = p // Ub
-        j = u0 + p - b * Ub
+    b, i, step_b, step_i = pair_walk(Ub)
+    while b < B:
+        j = u0 + i
         gx = dgx[t * B + b]
         gh = dgh[t * B + b]
         if t < lengths[b]:
@@ -392,6 +456,7 @@ def backward_units_pointwise(s, dout, out_col, lengths, reverse, h_seq, c_seq, a
             for q in range(G):
                 gx[q * H + j] = ZERO
                 gh[q * H + j] = ZERO
+        b, i = pair_next(b, i, step_b, step_i, Ub)
 
 
 def backward_units_product(s, w_hh, ws, w_shared, lengths, reverse, Hc, dgh, dh, dc,
@@ -405,9 +470,8 @@ def backward_units_product(s, w_hh, ws, w_shared, lengths, reverse, Hc, dgh, dh,
     T = dgh.shape[0] // B
     u0, Ub = units_of_block(H, U)
     t = backward_step(s, T, reverse)[0]
-    for p in range(cuda.threadIdx.x, B * Ub, cuda.blockDim.x):
-        b = p // Ub
-        i = p - b * Ub
+    b, i, step_b, step_i = pair_walk(Ub)
+    while b < B:
         if t < lengths[b]:
             gh = dgh[t * B + b]
             if w_shared:
@@ -417,6 +481,7 @@ def backward_units_product(s, w_hh, ws, w_shared, lengths, reverse, Hc, dgh, dh,
             dh[b, u0 + i] = dh_direct[b, u0 + i] + acc
             if Hc > 0:
                 dc[b, u0 + i] = dc_prev[b, u0 + i]
+        b, i = pair_next(b, i, step_b, step_i, Ub)
 
 
 def backward_units(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts, dgx, dgh,
@@ -621,6 +686,12 @@ def _kernel(func, suffix, **bindings):
     return cuda.jit(cache=True)(cells.specialize(func, suffix, **bindings))
 
 
+def _fixed_width_types():
+    """U32, I64: numba.uint32 and numba.int64, for explicit integer widths in device code."""
+    import numba
+    return dict(U32=numba.uint32, I64=numba.int64)
+
+
 def _index_type():
     """numba.uint64: the type of unsigned array indices in the hot loops (see dot)."""
     import numba
@@ -685,8 +756,9 @@ def unit_kernels(cell_name, dtype):
 
     def build():
         bind = scalar_bindings(dtype)
-        parts = (units_of_block, owned_column, stage_forward_slice, stage_backward_slice,
-                 forward_units_step, backward_units_pointwise, backward_units_product)
+        parts = (units_of_block, owned_column, pair_walk, pair_next, stage_forward_slice,
+                 stage_backward_slice, forward_units_step, backward_units_pointwise,
+                 backward_units_product)
         kernels = [globals()[name] for name in UNIT_KERNELS]
         version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp, dot,
                               slots.forward_step, slots.backward_step, *parts, *kernels)
@@ -702,7 +774,10 @@ def unit_kernels(cell_name, dtype):
                       cell_backward=_device(spec.backward, suffix, **bind))
         common["units_of_block"] = _device(units_of_block, suffix, cuda=common["cuda"])
         common["owned_column"] = _device(owned_column, suffix)
-        for part in parts[2:]:
+        common["pair_walk"] = _device(pair_walk, suffix, cuda=common["cuda"],
+                                      **_fixed_width_types())
+        common["pair_next"] = _device(pair_next, suffix)
+        for part in parts[4:]:
             common[part.__name__] = _device(part, suffix, **common)
         return {func.__name__: _kernel(func, suffix, **common) for func in kernels}
     return _compiled(("units", cell_name, dtype), build)
