@@ -12,8 +12,9 @@ synchronising both Numba and torch around every sample, and reports the median o
 per-round ratios, so clock drift and neighbours on the machine cancel. ratio = cuDNN time /
 fastrnn time (> 1: fastrnn is faster). Inputs are torch CUDA tensors handed to fastrnn through
 ``__cuda_array_interface__``, so neither side copies to the host. (4) A breakdown of the
-LSTM: the input-projection GEMM alone, and µs per step of each recurrence path (rows, units)
-with the shared-memory opt-in (fastrnn.gpu.SHARED_OPT_IN) on and off. ``--tf32-off-only`` skips the TF32-default pass of (3).
+LSTM: the input-projection GEMM alone, and µs per step of each recurrence path (rows, units,
+tiles), rows and units also without the shared-memory opt-in (fastrnn.gpu.SHARED_OPT_IN).
+``--tf32-off-only`` skips the TF32-default pass of (3).
 
 Needs numba, numba-cuda, torch (CUDA build). The full pytest log goes to $OUT/gpu_tests.log
 when OUT is set. Prints the table; exits 1 if a check failed.
@@ -248,8 +249,8 @@ def _median_time(fn, rounds=ROUNDS):
 def breakdown(deadline):
     """Where the LSTM's time goes at every shape: the input-projection GEMM alone against
     the eval forward, and the eval forward and forward+backward per step with each
-    recurrence path (fastrnn.gpu.RECURRENCE rows / units), with shared memory beyond 48 KB
-    (fastrnn.gpu.SHARED_OPT_IN) and without ("48k")."""
+    recurrence path (fastrnn.gpu.RECURRENCE rows / units / tiles), with shared memory
+    beyond 48 KB (fastrnn.gpu.SHARED_OPT_IN) and, for rows and units, without ("48k")."""
     from numba import cuda
     from fastrnn import gpu
     print("== breakdown, LSTM float32: projection GEMM; us/step, eval fwd / fwd+bwd, by "
@@ -277,21 +278,22 @@ def breakdown(deadline):
         projection()
         t_gemm = _median_time(projection)
         cells_out = []
-        for path in ("rows", "units"):
-            for opt_in in (True, False):
-                gpu.RECURRENCE, gpu.SHARED_OPT_IN = path, opt_in
-                label = path if opt_in else f"{path}/48k"
-                try:
-                    layer.eval()
-                    layer(x)
-                    fwd = _median_time(lambda: layer(x)) / T * 1e6
-                    layer.train()
-                    train_step()
-                    both = _median_time(train_step) / T * 1e6
-                    cells_out.append(f"{label}: {fwd:.1f} / {both:.1f}")
-                except Exception as exc:  # e.g. a launch that fails: say so, go on
-                    cells_out.append(f"{label}: {type(exc).__name__}")
-                    print(f"   {label}: {type(exc).__name__}: {exc}"[:300])
+        # The tiled kernels use no dynamic shared memory: no "48k" run of them.
+        for path, opt_in in (("rows", True), ("units", True), ("tiles", True),
+                             ("rows", False), ("units", False)):
+            gpu.RECURRENCE, gpu.SHARED_OPT_IN = path, opt_in
+            label = path if opt_in else f"{path}/48k"
+            try:
+                layer.eval()
+                layer(x)
+                fwd = _median_time(lambda: layer(x)) / T * 1e6
+                layer.train()
+                train_step()
+                both = _median_time(train_step) / T * 1e6
+                cells_out.append(f"{label}: {fwd:.1f} / {both:.1f}")
+            except Exception as exc:  # e.g. a launch that fails: say so, go on
+                cells_out.append(f"{label}: {type(exc).__name__}")
+                print(f"   {label}: {type(exc).__name__}: {exc}"[:300])
         gpu.RECURRENCE, gpu.SHARED_OPT_IN = defaults
     if gpu._opt_in_broken:
         print(f"   shared-memory opt-in FAILED: {gpu._opt_in_broken[0]}"[:300])

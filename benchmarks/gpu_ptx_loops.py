@@ -2,12 +2,12 @@
 
     python benchmarks/gpu_ptx_loops.py [CELL] [DTYPE]      # default: lstm float32
 
-Prints, for the four recurrence kernels (rows and units, forward and backward), their PTX
-instruction count, their 64-bit integer divisions (each a long instruction sequence on the
-GPU) and (instructions, multiply-adds) of every loop that does at least four float
-multiply-adds: a loop is the code between a label and the branch
-back to it. The recurrent dot product is the short loop with 4 multiply-adds. Then ptxas's
-resource line for each kernel (registers per thread, spills, stack), from assembling the PTX
+Prints, for the persistent recurrence kernels (rows, units and tiles, forward and backward),
+their PTX instruction count, their 64-bit integer divisions (each a long instruction
+sequence on the GPU) and (instructions, multiply-adds) of every loop that does at least four
+float multiply-adds: a loop is the code between a label and the branch back to it. The
+recurrent dot product is the short loop with 4 multiply-adds. Then ptxas's resource line for
+each kernel (registers per thread, spills, stack), from assembling the PTX
 for sm_90 with nvJitLink -- the occupancy limit Nsight Compute reports, without a GPU. Needs
 numba-cuda with NVVM and NVRTC (``pip install "numba-cuda[cu13]"``, which brings nvJitLink);
 not part of CI.
@@ -79,6 +79,7 @@ def main(argv=None):
     fma = r"\bfma\.rn\.f32" if dtype == "float32" else r"\bfma\.rn\.f64"
     forward_rows, backward_rows = kernels.recurrence_kernels(cell, dtype)
     units = kernels.unit_kernels(cell, dtype)
+    tiles = kernels.tile_kernels(cell, dtype, 16)
     for name, kernel, argtypes in (
             ("forward_rows", forward_rows,
              (a2, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, b, b, b, i64)),
@@ -87,7 +88,11 @@ def main(argv=None):
             ("forward_units", units["forward_units"],
              (a2, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, b, i64, i64)),
             ("backward_units", units["backward_units"],
-             (a3, i64, a1, i1, b, a3, a3, i64, a3, a2, a2, a2, a2, a2, a2, b, i64))):
+             (a3, i64, a1, i1, b, a3, a3, i64, a3, a2, a2, a2, a2, a2, a2, b, i64)),
+            ("forward_tiles", tiles["forward_tiles"],
+             (a2, a1, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, i64)),
+            ("backward_tiles", tiles["backward_tiles"],
+             (a3, i64, a1, i1, b, a3, a3, i64, a3, a2, a2, a1, a2, a2, a2, a2))):
         ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=(9, 0))
         divisions = len(re.findall(r"\b(?:div|rem)[.][su]64\b", ptx))
         print(f"{name} {cell} {dtype}: {instructions(ptx)} PTX instructions, "

@@ -184,6 +184,26 @@ def test_gpu_unit_split_matches_rows_bitwise(monkeypatch, cell, shared_bytes):
 
 
 @needs_gpu
+@pytest.mark.parametrize("tile_blocks", [1, 3], ids=["tiles-per-block", "blocks-per-tile"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_tiled_recurrence_matches_cpu(monkeypatch, cell, tile_blocks):
+    """The tiled kernels (each step's product in register-tiled GEMM tiles, then the
+    pointwise part over all pairs) give the CPU engine's results, forward and backward, with
+    lengths, both directions, 2 layers and a learned h0. The fixture's 2x2 blocks make 8x8
+    tiles, so (B=3, G*H up to 16) takes one or two tiles per step; one block walks them all
+    and every pair, three blocks leave some idle."""
+    monkeypatch.setattr(gpu, "RECURRENCE", "tiles")
+    monkeypatch.setattr(gpu, "TILE_BLOCKS", tile_blocks)
+    seed = stable_seed("tiles", cell, tile_blocks)
+    cpu_layer, gpu_layer, x, h0, lengths = _pair(
+        cell, "float64", seed, num_layers=2, bidirectional=True, use_lengths=True,
+        h0_mode="learned")
+    dout, dh_n = _random_cotangents(np.random.default_rng(seed), cpu_layer, cell, "float64")
+    _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n),
+             _run(gpu_layer, x, h0, lengths, dout, dh_n), "float64")
+
+
+@needs_gpu
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_gpu_backward_matches_finite_differences(cell):
     """float64 central differences of L = sum(out*R1) + sum(h_n*R2), computed on the GPU."""

@@ -36,9 +36,13 @@ GEMM_TILE = 16           # gemm block is (GEMM_TILE, GEMM_TILE) threads; a compi
 SHARED_BYTES = 48 * 1024
 SHARED_OPT_IN = True
 # Which recurrence kernels run: "rows" (a block per batch row, kernels.forward_rows), "units"
-# (a block per slice of hidden units and a grid barrier per step, kernels.forward_units), or
-# "auto" (units where a cooperative launch is possible, see _use_units).
+# (a block per slice of hidden units and a grid barrier per step, kernels.forward_units),
+# "tiles" (each step's product as register-tiled GEMM tiles, two grid barriers per step,
+# kernels.forward_tiles; only when asked for: not yet timed on a GPU), or "auto" (units
+# where a cooperative launch is possible, see _use_units, else rows).
 RECURRENCE = "auto"
+TILE_BLOCKS = None       # blocks of a "tiles" launch; None: as many as useful, at most one
+                         # per multiprocessor (tests set it to get several tiles per block)
 UNITS_PER_BLOCK = None   # None: as few as fill at most one block per multiprocessor
 UNITS_MIN_HIDDEN = 128   # "auto" keeps the row kernels below this hidden size (_use_units)
 
@@ -421,12 +425,22 @@ def _unit_geometry(H, width):
     return U, blocks, _row_threads(width * U)
 
 
+def _tile_blocks(B, N, H):
+    """Blocks of a tiled recurrence launch whose product has (B, N) outputs: enough for every
+    tile or for the B*H pairs at one per thread, whichever is more, at most TILE_BLOCKS or one
+    per multiprocessor (a cooperative grid must be resident at once)."""
+    span = GEMM_TILE * _kernels().GEMM_REG
+    tiles = -(-B // span) * -(-N // span)
+    useful = max(tiles, -(-B * H // (GEMM_TILE * GEMM_TILE)))
+    return max(1, min(useful, TILE_BLOCKS or _multiprocessors()))
+
+
 def _launch_units(kind, one, persistent_args, step_args_for):
-    """Launch a unit-split recurrence: the persistent kernel on a GPU, or one launch per
-    step (per part of a step) on the simulator, which cannot cross a grid barrier. Under
-    RECURRENCE "auto" a failed cooperative launch (no cudadevrt to link, say) is reported
-    once and the process falls back to the row kernels, which need no grid barrier; a
-    forced "units" raises."""
+    """Launch a unit-split or tiled recurrence: the persistent kernel on a GPU, or one
+    launch per step (per part of a step) on the simulator, which cannot cross a grid
+    barrier. Under RECURRENCE "auto" a failed cooperative launch (no cudadevrt to link, say)
+    is reported once and the process falls back to the row kernels, which need no grid
+    barrier; a forced "units" or "tiles" raises."""
     kernel, grid, threads, shared_bytes = kind
     if _simulator_enabled():
         for args in step_args_for:
@@ -440,7 +454,8 @@ def _launch_units(kind, one, persistent_args, step_args_for):
             except ValueError as exc:
                 # "grid size exceeds the limit": at this block size (registers, shared
                 # memory) not every block can be resident at once; smaller blocks can be.
-                if "exceeds the limit" not in str(exc) or threads <= 32:
+                if "exceeds the limit" not in str(exc) or not isinstance(threads, int) \
+                        or threads <= 32:
                     raise
                 threads //= 2
     except Exception as exc:  # numba raises several types for link and launch failures
@@ -492,7 +507,15 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     _elementwise("transpose2d", dtype, GH * H, w_hh, w_t)
     hg_ws = _workspace(key + ("hg",), (B, GH), dtype)
     split = cell.summed_columns(H)
-    if _use_units(B, H):
+    if RECURRENCE == "tiles":
+        kernels = _kernels().tile_kernels(cell.name, dtype, GEMM_TILE)
+        args = (x_proj, _flat(w_t), _flat(h_seq), b_ih, b_hh, lengths, bool(reverse),
+                bool(train), h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split)
+        launched = _launch_units(
+            (kernels["forward_tiles"], _tile_blocks(B, GH, H), (GEMM_TILE, GEMM_TILE), 0),
+            kernels["forward_tiles_one"], args,
+            ((s, phase) + args for s in range(T) for phase in (0, 1)))
+    elif _use_units(B, H):
         U, blocks, threads = _unit_geometry(H, B * (GH // H))
         kernels = _kernels().unit_kernels(cell.name, dtype)
 
@@ -557,7 +580,15 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
     dc_prev = _workspace(key + ("dc_prev",), (B, H), dtype) if Hc else _dummy(2, dtype)
     launched = False
-    if _use_units(B, H):
+    if RECURRENCE == "tiles":
+        kernels = _kernels().tile_kernels(cell.name, dtype, GEMM_TILE)
+        args = (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
+                saved.c_seq, Hc, saved.acts, dgx, dgh, _flat(dgh), dh, dc, dh_direct, dc_prev)
+        launched = _launch_units(
+            (kernels["backward_tiles"], _tile_blocks(B, H, H), (GEMM_TILE, GEMM_TILE), 0),
+            kernels["backward_tiles_one"], args,
+            ((s, phase) + args for s in range(T) for phase in (0, 1)))
+    elif _use_units(B, H):
         U, blocks, threads = _unit_geometry(H, B)
         kernels = _kernels().unit_kernels(cell.name, dtype)
 

@@ -291,18 +291,18 @@ def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts,
 # cross a grid barrier, and the tests check the unit-split arithmetic that way. Every output
 # sums in the order the row kernels use (``dot``), so the two paths give the same bits.
 
-def pair_walk(W):
-    """Where this thread starts in a block-strided walk over (row, column) pairs of a
-    (rows, W) grid, p = row*W + column, p = threadIdx, threadIdx + blockDim, ...: returns
-    (row, column, row step, column step). With pair_next the walk needs two integer
-    divisions per call instead of one per pair (64-bit division is a long instruction
-    sequence on the GPU; benchmarks/gpu_ptx_loops.py)."""
+def pair_walk(W, start, step):
+    """Where a thread starts in a strided walk over the (row, column) pairs of a (rows, W)
+    grid, p = row*W + column, p = start, start + step, ...: returns (row, column, row step,
+    column step). With pair_next the walk needs two integer divisions per call instead of
+    one per pair (64-bit division is a long instruction sequence on the GPU;
+    benchmarks/gpu_ptx_loops.py)."""
     # In 32 bits (a short sequence on the GPU; 64-bit division is a long one): W and the
     # thread counts are far below 2**32.
     w = U32(W)
-    step_b = I64(U32(cuda.blockDim.x) // w)
-    b = I64(U32(cuda.threadIdx.x) // w)
-    return b, I64(cuda.threadIdx.x) - b * W, step_b, I64(cuda.blockDim.x) - step_b * W
+    step_b = I64(U32(step) // w)
+    b = I64(U32(start) // w)
+    return b, I64(start) - b * W, step_b, I64(step) - step_b * W
 
 
 def pair_next(b, i, step_b, step_i, W):
@@ -368,7 +368,7 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, b_ih, b_hh, lengths, revers
     t, prev, nxt, a = forward_step(s, T, reverse, train)
     # Recurrent product for (row, owned gate column) pairs; consecutive threads take
     # consecutive columns of one row, so they share h_prev and read ws without conflicts.
-    b, gl, step_b, step_i = pair_walk(GU)
+    b, gl, step_b, step_i = pair_walk(GU, cuda.threadIdx.x, cuda.blockDim.x)
     while b < B:
         if t < lengths[b]:
             g = owned_column(gl, Ub, u0, H)
@@ -382,26 +382,36 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, b_ih, b_hh, lengths, revers
                 hg_ws[b, g] = acc
         b, gl = pair_next(b, gl, step_b, step_i, GU)
     cuda.syncthreads()
-    b, i, step_b, step_i = pair_walk(Ub)
+    b, i, step_b, step_i = pair_walk(Ub, cuda.threadIdx.x, cuda.blockDim.x)
     while b < B:
-        j = u0 + i
-        h_prev = h_seq[prev, b]
-        h_next = h_seq[nxt, b]
-        cb = clamp(b, c_seq.shape[1])
-        c_prev = c_seq[clamp(prev, c_seq.shape[0]), cb]
-        c_next = c_seq[clamp(nxt, c_seq.shape[0]), cb]
-        if t < lengths[b]:
-            ac = acts[clamp(a, acts.shape[0]), clamp(b, acts.shape[1])]
-            cell_forward(j, H, x_proj[t * B + b], hg_ws[b], b_ih, b_hh, h_prev, c_prev,
-                         h_next, c_next, ac)
-            out[t, b, out_col + j] = h_next[j]
-        else:
-            h_next[j] = h_prev[j]
-            out[t, b, out_col + j] = ZERO
-            if Hc > 0:
-                c_next[j] = c_prev[j]
+        forward_pair(b, u0 + i, t, prev, nxt, a, x_proj, b_ih, b_hh, lengths, h_seq, c_seq,
+                     Hc, acts, hg_ws, out, out_col)
         b, i = pair_next(b, i, step_b, step_i, Ub)
     cuda.syncthreads()
+
+
+def forward_pair(b, j, t, prev, nxt, a, x_proj, b_ih, b_hh, lengths, h_seq, c_seq, Hc, acts,
+                 hg_ws, out, out_col):
+    """The pointwise part of forward time step t (state slots prev -> nxt, activation slot
+    a) for unit j of batch row b, once the recurrent product is in x_proj (summed gates)
+    and hg_ws (separate ones); arrays as forward_rows."""
+    B = out.shape[1]
+    H = h_seq.shape[2]
+    h_prev = h_seq[prev, b]
+    h_next = h_seq[nxt, b]
+    cb = clamp(b, c_seq.shape[1])
+    c_prev = c_seq[clamp(prev, c_seq.shape[0]), cb]
+    c_next = c_seq[clamp(nxt, c_seq.shape[0]), cb]
+    if t < lengths[b]:
+        ac = acts[clamp(a, acts.shape[0]), clamp(b, acts.shape[1])]
+        cell_forward(j, H, x_proj[t * B + b], hg_ws[b], b_ih, b_hh, h_prev, c_prev, h_next,
+                     c_next, ac)
+        out[t, b, out_col + j] = h_next[j]
+    else:
+        h_next[j] = h_prev[j]
+        out[t, b, out_col + j] = ZERO
+        if Hc > 0:
+            c_next[j] = c_prev[j]
 
 
 def forward_units(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc, acts,
@@ -436,27 +446,36 @@ def backward_units_pointwise(s, dout, out_col, lengths, reverse, h_seq, c_seq, a
     T = dout.shape[0]
     B = dout.shape[1]
     H = h_seq.shape[2]
-    G = dgx.shape[1] // H
     u0, Ub = units_of_block(H, U)
     t, prev, nxt = backward_step(s, T, reverse)
-    b, i, step_b, step_i = pair_walk(Ub)
+    b, i, step_b, step_i = pair_walk(Ub, cuda.threadIdx.x, cuda.blockDim.x)
     while b < B:
-        j = u0 + i
-        gx = dgx[t * B + b]
-        gh = dgh[t * B + b]
-        if t < lengths[b]:
-            dh[b, j] += dout[t, b, out_col + j]
-            cb = clamp(b, c_seq.shape[1])
-            cell_backward(j, H, dh[b], dc[clamp(b, dc.shape[0])],
-                          acts[clamp(t, acts.shape[0]), clamp(b, acts.shape[1])],
-                          h_seq[prev, b], c_seq[clamp(prev, c_seq.shape[0]), cb],
-                          h_seq[nxt, b], gx, gh, dh_direct[b],
-                          dc_prev[clamp(b, dc_prev.shape[0])])
-        else:
-            for q in range(G):
-                gx[q * H + j] = ZERO
-                gh[q * H + j] = ZERO
+        backward_pair(b, u0 + i, t, prev, nxt, dout, out_col, lengths, h_seq, c_seq, acts, dgx,
+                      dgh, dh, dc, dh_direct, dc_prev)
         b, i = pair_next(b, i, step_b, step_i, Ub)
+
+
+def backward_pair(b, j, t, prev, nxt, dout, out_col, lengths, h_seq, c_seq, acts, dgx, dgh,
+                  dh, dc, dh_direct, dc_prev):
+    """The pointwise part of BPTT time step t for unit j of batch row b: adds the output's
+    gradient into dh[b, j] and writes the unit's gate gradients (zero past the row's
+    length); arrays as backward_rows. Returns whether the step is within the length."""
+    B = dout.shape[1]
+    H = h_seq.shape[2]
+    gx = dgx[t * B + b]
+    gh = dgh[t * B + b]
+    if t < lengths[b]:
+        dh[b, j] += dout[t, b, out_col + j]
+        cb = clamp(b, c_seq.shape[1])
+        cell_backward(j, H, dh[b], dc[clamp(b, dc.shape[0])],
+                      acts[clamp(t, acts.shape[0]), clamp(b, acts.shape[1])],
+                      h_seq[prev, b], c_seq[clamp(prev, c_seq.shape[0]), cb],
+                      h_seq[nxt, b], gx, gh, dh_direct[b], dc_prev[clamp(b, dc_prev.shape[0])])
+        return True
+    for q in range(dgx.shape[1] // H):
+        gx[q * H + j] = ZERO
+        gh[q * H + j] = ZERO
+    return False
 
 
 def backward_units_product(s, w_hh, ws, w_shared, lengths, reverse, Hc, dgh, dh, dc,
@@ -470,7 +489,7 @@ def backward_units_product(s, w_hh, ws, w_shared, lengths, reverse, Hc, dgh, dh,
     T = dgh.shape[0] // B
     u0, Ub = units_of_block(H, U)
     t = backward_step(s, T, reverse)[0]
-    b, i, step_b, step_i = pair_walk(Ub)
+    b, i, step_b, step_i = pair_walk(Ub, cuda.threadIdx.x, cuda.blockDim.x)
     while b < B:
         if t < lengths[b]:
             gh = dgh[t * B + b]
@@ -519,30 +538,209 @@ def backward_units_one(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq, c
                                dh_direct, dc_prev, U)
 
 
+# ---------------------------------------------------------------------------- tiled recurrence
+#
+# "Tiled persistent kernels", for batches large enough that each step's recurrent product is a
+# real GEMM: the product -- h_prev . W_hh^T forward, dgh . W_hh backward -- runs as the
+# register-tiled GEMM tiles of tile_product (the input projection's code) spread over the
+# blocks, so a W_hh element read from memory feeds SPAN rows (the row kernels read W_hh once
+# per row, the unit kernels multiply pairwise); a grid barrier; the pointwise part over every
+# (row, unit) pair, spread over all the grid's threads; another barrier. Cooperative launch,
+# (TILE, TILE) blocks, at most one per multiprocessor; on the simulator, which cannot cross a
+# grid barrier, one launch per step and phase (*_tiles_one). The product sums k in order, as
+# the GEMM does, so the results are deterministic but not the row kernels' bits.
+
+def tile_origin(tile, tiles_n):
+    """(row0, col0) of tile number ``tile`` of a grid of tiles with tiles_n tile columns."""
+    tm = I64(U32(tile) // U32(tiles_n))
+    return tm * SPAN, (tile - tm * tiles_n) * SPAN
+
+
+def grid_pairs(W):
+    """pair_walk over the (rows, W) pairs by every thread of the grid ((TILE, TILE) blocks)."""
+    threads = TILE * TILE
+    start = cuda.blockIdx.x * threads + cuda.threadIdx.y * TILE + cuda.threadIdx.x
+    return pair_walk(W, start, cuda.gridDim.x * threads)
+
+
+def forward_tiles_step(s, phase, x_proj, w_t, h_flat, b_ih, b_hh, lengths, reverse, train,
+                       h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, a_tile, b_tile,
+                       acc, a_reg, b_reg):
+    """Phase 0 (the recurrent product, by tiles) or 1 (the pointwise part, by pairs) of
+    forward step s; arrays as forward_rows, h_flat the same memory as h_seq, flat; the rest
+    tile_product's workspaces."""
+    T = out.shape[0]
+    B = out.shape[1]
+    H = h_seq.shape[2]
+    GH = hg_ws.shape[1]
+    t, prev, nxt, a = forward_step(s, T, reverse, train)
+    if phase == 0:
+        tiles_n = (GH + SPAN - 1) // SPAN
+        tile = I64(cuda.blockIdx.x)
+        while tile < (B + SPAN - 1) // SPAN * tiles_n:
+            row0, col0 = tile_origin(tile, tiles_n)
+            tile_product(h_flat, prev * B * H, H, 1, w_t, 0, GH, 1, B, GH, H, row0, col0,
+                         a_tile, b_tile, acc, a_reg, b_reg)
+            for i in range(REG):
+                row = row0 + cuda.threadIdx.y + i * TILE
+                for j in range(REG):
+                    col = col0 + cuda.threadIdx.x + j * TILE
+                    if row < B and col < GH:
+                        if col < split:
+                            x_proj[t * B + row, col] += acc[i, j]
+                        else:
+                            hg_ws[row, col] = acc[i, j]
+            tile += cuda.gridDim.x
+    else:
+        b, j, step_b, step_j = grid_pairs(H)
+        while b < B:
+            forward_pair(b, j, t, prev, nxt, a, x_proj, b_ih, b_hh, lengths, h_seq, c_seq, Hc,
+                         acts, hg_ws, out, out_col)
+            b, j = pair_next(b, j, step_b, step_j, H)
+
+
+def forward_tiles(x_proj, w_t, h_flat, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc,
+                  acts, hg_ws, out, out_col, split):
+    """Whole-sequence forward, tiled; cooperative launch with (TILE, TILE) blocks, at most
+    one per multiprocessor. Two grid barriers per step."""
+    a_tile = cuda.shared.array((SPAN, TILE), DTYPE)
+    b_tile = cuda.shared.array((TILE, SPAN), DTYPE)
+    acc = cuda.local.array((REG, REG), DTYPE)
+    a_reg = cuda.local.array(REG, DTYPE)
+    b_reg = cuda.local.array(REG, DTYPE)
+    grid = cuda.cg.this_grid()
+    for s in range(out.shape[0]):
+        for phase in range(2):
+            forward_tiles_step(s, phase, x_proj, w_t, h_flat, b_ih, b_hh, lengths, reverse,
+                               train, h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split,
+                               a_tile, b_tile, acc, a_reg, b_reg)
+            grid.sync()
+
+
+def forward_tiles_one(s, phase, x_proj, w_t, h_flat, b_ih, b_hh, lengths, reverse, train,
+                      h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split):
+    """One phase of step s of forward_tiles (the simulator's path)."""
+    a_tile = cuda.shared.array((SPAN, TILE), DTYPE)
+    b_tile = cuda.shared.array((TILE, SPAN), DTYPE)
+    acc = cuda.local.array((REG, REG), DTYPE)
+    a_reg = cuda.local.array(REG, DTYPE)
+    b_reg = cuda.local.array(REG, DTYPE)
+    forward_tiles_step(s, phase, x_proj, w_t, h_flat, b_ih, b_hh, lengths, reverse, train,
+                       h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, a_tile, b_tile,
+                       acc, a_reg, b_reg)
+
+
+def backward_tiles_step(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc,
+                        acts, dgx, dgh, dgh_flat, dh, dc, dh_direct, dc_prev, a_tile, b_tile,
+                        acc, a_reg, b_reg):
+    """Phase 0 (the pointwise part, by pairs) or 1 (dh = dh_direct + dgh . W_hh, by tiles)
+    of BPTT step s; arrays as backward_rows, dgh_flat the same memory as dgh, flat. Each
+    pair's thread also moves dc_prev into dc (LSTM), or, past the row's length, dh into
+    dh_direct, so that the product phase's dh = dh_direct + 0 leaves it unchanged."""
+    T = dout.shape[0]
+    B = dout.shape[1]
+    H = h_seq.shape[2]
+    GH = dgx.shape[1]
+    t, prev, nxt = backward_step(s, T, reverse)
+    if phase == 0:
+        b, j, step_b, step_j = grid_pairs(H)
+        while b < B:
+            if backward_pair(b, j, t, prev, nxt, dout, out_col, lengths, h_seq, c_seq, acts,
+                             dgx, dgh, dh, dc, dh_direct, dc_prev):
+                if Hc > 0:  # the cell has read dc[b, j], and only unit j reads it
+                    dc[b, j] = dc_prev[b, j]
+            else:
+                dh_direct[b, j] = dh[b, j]
+            b, j = pair_next(b, j, step_b, step_j, H)
+    else:
+        tiles_n = (H + SPAN - 1) // SPAN
+        tile = I64(cuda.blockIdx.x)
+        while tile < (B + SPAN - 1) // SPAN * tiles_n:
+            row0, col0 = tile_origin(tile, tiles_n)
+            tile_product(dgh_flat, t * B * GH, GH, 1, w_hh, 0, H, 1, B, H, GH, row0, col0,
+                         a_tile, b_tile, acc, a_reg, b_reg)
+            for i in range(REG):
+                row = row0 + cuda.threadIdx.y + i * TILE
+                for j in range(REG):
+                    col = col0 + cuda.threadIdx.x + j * TILE
+                    if row < B and col < H:
+                        dh[row, col] = dh_direct[row, col] + acc[i, j]
+            tile += cuda.gridDim.x
+
+
+def backward_tiles(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts, dgx, dgh,
+                   dgh_flat, dh, dc, dh_direct, dc_prev):
+    """Whole-sequence BPTT, tiled; cooperative launch as forward_tiles."""
+    a_tile = cuda.shared.array((SPAN, TILE), DTYPE)
+    b_tile = cuda.shared.array((TILE, SPAN), DTYPE)
+    acc = cuda.local.array((REG, REG), DTYPE)
+    a_reg = cuda.local.array(REG, DTYPE)
+    b_reg = cuda.local.array(REG, DTYPE)
+    grid = cuda.cg.this_grid()
+    for s in range(dout.shape[0]):
+        for phase in range(2):
+            backward_tiles_step(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq,
+                                c_seq, Hc, acts, dgx, dgh, dgh_flat, dh, dc, dh_direct,
+                                dc_prev, a_tile, b_tile, acc, a_reg, b_reg)
+            grid.sync()
+
+
+def backward_tiles_one(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc,
+                       acts, dgx, dgh, dgh_flat, dh, dc, dh_direct, dc_prev):
+    """One phase of step s of backward_tiles (the simulator's path)."""
+    a_tile = cuda.shared.array((SPAN, TILE), DTYPE)
+    b_tile = cuda.shared.array((TILE, SPAN), DTYPE)
+    acc = cuda.local.array((REG, REG), DTYPE)
+    a_reg = cuda.local.array(REG, DTYPE)
+    b_reg = cuda.local.array(REG, DTYPE)
+    backward_tiles_step(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc,
+                        acts, dgx, dgh, dgh_flat, dh, dc, dh_direct, dc_prev, a_tile, b_tile,
+                        acc, a_reg, b_reg)
+
+
 # ---------------------------------------------------------------------------- linear algebra
 
 def gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
     """c (M*N,) row-major (M, N) = [c +] A . B with A(m, k) = a[m*a_rs + k*a_cs] and
     B(k, n) = b[k*b_rs + n*b_cs]: strides express every transpose the layers need.
 
-    Launch with block (TILE, TILE) and grid (ceil(N/(TILE*REG)), ceil(M/(TILE*REG))). A block
-    computes a (TILE*REG)^2 tile of c; each thread REG x REG outputs at rows ty + i*TILE and
-    columns tx + j*TILE, held in registers, so every value read from shared memory feeds REG
-    multiply-adds (a one-output thread did one per two shared loads). Each output sums over
-    k in increasing order, so results are deterministic (no atomics) and independent of the
-    tile sizes.
+    Launch with block (TILE, TILE) and grid (ceil(N/(TILE*REG)), ceil(M/(TILE*REG))): a
+    block computes one (TILE*REG)^2 tile of c (see tile_product).
     """
     a_tile = cuda.shared.array((SPAN, TILE), DTYPE)  # SPAN = TILE * REG: shapes must be
     b_tile = cuda.shared.array((TILE, SPAN), DTYPE)  # literal constants in Numba-CUDA
     acc = cuda.local.array((REG, REG), DTYPE)
     a_reg = cuda.local.array(REG, DTYPE)
     b_reg = cuda.local.array(REG, DTYPE)
+    row0 = cuda.blockIdx.y * SPAN
+    col0 = cuda.blockIdx.x * SPAN
+    tile_product(a, 0, a_rs, a_cs, b, 0, b_rs, b_cs, M, N, K, row0, col0, a_tile, b_tile,
+                 acc, a_reg, b_reg)
+    for i in range(REG):
+        row = row0 + cuda.threadIdx.y + i * TILE
+        for j in range(REG):
+            col = col0 + cuda.threadIdx.x + j * TILE
+            if row < M and col < N:
+                if accumulate:
+                    c[row * N + col] += acc[i, j]
+                else:
+                    c[row * N + col] = acc[i, j]
+
+
+def tile_product(a, a_off, a_rs, a_cs, b, b_off, b_rs, b_cs, M, N, K, row0, col0, a_tile,
+                 b_tile, acc, a_reg, b_reg):
+    """acc (REG, REG) = this thread's outputs of the (SPAN, SPAN) tile at (row0, col0) of
+    A . B, A (M, K) with A(m, k) = a[a_off + m*a_rs + k*a_cs], B (K, N) with
+    B(k, n) = b[b_off + k*b_rs + n*b_cs]. Every thread of the (TILE, TILE) block calls it
+    (it synchronises the block); thread (ty, tx) holds rows ty + i*TILE and columns
+    tx + j*TILE in registers, so every value read from shared memory (a_tile (SPAN, TILE),
+    b_tile (TILE, SPAN)) feeds REG multiply-adds (a one-output thread did one per two
+    shared loads). Each output sums over k in increasing order: deterministic (no atomics)
+    and independent of the tile sizes."""
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     tid = ty * TILE + tx
     span = SPAN
-    row0 = cuda.blockIdx.y * span
-    col0 = cuda.blockIdx.x * span
     for i in range(REG):
         for j in range(REG):
             acc[i, j] = ZERO
@@ -555,13 +753,13 @@ def gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
             else:
                 kk, m = e // span, e % span
             gm, gk = row0 + m, k0 + kk
-            a_tile[m, kk] = a[gm * a_rs + gk * a_cs] if gm < M and gk < K else ZERO
+            a_tile[m, kk] = a[a_off + gm * a_rs + gk * a_cs] if gm < M and gk < K else ZERO
             if b_cs == 1:
                 kk, n = e // span, e % span
             else:
                 n, kk = e // TILE, e % TILE
             gk, gn = k0 + kk, col0 + n
-            b_tile[kk, n] = b[gk * b_rs + gn * b_cs] if gk < K and gn < N else ZERO
+            b_tile[kk, n] = b[b_off + gk * b_rs + gn * b_cs] if gk < K and gn < N else ZERO
         cuda.syncthreads()
         for kk in range(TILE):
             for i in range(REG):
@@ -572,15 +770,6 @@ def gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
                 for j in range(REG):
                     acc[i, j] += a_reg[i] * b_reg[j]
         cuda.syncthreads()
-    for i in range(REG):
-        row = row0 + ty + i * TILE
-        for j in range(REG):
-            col = col0 + tx + j * TILE
-            if row < M and col < N:
-                if accumulate:
-                    c[row * N + col] += acc[i, j]
-                else:
-                    c[row * N + col] = acc[i, j]
 
 
 def column_sum_add(a, M, N, out):
@@ -756,9 +945,9 @@ def unit_kernels(cell_name, dtype):
 
     def build():
         bind = scalar_bindings(dtype)
-        parts = (units_of_block, owned_column, pair_walk, pair_next, stage_forward_slice,
-                 stage_backward_slice, forward_units_step, backward_units_pointwise,
-                 backward_units_product)
+        parts = (units_of_block, owned_column, pair_walk, pair_next, forward_pair,
+                 backward_pair, stage_forward_slice, stage_backward_slice, forward_units_step,
+                 backward_units_pointwise, backward_units_product)
         kernels = [globals()[name] for name in UNIT_KERNELS]
         version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp, dot,
                               slots.forward_step, slots.backward_step, *parts, *kernels)
@@ -783,6 +972,38 @@ def unit_kernels(cell_name, dtype):
     return _compiled(("units", cell_name, dtype), build)
 
 
+TILE_KERNELS = ("forward_tiles", "forward_tiles_one", "backward_tiles", "backward_tiles_one")
+
+
+def tile_kernels(cell_name, dtype, tile):
+    """dict name -> the tiled recurrence kernels (TILE_KERNELS) for cell_name and dtype with
+    (tile, tile) blocks (a compile-time constant, as for gemm)."""
+    dtype = np.dtype(dtype)
+    spec = cells.CELLS[cell_name]
+
+    def build():
+        bind = scalar_bindings(dtype)
+        parts = (tile_product, pair_walk, pair_next, tile_origin, grid_pairs, forward_pair,
+                 backward_pair, forward_tiles_step, backward_tiles_step)
+        kernels = [globals()[name] for name in TILE_KERNELS]
+        version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp,
+                              slots.forward_step, slots.backward_step, *parts, *kernels)
+        suffix = f"{cell_name}_{dtype.name}_t{tile}_{version}"
+        forward_step = _device(slots.forward_step, suffix)
+        common = dict(cuda=_cuda_module(), ZERO=bind["ZERO"], DTYPE=bind["DTYPE"],
+                      TILE=int(tile), REG=GEMM_REG, SPAN=int(tile) * GEMM_REG,
+                      clamp=_device(clamp, suffix), forward_step=forward_step,
+                      backward_step=_device(slots.backward_step, suffix,
+                                            forward_step=forward_step),
+                      cell_forward=_device(spec.forward, suffix, **bind),
+                      cell_backward=_device(spec.backward, suffix, **bind),
+                      **_fixed_width_types())
+        for part in parts:
+            common[part.__name__] = _device(part, suffix, **common)
+        return {func.__name__: _kernel(func, suffix, **common) for func in kernels}
+    return _compiled(("tiles", cell_name, dtype, int(tile)), build)
+
+
 GEMM_REG = 4  # outputs per thread along each axis of a gemm tile (compile-time constant)
 
 LINALG = ("gemm", "column_sum_add", "batch_sum_add", "fill", "copy3d", "transpose2d",
@@ -798,6 +1019,7 @@ def linalg_kernels(dtype, tile):
         bind = dict(ZERO=dtype.type(0), DTYPE=_numba_type(dtype), TILE=int(tile),
                     REG=GEMM_REG, SPAN=int(tile) * GEMM_REG)
         funcs = [globals()[name] for name in LINALG]
-        suffix = f"{dtype.name}_t{tile}_{source_hash(*funcs)}"
+        suffix = f"{dtype.name}_t{tile}_{source_hash(tile_product, *funcs)}"
+        bind["tile_product"] = _device(tile_product, suffix, cuda=_cuda_module(), **bind)
         return {f.__name__: _kernel(f, suffix, **bind) for f in funcs}
     return _compiled(("linalg", dtype, int(tile)), build)
