@@ -120,7 +120,6 @@ class _ForwardPart:
         self.w_panels = aligned_empty(((I + H) * split,), dtype)
         self.w_ih_panels = aligned_empty((I * (GP - split),), dtype)
         self.w_hh_panels = aligned_empty((H * (GP - split),), dtype)
-        self.xh = aligned_empty((B, I + H), dtype)
         self.pre = aligned_empty((B, GP), dtype)
         self.hg = aligned_empty((B, GP), dtype)
         self.h_new = aligned_empty((B, P), dtype)
@@ -298,7 +297,7 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     def recur(lo, hi, part=0):  # batch rows lo:hi, units of parts[part], through all T steps
         run = runs[part]
         forward(x2d, run.w_panels, run.w_ih_panels, run.w_hh_panels, run.b_ih, run.b_hh,
-                lengths, reverse, train, h_seq, c_seq, acts, run.xh, run.pre, run.hg,
+                lengths, reverse, train, h_seq, c_seq, acts, run.pre, run.hg,
                 run.h_new, run.c_new, out, out_col, lo, hi, run.blocks, parts[part][0], sync,
                 part)
 

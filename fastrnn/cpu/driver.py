@@ -149,9 +149,34 @@ def matmul_panels(a, panels, c, scalars, block_n, block_k):
                    beta.ctypes, c[0, n0:].ctypes, ldc)
 
 
+def matmul_panels_pair(a_x, a_h, panels, c, scalars, block_n, block_k):
+    """c (M, N) = [a_x | a_h] (M, I + H) · b (I + H, N), b in column panels as for
+    :func:`matmul_panels`, without copying the two operands side by side: the depth blocks
+    run over [0, I) reading a_x and over [I, I + H) reading a_h (one more BLAS call per
+    panel unless block_k divides I)."""
+    M, I = a_x.shape
+    K = I + a_h.shape[1]
+    N = c.shape[1]
+    ldx = a_x.strides[0] // a_x.itemsize
+    ldh = a_h.strides[0] // a_h.itemsize
+    ldc = c.strides[0] // c.itemsize
+    for n0 in range(0, N, block_n):
+        width = min(block_n, N - n0)
+        for k0 in range(0, I, block_k):
+            beta = scalars[1:] if k0 == 0 else scalars[2:]
+            xxgemm(BLAS_KIND, 110, 110, width, M, min(block_k, I - k0), scalars.ctypes,
+                   panels[n0 * K + k0 * width:].ctypes, width, a_x[0, k0:].ctypes, ldx,
+                   beta.ctypes, c[0, n0:].ctypes, ldc)
+        for k0 in range(I, K, block_k):
+            beta = scalars[1:] if k0 == 0 else scalars[2:]
+            xxgemm(BLAS_KIND, 110, 110, width, M, min(block_k, K - k0), scalars.ctypes,
+                   panels[n0 * K + k0 * width:].ctypes, width, a_h[0, k0 - I:].ctypes, ldh,
+                   beta.ctypes, c[0, n0:].ctypes, ldc)
+
+
 def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, lengths, reverse,
-                     train, h_seq, c_seq, acts, xh, pre, hg, h_new, c_new, out, out_col, lo,
-                     hi, blocks, u0, sync, part):
+                     train, h_seq, c_seq, acts, pre, hg, h_new, c_new, out, out_col, lo, hi,
+                     blocks, u0, sync, part):
     """Run one direction of one layer over the whole sequence, for the batch rows lo:hi and
     the hidden units u0:u0+P (P = h_new.shape[1]; all H units unless the units are split
     between threads, see below).
@@ -164,13 +189,15 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
     blocks[2], blocks[4] columns; b_ih, b_hh (G*P,) likewise; lengths (B,) int64 with
     1 <= len <= T; reverse, train bools; h_seq, c_seq (S, B, H) states (c_seq has H = 0
     unless LSTM) with the initial state already in its slot; acts (T or 1, B, A*H) saved
-    activations; workspaces xh (B, I+H), pre, hg (B, G*P), h_new, c_new (B, P) (c_new
+    activations; workspaces pre, hg (B, G*P), h_new, c_new (B, P) (c_new
     (B, 0) unless LSTM); out (T, B, D*H) receives h in columns out_col:out_col+H, zero past
     a length. blocks = (block_n, block_k) of the three GEMMs in that order.
 
-    Each step copies [x_t | h_prev] side by side and multiplies it by the stacked weights
-    in one GEMM, whose result is the sum of both sides' pre-activations: the cell reads one
-    array, not two, and nothing is projected ahead. DESIGN.md section 4 suggests projecting
+    Each step multiplies [x_t | h_prev] by the stacked weights as one GEMM whose depth
+    blocks read x_t and h_prev where they are (matmul_panels_pair; copying them side by
+    side first cost LSTM 100x64x128x256 eval 3 %), and whose result is the sum of both
+    sides' pre-activations: the cell reads one array, not two, and nothing is projected
+    ahead. DESIGN.md section 4 suggests projecting
     all steps' inputs in one GEMM up front; in OpenBLAS's small-matrix blocks the per-step
     product runs as fast, and the (T*B, G*H) projection never goes through memory
     (measured: LSTM 100x64x128x256 eval forward 31.4 -> 26.8 ms, 100x32x32x64 1.84 -> 1.49
@@ -197,16 +224,8 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
     scalars = BLAS_SCALARS
     for s in range(T):
         t, prev, nxt, a = forward_step(s, T, reverse, train)
-        for b in range(lo, hi):
-            row = xh[b]
-            x_row = x2d[t * B + b]
-            for k in range(I):
-                row[k] = x_row[k]
-            h_row = h_seq[prev, b]  # a 1-D view: on h_seq[prev, b, k] the loop stayed scalar
-            for k in range(H):
-                row[I + k] = h_row[k]
-        matmul_panels(xh[lo:hi], w_panels, pre[lo:hi, :split], scalars, blocks[0],
-                      blocks[1])
+        matmul_panels_pair(x2d[t * B + lo:t * B + hi], h_seq[prev, lo:hi], w_panels,
+                           pre[lo:hi, :split], scalars, blocks[0], blocks[1])
         if split < pre.shape[1]:
             matmul_panels(x2d[t * B + lo:t * B + hi], w_ih_panels, pre[lo:hi, split:],
                           scalars, blocks[2], blocks[3])
