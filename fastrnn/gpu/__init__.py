@@ -9,8 +9,9 @@ usable.
 Launches per layer-direction and call, independent of T: forward = 1 transpose of W_hh +
 1 input-projection GEMM + 1 persistent recurrence kernel (+ 1 fill when h0 is zeros);
 backward = 1 persistent BPTT kernel + 3 GEMMs (dW_ih, dW_hh, dx) + 2 bias column sums.
-The recurrence kernel is row-owning or unit-split (RECURRENCE); only the unit split forced on
-the simulator, which cannot cross a grid barrier, launches once per step instead.
+The recurrence kernel is row-owning, unit-split or tiled (RECURRENCE); only the grid-barrier
+kinds (unit-split, tiled) forced on the simulator, which cannot cross a grid barrier, launch
+once per step (per phase) instead.
 All on the default stream, so their order is the program order.
 """
 import importlib
@@ -519,16 +520,16 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
         U, blocks, threads = _unit_geometry(H, B * (GH // H))
         kernels = _kernels().unit_kernels(cell.name, dtype)
 
-        def tail(w_shared):
+        def unit_args(w_shared):
             return (x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train),
                     h_seq, c_seq, Hc, acts, hg_ws, out, out_col, w_shared, split, U)
         slice_bytes = H * (GH // H) * U * itemsize
-        w_shared = slice_bytes <= _shared_budget(kernels["forward_units"], tail(False), True)
-        shared_bytes = slice_bytes if w_shared else 0
-        tail = tail(w_shared)
-        launched = _launch_units((kernels["forward_units"], blocks, threads, shared_bytes),
-                                 kernels["forward_units_one"], tail,
-                                 ((s,) + tail for s in range(T)))
+        w_shared = slice_bytes <= _shared_budget(kernels["forward_units"], unit_args(False),
+                                                 True)
+        args = unit_args(w_shared)
+        launched = _launch_units(
+            (kernels["forward_units"], blocks, threads, slice_bytes if w_shared else 0),
+            kernels["forward_units_one"], args, ((s,) + args for s in range(T)))
     else:
         launched = False
     if not launched:
