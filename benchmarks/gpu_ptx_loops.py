@@ -90,9 +90,10 @@ def main(argv=None):
             ("backward_units", units["backward_units"],
              (a3, i64, a1, i1, b, a3, a3, i64, a3, a2, a2, a2, a2, a2, a2, b, i64)),
             ("forward_tiles", tiles["forward_tiles"],
-             (a2, a1, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, i64)),
+             (i64, i64, b, a2, a1, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, i64)),
             ("backward_tiles", tiles["backward_tiles"],
-             (a3, i64, a1, i1, b, a3, a3, i64, a3, a2, a2, a1, a2, a2, a2, a2))):
+             (i64, i64, b, a3, i64, a1, i1, b, a3, a3, i64, a3, a2, a2, a1, a2, a2, a2,
+              a2))):
         ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=(9, 0))
         divisions = len(re.findall(r"\b(?:div|rem)[.][su]64\b", ptx))
         print(f"{name} {cell} {dtype}: {instructions(ptx)} PTX instructions, "

@@ -53,8 +53,9 @@ def test_parallel_row_chunks_match_serial(cell, dtype, monkeypatch):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_blocked_per_step_gemm_matches_single_call(cell, monkeypatch):
-    """Per-step GEMMs split into column and depth blocks (partial ones too) give the
-    same results as one GEMM per step."""
+    """Per-step GEMMs split into column and depth blocks (partial ones too, and depth blocks
+    cut where the x_t operand ends and h_prev begins: I = 5 in blocks of 4) give the same
+    results as one GEMM per step."""
     whole = _run(cell, "float64")
     monkeypatch.setattr(cpu, "SMALL_GEMM", 1)
     monkeypatch.setattr(cpu, "GEMM_BLOCK_N", 5)

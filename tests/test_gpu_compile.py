@@ -122,18 +122,17 @@ def test_unit_kernels_compile(compile_ptx, cell, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("cell", sorted(cells.CELLS))
 def test_tile_kernels_compile(compile_ptx, cell, dtype):
-    """The tiled recurrence kernels, persistent (two grid barriers per step) and stepwise, at
-    the default 16x16 blocks: as for the unit kernels, the one check of the persistent ones'
-    typing that runs without a GPU."""
+    """The tiled recurrence kernels (two grid barriers per step when persistent) at the
+    default 16x16 blocks: as for the unit kernels, the one check of their typing that runs
+    without a GPU."""
     from fastrnn.gpu import kernels
     a1, a2, a3, i1, i64, boolean, _ = _arrays(dtype)
     k = kernels.tile_kernels(cell, dtype, 16)
+    phases = [i64, i64, boolean]  # first, count, persistent
     forward = [a2, a1, a1, a1, a1, i1, boolean, boolean, a3, a3, i64, a3, a2, a3, i64, i64]
     backward = [a3, i64, a1, i1, boolean, a3, a3, i64, a3, a2, a2, a1, a2, a2, a2, a2]
-    for name, argtypes in (("forward_tiles", forward),
-                           ("forward_tiles_one", [i64, i64] + forward),
-                           ("backward_tiles", backward),
-                           ("backward_tiles_one", [i64, i64] + backward)):
+    for name, argtypes in (("forward_tiles", phases + forward),
+                           ("backward_tiles", phases + backward)):
         ptx = compile_ptx(k[name], argtypes)
         assert ".entry" in ptx, name
         _assert_no_f64_math(ptx, dtype)

@@ -121,11 +121,15 @@ def _copy_tiled(source, target):
             target[k, n] = source[k, n]
 
 
-def matmul_panels(a, panels, c, scalars, block_n, block_k):
-    """c (M, N) = a (M, K) · b (K, N), where b is stored as column panels (see
+def matmul_panels(a, a_more, panels, c, scalars, block_n, block_k):
+    """c (M, N) = [a | a_more] (M, K) · b (K, N), where b is stored as column panels (see
     :func:`fastrnn.cpu.pack_panels`): panels (N*K,) holds, for each n0 in range(0, N,
     block_n), b[:, n0:n0 + width] as a C-contiguous (K, width) block at offset n0*K. Each
-    BLAS call multiplies block_k rows of one panel (summed into c with beta = 1).
+    BLAS call multiplies block_k rows of one panel (summed into c with beta = 1). The two
+    operands a (M, I) and a_more (M, K - I; often (M, 0)) are read where they are: the depth
+    blocks run over [0, I) reading a and over [I, K) reading a_more (one more BLAS call per
+    panel unless block_k divides I), so [x_t | h_prev] needs no copy side by side (which
+    cost 3-9 % of eval at 100x64x128x256, benchmarks/ab_versions.py).
 
     Measured: OpenBLAS packs all of b on every call, and for a thin a (the batch rows of one
     step) that packing dominates; blocks with M*block_n*block_k <= 2**19 take its
@@ -136,42 +140,25 @@ def matmul_panels(a, panels, c, scalars, block_n, block_k):
     dtype (alpha, first beta, later beta); BLAS is column-major, so each call computes a
     block of cᵀ = bᵀ·aᵀ.
     """
-    M, K = a.shape
+    M, I = a.shape
+    K = I + a_more.shape[1]
     N = c.shape[1]
-    lda = a.strides[0] // a.itemsize
     ldc = c.strides[0] // c.itemsize
     for n0 in range(0, N, block_n):
         width = min(block_n, N - n0)
-        for k0 in range(0, K, block_k):
+        k0 = 0
+        while k0 < K:
+            if k0 < I:  # a block ends at I, where the operand changes
+                depth = min(block_k, I - k0)
+                source, lda = a[0, k0:], a.strides[0] // a.itemsize
+            else:
+                depth = min(block_k, K - k0)
+                source, lda = a_more[0, k0 - I:], a_more.strides[0] // a_more.itemsize
             beta = scalars[1:] if k0 == 0 else scalars[2:]
-            xxgemm(BLAS_KIND, 110, 110, width, M, min(block_k, K - k0), scalars.ctypes,
-                   panels[n0 * K + k0 * width:].ctypes, width, a[0, k0:].ctypes, lda,
+            xxgemm(BLAS_KIND, 110, 110, width, M, depth, scalars.ctypes,
+                   panels[n0 * K + k0 * width:].ctypes, width, source.ctypes, lda,
                    beta.ctypes, c[0, n0:].ctypes, ldc)
-
-
-def matmul_panels_pair(a_x, a_h, panels, c, scalars, block_n, block_k):
-    """c (M, N) = [a_x | a_h] (M, I + H) · b (I + H, N), b in column panels as for
-    :func:`matmul_panels`, without copying the two operands side by side: the depth blocks
-    run over [0, I) reading a_x and over [I, I + H) reading a_h (one more BLAS call per
-    panel unless block_k divides I)."""
-    M, I = a_x.shape
-    K = I + a_h.shape[1]
-    N = c.shape[1]
-    ldx = a_x.strides[0] // a_x.itemsize
-    ldh = a_h.strides[0] // a_h.itemsize
-    ldc = c.strides[0] // c.itemsize
-    for n0 in range(0, N, block_n):
-        width = min(block_n, N - n0)
-        for k0 in range(0, I, block_k):
-            beta = scalars[1:] if k0 == 0 else scalars[2:]
-            xxgemm(BLAS_KIND, 110, 110, width, M, min(block_k, I - k0), scalars.ctypes,
-                   panels[n0 * K + k0 * width:].ctypes, width, a_x[0, k0:].ctypes, ldx,
-                   beta.ctypes, c[0, n0:].ctypes, ldc)
-        for k0 in range(I, K, block_k):
-            beta = scalars[1:] if k0 == 0 else scalars[2:]
-            xxgemm(BLAS_KIND, 110, 110, width, M, min(block_k, K - k0), scalars.ctypes,
-                   panels[n0 * K + k0 * width:].ctypes, width, a_h[0, k0 - I:].ctypes, ldh,
-                   beta.ctypes, c[0, n0:].ctypes, ldc)
+            k0 += depth
 
 
 def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, lengths, reverse,
@@ -194,8 +181,8 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
     a length. blocks = (block_n, block_k) of the three GEMMs in that order.
 
     Each step multiplies [x_t | h_prev] by the stacked weights as one GEMM whose depth
-    blocks read x_t and h_prev where they are (matmul_panels_pair; copying them side by
-    side first cost LSTM 100x64x128x256 eval 3 %), and whose result is the sum of both
+    blocks read x_t and h_prev where they are (see matmul_panels), and whose result is the
+    sum of both
     sides' pre-activations: the cell reads one array, not two, and nothing is projected
     ahead. DESIGN.md section 4 suggests projecting
     all steps' inputs in one GEMM up front; in OpenBLAS's small-matrix blocks the per-step
@@ -224,12 +211,13 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
     scalars = BLAS_SCALARS
     for s in range(T):
         t, prev, nxt, a = forward_step(s, T, reverse, train)
-        matmul_panels_pair(x2d[t * B + lo:t * B + hi], h_seq[prev, lo:hi], w_panels,
-                           pre[lo:hi, :split], scalars, blocks[0], blocks[1])
+        x_rows, h_rows = x2d[t * B + lo:t * B + hi], h_seq[prev, lo:hi]
+        matmul_panels(x_rows, h_rows, w_panels, pre[lo:hi, :split], scalars, blocks[0],
+                      blocks[1])
         if split < pre.shape[1]:
-            matmul_panels(x2d[t * B + lo:t * B + hi], w_ih_panels, pre[lo:hi, split:],
+            matmul_panels(x_rows, x_rows[:, :0], w_ih_panels, pre[lo:hi, split:],
                           scalars, blocks[2], blocks[3])
-            matmul_panels(h_seq[prev, lo:hi], w_hh_panels, hg[lo:hi, split:], scalars,
+            matmul_panels(h_rows, h_rows[:, :0], w_hh_panels, hg[lo:hi, split:], scalars,
                           blocks[4], blocks[5])
         for b in range(lo, hi):
             out_row = out[t, b, out_col + u0:out_col + u0 + P]
@@ -307,7 +295,8 @@ def backward_sequence(dout, out_col, w_hh_panels, lengths, reverse, h_seq, c_seq
                 for j in range(Hc):
                     dc_prev[b, j] = dc[b, j]
         recurrent_grads = dgh_step if tail else dgx[t]
-        matmul_panels(recurrent_grads[lo:hi], w_hh_panels, dh_rec[lo:hi], scalars, blocks[0],
+        rows = recurrent_grads[lo:hi]
+        matmul_panels(rows, rows[:, :0], w_hh_panels, dh_rec[lo:hi], scalars, blocks[0],
                       blocks[1])
         for b in range(lo, hi):
             for j in range(tail):

@@ -92,7 +92,6 @@ def _compile_kernels(cell_name, dtype):
     tanh, sigmoid = _ACTIVATIONS[dtype]
     version = _source_hash(spec.forward, spec.backward, tanh, sigmoid, _math.save,
                            slots.forward_step, slots.backward_step, driver.matmul_panels,
-                           driver.matmul_panels_pair,
                            driver.wait_for_parts, driver.forward_sequence,
                            driver.backward_sequence)
     suffix = f"{cell_name}_{dtype.name}_{version}"
@@ -103,11 +102,8 @@ def _compile_kernels(cell_name, dtype):
         cells.specialize(slots.backward_step, suffix, forward_step=forward_step))
     matmul_panels = njit(inline="always")(cells.specialize(
         driver.matmul_panels, suffix, **_blas_bindings(dtype)))
-    matmul_panels_pair = njit(inline="always")(cells.specialize(
-        driver.matmul_panels_pair, suffix, **_blas_bindings(dtype)))
     driver_bind = dict(cell_backward=unit_backward, forward_step=forward_step,
                        backward_step=backward_step, matmul_panels=matmul_panels,
-                       matmul_panels_pair=matmul_panels_pair,
                        BLAS_SCALARS=np.array((1, 0, 1), dtype),
                        wait_for_parts=_wait_for_parts(), ZERO=bind["ZERO"])
 

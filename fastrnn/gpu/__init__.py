@@ -514,8 +514,8 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
                 bool(train), h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split)
         launched = _launch_units(
             (kernels["forward_tiles"], _tile_blocks(B, GH, H), (GEMM_TILE, GEMM_TILE), 0),
-            kernels["forward_tiles_one"], args,
-            ((s, phase) + args for s in range(T) for phase in (0, 1)))
+            kernels["forward_tiles"], (0, 2 * T, True) + args,
+            ((phase, 1, False) + args for phase in range(2 * T)))
     elif _use_units(B, H):
         U, blocks, threads = _unit_geometry(H, B * (GH // H))
         kernels = _kernels().unit_kernels(cell.name, dtype)
@@ -587,8 +587,8 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
                 saved.c_seq, Hc, saved.acts, dgx, dgh, _flat(dgh), dh, dc, dh_direct, dc_prev)
         launched = _launch_units(
             (kernels["backward_tiles"], _tile_blocks(B, H, H), (GEMM_TILE, GEMM_TILE), 0),
-            kernels["backward_tiles_one"], args,
-            ((s, phase) + args for s in range(T) for phase in (0, 1)))
+            kernels["backward_tiles"], (0, 2 * T, True) + args,
+            ((phase, 1, False) + args for phase in range(2 * T)))
     elif _use_units(B, H):
         U, blocks, threads = _unit_geometry(H, B)
         kernels = _kernels().unit_kernels(cell.name, dtype)

@@ -547,7 +547,7 @@ def backward_units_one(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq, c
 # per row, the unit kernels multiply pairwise); a grid barrier; the pointwise part over every
 # (row, unit) pair, spread over all the grid's threads; another barrier. Cooperative launch,
 # (TILE, TILE) blocks, at most one per multiprocessor; on the simulator, which cannot cross a
-# grid barrier, one launch per step and phase (*_tiles_one). The product sums k in order, as
+# grid barrier, one launch per step and phase. The product sums k in order, as
 # the GEMM does, so the results are deterministic but not the row kernels' bits.
 
 def tile_origin(tile, tiles_n):
@@ -599,35 +599,24 @@ def forward_tiles_step(s, phase, x_proj, w_t, h_flat, b_ih, b_hh, lengths, rever
             b, j = pair_next(b, j, step_b, step_j, H)
 
 
-def forward_tiles(x_proj, w_t, h_flat, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc,
-                  acts, hg_ws, out, out_col, split):
-    """Whole-sequence forward, tiled; cooperative launch with (TILE, TILE) blocks, at most
-    one per multiprocessor. Two grid barriers per step."""
+def forward_tiles(first, count, persistent, x_proj, w_t, h_flat, b_ih, b_hh, lengths,
+                  reverse, train, h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split):
+    """Phases first .. first + count - 1 of the tiled forward, phase p being part p % 2
+    (0 the product, 1 the pointwise part) of step p // 2. persistent: a grid barrier after
+    each phase, all 2T phases in one cooperative launch with (TILE, TILE) blocks, at most one
+    per multiprocessor; otherwise one phase per launch (the simulator's path, which cannot
+    cross a grid barrier)."""
     a_tile = cuda.shared.array((SPAN, TILE), DTYPE)
     b_tile = cuda.shared.array((TILE, SPAN), DTYPE)
     acc = cuda.local.array((REG, REG), DTYPE)
     a_reg = cuda.local.array(REG, DTYPE)
     b_reg = cuda.local.array(REG, DTYPE)
-    grid = cuda.cg.this_grid()
-    for s in range(out.shape[0]):
-        for phase in range(2):
-            forward_tiles_step(s, phase, x_proj, w_t, h_flat, b_ih, b_hh, lengths, reverse,
-                               train, h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split,
-                               a_tile, b_tile, acc, a_reg, b_reg)
-            grid.sync()
-
-
-def forward_tiles_one(s, phase, x_proj, w_t, h_flat, b_ih, b_hh, lengths, reverse, train,
-                      h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split):
-    """One phase of step s of forward_tiles (the simulator's path)."""
-    a_tile = cuda.shared.array((SPAN, TILE), DTYPE)
-    b_tile = cuda.shared.array((TILE, SPAN), DTYPE)
-    acc = cuda.local.array((REG, REG), DTYPE)
-    a_reg = cuda.local.array(REG, DTYPE)
-    b_reg = cuda.local.array(REG, DTYPE)
-    forward_tiles_step(s, phase, x_proj, w_t, h_flat, b_ih, b_hh, lengths, reverse, train,
-                       h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, a_tile, b_tile,
-                       acc, a_reg, b_reg)
+    for p in range(first, first + count):
+        forward_tiles_step(p // 2, p % 2, x_proj, w_t, h_flat, b_ih, b_hh, lengths, reverse,
+                           train, h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, a_tile,
+                           b_tile, acc, a_reg, b_reg)
+        if persistent:
+            cuda.cg.this_grid().sync()
 
 
 def backward_tiles_step(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc,
@@ -668,34 +657,21 @@ def backward_tiles_step(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq, 
             tile += cuda.gridDim.x
 
 
-def backward_tiles(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts, dgx, dgh,
-                   dgh_flat, dh, dc, dh_direct, dc_prev):
-    """Whole-sequence BPTT, tiled; cooperative launch as forward_tiles."""
+def backward_tiles(first, count, persistent, dout, out_col, w_hh, lengths, reverse, h_seq,
+                   c_seq, Hc, acts, dgx, dgh, dgh_flat, dh, dc, dh_direct, dc_prev):
+    """Phases first .. first + count - 1 of the tiled BPTT (phase p: part p % 2 of step
+    p // 2, 0 the pointwise part, 1 the product); launched as forward_tiles."""
     a_tile = cuda.shared.array((SPAN, TILE), DTYPE)
     b_tile = cuda.shared.array((TILE, SPAN), DTYPE)
     acc = cuda.local.array((REG, REG), DTYPE)
     a_reg = cuda.local.array(REG, DTYPE)
     b_reg = cuda.local.array(REG, DTYPE)
-    grid = cuda.cg.this_grid()
-    for s in range(dout.shape[0]):
-        for phase in range(2):
-            backward_tiles_step(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq,
-                                c_seq, Hc, acts, dgx, dgh, dgh_flat, dh, dc, dh_direct,
-                                dc_prev, a_tile, b_tile, acc, a_reg, b_reg)
-            grid.sync()
-
-
-def backward_tiles_one(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc,
-                       acts, dgx, dgh, dgh_flat, dh, dc, dh_direct, dc_prev):
-    """One phase of step s of backward_tiles (the simulator's path)."""
-    a_tile = cuda.shared.array((SPAN, TILE), DTYPE)
-    b_tile = cuda.shared.array((TILE, SPAN), DTYPE)
-    acc = cuda.local.array((REG, REG), DTYPE)
-    a_reg = cuda.local.array(REG, DTYPE)
-    b_reg = cuda.local.array(REG, DTYPE)
-    backward_tiles_step(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc,
-                        acts, dgx, dgh, dgh_flat, dh, dc, dh_direct, dc_prev, a_tile, b_tile,
-                        acc, a_reg, b_reg)
+    for p in range(first, first + count):
+        backward_tiles_step(p // 2, p % 2, dout, out_col, w_hh, lengths, reverse, h_seq,
+                            c_seq, Hc, acts, dgx, dgh, dgh_flat, dh, dc, dh_direct, dc_prev,
+                            a_tile, b_tile, acc, a_reg, b_reg)
+        if persistent:
+            cuda.cg.this_grid().sync()
 
 
 # ---------------------------------------------------------------------------- linear algebra
@@ -972,7 +948,7 @@ def unit_kernels(cell_name, dtype):
     return _compiled(("units", cell_name, dtype), build)
 
 
-TILE_KERNELS = ("forward_tiles", "forward_tiles_one", "backward_tiles", "backward_tiles_one")
+TILE_KERNELS = ("forward_tiles", "backward_tiles")
 
 
 def tile_kernels(cell_name, dtype, tile):
