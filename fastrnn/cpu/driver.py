@@ -182,11 +182,10 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
 
     Each step multiplies [x_t | h_prev] by the stacked weights as one GEMM whose depth
     blocks read x_t and h_prev where they are (see matmul_panels), and whose result is the
-    sum of both
-    sides' pre-activations: the cell reads one array, not two, and nothing is projected
-    ahead. DESIGN.md section 4 suggests projecting
-    all steps' inputs in one GEMM up front; in OpenBLAS's small-matrix blocks the per-step
-    product runs as fast, and the (T*B, G*H) projection never goes through memory
+    sum of both sides' pre-activations: the cell reads one array, not two, and nothing is
+    projected ahead. DESIGN.md section 4 suggests projecting all steps' inputs in one GEMM
+    up front; in OpenBLAS's small-matrix blocks the per-step product runs as fast, and the
+    (T*B, G*H) projection never goes through memory
     (measured: LSTM 100x64x128x256 eval forward 31.4 -> 26.8 ms, 100x32x32x64 1.84 -> 1.49
     ms, 50x128x512x512 unchanged).
 

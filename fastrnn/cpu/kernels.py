@@ -124,7 +124,7 @@ def _compile_kernels(cell_name, dtype):
 
 @functools.lru_cache(maxsize=1)
 def pack_kernel():
-    """driver.pack_panels, compiled (one specialisation per layout of the parts)."""
+    """driver.pack_panels, compiled for float32 and float64 parts of any layout."""
     suffix = f"cpu_{_source_hash(driver.pack_panels, driver._copy_tiled)}"
     copy_tiled = njit(inline="always")(driver._copy_tiled)
     # One specialisation for parts of every layout ("A"): transposed weights (F) and their
