@@ -67,3 +67,25 @@ class Variants:
 
     def peakmem_train_step(self, cell, variant, shape):
         self.train()
+
+
+class CallOverhead:
+    """One time step of one batch row: a call that is almost all fixed cost (validation,
+    weight packing, workspaces, thread hand-offs), which is a large share of the grid's
+    200x1x32x64 calls; see also benchmarks/call_overhead.py."""
+
+    params = list(CELLS)
+    param_names = ["cell"]
+
+    def setup(self, cell):
+        case = _case(cell, "1x1x32x64")
+        self.infer = fastrnn_step(case, "infer")
+        self.train = fastrnn_step(case, "train")
+        self.infer()
+        self.train()
+
+    def time_forward_eval(self, cell):
+        self.infer()
+
+    def time_train_step(self, cell):
+        self.train()
