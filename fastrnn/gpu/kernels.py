@@ -306,7 +306,7 @@ def pair_walk(W, start, step):
 
 
 def pair_next(b, i, step_b, step_i, W):
-    """The next pair of the walk of :func:`pair_walk` (p += blockDim)."""
+    """The next pair of the walk of :func:`pair_walk` (p += step)."""
     i += step_i
     b += step_b
     if i >= W:
