@@ -297,22 +297,17 @@ class SequenceModel:
         for g in self.head_grads.values():
             g[...] = 0
 
-    def _host_params(self):
-        """name -> array to update in place (the layers' own arrays on the CPU)."""
-        params = OrderedDict()
-        on_cpu = self.device == "cpu"
-        for k, v in self.rnn.params.items():
-            params[f"rnn.{k}"] = v if on_cpu else np.array(self.rnn._backend.to_host(v))
-        for k, v in self.head.items():
-            params[f"head.{k}"] = v
+    def _params(self):
+        """name -> every trainable array, updated in place by the optimizer: the layers' own
+        arrays (device arrays on "cuda": they never go through the host) and the head's."""
+        params = OrderedDict((f"rnn.{k}", v) for k, v in self.rnn.params.items())
+        params.update((f"head.{k}", v) for k, v in self.head.items())
         return params
 
-    def _host_grads(self):
-        grads = OrderedDict()
-        for k, v in self.rnn.grads.items():
-            grads[f"rnn.{k}"] = np.asarray(self.rnn._backend.to_host(v))
-        for k, v in self.head_grads.items():
-            grads[f"head.{k}"] = v
+    def _grads(self):
+        """name -> gradient, like :meth:`_params`."""
+        grads = OrderedDict((f"rnn.{k}", v) for k, v in self.rnn.grads.items())
+        grads.update((f"head.{k}", v) for k, v in self.head_grads.items())
         return grads
 
     # -- validation ---------------------------------------------------------------------
@@ -489,24 +484,20 @@ class SequenceModel:
                                  f"parameters keep their last finite values (try a lower lr "
                                  f"or clip_norm)")
         self._backward(dy, feats, lengths, X.shape[1])
-        grads = self._host_grads()
+        grads = self._grads()
         norm = optim.global_norm(grads)
         if not math.isfinite(norm):
-            bad = [k for k, g in grads.items() if not np.all(np.isfinite(g))]
+            bad = optim.non_finite(grads)
             raise NonFiniteError(f"training diverged at {where}: non-finite gradient of "
                                  f"{', '.join(bad[:4])}; the parameters keep their last "
                                  f"finite values (try a lower lr or clip_norm)")
         optim.clip_grad_value(grads, clip_value)
         optim.clip_grad_norm(grads, clip_norm)
-        params = self._host_params()
         try:
-            self.optimizer.step(params, grads)
+            self.optimizer.step(self._params(), grads)
         except NonFiniteError as exc:
             raise NonFiniteError(f"training diverged at {where}: {exc} (try a lower lr or "
                                  f"clip_norm)") from None
-        if self.device != "cpu":
-            self.rnn.load_state_dict({k[4:]: v for k, v in params.items()
-                                      if k.startswith("rnn.")})
         return loss, count, correct, h_n
 
     def _train_batch_tbptt(self, X, Y, lengths, k, clip_norm, clip_value, where):

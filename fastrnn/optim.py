@@ -3,13 +3,23 @@
 The formulas are PyTorch's (``torch.optim.SGD``, ``Adam``, ``AdamW``), so a model trained here
 and one trained in PyTorch from the same weights follow the same path up to rounding.
 
-Parameters and gradients are dicts of NumPy arrays keyed by name. :meth:`Optimizer.step`
-computes every new value first and commits only when all of them are finite: a diverging
-step raises :class:`NonFiniteError` and leaves parameters and optimizer state untouched.
+Parameters and gradients are dicts of arrays keyed by name: NumPy arrays, or device arrays of
+the GPU backend (a model on "cuda"), which are updated on the device, never copied to the
+host. Each optimizer's update is written once, as an elementwise function
+(:func:`sgd_update`, :func:`adam_update`) that NumPy applies to whole arrays and that
+:mod:`fastrnn.gpu` compiles into a kernel. :meth:`Optimizer.step` commits only when every new
+value is finite: a diverging step raises :class:`NonFiniteError` and leaves parameters and
+optimizer state untouched.
 """
 import math
 
 import numpy as np
+
+from . import gpu
+
+# The square root of the update functions: NumPy's here, rebound to math.sqrt where
+# fastrnn.gpu compiles them for one element.
+sqrt = np.sqrt
 
 
 class NonFiniteError(FloatingPointError):
@@ -18,13 +28,28 @@ class NonFiniteError(FloatingPointError):
 
 # ---------------------------------------------------------------------------- clipping
 
+def _on_device(array):
+    return not isinstance(array, np.ndarray) and gpu.is_device_array(array)
+
+
 def global_norm(grads):
-    """sqrt(sum of squares of every gradient), accumulated in float64."""
+    """sqrt(sum of squares of every gradient), accumulated in float64 (device gradients on the
+    device, in a fixed order: two calls give the same bits)."""
     total = 0.0
     for g in grads.values():
-        g64 = np.asarray(g, dtype=np.float64)
-        total += float(np.dot(g64.ravel(), g64.ravel()))
+        if _on_device(g):
+            total += gpu.sum_squares(g)
+        else:
+            g64 = np.asarray(g, dtype=np.float64)
+            total += float(np.dot(g64.ravel(), g64.ravel()))
     return math.sqrt(total)
+
+
+def non_finite(arrays):
+    """Names of the arrays (a dict of NumPy or device arrays) holding a NaN or an infinity."""
+    return [name for name, a in arrays.items()
+            if not (math.isfinite(gpu.sum_squares(a)) if _on_device(a)
+                    else np.all(np.isfinite(a)))]
 
 
 def clip_grad_norm(grads, max_norm):
@@ -41,7 +66,10 @@ def clip_grad_norm(grads, max_norm):
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
         for g in grads.values():
-            g *= g.dtype.type(coef)
+            if _on_device(g):
+                gpu.scale(g, coef)
+            else:
+                g *= g.dtype.type(coef)
     return norm
 
 
@@ -52,16 +80,53 @@ def clip_grad_value(grads, clip_value):
     if not clip_value > 0:
         raise ValueError(f"clip_value must be positive, got {clip_value}")
     for g in grads.values():
-        np.clip(g, -clip_value, clip_value, out=g)
+        if _on_device(g):
+            gpu.clip(g, clip_value)
+        else:
+            np.clip(g, -clip_value, clip_value, out=g)
+
+
+# ------------------------------------------------------------------- elementwise updates
+# Each takes (param, grad, slot1, slot2, *hyper) -- whole NumPy arrays, or one element of
+# each on the GPU -- and returns (new_param, new_slot1, new_slot2). The hyperparameters come
+# in the parameters' dtype (so float32 stays float32 on both targets), flags as 0 or 1.
+
+def sgd_update(param, grad, buf, unused, lr, weight_decay, momentum, keep, nesterov, first):
+    """torch.optim.SGD: buf is the momentum buffer (not read when ``first``, the parameter's
+    first step); keep = 1 - dampening."""
+    d_p = grad + weight_decay * param if weight_decay else grad
+    if momentum:
+        buf = d_p if first else momentum * buf + keep * d_p
+        d_p = d_p + momentum * buf if nesterov else buf
+    return param - lr * d_p, buf, unused
+
+
+def adam_update(param, grad, m, v, decay, weight_decay, b1, keep1, b2, keep2, step_size,
+                sqrt_bias2, eps, decoupled):
+    """torch.optim.Adam (L2 decay added to the gradient) or, when ``decoupled``, AdamW
+    (param scaled by decay = 1 - lr*weight_decay first); m, v the moment estimates, keep1 =
+    1 - b1, keep2 = 1 - b2, step_size = lr / (1 - b1**t), sqrt_bias2 = sqrt(1 - b2**t)."""
+    if decoupled:
+        param = param * decay
+    elif weight_decay:
+        grad = grad + weight_decay * param
+    m = b1 * m + keep1 * grad
+    v = b2 * v + keep2 * (grad * grad)
+    denom = sqrt(v) / sqrt_bias2 + eps
+    return param - step_size * (m / denom), m, v
 
 
 # ---------------------------------------------------------------------------- optimizers
 
 class Optimizer:
-    """Base class: hyperparameters in ``config()``, per-parameter arrays in ``state``."""
+    """Base class: hyperparameters in ``config()``, per-parameter arrays in ``state``.
+
+    A subclass names its elementwise ``update`` function and its state ``slots`` (at most
+    two) and gives the update's hyperparameters for a parameter in :meth:`_hyper`."""
 
     name = "optimizer"
     default_lr = 1e-3
+    slots = ()
 
     def __init__(self, lr=None, weight_decay=0.0):
         lr = self.default_lr if lr is None else lr
@@ -72,47 +137,84 @@ class Optimizer:
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.steps = 0
-        self.state = {}  # "slot/param_name" -> array
+        self.state = {}  # "slot/param_name" -> array (on the parameter's device)
+        self.seen = set()  # names of the parameters that have had a step
 
     # -- to override --------------------------------------------------------------------
-    def _update(self, name, param, grad):
-        """Return (new_param, {slot: new_array}) for one parameter; must not modify inputs."""
+    @staticmethod
+    def update(param, grad, slot1, slot2, *hyper):
+        raise NotImplementedError
+
+    def _hyper(self, name):
+        """The update's hyperparameters for parameter ``name`` at this step (Python numbers)."""
         raise NotImplementedError
 
     def config(self):
         return {"name": self.name, "lr": self.lr, "weight_decay": self.weight_decay}
 
     # -- shared -------------------------------------------------------------------------
+    def _slots(self, name, param):
+        """[slot1, slot2]: this parameter's state arrays on its device (zeros where it has
+        none yet), None for a slot this optimizer does not have."""
+        slots = [None, None]
+        for k, slot in enumerate(self.slots):
+            array = self.state.get(f"{slot}/{name}")
+            if _on_device(param):
+                array = gpu.zeros(param.shape, param.dtype) if array is None else \
+                    gpu.asarray(array, param.dtype)
+            elif array is None:
+                array = np.zeros_like(param)
+            elif _on_device(array):  # the model moved to the CPU since the last step
+                array = np.array(gpu.to_host(array))
+            slots[k] = array
+        return slots
+
     def step(self, params, grads):
         """One update of every parameter in ``params`` (in place) from ``grads``.
 
         Raises NonFiniteError (and changes nothing) if any new value is NaN or infinite.
         """
         self.steps += 1
-        new_params, new_state = {}, {}
+        host, device = {}, {}
         for name, param in params.items():
-            value, slots = self._update(name, param, grads[name])
-            new_params[name] = value
-            for slot, array in slots.items():
-                new_state[f"{slot}/{name}"] = array
-        bad = [n for n, v in new_params.items() if not np.all(np.isfinite(v))]
-        bad += [n for n, v in new_state.items() if not np.all(np.isfinite(v))]
+            dtype = param.dtype.type
+            hyper = tuple(dtype(h) for h in self._hyper(name))
+            slots = self._slots(name, param)
+            if _on_device(param):
+                device[name] = (param, grads[name], *slots, hyper)
+            else:  # the parameter stands in for a slot the optimizer does not have
+                slot1, slot2 = (param if a is None else a for a in slots)
+                host[name] = self.update(param, grads[name], slot1, slot2, *hyper), slots
+        bad = gpu.update_elements(self.update, list(device.values()), commit=False)
+        bad = [name for name, is_bad in zip(device, bad) if is_bad]
+        bad += [name for name, (values, _) in host.items()
+                if not all(np.all(np.isfinite(v)) for v in values[:1 + len(self.slots)])]
         if bad:
             self.steps -= 1
             raise NonFiniteError(f"the {self.name} update made {', '.join(bad[:4])} "
                                  f"non-finite; parameters were left at their last values")
-        for name, value in new_params.items():
+        gpu.update_elements(self.update, list(device.values()), commit=True)
+        new_state = {name: entry[2:2 + len(self.slots)] for name, entry in device.items()}
+        for name, ((value, *slot_values), _) in host.items():
             params[name][...] = value
-        self.state.update(new_state)
+            # Own each array: the update may return the gradient itself (SGD's first
+            # momentum buffer), which the caller reuses.
+            new_state[name] = [np.array(a, copy=True) if a is grads[name] else a
+                               for a in slot_values[:len(self.slots)]]
+        for name, arrays in new_state.items():
+            for slot, array in zip(self.slots, arrays):
+                self.state[f"{slot}/{name}"] = array
+        self.seen.update(params)
 
     def state_dict(self):
-        """(config dict incl. step count, {slot/name: array})."""
+        """(config dict incl. step count, {slot/name: NumPy array})."""
         config = dict(self.config(), steps=self.steps)
-        return config, {k: np.array(v) for k, v in self.state.items()}
+        return config, {k: np.array(gpu.to_host(v)) for k, v in self.state.items()}
 
     def load_state_dict(self, config, arrays):
         self.steps = int(config.get("steps", 0))
         self.state = {k: np.array(v) for k, v in arrays.items()}
+        self.seen = {k.split("/", 1)[1] for k in self.state}
 
 
 class SGD(Optimizer):
@@ -120,6 +222,7 @@ class SGD(Optimizer):
 
     name = "sgd"
     default_lr = 1e-2
+    update = staticmethod(sgd_update)
 
     def __init__(self, lr=None, momentum=0.0, nesterov=False, weight_decay=0.0, dampening=0.0):
         super().__init__(lr, weight_decay)
@@ -129,24 +232,15 @@ class SGD(Optimizer):
             raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
         self.momentum, self.nesterov, self.dampening = float(momentum), bool(nesterov), \
             float(dampening)
+        self.slots = ("momentum",) if self.momentum else ()
 
     def config(self):
         return dict(super().config(), momentum=self.momentum, nesterov=self.nesterov,
                     dampening=self.dampening)
 
-    def _update(self, name, param, grad):
-        dtype = param.dtype.type
-        d_p = grad + dtype(self.weight_decay) * param if self.weight_decay else grad
-        slots = {}
-        if self.momentum:
-            buf = self.state.get(f"momentum/{name}")
-            if buf is None:
-                buf = np.array(d_p, copy=True)
-            else:
-                buf = dtype(self.momentum) * buf + dtype(1 - self.dampening) * d_p
-            slots["momentum"] = buf
-            d_p = d_p + dtype(self.momentum) * buf if self.nesterov else buf
-        return param - dtype(self.lr) * d_p, slots
+    def _hyper(self, name):
+        return (self.lr, self.weight_decay, self.momentum, 1 - self.dampening,
+                self.nesterov, name not in self.seen)
 
 
 class Adam(Optimizer):
@@ -155,6 +249,8 @@ class Adam(Optimizer):
     name = "adam"
     default_lr = 1e-3
     _decoupled = False
+    slots = ("exp_avg", "exp_avg_sq")
+    update = staticmethod(adam_update)
 
     def __init__(self, lr=None, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(lr, weight_decay)
@@ -166,24 +262,11 @@ class Adam(Optimizer):
     def config(self):
         return dict(super().config(), betas=list(self.betas), eps=self.eps)
 
-    def _update(self, name, param, grad):
-        dtype = param.dtype.type
+    def _hyper(self, name):
         b1, b2 = self.betas
-        if self._decoupled:
-            param = param * dtype(1 - self.lr * self.weight_decay)
-        elif self.weight_decay:
-            grad = grad + dtype(self.weight_decay) * param
-        m = self.state.get(f"exp_avg/{name}")
-        v = self.state.get(f"exp_avg_sq/{name}")
-        if m is None:
-            m, v = np.zeros_like(param), np.zeros_like(param)
-        m = dtype(b1) * m + dtype(1 - b1) * grad
-        v = dtype(b2) * v + dtype(1 - b2) * (grad * grad)
-        bias1 = 1 - b1 ** self.steps
-        bias2 = 1 - b2 ** self.steps
-        step_size = self.lr / bias1
-        denom = np.sqrt(v) / dtype(math.sqrt(bias2)) + dtype(self.eps)
-        return param - dtype(step_size) * (m / denom), {"exp_avg": m, "exp_avg_sq": v}
+        return (1 - self.lr * self.weight_decay, self.weight_decay, b1, 1 - b1, b2, 1 - b2,
+                self.lr / (1 - b1 ** self.steps), math.sqrt(1 - b2 ** self.steps), self.eps,
+                self._decoupled)
 
 
 class AdamW(Adam):

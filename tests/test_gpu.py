@@ -540,3 +540,137 @@ def test_gpu_weights_beyond_48_kb_stay_on_chip(monkeypatch, cell):
     _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n),
              _run(gpu_layer, x, h0, lengths, dout, dh_n), "float32")
     assert gpu._opted_in and min(gpu._opted_in.values()) > gpu.SHARED_BYTES
+
+
+# ---------------------------------------------------------------------------- optimizers
+
+OPTIMIZERS = {
+    "sgd": lambda: fr.optim.SGD(0.1),
+    "sgd-nesterov-decay": lambda: fr.optim.SGD(0.1, momentum=0.9, nesterov=True,
+                                               weight_decay=0.01),
+    "sgd-dampening": lambda: fr.optim.SGD(0.1, momentum=0.5, dampening=0.3),
+    "adam-decay": lambda: fr.optim.Adam(0.01, weight_decay=0.1),
+    "adamw": lambda: fr.optim.AdamW(0.01),
+}
+
+
+def _params_and_grads(rng, dtype, steps):
+    params = {"w": rng.standard_normal((3, 5)).astype(dtype),
+              "b": rng.standard_normal(7).astype(dtype)}
+    grads = [{k: rng.standard_normal(v.shape).astype(dtype) for k, v in params.items()}
+             for _ in range(steps)]
+    return params, grads
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("make", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_optimizer_steps_device_parameters_in_place_as_on_the_host(make, dtype):
+    """Device parameters are updated on the device (the same arrays, in place) with the
+    values, and the state, of the NumPy path; state_dict hands back NumPy arrays."""
+    params, grads = _params_and_grads(np.random.default_rng(0), dtype, steps=3)
+    host, device = make(), make()
+    on_device = {k: gpu.asarray(v, dtype) for k, v in params.items()}
+    arrays = dict(on_device)
+    for step_grads in grads:
+        host.step(params, {k: g.copy() for k, g in step_grads.items()})
+        device.step(on_device, {k: gpu.asarray(g, dtype) for k, g in step_grads.items()})
+    assert all(on_device[k] is arrays[k] for k in arrays)
+    tol = GPU_VS_CPU[np.dtype(dtype)]
+    for name, value in params.items():
+        assert_close(gpu.to_host(on_device[name]), value, name=name, **tol)
+    (config, host_state), (device_config, device_state) = host.state_dict(), \
+        device.state_dict()
+    assert config == device_config and set(host_state) == set(device_state)
+    for key, value in host_state.items():
+        assert isinstance(device_state[key], np.ndarray)
+        assert_close(device_state[key], value, name=key, **tol)
+
+
+@needs_gpu
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the simulator's inf - inf
+@pytest.mark.parametrize("make", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_optimizer_refuses_a_non_finite_device_update_and_changes_nothing(make):
+    params, (grads, bad_grads) = _params_and_grads(np.random.default_rng(1), np.float32, 2)
+    bad_grads["b"][3] = np.inf
+    opt = make()
+    on_device = {k: gpu.asarray(v, np.float32) for k, v in params.items()}
+    opt.step(on_device, {k: gpu.asarray(g, np.float32) for k, g in grads.items()})
+    before = {k: gpu.to_host(v).copy() for k, v in on_device.items()}
+    state_before = opt.state_dict()
+    with pytest.raises(fr.optim.NonFiniteError, match="'?b'?"):
+        opt.step(on_device, {k: gpu.asarray(g, np.float32) for k, g in bad_grads.items()})
+    for name, value in before.items():
+        np.testing.assert_array_equal(gpu.to_host(on_device[name]), value)
+    state_after = opt.state_dict()
+    assert state_after[0] == state_before[0]
+    for key, value in state_before[1].items():
+        np.testing.assert_array_equal(state_after[1][key], value)
+
+
+@needs_gpu
+def test_optimizer_state_follows_the_parameters_between_devices():
+    """A state saved from device parameters continues on host parameters and back."""
+    params, grads = _params_and_grads(np.random.default_rng(2), np.float64, steps=4)
+    reference = fr.optim.Adam(0.01)
+    mixed = fr.optim.Adam(0.01)
+    host_params = {k: v.copy() for k, v in params.items()}
+    for k, step_grads in enumerate(grads):
+        reference.step(params, step_grads)
+        if k % 2 == 0:  # on the device
+            on_device = {n: gpu.asarray(v, np.float64) for n, v in host_params.items()}
+            mixed.step(on_device, {n: gpu.asarray(g, np.float64) for n, g in step_grads.items()})
+            host_params = {n: gpu.to_host(v).copy() for n, v in on_device.items()}
+        else:
+            mixed.step(host_params, step_grads)
+    for name, value in params.items():
+        assert_close(host_params[name], value, name=name, **GPU_VS_CPU[np.dtype(np.float64)])
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clipping_and_norm_of_device_gradients_match_the_host(dtype):
+    rng = np.random.default_rng(3)
+    grads = {"a": (rng.standard_normal((4, 9)) * 10).astype(dtype),
+             "b": rng.standard_normal(37).astype(dtype), "empty": np.zeros(0, dtype)}
+    on_device = {k: gpu.asarray(v, dtype) for k, v in grads.items()}
+    norm = fr.optim.global_norm(on_device)
+    assert norm == fr.optim.global_norm(on_device)  # deterministic: the same bits
+    assert_close(norm, fr.optim.global_norm(grads), rtol=1e-12, atol=0, name="norm")
+    fr.optim.clip_grad_norm(grads, 2.0)
+    fr.optim.clip_grad_norm(on_device, 2.0)
+    fr.optim.clip_grad_value(grads, 0.05)
+    fr.optim.clip_grad_value(on_device, 0.05)
+    for name, value in grads.items():
+        assert_close(gpu.to_host(on_device[name]), value, name=name, **GPU_VS_CPU[np.dtype(dtype)])
+    with_nan = gpu.asarray(np.array([np.nan, 1.0, -3.0], dtype), dtype)
+    fr.optim.clip_grad_value({"x": with_nan}, 0.5)
+    np.testing.assert_array_equal(gpu.to_host(with_nan), np.array([np.nan, 0.5, -0.5], dtype))
+    assert fr.optim.non_finite({"x": with_nan, "a": on_device["a"]}) == ["x"]
+
+
+@needs_gpu
+def test_sequence_model_training_keeps_parameters_on_the_device(monkeypatch):
+    """fit on "cuda" updates the layers' device arrays in place: no parameter is loaded from
+    the host, none copied to it."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((6, 4, 2)).astype(np.float32)
+    Y = rng.standard_normal((6, 1)).astype(np.float32)
+    model = fr.SequenceModel(2, 3, 1, cell="lstm", device="cuda", seed=0)
+    arrays = dict(model.rnn.params)
+    copied = []
+    to_host = gpu.to_host
+
+    def counting_to_host(array):
+        if any(array is a for a in arrays.values()):
+            copied.append(array)
+        return to_host(array)
+    monkeypatch.setattr(gpu, "to_host", counting_to_host)
+    monkeypatch.setattr(type(model.rnn), "load_state_dict",
+                        lambda *a: pytest.fail("parameters loaded from the host"))
+    before = {k: to_host(v).copy() for k, v in arrays.items()}
+    model.fit(X, Y, epochs=2, batch_size=3, lr=0.01, verbose=False, shuffle=False,
+              optimizer="sgd", clip_norm=1.0, clip_value=0.5)
+    assert not copied
+    assert all(model.rnn.params[k] is arrays[k] for k in arrays)
+    assert any(np.any(to_host(arrays[k]) != before[k]) for k in arrays)

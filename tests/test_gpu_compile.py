@@ -94,6 +94,8 @@ def test_linalg_kernels_compile(compile_ptx, dtype):
         "copy3d": [a3, a3, boolean],
         "transpose2d": [a2, a2],
         "broadcast_rows": [a1, a2],
+        "scale_elements": [a1, scalar],
+        "clip_elements": [a1, scalar],
     }
     for name, argtypes in signatures.items():
         _assert_no_f64_math(compile_ptx(k[name], argtypes), dtype)
@@ -136,3 +138,24 @@ def test_tile_kernels_compile(compile_ptx, cell, dtype):
         ptx = compile_ptx(k[name], argtypes)
         assert ".entry" in ptx, name
         _assert_no_f64_math(ptx, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("update, hyper_count", [("sgd_update", 6), ("adam_update", 10)])
+def test_optimizer_kernels_compile(compile_ptx, update, hyper_count, dtype):
+    """The device optimizer step (fastrnn.optim's elementwise update bound into
+    update_elements) with the arguments fastrnn.gpu.update_elements passes, and the float64
+    reduction behind global_norm."""
+    from numba import types
+
+    from fastrnn import optim
+    from fastrnn.gpu import kernels
+    a1, _, _, _, i64, boolean, scalar = _arrays(dtype)
+    kernel = kernels.optimizer_kernel(getattr(optim, update), dtype)
+    flags = types.Array(types.int32, 1, "C")
+    ptx = compile_ptx(kernel, [a1, a1, a1, a1, types.UniTuple(scalar, hyper_count), boolean,
+                               flags, i64])
+    assert ".entry" in ptx
+    _assert_no_f64_math(ptx, dtype)
+    ptx = compile_ptx(kernels.sum_squares_kernel(dtype), [a1, types.Array(types.float64, 1, "C")])
+    assert "bar.sync" in ptx

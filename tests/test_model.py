@@ -131,7 +131,7 @@ def test_loss_grads_and_gradient_norms_match_torch_unroll(config):
     loss = model.loss_and_grads(X, Y, lengths)
     ref_loss, ref_grads, ref_norms = _torch_unrolled(model, X, Y, lengths)
     assert_parity(loss, ref_loss, F64, "loss")
-    grads = model._host_grads()
+    grads = model._grads()
     assert set(grads) == set(ref_grads)
     for name, g in grads.items():
         assert_parity(g, ref_grads[name], F64, name)
@@ -144,8 +144,8 @@ def test_gradients_match_finite_differences():
     model = _model(cell="gru", output="last", learn_initial_state=True)
     X, Y, lengths = _data(model, N=3, T=4)
     model.loss_and_grads(X, Y, lengths)
-    grads = model._host_grads()
-    params = model._host_params()
+    grads = model._grads()
+    params = model._params()
     rng = np.random.default_rng(0)
     for name in ("rnn.weight_hh_l0", "rnn.initial_h", "head.weight"):
         p = params[name]

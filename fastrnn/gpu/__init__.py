@@ -288,6 +288,70 @@ def add_batch_sum(target, states):
     _elementwise("batch_sum_add", target.dtype, target.size, states, target)
 
 
+# ------------------------------------------------------------------ optimizer support
+# Called by fastrnn.optim for parameters and gradients that live on the device: nothing
+# goes through the host but a flag per parameter and a few partial sums.
+
+# Blocks of sum_squares' reduction at most (each then strides over the array).
+REDUCE_BLOCKS = 256
+
+
+def update_elements(update, items, commit):
+    """Apply the elementwise optimizer update ``update`` (see fastrnn.optim) on the device:
+    items is a list of (param, grad, slot1, slot2, hyper), each array a contiguous device
+    array of the parameter's shape (slot None where the optimizer has none), hyper a tuple
+    of scalars in the parameter's dtype. commit False: change nothing and return, per item,
+    whether any new value would be NaN or infinite; True: update params and slots in place
+    (returns []). An empty list needs no GPU."""
+    if not items:
+        return []
+    bad = None if commit else _cuda().to_device(np.zeros(len(items), np.int32))
+    flag_dummy = _workspace(("update_flag_dummy",), (1,), np.int32)
+    for index, (param, grad, slot1, slot2, hyper) in enumerate(items):
+        param = _as_device(param)
+        dtype = param.dtype
+        slots = [_flat(_as_device(s)) if s is not None else _zero_dummy(dtype)
+                 for s in (slot1, slot2)]
+        _launch(_kernels().optimizer_kernel(update, dtype), _blocks(param.size, ELEMENT_THREADS),
+                ELEMENT_THREADS, 0, _flat(param), _flat(_as_device(grad)), *slots, hyper,
+                bool(commit), flag_dummy if commit else bad, index)
+    return [] if commit else [bool(flag) for flag in bad.copy_to_host()]
+
+
+def _zero_dummy(dtype):
+    """(1,) zeros of dtype: the slot an optimizer does not have (its value must be finite)."""
+    key = ("zero_dummy", np.dtype(dtype).name)
+    store = _workspaces.__dict__.setdefault("zero_dummies", {})
+    if key not in store:
+        store[key] = zeros((1,), dtype)
+    return store[key]
+
+
+def sum_squares(array):
+    """Sum of the squares of a contiguous device array's elements, in float64: per-block
+    partial sums on the device in a fixed order, added here in order (deterministic)."""
+    flat = _flat(_as_device(array))
+    if flat.size == 0:
+        return 0.0
+    blocks = min(REDUCE_BLOCKS, _blocks(flat.size, _kernels().REDUCE_THREADS))
+    partials = _workspace(("sum_squares",), (blocks,), np.float64)
+    _launch(_kernels().sum_squares_kernel(flat.dtype), blocks, _kernels().REDUCE_THREADS, 0,
+            flat, partials)
+    return float(np.sum(partials.copy_to_host()))
+
+
+def scale(array, factor):
+    """array (contiguous, on the device) *= factor, in place."""
+    flat = _flat(_as_device(array))
+    _elementwise("scale_elements", flat.dtype, flat.size, flat, flat.dtype.type(factor))
+
+
+def clip(array, limit):
+    """Clamp a contiguous device array's elements to [-limit, limit] in place (NaN stays)."""
+    flat = _flat(_as_device(array))
+    _elementwise("clip_elements", flat.dtype, flat.size, flat, flat.dtype.type(limit))
+
+
 # ---------------------------------------------------------------------------- recurrence
 
 class Saved:

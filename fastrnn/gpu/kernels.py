@@ -817,6 +817,77 @@ def broadcast_rows(row, dst):
 
 # ---------------------------------------------------------------------------- compilation
 
+# ---------------------------------------------------------------------------- optimizers
+
+def update(param, grad, slot1, slot2, *hyper):
+    raise NotImplementedError  # bound: an elementwise update of fastrnn.optim
+
+
+def update_elements(param, grad, slot1, slot2, hyper, commit, bad, index):
+    """One optimizer step over the flat (N,) param and grad; slot1, slot2 (N,) its state, or
+    (1,) zeros for a slot the optimizer does not have; hyper the update's hyperparameters.
+    commit False: write nothing but bad[index] = 1 (int32) if any new value is not finite;
+    True: write the new values in place. Each element's update is computed the same way both
+    times, so the check needs no copy of the new values. 1-D launch covering N."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    n = param.shape[0]
+    if i < n:
+        p, s1, s2 = update(param[i], grad[i], slot1[clamp(i, slot1.shape[0])],
+                           slot2[clamp(i, slot2.shape[0])], *hyper)
+        if commit:
+            param[i] = p
+            if slot1.shape[0] == n:
+                slot1[i] = s1
+            if slot2.shape[0] == n:
+                slot2[i] = s2
+        elif not (math.isfinite(p) and math.isfinite(s1) and math.isfinite(s2)):
+            bad[index] = 1
+
+
+def sum_squares_blocks(flat, partials):
+    """partials[block] = the sum, in float64, of flat[i]**2 over the elements this block
+    visits (i = its threads' indices, stepping by the grid's size), reduced through shared
+    memory in a fixed order: the same grid gives the same bits every time (no atomics).
+    Launch with REDUCE_THREADS threads per block and partials.shape[0] blocks."""
+    cache = cuda.shared.array(REDUCE_THREADS, F64)
+    tid = cuda.threadIdx.x
+    i = cuda.blockIdx.x * REDUCE_THREADS + tid
+    stride = cuda.gridDim.x * REDUCE_THREADS
+    acc = F64(0)
+    while i < flat.shape[0]:
+        value = F64(flat[i])
+        acc += value * value
+        i += stride
+    cache[tid] = acc
+    cuda.syncthreads()
+    half = REDUCE_THREADS // 2
+    while half > 0:
+        if tid < half:
+            cache[tid] += cache[tid + half]
+        cuda.syncthreads()
+        half //= 2
+    if tid == 0:
+        partials[cuda.blockIdx.x] = cache[0]
+
+
+def scale_elements(flat, factor):
+    """flat (N,) *= factor; 1-D launch covering N."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i < flat.shape[0]:
+        flat[i] *= factor
+
+
+def clip_elements(flat, limit):
+    """flat (N,) clamped to [-limit, limit] in place, NaN kept (as np.clip); 1-D launch."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i < flat.shape[0]:
+        value = flat[i]
+        if value > limit:
+            flat[i] = limit
+        elif value < -limit:
+            flat[i] = -limit
+
+
 def source_hash(*funcs):
     """Short hash of the bytecode of funcs; part of each kernel's name so that Numba's on-disk
     cache (which does not track callees bound as globals) is invalidated when code changes."""
@@ -983,7 +1054,9 @@ def tile_kernels(cell_name, dtype, tile):
 GEMM_REG = 4  # outputs per thread along each axis of a gemm tile (compile-time constant)
 
 LINALG = ("gemm", "column_sum_add", "batch_sum_add", "fill", "copy3d", "transpose2d",
-          "broadcast_rows")
+          "broadcast_rows", "scale_elements", "clip_elements")
+# Threads per block of sum_squares_blocks (a power of two: its tree halves them).
+REDUCE_THREADS = 256
 
 
 def linalg_kernels(dtype, tile):
@@ -999,3 +1072,29 @@ def linalg_kernels(dtype, tile):
         bind["tile_product"] = _device(tile_product, suffix, cuda=_cuda_module(), **bind)
         return {f.__name__: _kernel(f, suffix, **bind) for f in funcs}
     return _compiled(("linalg", dtype, int(tile)), build)
+
+
+def optimizer_kernel(update_func, dtype):
+    """update_elements with ``update`` = update_func (an elementwise update of fastrnn.optim,
+    its ``sqrt`` bound to math.sqrt) for parameters of dtype."""
+    dtype = np.dtype(dtype)
+
+    def build():
+        suffix = f"{update_func.__name__}_{dtype.name}_" \
+                 f"{source_hash(update_func, update_elements, clamp)}"
+        element = _device(update_func, suffix, sqrt=math.sqrt)
+        return _kernel(update_elements, suffix, update=element,
+                       clamp=_device(clamp, suffix))
+    return _compiled(("optimizer", update_func, dtype), build)
+
+
+def sum_squares_kernel(dtype):
+    """sum_squares_blocks for arrays of dtype (it sums in float64 whatever the dtype)."""
+    dtype = np.dtype(dtype)
+
+    def build():
+        import numba
+        suffix = f"{dtype.name}_{source_hash(sum_squares_blocks)}"
+        return _kernel(sum_squares_blocks, suffix, F64=numba.float64,
+                       REDUCE_THREADS=REDUCE_THREADS)
+    return _compiled(("sum_squares", dtype), build)
