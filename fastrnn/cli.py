@@ -282,12 +282,18 @@ def cmd_train(args):
         print(f"resuming from {args.checkpoint} after epoch {model.epoch}")
     print(f"model: {model}")
     callbacks = [Checkpoint(args.checkpoint)] if args.checkpoint else []
-    if args.patience:
+    if args.patience is not None:
         fit_kwargs["early_stopping"] = args.patience
     optimizer = args.optimizer
     if args.optimizer == "sgd" and args.momentum:
         from . import optim
-        optimizer = optim.SGD(args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        current = model.optimizer  # a resumed run keeps its momentum buffers
+        same = (isinstance(current, optim.SGD) and current.momentum == args.momentum
+                and current.weight_decay == (args.weight_decay or 0.0))
+        optimizer = current if same else optim.SGD(
+            args.lr, momentum=args.momentum, weight_decay=args.weight_decay or 0.0)
+    elif args.momentum:
+        raise ValueError("--momentum applies to --optimizer sgd only")
     model.fit(X, Y, epochs=args.epochs, lr=args.lr, optimizer=optimizer,
               clip_norm=args.clip_norm, clip_value=args.clip_value,
               weight_decay=args.weight_decay, verbose=not args.quiet, callbacks=callbacks,
@@ -333,6 +339,33 @@ def cmd_bench(argv):
 
 # ---------------------------------------------------------------------------- parser
 
+def _number(kind, low, high=None, low_open=False, high_open=True):
+    """argparse type: a ``kind`` (int/float) number in [low, high) (ends as flagged)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        ok = value == value and (value > low if low_open else value >= low)
+        if high is not None:
+            ok = ok and (value < high if high_open else value <= high)
+        if not ok or (kind is float and value in (float("inf"), float("-inf"))):
+            span = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}" \
+                   f"{')' if high_open or high is None else ']'}"
+            raise argparse.ArgumentTypeError(f"must lie in {span}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+NON_NEGATIVE_INT = _number(int, 0)
+POSITIVE = _number(float, 0, low_open=True)
+NON_NEGATIVE = _number(float, 0)
+FRACTION = _number(float, 0, 1)  # [0, 1)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="fastrnn", description="Numba-compiled RNN/LSTM/GRU: demo, training, sampling, "
@@ -348,18 +381,18 @@ def build_parser():
                           description="Train a character-level LSTM on the bundled public-"
                           "domain text (Shakespeare, As You Like It) and print generated "
                           "text.")
-    demo.add_argument("--epochs", type=int, default=6)
+    demo.add_argument("--epochs", type=POSITIVE_INT, default=6)
     demo.add_argument("--cell", choices=["lstm", "gru", "rnn"], default="lstm")
-    demo.add_argument("--hidden", type=int, default=128)
-    demo.add_argument("--layers", type=int, default=1)
-    demo.add_argument("--seq-len", type=int, default=64, help="truncated-BPTT chunk length")
-    demo.add_argument("--streams", type=int, default=32,
+    demo.add_argument("--hidden", type=POSITIVE_INT, default=128)
+    demo.add_argument("--layers", type=POSITIVE_INT, default=1)
+    demo.add_argument("--seq-len", type=POSITIVE_INT, default=64, help="truncated-BPTT chunk length")
+    demo.add_argument("--streams", type=POSITIVE_INT, default=32,
                       help="parallel text streams (the batch size)")
-    demo.add_argument("--lr", type=float, default=1e-2)
-    demo.add_argument("--chars", type=int, default=None,
+    demo.add_argument("--lr", type=POSITIVE, default=1e-2)
+    demo.add_argument("--chars", type=POSITIVE_INT, default=None,
                       help="use only the first CHARS characters of the text")
-    demo.add_argument("--length", type=int, default=400, help="characters to generate")
-    demo.add_argument("--temperature", type=float, default=0.7)
+    demo.add_argument("--length", type=NON_NEGATIVE_INT, default=400, help="characters to generate")
+    demo.add_argument("--temperature", type=POSITIVE, default=0.7)
     demo.add_argument("--prompt", default="ROSALIND\t")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -383,32 +416,34 @@ def build_parser():
     train.add_argument("--targets", help="Y.npy when DATA is X.npy")
     train.add_argument("--lengths", help="lengths.npy when DATA is X.npy")
     train.add_argument("--cell", choices=["lstm", "gru", "rnn", "rnn_relu"], default="lstm")
-    train.add_argument("--hidden", type=int, default=128)
-    train.add_argument("--layers", type=int, default=1)
+    train.add_argument("--hidden", type=POSITIVE_INT, default=128)
+    train.add_argument("--layers", type=POSITIVE_INT, default=1)
     train.add_argument("--bidirectional", action="store_true", help="(arrays only)")
     train.add_argument("--output", choices=["last", "sequence"], default=None,
                        help="(arrays) default: inferred from Y's shape")
     train.add_argument("--loss", choices=["mse", "cross_entropy"], default=None,
                        help="(arrays) default: inferred from Y's dtype")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=32,
+    train.add_argument("--epochs", type=POSITIVE_INT, default=10)
+    train.add_argument("--batch-size", type=POSITIVE_INT, default=32,
                        help="mini-batch size (text: number of parallel streams)")
-    train.add_argument("--seq-len", type=int, default=64,
+    train.add_argument("--seq-len", type=POSITIVE_INT, default=64,
                        help="(text) truncated-BPTT chunk length")
-    train.add_argument("--tbptt", type=int, default=None,
+    train.add_argument("--tbptt", type=POSITIVE_INT, default=None,
                        help="(arrays) truncated BPTT chunk length")
     train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
-    train.add_argument("--lr", type=float, default=None,
+    train.add_argument("--lr", type=POSITIVE, default=None,
                        help="learning rate (default: 1e-3 adam, 1e-2 sgd)")
-    train.add_argument("--momentum", type=float, default=0.0, help="(sgd)")
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--clip-norm", type=float, default=5.0,
+    train.add_argument("--momentum", type=FRACTION, default=0.0, help="(sgd)")
+    train.add_argument("--weight-decay", type=NON_NEGATIVE, default=None,
+                       help="(default: 0, adamw 1e-2)")
+    train.add_argument("--clip-norm", type=NON_NEGATIVE, default=5.0,
                        help="clip the global gradient norm (0 disables)")
-    train.add_argument("--clip-value", type=float, default=None,
+    train.add_argument("--clip-value", type=POSITIVE, default=None,
                        help="clip each gradient element")
-    train.add_argument("--val-split", type=float, default=0.1,
+    train.add_argument("--val-split", type=FRACTION, default=0.1,
                        help="fraction held out for validation")
-    train.add_argument("--patience", type=int, default=None, help="early-stopping patience")
+    train.add_argument("--patience", type=NON_NEGATIVE_INT, default=None,
+                       help="early-stopping patience")
     train.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--checkpoint", default=None,
@@ -425,8 +460,8 @@ def build_parser():
                             description="Generate text from a character model saved by "
                             "`fastrnn demo` or `fastrnn train TEXT --checkpoint PATH`.")
     sample.add_argument("model", help="model file (.npz)")
-    sample.add_argument("--length", type=int, default=500)
-    sample.add_argument("--temperature", type=float, default=0.8)
+    sample.add_argument("--length", type=NON_NEGATIVE_INT, default=500)
+    sample.add_argument("--temperature", type=POSITIVE, default=0.8)
     sample.add_argument("--prompt", default="")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -452,7 +487,8 @@ def main(argv=None):
             setattr(args, name, None)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError, ArithmeticError, RuntimeError) as exc:
+        # Bad data, a missing file, training that diverged (NonFiniteError), no GPU: one line.
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -5,6 +5,7 @@ The bundled text ``fastrnn/data/asyoulik.txt`` is William Shakespeare's *As You 
 was taken from the test data of the ``brotli`` 1.2.1 source distribution on PyPI
 (``tests/testdata/asyoulik.txt``), byte for byte. See ``fastrnn/data/SOURCE.txt``.
 """
+import numbers
 import os
 from importlib import resources
 
@@ -61,9 +62,20 @@ class CharVocab:
         return "".join(self.chars[int(i)] for i in ids)
 
 
+def _positive_int(value, name):
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def one_hot(ids, size, dtype=np.float32):
-    """int array (...,) -> (..., size) one-hot."""
+    """int array (...,) of ids in [0, size) -> (..., size) one-hot."""
     ids = np.asarray(ids)
+    size = _positive_int(size, "size")
+    if ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= size):
+        raise ValueError(f"ids must be integers in [0, {size}), got dtype {ids.dtype}"
+                         + (f", values in [{ids.min()}, {ids.max()}]"
+                            if ids.dtype.kind in "iuf" else ""))
     out = np.zeros(ids.shape + (size,), dtype)
     np.put_along_axis(out, ids[..., None], 1, axis=-1)
     return out
@@ -79,6 +91,8 @@ def char_streams(ids, n_streams, seq_len, vocab_size, dtype=np.float32):
     targets (the next character).
     """
     ids = np.asarray(ids, dtype=np.int64)
+    n_streams = _positive_int(n_streams, "n_streams")
+    seq_len = _positive_int(seq_len, "seq_len")
     per_stream = (len(ids) - 1) // n_streams
     per_stream -= per_stream % seq_len
     if per_stream < seq_len:
@@ -92,7 +106,8 @@ def char_streams(ids, n_streams, seq_len, vocab_size, dtype=np.float32):
 def char_windows(ids, seq_len, vocab_size, stride=None, dtype=np.float32):
     """Independent next-character windows: X (N, seq_len, V) one-hot, Y (N, seq_len) ints."""
     ids = np.asarray(ids, dtype=np.int64)
-    stride = stride or seq_len
+    seq_len = _positive_int(seq_len, "seq_len")
+    stride = seq_len if stride is None else _positive_int(stride, "stride")
     starts = np.arange(0, len(ids) - seq_len - 1 + 1, stride)
     if len(starts) == 0:
         raise ValueError(f"text of {len(ids)} characters is shorter than seq_len+1 = "

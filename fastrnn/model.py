@@ -74,8 +74,18 @@ class EarlyStopping(Callback):
     of the best epoch when training stops or ends.
     """
 
+    MONITORS = ("loss", "val_loss", "accuracy", "val_accuracy")
+
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, restore_best_weights=True):
-        self.monitor, self.patience, self.min_delta = monitor, int(patience), float(min_delta)
+        if monitor not in self.MONITORS:
+            raise ValueError(f"monitor must be one of {self.MONITORS}, got {monitor!r}")
+        if not (isinstance(patience, numbers.Integral) and not isinstance(patience, bool)
+                and patience >= 0):
+            raise ValueError(f"patience must be an int >= 0, got {patience!r}")
+        patience = int(patience)
+        if not (isinstance(min_delta, numbers.Real) and min_delta >= 0):
+            raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}")
+        self.monitor, self.patience, self.min_delta = monitor, patience, float(min_delta)
         self.restore_best_weights = restore_best_weights
         self.best, self.best_epoch, self.best_state, self.wait = None, None, None, 0
         self.stopped_epoch = None
@@ -84,19 +94,25 @@ class EarlyStopping(Callback):
         self.best, self.best_epoch, self.best_state, self.wait = None, None, None, 0
         self.stopped_epoch = None
 
-    def _improved(self, value):
+    def _improved(self, value, key):
         if self.best is None:
             return True
-        if "accuracy" in self.monitor:
+        if "accuracy" in key:
             return value > self.best + self.min_delta
         return value < self.best - self.min_delta
 
     def on_epoch_end(self, epoch, logs):
-        key = self.monitor if self.monitor in logs else "loss"
+        key = self.monitor
+        if key not in logs and key == "val_loss":
+            key = "loss"  # fit without validation data
+        if key not in logs:
+            raise ValueError(f"EarlyStopping monitors {self.monitor!r}, which this fit does "
+                             f"not report (it reports {sorted(logs)}); pass validation_data "
+                             f"or monitor one of those")
         value = logs.get(key)
         if value is None or not math.isfinite(value):
             return False
-        if self._improved(value):
+        if self._improved(value, key):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best_weights and self.model is not None:
                 self.best_state = self.model.state_dict()
@@ -116,12 +132,19 @@ class Checkpoint(Callback):
     """Save the model (with optimizer state) to ``path`` every ``every`` epochs."""
 
     def __init__(self, path, every=1):
-        self.path, self.every = path, int(every)
+        self.path, self.every = path, _check_positive_int(every, "every")
 
     def on_epoch_end(self, epoch, logs):
         if epoch % self.every == 0:
             self.model.save(self.path)
         return False
+
+
+def _host_numpy(value):
+    """A torch tensor (detached, brought to the CPU) or any array-like -> NumPy array."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
 
 
 def _as_callbacks(callbacks, early_stopping):
@@ -271,17 +294,22 @@ class SequenceModel:
         if missing or extra:
             raise ValueError(f"state_dict does not match this model: missing keys {missing}, "
                              f"unexpected keys {extra}")
-        self.rnn.load_state_dict({k[4:]: v for k, v in state_dict.items()
-                                  if k.startswith("rnn.")})
-        for k in self.head:
-            value = state_dict[f"head.{k}"]
-            if hasattr(value, "detach"):
-                value = value.detach().cpu().numpy()
-            value = np.asarray(value)
+        head = {}
+        for k in self.head:  # everything is checked before anything is replaced
+            value = _host_numpy(state_dict[f"head.{k}"])
             if value.shape != self.head[k].shape or not np.all(np.isfinite(value)):
                 raise ValueError(f"state_dict['head.{k}'] must be finite with shape "
                                  f"{self.head[k].shape}, got {value.shape}")
-            self.head[k] = value.astype(self.dtype).copy()
+            head[k] = value.astype(self.dtype).copy()
+        rnn = {k[4:]: v if optim._on_device(v) else _host_numpy(v)
+               for k, v in state_dict.items() if k.startswith("rnn.")}
+        numeric = {k: v for k, v in rnn.items()  # other dtypes: the layer names the problem
+                   if optim._on_device(v) or v.dtype.kind in "fiu"}
+        bad = optim.non_finite(numeric)
+        if bad:
+            raise ValueError(f"state_dict['rnn.{bad[0]}'] holds NaN or infinite values")
+        self.rnn.load_state_dict(rnn)  # checks shapes before it replaces any parameter
+        self.head.update(head)
         self._stream_state = None
 
     def rnn_state_dict(self):
@@ -360,6 +388,9 @@ class SequenceModel:
         mask = _valid_mask(lengths, T) if seq else np.ones(N, bool)
         if self.loss == "cross_entropy":
             shape = (N, T) if seq else (N,)
+            if Y.shape != shape:
+                raise ValueError(f"{name} must have shape {shape} for cross_entropy with "
+                                 f"output={self.output!r}, got {Y.shape}")
             if Y.dtype.kind == "f":
                 valid = Y[mask]
                 if not np.all(np.isfinite(valid)) or np.any(valid != np.round(valid)):
@@ -369,9 +400,6 @@ class SequenceModel:
                     Y.astype(np.int64)
             if Y.dtype.kind not in "iu" or Y.dtype == np.bool_:
                 raise TypeError(f"{name} must hold integer class indices, got dtype {Y.dtype}")
-            if Y.shape != shape:
-                raise ValueError(f"{name} must have shape {shape} for cross_entropy with "
-                                 f"output={self.output!r}, got {Y.shape}")
             valid = Y[mask]
             if valid.size and (valid.min() < 0 or valid.max() >= O):
                 raise ValueError(f"{name} class indices must lie in [0, {O - 1}] "
@@ -525,7 +553,7 @@ class SequenceModel:
 
     def fit(self, X, Y, epochs=1, batch_size=32, lr=None, optimizer="adam", clip_norm=None,
             clip_value=None, lengths=None, validation_data=None, verbose=True, shuffle=True,
-            early_stopping=None, callbacks=None, tbptt=None, weight_decay=0.0):
+            early_stopping=None, callbacks=None, tbptt=None, weight_decay=None):
         """Train for ``epochs`` more epochs; returns this call's history (a dict of lists).
 
         X (N, T, I); Y (N, O) / (N,) for output="last" ((N,) ints for cross_entropy),
@@ -550,10 +578,11 @@ class SequenceModel:
         epochs = _check_positive_int(epochs, "epochs")
         batch_size = _check_positive_int(batch_size, "batch_size")
         _check_bool(verbose, "verbose")
-        if clip_norm is not None and not clip_norm > 0:
-            raise ValueError(f"clip_norm must be positive, got {clip_norm}")
-        if clip_value is not None and not clip_value > 0:
-            raise ValueError(f"clip_value must be positive, got {clip_value}")
+        _check_bool(shuffle, "shuffle")
+        if clip_norm is not None:
+            clip_norm = optim._check_number(clip_norm, "clip_norm", 0, low_open=True)
+        if clip_value is not None:
+            clip_value = optim._check_number(clip_value, "clip_value", 0, low_open=True)
         if tbptt is not None:
             tbptt = _check_positive_int(tbptt, "tbptt")
             if self.output != "sequence" or self.bidirectional:
@@ -601,19 +630,23 @@ class SequenceModel:
         return history
 
     def _resolve_optimizer(self, optimizer, lr, weight_decay):
-        if isinstance(optimizer, optim.Optimizer):
-            if lr is not None:
-                optimizer.lr = float(lr)
-            return optimizer
-        current = self.optimizer
-        if (current is not None and current.name == optimizer
-                and current.weight_decay == float(weight_decay)):
-            if lr is not None:
-                if not (lr > 0 and math.isfinite(lr)):
-                    raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-                current.lr = float(lr)
-            return current
-        return optim.get(optimizer, lr=lr, weight_decay=weight_decay)
+        """The optimizer of this fit: an instance as given, or the current one when the name
+        and weight_decay (None: the optimizer's default) match, else a new one; ``lr``
+        replaces the learning rate of a reused optimizer."""
+        if lr is not None and not (isinstance(lr, numbers.Real) and not isinstance(lr, bool)
+                                   and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        current = optimizer if isinstance(optimizer, optim.Optimizer) else self.optimizer
+        if not isinstance(optimizer, optim.Optimizer):
+            wanted = None if weight_decay is None else \
+                optim._check_number(weight_decay, "weight_decay", 0)
+            if not (current is not None and current.name == optimizer
+                    and wanted in (None, current.weight_decay)):
+                kwargs = {} if weight_decay is None else dict(weight_decay=weight_decay)
+                return optim.get(optimizer, lr=lr, **kwargs)
+        if lr is not None:
+            current.lr = float(lr)
+        return current
 
     def _fit_epoch(self, X, Y, lengths, batch_size, shuffle, clip_norm, clip_value, tbptt,
                    epochs, verbose, classify, val):
@@ -672,6 +705,9 @@ class SequenceModel:
     # -- inference ----------------------------------------------------------------------
     def _run_eval(self, X, lengths, batch_size, h0=None):
         """Head outputs for all rows (eval mode), in batches; also the last h_n."""
+        if batch_size is not None:
+            batch_size = _check_positive_int(batch_size, "batch_size")
+        was_training = self.rnn.training
         self.rnn.eval()
         try:
             outs, h_n = [], None
@@ -682,7 +718,7 @@ class SequenceModel:
                 outs.append(y)
             return np.concatenate(outs), h_n
         finally:
-            self.rnn.train()
+            self.rnn.train(was_training)
 
     def predict(self, X, lengths=None, batch_size=256, stateful=False):
         """Head outputs: (N, O) for output="last", (N, T, O) for "sequence" (zero past lengths).
@@ -732,6 +768,8 @@ class SequenceModel:
     def evaluate(self, X, Y, lengths=None, batch_size=256):
         """{"loss": mean loss over valid steps, "accuracy": ... (cross_entropy)}."""
         X, Y, lengths = self._check_data(X, Y, lengths)
+        batch_size = _check_positive_int(batch_size, "batch_size")
+        was_training = self.rnn.training
         self.rnn.eval()
         try:
             sum_loss = count_all = correct_all = 0
@@ -743,7 +781,7 @@ class SequenceModel:
                 count_all += count
                 correct_all += correct
         finally:
-            self.rnn.train()
+            self.rnn.train(was_training)
         scores = {"loss": sum_loss / max(count_all, 1)}
         if self.loss == "cross_entropy":
             scores["accuracy"] = correct_all / max(count_all, 1)
@@ -904,6 +942,10 @@ class SequenceModel:
                 np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())
+            # mkstemp creates the file 0600; give it the mode open() would (0666 - umask).
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

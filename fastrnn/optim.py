@@ -12,6 +12,7 @@ value is finite: a diverging step raises :class:`NonFiniteError` and leaves para
 optimizer state untouched.
 """
 import math
+import numbers
 
 import numpy as np
 
@@ -20,6 +21,19 @@ from . import gpu
 # The square root of the update functions: NumPy's here, rebound to math.sqrt where
 # fastrnn.gpu compiles them for one element.
 sqrt = np.sqrt
+
+
+def _check_number(value, name, low, high=None, low_open=False, high_open=True):
+    """value as a float if it is a real number (not a bool) in the range, else ValueError."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and \
+        math.isfinite(value) and (value > low if low_open else value >= low)
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        span = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}" \
+               f"{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name} must be a number in {span}, got {value!r}")
+    return float(value)
 
 
 class NonFiniteError(FloatingPointError):
@@ -129,13 +143,8 @@ class Optimizer:
     slots = ()
 
     def __init__(self, lr=None, weight_decay=0.0):
-        lr = self.default_lr if lr is None else lr
-        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-        if not (weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
+        self.lr = _check_number(self.default_lr if lr is None else lr, "lr", 0, low_open=True)
+        self.weight_decay = _check_number(weight_decay, "weight_decay", 0)
         self.steps = 0
         self.state = {}  # "slot/param_name" -> array (on the parameter's device)
         self.seen = set()  # names of the parameters that have had a step
@@ -226,12 +235,11 @@ class SGD(Optimizer):
 
     def __init__(self, lr=None, momentum=0.0, nesterov=False, weight_decay=0.0, dampening=0.0):
         super().__init__(lr, weight_decay)
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        momentum = _check_number(momentum, "momentum", 0, 1)
+        dampening = _check_number(dampening, "dampening", 0, 1, high_open=False)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
-        self.momentum, self.nesterov, self.dampening = float(momentum), bool(nesterov), \
-            float(dampening)
+        self.momentum, self.nesterov, self.dampening = momentum, bool(nesterov), dampening
         self.slots = ("momentum",) if self.momentum else ()
 
     def config(self):
@@ -254,10 +262,10 @@ class Adam(Optimizer):
 
     def __init__(self, lr=None, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(lr, weight_decay)
-        b1, b2 = betas
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        self.betas, self.eps = (float(b1), float(b2)), float(eps)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair (b1, b2), got {betas!r}")
+        self.betas = tuple(_check_number(b, "betas", 0, 1) for b in betas)
+        self.eps = _check_number(eps, "eps", 0)
 
     def config(self):
         return dict(super().config(), betas=list(self.betas), eps=self.eps)
@@ -283,14 +291,15 @@ class AdamW(Adam):
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 
-def get(optimizer, lr=None, weight_decay=0.0, **kwargs):
-    """An Optimizer from a name ("sgd", "adam", "adamw") or an instance (returned as is)."""
+def get(optimizer, lr=None, **kwargs):
+    """An Optimizer from a name ("sgd", "adam", "adamw"; kwargs: its arguments, defaults
+    where absent, as AdamW's weight_decay of 1e-2) or an instance (returned as is)."""
     if isinstance(optimizer, Optimizer):
         return optimizer
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)} or an "
                          f"fastrnn.optim.Optimizer, got {optimizer!r}")
-    return OPTIMIZERS[optimizer](lr=lr, weight_decay=weight_decay, **kwargs)
+    return OPTIMIZERS[optimizer](lr=lr, **kwargs)
 
 
 def from_config(config):

@@ -119,3 +119,38 @@ def test_bench_is_delegated(monkeypatch, capsys):
     monkeypatch.delattr(fr, "bench", raising=False)
     assert cli.main(["bench"]) == 2
     assert "not part of this installation" in capsys.readouterr().err
+
+
+def test_resumed_sgd_momentum_run_ends_where_the_uninterrupted_one_does(tmp_path):
+    X, Y = fr.data.adding_problem(64, steps=5, seed=0)
+    np.savez(tmp_path / "adding.npz", X=X, Y=Y)
+    args = ["train", str(tmp_path / "adding.npz"), "--hidden", "6", "--optimizer", "sgd",
+            "--momentum", "0.9", "--lr", "0.01", "--quiet", "--plot", ""]
+    whole, parts = tmp_path / "whole.npz", tmp_path / "parts.npz"
+    assert cli.main(args + ["--epochs", "2", "--checkpoint", str(whole)]) == 0
+    assert cli.main(args + ["--epochs", "1", "--checkpoint", str(parts)]) == 0
+    assert cli.main(args + ["--epochs", "1", "--checkpoint", str(parts), "--resume"]) == 0
+    a, b = fr.load(whole), fr.load(parts)
+    assert a.optimizer.steps == b.optimizer.steps
+    for name, value in a.state_dict().items():
+        np.testing.assert_array_equal(b.state_dict()[name], value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--optimizer", "sgd", "--lr", "1e30", "--clip-norm", "0", "--batch-size", "4"],
+     "error: training diverged"),
+    (["--seq-len", "0"], "--seq-len: must lie in [1, inf)"),
+    (["--val-split", "1.0"], "--val-split: must lie in [0, 1)"),
+    (["--momentum", "0.5"], "error: --momentum applies to --optimizer sgd only"),
+])
+def test_train_errors_are_one_line_messages(tmp_path, capsys, argv, message):
+    X, Y = fr.data.adding_problem(32, steps=4, seed=0)
+    np.savez(tmp_path / "adding.npz", X=X, Y=Y)
+    try:
+        code = cli.main(["train", str(tmp_path / "adding.npz"), "--hidden", "4",
+                         "--epochs", "1", "--quiet", "--plot", ""] + argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code in (1, 2)
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

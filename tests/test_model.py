@@ -447,3 +447,75 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     assert resumed.history == {k: v for k, v in whole.history.items() if k != "seconds"} | \
         {"seconds": resumed.history["seconds"]}
     assert resumed.epoch == 4 and resumed.optimizer.steps == whole.optimizer.steps
+
+
+# ---------------------------------------------------------------------------- review fixes
+
+def test_load_state_dict_checks_everything_before_changing_anything():
+    model = _model()
+    before = model.state_dict()
+    bad = {k: v.copy() for k, v in before.items()}
+    bad["rnn.weight_hh_l0"][0, 0] = np.nan
+    bad["head.weight"] = np.zeros((9, 9))
+    with pytest.raises(ValueError, match="head.weight"):
+        model.load_state_dict(bad)
+    bad["head.weight"] = before["head.weight"]
+    with pytest.raises(ValueError, match="rnn.weight_hh_l0.*NaN or infinite"):
+        model.load_state_dict(bad)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def test_early_stopping_refuses_a_monitor_fit_does_not_report():
+    with pytest.raises(ValueError, match="monitor must be one of"):
+        fr.EarlyStopping(monitor="val_los")
+    model = _model(output_size=3, loss="cross_entropy")
+    X = np.random.default_rng(0).standard_normal((8, 4, 3))
+    Y = np.arange(8) % 3
+    with pytest.raises(ValueError, match="'val_accuracy'.*pass validation_data"):
+        model.fit(X, Y, epochs=2, verbose=False,
+                  early_stopping=fr.EarlyStopping(monitor="val_accuracy"))
+
+
+def test_predict_and_evaluate_keep_the_mode_they_found():
+    model = _model()
+    X, Y, lengths = _data(model)
+    model.rnn.eval()
+    model.predict(X, lengths)
+    model.evaluate(X, Y, lengths)
+    assert not model.rnn.training
+    with pytest.raises(ValueError, match="batch_size"):
+        model.predict(X, lengths, batch_size=0)
+
+
+def test_fit_validates_lr_for_an_optimizer_instance_and_adamw_keeps_its_decay():
+    model = _model()
+    X, Y, lengths = _data(model)
+    opt = optim.SGD(0.1)
+    with pytest.raises(ValueError, match="lr must be"):
+        model.fit(X, Y, lengths=lengths, optimizer=opt, lr=-1.0, verbose=False)
+    assert opt.lr == 0.1
+    model.fit(X, Y, lengths=lengths, optimizer="adamw", verbose=False)
+    assert model.optimizer.weight_decay == 1e-2  # torch.optim.AdamW's default, as ours
+    model.fit(X, Y, lengths=lengths, optimizer="adamw", weight_decay=0.0, verbose=False)
+    assert model.optimizer.weight_decay == 0.0
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: optim.Adam(eps=-1), "eps"), (lambda: optim.SGD(dampening=5), "dampening"),
+    (lambda: optim.Adam(lr=True), "lr"), (lambda: optim.Adam(betas=0.9), "betas"),
+    (lambda: optim.SGD(momentum="a"), "momentum")])
+def test_optimizer_arguments_are_checked(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+    assert optim.Adam(np.float32(0.01)).lr == pytest.approx(0.01)
+
+
+def test_saved_files_get_the_mode_open_would_give(tmp_path):
+    model = _model()
+    umask = os.umask(0o022)
+    try:
+        path = model.save(tmp_path / "m.npz")
+    finally:
+        os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644
