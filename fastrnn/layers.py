@@ -127,6 +127,28 @@ def _check_shape(array, name, expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(array.shape)}")
 
 
+def _may_alias(array, caller):
+    """Whether the NumPy array made from the caller's input may share its memory: a NumPy
+    input is checked; any other array-like (a torch tensor, an ``__array__`` object, which
+    may hand out its own buffer) is assumed to."""
+    return np.may_share_memory(array, caller) if isinstance(caller, np.ndarray) else True
+
+
+def _zero_non_finite_padding(xt, lengths):
+    """xt (T, B, I), with its steps past each row's length set to 0 if any of them is NaN or
+    infinite (a copy then; xt itself otherwise). The recurrence never reads them, but the
+    weight gradient's GEMM runs over every step, where 0 * NaN would be NaN; PyTorch's
+    packed sequences never see the padding at all."""
+    if lengths is None:
+        return xt
+    padded = np.arange(xt.shape[0])[:, None] >= np.asarray(lengths)[None, :]
+    if not padded.any() or np.all(np.isfinite(xt[padded])):
+        return xt
+    xt = xt.copy()
+    xt[padded] = 0
+    return xt
+
+
 def _check_lengths(lengths, batch, steps):
     """lengths: None or B integers in [1, T] -> int64 array (B,)."""
     if lengths is None:
@@ -257,8 +279,10 @@ class _RecurrentLayer:
         self._saved = None
 
     def train(self, mode=True):
-        self.training = _check_bool(mode, "mode")
-        self._saved = None
+        mode = _check_bool(mode, "mode")
+        if mode != self.training:  # the same mode again keeps the last forward's activations
+            self._saved = None
+        self.training = mode
         return self
 
     def eval(self):
@@ -366,9 +390,10 @@ class _RecurrentLayer:
         given = self._check_state(h0, "h0", B)
         lengths = _check_lengths(lengths, B, T)
         xt = self._to_time_major(x)
-        if self.training and isinstance(caller_x, np.ndarray) and \
-                np.may_share_memory(xt, caller_x):
-            xt = xt.copy()  # backward reads the saved input: the caller may reuse its buffer
+        if self.training and isinstance(xt, np.ndarray):
+            if _may_alias(xt, caller_x):
+                xt = xt.copy()  # backward reads the saved input: the caller may reuse its buffer
+            xt = _zero_non_finite_padding(xt, lengths)
         backend, cell, D, H = self._backend, self._cell, self.num_directions, self.hidden_size
         train = self.training
         saved_layers = []

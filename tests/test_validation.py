@@ -622,3 +622,53 @@ def test_interleaved_layers_keep_their_own_activations(cell):
     a.backward(np.ones_like(out))
     for k, v in a.grads.items():
         np.testing.assert_array_equal(v, expected[k], err_msg=k)
+
+
+def test_array_likes_are_copied_before_backward_reads_them(cell):
+    """An input that is not a NumPy array (here an ``__array__`` object handing out its own
+    buffer, as a torch CPU tensor does) may be refilled by the caller before backward."""
+    class Buffer:
+        def __init__(self, data):
+            self.data = data
+
+        def __array__(self, dtype=None, copy=None):
+            return self.data
+
+    layer, x, h0, lengths = small(cell)
+    out, _ = layer(x, h0=h0, lengths=lengths)
+    dx, _ = layer.backward(np.ones_like(out))
+    expected = {k: v.copy() for k, v in layer.grads.items()}
+    layer.zero_grad()
+    buffer = Buffer(np.array(x, dtype=layer.dtype))
+    out, _ = layer(buffer, h0=h0, lengths=lengths)
+    buffer.data[...] = 7.0
+    np.testing.assert_array_equal(layer.backward(np.ones_like(out))[0], dx)
+    for k, v in layer.grads.items():
+        np.testing.assert_array_equal(v, expected[k], err_msg=k)
+
+
+def test_non_finite_padding_gets_no_gradient(cell):
+    """Steps past a row's length are never read (as in PyTorch's packed sequences): NaN or
+    inf there changes no output and no gradient."""
+    layer, x, h0, lengths = small(cell, bidirectional=True)
+    lengths = np.array([x.shape[0]] + [1] * (x.shape[1] - 1))
+    out, _ = layer(x, h0=h0, lengths=lengths)
+    dx, _ = layer.backward(np.ones_like(out))
+    expected = {k: v.copy() for k, v in layer.grads.items()}
+    layer.zero_grad()
+    poisoned = np.array(x)
+    poisoned[1:, 1, 0], poisoned[2:, 2, 1] = np.nan, np.inf
+    out2, _ = layer(poisoned, h0=h0, lengths=lengths)
+    np.testing.assert_array_equal(out2, out)
+    dx2, _ = layer.backward(np.ones_like(out))
+    np.testing.assert_array_equal(dx2, dx)
+    for k, v in layer.grads.items():
+        np.testing.assert_array_equal(v, expected[k], err_msg=k)
+    assert np.isnan(poisoned[1, 1, 0])  # the caller's array is left as it was
+
+
+def test_train_in_the_same_mode_keeps_the_last_forward(cell):
+    layer, x, h0, lengths = small(cell)
+    out, _ = layer(x, h0=h0, lengths=lengths)
+    layer.train()  # already training: as in PyTorch, nothing changes
+    layer.backward(np.ones_like(out))
