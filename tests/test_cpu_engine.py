@@ -4,6 +4,7 @@ import threading
 import numpy as np
 import pytest
 
+import fastrnn as fr
 import fastrnn.cpu as cpu
 from fastrnn.cpu import threads
 from helpers import CELLS, force_parallel_cpu, make_layer
@@ -245,3 +246,25 @@ def test_read_only_weights_are_accepted(cell):
     out, _ = layer(x, lengths=rng.integers(1, 8, 11))
     dx, _ = layer.backward(rng.standard_normal(out.shape).astype("float32"))
     assert np.array_equal(out, writable[0]) and np.array_equal(dx, writable[1])
+
+
+def test_a_training_step_gives_the_same_bits_on_any_thread():
+    """The same step from the main thread and from another thread: backward's big GEMMs run
+    with BLAS on one thread either way (OpenBLAS's global thread count, set from a thread
+    other than the main one, had not taken effect, and a 2-thread GEMM has other bits)."""
+    import threading
+    x = np.random.default_rng(0).standard_normal((40, 2, 130)).astype(np.float32)
+    layer = fr.GRU(130, 200, bidirectional=True, seed=1)
+
+    def step():
+        layer.zero_grad()
+        out, _ = layer(x)
+        dx, _ = layer.backward(np.ones_like(out))
+        return [out, dx] + [g.copy() for g in layer.grads.values()]
+    on_main = step()
+    box = []
+    worker = threading.Thread(target=lambda: box.append(step()))
+    worker.start()
+    worker.join()
+    for a, b in zip(on_main, box[0]):
+        np.testing.assert_array_equal(a, b)

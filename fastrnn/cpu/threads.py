@@ -10,6 +10,7 @@ comes from splitting work into independent chunks run on
 this module's pool: row blocks of GEMMs, batch-row chunks of the recurrence (the kernels
 release the GIL, NumPy's matmul does too). Idle pool threads block; they never spin.
 """
+import ctypes
 import functools
 import os
 import threading
@@ -71,13 +72,43 @@ def _blas():
     return ThreadpoolController().select(user_api="blas")
 
 
+@functools.lru_cache(maxsize=1)
+def _thread_count_setters():
+    """For each loaded BLAS, a function that sets its thread count from any thread and
+    returns the previous count.
+
+    OpenBLAS's ``openblas_set_num_threads`` (what threadpoolctl calls) does not work from
+    every thread: measured with OpenBLAS 0.3.30/0.3.31 (pthreads), once the main thread had
+    set the count, a set to 1 from another thread left GEMMs on 2 threads (their bits differ
+    from 1 thread's), so a fastrnn call from a worker thread gave other bits than the same
+    call from the main thread. ``openblas_set_num_threads_local`` (0.3.27 on) takes effect
+    from any thread; despite its name it is process-wide here too (measured: another
+    thread's GEMMs follow it), so it is used under the same lock and depth count."""
+    setters = []
+    for library in _blas().lib_controllers:
+        setter = None
+        if library.internal_api == "openblas":
+            try:
+                setter = ctypes.CDLL(library.filepath).openblas_set_num_threads_local
+                setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+            except (OSError, AttributeError):
+                setter = None
+        if setter is None:
+            def setter(count, library=library):
+                previous = library.get_num_threads()
+                library.set_num_threads(count)
+                return previous
+        setters.append(setter)
+    return setters
+
+
 class _SingleThreadedBlas:
     """Process-wide "BLAS on the calling thread" section, safe when several threads enter at
-    once: the first to enter lowers the thread count, the last to leave restores it.
+    once: the first to enter lowers every BLAS's thread count to 1 (from whichever thread,
+    see _thread_count_setters), the last to leave restores it.
 
-    Each library's own get/set calls, not threadpoolctl's ``limit``, which re-reads every
-    library's info: 4.8 against 10.6 us per section, on a one-row training step's fixed
-    cost of about 190 us."""
+    Not threadpoolctl's ``limit``, which re-reads every library's info: 4.8 against 10.6 us
+    per section, on a one-row training step's fixed cost of about 190 us."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -87,19 +118,15 @@ class _SingleThreadedBlas:
     def __enter__(self):
         with self._lock:
             if self._depth == 0:
-                libraries = _blas().lib_controllers
-                self._restore = [(library, library.get_num_threads())
-                                 for library in libraries]
-                for library, _ in self._restore:
-                    library.set_num_threads(1)
+                self._restore = [(setter, setter(1)) for setter in _thread_count_setters()]
             self._depth += 1
 
     def __exit__(self, *exc):
         with self._lock:
             self._depth -= 1
             if self._depth == 0:
-                for library, count in self._restore:
-                    library.set_num_threads(count)
+                for setter, count in self._restore:
+                    setter(count)
                 self._restore = []
 
 
