@@ -140,6 +140,20 @@ class Checkpoint(Callback):
         return False
 
 
+def _fsync_folder(folder):
+    """Flush a folder's entries to disk (where the OS allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _host_numpy(value):
     """A torch tensor (detached, brought to the CPU) or any array-like -> NumPy array."""
     if hasattr(value, "detach"):
@@ -947,6 +961,7 @@ class SequenceModel:
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
+            _fsync_folder(folder)  # the rename itself survives a crash
         except BaseException:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -992,8 +1007,15 @@ def load(path, device=None):
         model.load_state_dict({k[6:]: v for k, v in data.items() if k.startswith("param/")})
         if config.get("optimizer"):
             opt = optim.from_config(config["optimizer"])
-            opt.load_state_dict(config["optimizer"], {k[6:]: v for k, v in data.items()
-                                                      if k.startswith("optim/")})
+            state = {k[6:]: v for k, v in data.items() if k.startswith("optim/")}
+            params = model._params()
+            for key, array in state.items():
+                slot, _, name = key.partition("/")
+                if slot not in opt.slots or name not in params or \
+                        array.shape != params[name].shape:
+                    raise ValueError(f"its optimizer state {key!r} {array.shape} does not "
+                                     f"match the model's parameters")
+            opt.load_state_dict(config["optimizer"], state)
             model.optimizer = opt
         model.epoch = int(config.get("epoch", 0))
         model.history = config.get("history", {})

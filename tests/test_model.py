@@ -519,3 +519,19 @@ def test_saved_files_get_the_mode_open_would_give(tmp_path):
     finally:
         os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+def test_load_refuses_optimizer_state_that_does_not_fit_the_model(tmp_path):
+    from fastrnn import model as model_module
+    model = _model()
+    X, Y, lengths = _data(model)
+    model.fit(X, Y, lengths=lengths, verbose=False)
+    path = model.save(tmp_path / "m.npz")
+    with np.load(path) as npz:
+        data = {k: npz[k] for k in npz.files}
+    data["optim/exp_avg/head.weight"] = np.zeros((7, 7))
+    del data["digest"]
+    data["digest"] = np.array(model_module._digest(data))
+    np.savez(tmp_path / "bad.npz", **data)
+    with pytest.raises(ValueError, match="optimizer state 'exp_avg/head.weight'"):
+        fr.load(tmp_path / "bad.npz")
