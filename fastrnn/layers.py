@@ -134,21 +134,6 @@ def _may_alias(array, caller):
     return np.may_share_memory(array, caller) if isinstance(caller, np.ndarray) else True
 
 
-def _zero_non_finite_padding(xt, lengths):
-    """xt (T, B, I), with its steps past each row's length set to 0 if any of them is NaN or
-    infinite (a copy then; xt itself otherwise). The recurrence never reads them, but the
-    weight gradient's GEMM runs over every step, where 0 * NaN would be NaN; PyTorch's
-    packed sequences never see the padding at all."""
-    if lengths is None:
-        return xt
-    padded = np.arange(xt.shape[0])[:, None] >= np.asarray(lengths)[None, :]
-    if not padded.any() or np.all(np.isfinite(xt[padded])):
-        return xt
-    xt = xt.copy()
-    xt[padded] = 0
-    return xt
-
-
 def _check_lengths(lengths, batch, steps):
     """lengths: None or B integers in [1, T] -> int64 array (B,)."""
     if lengths is None:
@@ -390,10 +375,16 @@ class _RecurrentLayer:
         given = self._check_state(h0, "h0", B)
         lengths = _check_lengths(lengths, B, T)
         xt = self._to_time_major(x)
-        if self.training and isinstance(xt, np.ndarray):
-            if _may_alias(xt, caller_x):
-                xt = xt.copy()  # backward reads the saved input: the caller may reuse its buffer
-            xt = _zero_non_finite_padding(xt, lengths)
+        if self.training:
+            if isinstance(xt, np.ndarray):
+                if _may_alias(xt, caller_x):
+                    xt = xt.copy()  # backward reads the saved input: the caller may reuse it
+                owned = True
+            else:  # a device input is used in place (documented), unless transposed
+                owned = self.batch_first or not _is_device_array(caller_x)
+            # PyTorch's packed sequences never see the padding; here the weight gradient's
+            # GEMM runs over every step, where 0 * NaN would be NaN
+            xt = self._backend.zero_padding(xt, lengths, owned)
         backend, cell, D, H = self._backend, self._cell, self.num_directions, self.hidden_size
         train = self.training
         saved_layers = []

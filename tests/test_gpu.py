@@ -674,3 +674,26 @@ def test_sequence_model_training_keeps_parameters_on_the_device(monkeypatch):
     assert not copied
     assert all(model.rnn.params[k] is arrays[k] for k in arrays)
     assert any(np.any(to_host(arrays[k]) != before[k]) for k in arrays)
+
+
+@needs_gpu
+def test_gpu_non_finite_padding_gets_no_gradient():
+    """As on the CPU: NaN or inf past a row's length changes no output and no gradient, and
+    a device input is left as it was."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 2))
+    lengths = np.array([4, 1, 2])
+    grads = {}
+    for poisoned in (False, True):
+        xp = x.copy()
+        if poisoned:
+            xp[1:, 1, 0], xp[2:, 2, 1] = np.nan, np.inf
+        layer = fr.GRU(2, 3, dtype="float64", device="cuda", seed=0)
+        x_dev = gpu.asarray(xp, np.float64)
+        out, _ = layer(x_dev, lengths=lengths)
+        dx, _ = layer.backward(gpu.asarray(np.ones(out.shape), np.float64))
+        grads[poisoned] = [gpu.to_host(out), gpu.to_host(dx)] + \
+            [gpu.to_host(g) for g in layer.grads.values()]
+        np.testing.assert_array_equal(gpu.to_host(x_dev), xp)
+    for clean, poisoned in zip(grads[False], grads[True]):
+        np.testing.assert_array_equal(poisoned, clean)

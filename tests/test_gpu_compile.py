@@ -96,6 +96,7 @@ def test_linalg_kernels_compile(compile_ptx, dtype):
         "broadcast_rows": [a1, a2],
         "scale_elements": [a1, scalar],
         "clip_elements": [a1, scalar],
+        "zero_past_lengths": [a3, i1],
     }
     for name, argtypes in signatures.items():
         _assert_no_f64_math(compile_ptx(k[name], argtypes), dtype)

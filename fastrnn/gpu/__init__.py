@@ -276,6 +276,17 @@ def swap01(array, dtype):
     return out
 
 
+def zero_padding(xt, lengths, owned):
+    """xt (T, B, I) contiguous on the device with every step past a row's length set to 0:
+    in place if ``owned`` (an array this call made), else in a copy. lengths: host (B,)."""
+    if int(np.min(lengths)) >= xt.shape[0]:
+        return xt
+    out = xt if owned else _copy(xt)
+    _elementwise("zero_past_lengths", out.dtype, out.size, out,
+                 _cuda().to_device(np.ascontiguousarray(lengths, np.int64)))
+    return out
+
+
 def broadcast_rows(row, batch):
     """device (H,) -> device (batch, H) copy."""
     out = _cuda().device_array((batch, row.shape[0]), row.dtype)

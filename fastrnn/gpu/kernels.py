@@ -870,6 +870,19 @@ def sum_squares_blocks(flat, partials):
         partials[cuda.blockIdx.x] = cache[0]
 
 
+def zero_past_lengths(x, lengths):
+    """x (T, B, F) contiguous: x[t, b, :] = 0 wherever t >= lengths[b]; 1-D launch covering
+    T*B*F."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    B = x.shape[1]
+    F = x.shape[2]
+    if i < x.shape[0] * B * F:
+        t = i // (B * F)
+        b = (i // F) % B
+        if t >= lengths[b]:
+            x[t, b, i % F] = ZERO
+
+
 def scale_elements(flat, factor):
     """flat (N,) *= factor; 1-D launch covering N."""
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -1054,7 +1067,7 @@ def tile_kernels(cell_name, dtype, tile):
 GEMM_REG = 4  # outputs per thread along each axis of a gemm tile (compile-time constant)
 
 LINALG = ("gemm", "column_sum_add", "batch_sum_add", "fill", "copy3d", "transpose2d",
-          "broadcast_rows", "scale_elements", "clip_elements")
+          "broadcast_rows", "scale_elements", "clip_elements", "zero_past_lengths")
 # Threads per block of sum_squares_blocks (a power of two: its tree halves them).
 REDUCE_THREADS = 256
 
