@@ -136,6 +136,7 @@ def test_resumed_sgd_momentum_run_ends_where_the_uninterrupted_one_does(tmp_path
         np.testing.assert_array_equal(b.state_dict()[name], value)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the diverging run's overflows
 @pytest.mark.parametrize("argv, message", [
     (["--optimizer", "sgd", "--lr", "1e30", "--clip-norm", "0", "--batch-size", "4"],
      "error: training diverged"),
