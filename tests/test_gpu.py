@@ -40,6 +40,37 @@ def small_blocks(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def thread_safe_simulator_shared_arrays(monkeypatch):
+    """The simulator hands out a block's static shared arrays from a dict keyed by source
+    line, without a lock: two threads reaching the line at once could each create their own
+    array, so a GEMM tile was not shared (seen in CI under load as wrong results of the
+    row-kernel tests, 4 of 9 runs with three test processes at once, at this and at older
+    commits; the short switch interval above makes it likelier). The same lookup, locked."""
+    if REASON is not None or not gpu._simulator_enabled():
+        return
+    import threading
+
+    from numba.core import types
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+    from numba.np import numpy_support
+    dynamic = FakeCUDAShared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic: one buffer, nothing to race on
+            return dynamic(self, shape, dtype, alignment)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        with lock:
+            if key not in self._allocations:
+                self._allocations[key] = np.empty(shape, dtype)
+            return self._allocations[key]
+    monkeypatch.setattr(FakeCUDAShared, "array", array)
+
+
+@pytest.fixture(autouse=True)
 def real_device_array_limits(monkeypatch):
     """Under the simulator, refuse what a real numba-cuda DeviceNDArray refuses, so CI catches
     code that only the simulator's NumPy-backed fake arrays accept (seen on an H200: ``a[...]
