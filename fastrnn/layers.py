@@ -10,7 +10,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import cells
+from . import cells, gpu
 
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 DEVICES = ("cpu", "cuda")
@@ -24,8 +24,7 @@ def _backend(device):
     if device == "cpu":
         from . import cpu
         return cpu
-    from . import gpu  # raises RuntimeError naming what is missing
-    gpu.require_gpu()
+    gpu.require_gpu()  # raises RuntimeError naming what is missing
     return gpu
 
 
@@ -45,13 +44,7 @@ def _check_bool(value, name):
     return bool(value)
 
 
-def _is_device_array(array):
-    # __cuda_ndarray__: Numba device arrays, including the CUDA simulator's (which have no
-    # __cuda_array_interface__).
-    if isinstance(array, np.ndarray):
-        return False
-    return hasattr(array, "__cuda_array_interface__") or bool(
-        getattr(array, "__cuda_ndarray__", False))
+_is_device_array = gpu.is_device_array
 
 
 def _host_outputs(backend, result):
@@ -182,6 +175,7 @@ class _RecurrentLayer:
         self.device = device
         self.training = True
         self._saved = None
+        self._saved_dropped_by = None  # see _drop_saved
         self._learned_state_used = False
         self._init_parameters(seed)
 
@@ -259,14 +253,16 @@ class _RecurrentLayer:
             _check_shape(value, f"state_dict[{name!r}]", shape)
             if isinstance(value, np.ndarray):
                 value = value.copy()  # never alias the caller's (or torch's) memory
-            new[name] = self._backend.asarray(value, self.dtype)
+                new[name] = self._backend.asarray(value, self.dtype)
+            else:  # a device array: asarray would use it in place
+                new[name] = self._backend.copy(self._backend.asarray(value, self.dtype))
         self.params = new
-        self._saved = None
+        self._drop_saved("load_state_dict")
 
     def train(self, mode=True):
         mode = _check_bool(mode, "mode")
         if mode != self.training:  # the same mode again keeps the last forward's activations
-            self._saved = None
+            self._drop_saved(f"train({mode})")
         self.training = mode
         return self
 
@@ -283,8 +279,15 @@ class _RecurrentLayer:
                                   for k, v in self.params.items())
         self.grads = OrderedDict((k, backend.asarray(self._backend.to_host(v), self.dtype))
                                  for k, v in self.grads.items())
-        self._backend, self.device, self._saved = backend, device, None
+        self._backend, self.device = backend, device
+        self._drop_saved(f"to({device!r})")
         return self
+
+    def _drop_saved(self, reason):
+        """Forget the last forward's activations (``reason``: the call that made them stale,
+        for backward's error message)."""
+        if self._saved is not None:
+            self._saved, self._saved_dropped_by = None, reason
 
     def __getstate__(self):
         # Picklable (multiprocessing, copy.deepcopy): parameters travel as NumPy arrays and
@@ -410,6 +413,7 @@ class _RecurrentLayer:
             saved_layers.append((layer_input, saved_dirs))
             layer_input = out.reshape(T * B, D * H)
         self._saved = (T, B, saved_layers) if train else None
+        self._saved_dropped_by = None
         # A given h0 replaces the learned state, which then gets no gradient.
         self._learned_state_used = self.learn_initial_state and given is None
         h_n = backend.stack(h_n)
@@ -443,6 +447,11 @@ class _RecurrentLayer:
             raise StateError("backward needs a forward in training mode; call layer.train() "
                              "and forward again (eval-mode forward keeps no activations)")
         if self._saved is None:
+            dropped = getattr(self, "_saved_dropped_by", None)
+            if dropped:
+                raise StateError(f"backward needs the activations of a training forward; "
+                                 f"{dropped} after the last forward dropped them: run "
+                                 f"forward again")
             raise StateError("backward called before forward: there are no saved activations")
         T, B, saved_layers = self._saved
         D, H, L = self.num_directions, self.hidden_size, self.num_layers

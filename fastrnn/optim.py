@@ -62,8 +62,7 @@ def global_norm(grads):
 def non_finite(arrays):
     """Names of the arrays (a dict of NumPy or device arrays) holding a NaN or an infinity."""
     return [name for name, a in arrays.items()
-            if not (math.isfinite(gpu.sum_squares(a)) if _on_device(a)
-                    else np.all(np.isfinite(a)))]
+            if not (gpu.all_finite(a) if _on_device(a) else np.all(np.isfinite(a)))]
 
 
 def clip_grad_norm(grads, max_norm):

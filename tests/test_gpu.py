@@ -728,3 +728,35 @@ def test_gpu_non_finite_padding_gets_no_gradient():
         np.testing.assert_array_equal(gpu.to_host(x_dev), xp)
     for clean, poisoned in zip(grads[False], grads[True]):
         np.testing.assert_array_equal(poisoned, clean)
+
+
+@needs_gpu
+def test_gpu_load_state_dict_copies_device_arrays():
+    """Parameters loaded from device arrays own their memory, as from NumPy arrays: a step
+    on one layer does not move another's weights, nor the caller's arrays."""
+    a = fr.GRU(2, 3, dtype="float64", device="cuda", seed=0)
+    b = fr.GRU(2, 3, dtype="float64", device="cuda", seed=1)
+    b.load_state_dict(a.params)
+    before = {k: gpu.to_host(v).copy() for k, v in a.params.items()}
+    assert all(b.params[k] is not a.params[k] for k in a.params)
+    gpu.fill_zeros(b.params["weight_hh_l0"])
+    for name, value in before.items():
+        np.testing.assert_array_equal(gpu.to_host(a.params[name]), value)
+
+
+@needs_gpu
+def test_gpu_large_finite_values_are_finite():
+    """A finite float64 value whose square overflows is still finite (as np.isfinite says)."""
+    big = gpu.asarray(np.array([1e200, -3.0]), np.float64)
+    assert fr.optim.non_finite({"big": big}) == []
+    assert fr.optim.non_finite({"nan": gpu.asarray(np.array([np.nan, 1.0]), np.float64)}) \
+        == ["nan"]
+
+
+@needs_gpu
+def test_backward_after_to_says_the_activations_were_dropped():
+    layer = fr.GRU(2, 3, dtype="float64", seed=0)
+    out, _ = layer(np.ones((2, 1, 2)))
+    layer.to("cuda")
+    with pytest.raises(fr.StateError, match=r"to\('cuda'\) after the last forward dropped"):
+        layer.backward(np.ones((2, 1, 3)))

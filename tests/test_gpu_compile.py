@@ -83,6 +83,8 @@ def test_recurrence_kernels_compile(compile_ptx, cell, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_linalg_kernels_compile(compile_ptx, dtype):
+    from numba import types
+
     from fastrnn.gpu import kernels
     a1, a2, a3, i1, i64, boolean, scalar = _arrays(dtype)
     k = kernels.linalg_kernels(dtype, 16)
@@ -97,6 +99,7 @@ def test_linalg_kernels_compile(compile_ptx, dtype):
         "scale_elements": [a1, scalar],
         "clip_elements": [a1, scalar],
         "zero_past_lengths": [a3, i1],
+        "flag_non_finite": [a1, types.Array(types.int32, 1, "C")],
     }
     for name, argtypes in signatures.items():
         _assert_no_f64_math(compile_ptx(k[name], argtypes), dtype)

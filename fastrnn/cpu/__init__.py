@@ -212,6 +212,11 @@ def to_host(array):
     return np.asarray(array)
 
 
+def copy(array):
+    """A new array equal to ``array`` (the GPU backend's counterpart copies on the device)."""
+    return np.array(array, copy=True)
+
+
 def zeros(shape, dtype):
     return np.zeros(shape, dtype)
 

@@ -161,11 +161,16 @@ def _flat(array):
 # ---------------------------------------------------------------------------- memory
 
 def is_device_array(array):
-    """True for Numba/CuPy/PyTorch CUDA arrays and for the simulator's fake device arrays."""
+    """True for Numba/CuPy/PyTorch CUDA arrays and for the simulator's fake device arrays
+    (``__cuda_ndarray__``: they have no ``__cuda_array_interface__``)."""
     if isinstance(array, np.ndarray):
         return False
-    return hasattr(array, "__cuda_array_interface__") or bool(
-        getattr(array, "__cuda_ndarray__", False))
+    try:
+        has_interface = hasattr(array, "__cuda_array_interface__")
+    except RuntimeError as exc:  # a torch CUDA tensor that requires grad refuses it
+        raise TypeError(f"a device array must expose __cuda_array_interface__ ({exc}); "
+                        f"pass tensor.detach()") from None
+    return has_interface or bool(getattr(array, "__cuda_ndarray__", False))
 
 
 def _workspace(key, shape, dtype):
@@ -250,7 +255,7 @@ def _fill(array, value):
     _elementwise("fill", array.dtype, array.size, _flat(array), array.dtype.type(value))
 
 
-def _copy(src):
+def copy(src):
     """New contiguous device array equal to the contiguous device array src."""
     dst = _cuda().device_array(tuple(src.shape), src.dtype)
     dst.copy_to_device(src)
@@ -281,7 +286,7 @@ def zero_padding(xt, lengths, owned):
     in place if ``owned`` (an array this call made), else in a copy. lengths: host (B,)."""
     if int(np.min(lengths)) >= xt.shape[0]:
         return xt
-    out = xt if owned else _copy(xt)
+    out = xt if owned else copy(xt)
     _elementwise("zero_past_lengths", out.dtype, out.size, out,
                  _cuda().to_device(np.ascontiguousarray(lengths, np.int64)))
     return out
@@ -349,6 +354,14 @@ def sum_squares(array):
     _launch(_kernels().sum_squares_kernel(flat.dtype), blocks, _kernels().REDUCE_THREADS, 0,
             flat, partials)
     return float(np.sum(partials.copy_to_host()))
+
+
+def all_finite(array):
+    """Whether a contiguous device array holds no NaN and no infinity."""
+    flat = _flat(_as_device(array))
+    flag = _cuda().to_device(np.zeros(1, np.int32))
+    _elementwise("flag_non_finite", flat.dtype, flat.size, flat, flag)
+    return not flag.copy_to_host()[0]
 
 
 def scale(array, factor):
@@ -610,8 +623,8 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     if not launched:
         _forward_rows(cell, dtype, x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq,
                       c_seq, Hc, acts, hg_ws, out, out_col, split)
-    h_n = _copy(h_seq[last])
-    c_n = _copy(c_seq[last]) if Hc else None
+    h_n = copy(h_seq[last])
+    c_n = copy(c_seq[last]) if Hc else None
     saved = Saved(x2d, lengths, bool(reverse), h_seq, c_seq, acts) if train else None
     return h_n, c_n, saved
 
@@ -651,8 +664,8 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     # the others write dgx alone and the recurrent product reads it as dgh.
     dgh = _workspace(key + ("dgh",), (T * B, GH), dtype) if cell.separate_recurrent_grad \
         else dgx
-    dh = _copy(dh_n)
-    dc = _copy(dc_n) if Hc else _dummy(2, dtype)
+    dh = copy(dh_n)
+    dc = copy(dc_n) if Hc else _dummy(2, dtype)
     dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
     dc_prev = _workspace(key + ("dc_prev",), (B, H), dtype) if Hc else _dummy(2, dtype)
     launched = False

@@ -883,6 +883,13 @@ def zero_past_lengths(x, lengths):
             x[t, b, i % F] = ZERO
 
 
+def flag_non_finite(flat, flag):
+    """flag[0] = 1 (int32) if any element of flat (N,) is NaN or infinite; 1-D launch."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i < flat.shape[0] and not math.isfinite(flat[i]):
+        flag[0] = 1
+
+
 def scale_elements(flat, factor):
     """flat (N,) *= factor; 1-D launch covering N."""
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -1067,7 +1074,8 @@ def tile_kernels(cell_name, dtype, tile):
 GEMM_REG = 4  # outputs per thread along each axis of a gemm tile (compile-time constant)
 
 LINALG = ("gemm", "column_sum_add", "batch_sum_add", "fill", "copy3d", "transpose2d",
-          "broadcast_rows", "scale_elements", "clip_elements", "zero_past_lengths")
+          "broadcast_rows", "scale_elements", "clip_elements", "zero_past_lengths",
+          "flag_non_finite")
 # Threads per block of sum_squares_blocks (a power of two: its tree halves them).
 REDUCE_THREADS = 256
 
