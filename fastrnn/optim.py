@@ -219,6 +219,13 @@ class Optimizer:
         config = dict(self.config(), steps=self.steps)
         return config, {k: np.array(gpu.to_host(v)) for k, v in self.state.items()}
 
+    def __getstate__(self):
+        # Picklable with a model on "cuda" too: device arrays (which do not pickle) travel
+        # as NumPy arrays; the next step puts each back on its parameter's device.
+        state = self.__dict__.copy()
+        state["state"] = {k: np.array(gpu.to_host(v)) for k, v in self.state.items()}
+        return state
+
     def load_state_dict(self, config, arrays):
         self.steps = int(config.get("steps", 0))
         self.state = {k: np.array(v) for k, v in arrays.items()}

@@ -760,3 +760,21 @@ def test_backward_after_to_says_the_activations_were_dropped():
     layer.to("cuda")
     with pytest.raises(fr.StateError, match=r"to\('cuda'\) after the last forward dropped"):
         layer.backward(np.ones((2, 1, 3)))
+
+
+@needs_gpu
+def test_optimizer_with_device_state_pickles_with_numpy_arrays():
+    """Real DeviceNDArrays do not pickle: the optimizer's device state travels as NumPy."""
+    import pickle
+    params, grads = _params_and_grads(np.random.default_rng(4), np.float32, steps=2)
+    opt = fr.optim.Adam(0.01)
+    on_device = {k: gpu.asarray(v, np.float32) for k, v in params.items()}
+    opt.step(on_device, {k: gpu.asarray(g, np.float32) for k, g in grads[0].items()})
+    copy = pickle.loads(pickle.dumps(opt))
+    assert all(type(v) is np.ndarray for v in copy.state.values())
+    twin = {k: gpu.asarray(gpu.to_host(v), np.float32) for k, v in on_device.items()}
+    step_grads = {k: gpu.asarray(g, np.float32) for k, g in grads[1].items()}
+    opt.step(on_device, step_grads)
+    copy.step(twin, step_grads)  # continues on the device from the unpickled state
+    for name in on_device:
+        np.testing.assert_array_equal(gpu.to_host(twin[name]), gpu.to_host(on_device[name]))
