@@ -14,7 +14,9 @@ fastrnn time (> 1: fastrnn is faster). Inputs are torch CUDA tensors handed to f
 ``__cuda_array_interface__``, so neither side copies to the host. (4) A breakdown of the
 LSTM: the input-projection GEMM alone, and µs per step of each recurrence path (rows, units,
 tiles), rows and units also without the shared-memory opt-in (fastrnn.gpu.SHARED_OPT_IN).
-``--tf32-off-only`` skips the TF32-default pass of (3).
+(5) One SequenceModel training step (fit: head, loss, clipping and the optimizer on the
+device) against the layer's forward+backward alone. ``--tf32-off-only`` skips the
+TF32-default pass of (3).
 
 Needs numba, numba-cuda, torch (CUDA build). The full pytest log goes to $OUT/gpu_tests.log
 when OUT is set. Prints the table; exits 1 if a check failed.
@@ -43,6 +45,8 @@ BREAKDOWN_BUDGET_S = 40.0  # the breakdown runs after the table, past its deadli
 DETERMINISM_SHAPE = (50, 16, 64, 128)  # (T, B, I, H) of the bit-identity check
 ROUNDS = 5               # A/B rounds per measurement
 SAMPLE_S = 0.02          # each timed sample repeats the call until about this long
+FIT_SHAPE = (100, 64, 256, 256)  # (T, B, I, H) of the SequenceModel training-step timing
+FIT_BATCHES = 8
 
 
 def flops(cell, T, B, I, H, backward):
@@ -295,14 +299,44 @@ def breakdown(deadline):
                 cells_out.append(f"{label}: {type(exc).__name__}")
                 print(f"   {label}: {type(exc).__name__}: {exc}"[:300])
         gpu.RECURRENCE, gpu.SHARED_OPT_IN = defaults
+        print(f"   {str((T, B, I, H)):>19s} GEMM {t_gemm * 1e3:7.3f} ms "
+              f"({2.0 * T * B * 4 * H * I / t_gemm / 1e12:5.2f} TFLOP/s); "
+              + "; ".join(cells_out), flush=True)
     if gpu._opt_in_broken:
         print(f"   shared-memory opt-in FAILED: {gpu._opt_in_broken[0]}"[:300])
     else:
         print(f"   shared-memory opt-in: {len(gpu._opted_in)} kernels, up to "
               f"{max(gpu._opted_in.values(), default=0)} bytes")
-        print(f"   {str((T, B, I, H)):>19s} GEMM {t_gemm * 1e3:7.3f} ms "
-              f"({2.0 * T * B * 4 * H * I / t_gemm / 1e12:5.2f} TFLOP/s); "
-              + "; ".join(cells_out), flush=True)
+
+
+def training_steps(shape=FIT_SHAPE, batches=FIT_BATCHES):
+    """SequenceModel.fit on the GPU (LSTM, output="last", Adam, clip_norm): ms per training
+    step, against the layer's forward+backward alone, so the rest of a step (the host-side
+    head and loss, the transfers they need, gradient clipping and the optimizer, which run
+    on the device) shows as the difference."""
+    from numba import cuda
+    import fastrnn as fr
+    T, B, I, H = shape
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((B * batches, T, I)).astype(np.float32)
+    Y = rng.standard_normal((B * batches, 1)).astype(np.float32)
+    model = fr.SequenceModel(I, H, 1, cell="lstm", device="cuda", seed=0)
+
+    def fit():
+        model.fit(X, Y, epochs=1, batch_size=B, shuffle=False, verbose=False, clip_norm=1.0)
+        cuda.synchronize()
+    fit()
+    per_step = _median_time(fit, rounds=3) / batches
+    x = cuda.to_device(np.ascontiguousarray(X[:B].transpose(1, 0, 2)))
+    dout = cuda.to_device(np.ones((T, B, H), np.float32))
+
+    def layer_step():
+        model.rnn(x)
+        model.rnn.backward(dout)
+    layer_step()
+    layer_only = _median_time(layer_step, rounds=3)
+    print(f"== SequenceModel.fit step on the GPU, LSTM {shape}: {per_step * 1e3:.2f} ms per "
+          f"step; the layer's forward+backward alone {layer_only * 1e3:.2f} ms", flush=True)
 
 
 def summarize(met):
@@ -342,6 +376,11 @@ def main(argv=None):
     ok &= check_determinism()
     summarize(benchmark(deadline, not args.tf32_off_only))
     breakdown(deadline + BREAKDOWN_BUDGET_S)
+    try:
+        training_steps()
+    except Exception as exc:  # report and finish: the checks above are what must pass
+        print(f"== SequenceModel.fit step: {type(exc).__name__}: {exc}"[:300])
+        ok = False
     print(f"== total {time.perf_counter() - start:.0f} s; {'all checks passed' if ok else 'FAILED'}")
     return 0 if ok else 1
 
