@@ -7,6 +7,7 @@ training step (forward + backward) at each T: at T = 1 a call is almost all fixe
 (validation, weight packing, workspaces, thread hand-offs), which at (200,1,32,64) is a
 large share of the whole call. Not an asv benchmark (no ``time_`` functions).
 """
+import argparse
 import time
 
 import numpy as np
@@ -42,4 +43,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     main()

@@ -12,6 +12,7 @@ Each line: the LSTM case, the time with the rule as shipped, and the ratio
 over interleaved rounds. Not an asv benchmark (no ``time_`` functions): a diagnostic behind
 the README's development notes.
 """
+import argparse
 import time
 
 import numpy as np
@@ -78,4 +79,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     main()

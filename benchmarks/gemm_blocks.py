@@ -9,7 +9,7 @@ once (each its own rows, as the recurrence's row chunks run). Defaults: one step
 largest benchmark shape's row chunk, (64, 512)·(512, 2048). Not an asv benchmark (no
 ``time_`` functions): a diagnostic behind the README's development notes.
 """
-import sys
+import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -81,4 +81,7 @@ def main(M=64, K=512, N=2048):
 
 
 if __name__ == "__main__":
-    main(*(int(v) for v in sys.argv[1:4]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sizes", nargs="*", type=int, metavar="M K N",
+                        help="c (M, N) = a (M, K) . b (K, N) [64 512 2048]")
+    main(*parser.parse_args().sizes[:3])

@@ -14,11 +14,13 @@ import numpy as np
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cell", choices=["rnn_tanh", "rnn_relu", "lstm", "gru"])
-    parser.add_argument("shape", nargs=4, type=int, metavar="T B I H")
+    for size in ("T", "B", "I", "H"):
+        parser.add_argument(size, type=int)
     parser.add_argument("--path", choices=["auto", "rows", "units", "tiles"], default="auto")
     parser.add_argument("--train", action="store_true")
     parser.add_argument("--calls", type=int, default=3)
     args = parser.parse_args(argv)
+    args.shape = (args.T, args.B, args.I, args.H)
     import fastrnn as fr
     from fastrnn import gpu
     from numba import cuda

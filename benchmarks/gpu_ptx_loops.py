@@ -12,8 +12,8 @@ for sm_90 with nvJitLink -- the occupancy limit Nsight Compute reports, without 
 numba-cuda with NVVM and NVRTC (``pip install "numba-cuda[cu13]"``, which brings nvJitLink);
 not part of CI.
 """
+import argparse
 import re
-import sys
 import types as pytypes
 
 
@@ -65,9 +65,12 @@ def ptxas_resources(ptx):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    cell = argv[0] if argv else "lstm"
-    dtype = argv[1] if len(argv) > 1 else "float32"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cell", nargs="?", default="lstm",
+                        choices=["rnn_tanh", "rnn_relu", "lstm", "gru"])
+    parser.add_argument("dtype", nargs="?", default="float32", choices=["float32", "float64"])
+    args = parser.parse_args(argv)
+    cell, dtype = args.cell, args.dtype
     from numba import cuda, types
     from numba.cuda import dispatcher
     # Device functions ask the current device for its compute capability; say sm_90.

@@ -44,6 +44,8 @@ import time
 
 import numpy as np
 
+from ._args import NON_NEGATIVE, POSITIVE_INT
+
 CELLS = ("rnn", "lstm", "gru")          # "rnn" is the Elman RNN with tanh
 GATES = {"rnn": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 GRID = ((200, 1, 32, 64), (100, 32, 32, 64), (100, 64, 128, 256), (50, 128, 512, 512))
@@ -303,13 +305,16 @@ def compare(case, mode, rounds=5, min_time=0.05, with_torch=True, seed=0, warmup
     return result
 
 
-def measure_gemm(n=2048, dtype="float32", repeats=5):
-    """This process's GEMM rate in GFLOP/s (numpy, n x n x n, best of repeats)."""
+def measure_gemm(n=2048, dtype="float32", repeats=5, n_threads=None):
+    """This process's GEMM rate in GFLOP/s (numpy, n x n x n, best of repeats), with BLAS on
+    n_threads threads (None: as configured), the threads the cases get."""
+    from threadpoolctl import threadpool_limits
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n)).astype(dtype)
     b = rng.standard_normal((n, n)).astype(dtype)
-    a @ b
-    best = min(time_calls(lambda: a @ b, 1) for _ in range(repeats))
+    with threadpool_limits(n_threads, user_api="blas"):
+        a @ b
+        best = min(time_calls(lambda: a @ b, 1) for _ in range(repeats))
     return 2.0 * n ** 3 / best / 1e9
 
 
@@ -335,7 +340,10 @@ def _status_kb(field):
 def _peak_memory_child(engine, case):
     """Runs in a fresh process: bytes of peak RSS added by one training step (see module doc)."""
     import resource
-    tiny = Case(case.cell, 3, 2, 3, 4, dtype=case.dtype)
+    # The warm-up shares the case's options: torch's first packed-sequence call (varlen)
+    # would otherwise land in the measured step.
+    tiny = Case(case.cell, 3, 2, 3, 4, num_layers=case.num_layers,
+                bidirectional=case.bidirectional, varlen=case.varlen, dtype=case.dtype)
     if engine == "fastrnn":
         fastrnn_step(tiny, "train")()
     else:
@@ -450,14 +458,14 @@ def _fmt(value, digits):
 
 
 def format_table(results, memory=False):
-    columns = COLUMNS + (("fastrnn MB", "torch MB") if memory else ())
+    columns = COLUMNS + (("fastrnn MiB", "torch MiB") if memory else ())
     rows = []
     for r in results:
         row = [r["cell"], r["mode"], r["label"], _fmt(r["fastrnn_ms"], 3),
                _fmt(r["torch_ms"], 3), _fmt(r["ratio"], 2), _fmt(r["gflops"], 1),
                _fmt(r.get("pct_sgemm"), 1), _fmt(r["us_per_step"], 1)]
         if memory:
-            row += [_fmt(r.get("fastrnn_peak_mb"), 1), _fmt(r.get("torch_peak_mb"), 1)]
+            row += [_fmt(r.get("fastrnn_peak_mib"), 1), _fmt(r.get("torch_peak_mib"), 1)]
         rows.append(row)
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
               for i, c in enumerate(columns)]
@@ -496,7 +504,7 @@ def write_png(results, path):
         ax.set_xlabel("torch time / fastrnn time (> 1: fastrnn faster)")
     else:
         ax.set_xlabel("fastrnn GFLOP/s")
-    ax.set_title("fastrnn vs PyTorch CPU")
+    ax.set_title("fastrnn vs PyTorch CPU" if rated else "fastrnn (no PyTorch)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -513,20 +521,20 @@ def build_parser():
     p.add_argument("--shapes", type=parse_shapes, default=list(GRID),
                    help="comma-separated TxBxIxH shapes [the issue's grid: "
                         + ",".join("x".join(map(str, s)) for s in GRID) + "]")
-    p.add_argument("--layers", type=int, default=1, help="num_layers [1]")
+    p.add_argument("--layers", type=POSITIVE_INT, default=1, help="num_layers [1]")
     p.add_argument("--bidirectional", action="store_true", help="bidirectional layers")
     p.add_argument("--varlen", action="store_true",
                    help="variable lengths (evenly from T down to T/4), packed in torch")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds [7]")
-    p.add_argument("--min-time", type=float, default=0.05,
+    p.add_argument("--rounds", type=POSITIVE_INT, default=7, help="interleaved rounds [7]")
+    p.add_argument("--min-time", type=NON_NEGATIVE, default=0.05,
                    help="seconds per measurement (calls are repeated to reach it) [0.05]")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--train", action="store_true", help="training steps only")
     mode.add_argument("--infer", action="store_true", help="inference (eval forward) only")
-    p.add_argument("--gemm-size", type=int, default=2048,
+    p.add_argument("--gemm-size", type=POSITIVE_INT, default=2048,
                    help="n of the n x n x n GEMM that measures this machine's rate [2048]")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=POSITIVE_INT, default=None,
                    help="Numba and torch threads [Numba's default]")
     p.add_argument("--no-torch", action="store_true", help="time fastrnn alone")
     p.add_argument("--memory", action="store_true",
@@ -552,8 +560,14 @@ def _versions():
 def run(args):
     """Run the benchmark described by parsed args; returns the report dict."""
     import numba
-    if args.threads:
+    if args.threads is not None:
+        if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+            raise SystemExit(f"fastrnn bench: --threads must lie in [1, "
+                             f"{numba.config.NUMBA_NUM_THREADS}] (NUMBA_NUM_THREADS), got "
+                             f"{args.threads}")
         numba.set_num_threads(args.threads)
+    if args.memory and args.infer:
+        print("note: --memory measures training steps; --infer runs none", file=sys.stderr)
     n_threads = threads()
     with_torch = not args.no_torch and torch_available()
     if with_torch:
@@ -564,7 +578,7 @@ def run(args):
             raise SystemExit(f"fastrnn bench: unknown cell {cell!r}; choose from {sorted(GATES)}")
     shapes = args.shapes
     modes = ("train",) if args.train else ("infer",) if args.infer else MODES
-    gemm = measure_gemm(n=args.gemm_size, dtype=args.dtype)
+    gemm = measure_gemm(n=args.gemm_size, dtype=args.dtype, n_threads=n_threads)
     results = []
     for cell in cells:
         for shape in shapes:
@@ -574,9 +588,9 @@ def run(args):
                 r = compare(case, mode, rounds=args.rounds, min_time=args.min_time,
                             with_torch=with_torch)
                 if args.memory and mode == "train":
-                    r["fastrnn_peak_mb"] = peak_memory(case, "fastrnn")["peak_bytes"] / 2 ** 20
+                    r["fastrnn_peak_mib"] = peak_memory(case, "fastrnn")["peak_bytes"] / 2 ** 20
                     if with_torch:
-                        r["torch_peak_mb"] = peak_memory(case, "torch")["peak_bytes"] / 2 ** 20
+                        r["torch_peak_mib"] = peak_memory(case, "torch")["peak_bytes"] / 2 ** 20
                 results.append(r)
                 if not args.quiet:
                     print(f"  {cell} {mode} {case.label}: {r['fastrnn_ms']:.3f} ms"
@@ -584,7 +598,7 @@ def run(args):
                           file=sys.stderr, flush=True)
     # Measured before and after the cases, the better of the two: on this project's shared
     # VM single measurements ranged from 143 to 320 GFLOP/s between runs.
-    gemm = max(gemm, measure_gemm(n=args.gemm_size, dtype=args.dtype))
+    gemm = max(gemm, measure_gemm(n=args.gemm_size, dtype=args.dtype, n_threads=n_threads))
     for r in results:
         r["pct_sgemm"] = 100.0 * r["gflops"] / gemm
     machine = dict(threads=n_threads, gemm_n=args.gemm_size, gemm_dtype=args.dtype, gemm_gflops=gemm,
@@ -599,7 +613,7 @@ def run(args):
     if args.startup:
         report["startup"] = dict(warm_fastrnn_s=warm_start_seconds(),
                                  warm_torch_s=warm_start_seconds(torch=True)
-                                 if torch_available() else None,
+                                 if with_torch else None,
                                  cold_compile_s=cold_compile_seconds(args.dtype))
     return report
 

@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from ._args import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
+
 PLOT_HINT = "install matplotlib (pip install 'fastrnn[plot]') for the PNG"
 
 
@@ -87,8 +89,9 @@ class _SamplePrinter:
 
 # ---------------------------------------------------------------------------- plotting
 
-def write_plot(path, model, diag_X=None, diag_Y=None, title=""):
-    """PNG with the loss curves and ‖∂L/∂h_t‖ per layer; returns False without matplotlib."""
+def write_plot(path, model, diag_X=None, diag_Y=None, title="", diag_lengths=None):
+    """PNG with the loss curves and ‖∂L/∂h_t‖ per layer (of diag_X, diag_Y, diag_lengths,
+    when given); returns False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -108,7 +111,7 @@ def write_plot(path, model, diag_X=None, diag_Y=None, title=""):
     ax.set_title(title or "training")
     ax.legend()
     if diag_X is not None:
-        norms = model.gradient_norms(diag_X, diag_Y)
+        norms = model.gradient_norms(diag_X, diag_Y, diag_lengths)
         ax = axes[1]
         for k, row in enumerate(norms):
             ax.semilogy(np.arange(len(row)), np.maximum(row, 1e-30), label=f"layer {k}")
@@ -122,10 +125,10 @@ def write_plot(path, model, diag_X=None, diag_Y=None, title=""):
     return True
 
 
-def _maybe_plot(args, model, diag_X, diag_Y, title):
+def _maybe_plot(args, model, diag_X, diag_Y, title, diag_lengths=None):
     if not getattr(args, "plot", None):
         return
-    if write_plot(args.plot, model, diag_X, diag_Y, title):
+    if write_plot(args.plot, model, diag_X, diag_Y, title, diag_lengths):
         print(f"plot of the loss and gradient norms written to {args.plot}")
     else:
         print(f"(no plot: {PLOT_HINT})")
@@ -227,7 +230,7 @@ def cmd_train(args):
     resuming = args.resume and os.path.isfile(args.checkpoint)
     if args.resume and not resuming:
         print(f"no checkpoint at {args.checkpoint} yet: starting from scratch")
-    diag = (None, None)
+    diag = (None, None, None)
     if is_arrays:
         X, Y, lengths, val = _load_arrays(args)
         if val is None:
@@ -259,7 +262,7 @@ def cmd_train(args):
         fit_kwargs = dict(lengths=lengths, batch_size=args.batch_size, shuffle=True,
                           validation_data=val, tbptt=args.tbptt)
         n = min(16, len(X))
-        diag = (X[:n], np.asarray(Y)[:n]) if lengths is None else (None, None)
+        diag = (X[:n], np.asarray(Y)[:n], None if lengths is None else lengths[:n])
     else:
         text = data.load_text(args.data)
         vocab = None
@@ -277,7 +280,7 @@ def cmd_train(args):
                           validation_data=val)
         windows = data.char_windows(vocab.encode(text[:20000], strict=False),
                                     min(args.seq_len, 64), len(vocab))
-        diag = (windows[0][:16], windows[1][:16])
+        diag = (windows[0][:16], windows[1][:16], None)
     if resuming:
         print(f"resuming from {args.checkpoint} after epoch {model.epoch}")
     print(f"model: {model}")
@@ -310,8 +313,7 @@ def cmd_train(args):
         print(f"checkpoint saved to {args.checkpoint}")
     if args.plot is None and args.checkpoint:
         args.plot = os.path.splitext(args.checkpoint)[0] + ".png"
-    if diag[0] is not None:
-        _maybe_plot(args, model, diag[0], diag[1], os.path.basename(args.data))
+    _maybe_plot(args, model, diag[0], diag[1], os.path.basename(args.data), diag[2])
     return 0
 
 
@@ -339,31 +341,6 @@ def cmd_bench(argv):
 
 # ---------------------------------------------------------------------------- parser
 
-def _number(kind, low, high=None, low_open=False, high_open=True):
-    """argparse type: a ``kind`` (int/float) number in [low, high) (ends as flagged)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        ok = value == value and (value > low if low_open else value >= low)
-        if high is not None:
-            ok = ok and (value < high if high_open else value <= high)
-        if not ok or (kind is float and value in (float("inf"), float("-inf"))):
-            span = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}" \
-                   f"{')' if high_open or high is None else ']'}"
-            raise argparse.ArgumentTypeError(f"must lie in {span}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-POSITIVE_INT = _number(int, 1)
-NON_NEGATIVE_INT = _number(int, 0)
-POSITIVE = _number(float, 0, low_open=True)
-NON_NEGATIVE = _number(float, 0)
-FRACTION = _number(float, 0, 1)  # [0, 1)
 
 
 def build_parser():

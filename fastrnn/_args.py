@@ -1,0 +1,30 @@
+"""argparse types shared by the command-line tools (fastrnn.cli, fastrnn.bench): numbers
+checked against a range, so a bad value is a one-line argparse error, not a traceback."""
+import argparse
+
+
+def _number(kind, low, high=None, low_open=False, high_open=True):
+    """argparse type: a ``kind`` (int/float) number in [low, high) (ends as flagged)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        ok = value == value and (value > low if low_open else value >= low)
+        if high is not None:
+            ok = ok and (value < high if high_open else value <= high)
+        if not ok or (kind is float and value in (float("inf"), float("-inf"))):
+            span = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}" \
+                   f"{')' if high_open or high is None else ']'}"
+            raise argparse.ArgumentTypeError(f"must lie in {span}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+NON_NEGATIVE_INT = _number(int, 0)
+POSITIVE = _number(float, 0, low_open=True)
+NON_NEGATIVE = _number(float, 0)
+FRACTION = _number(float, 0, 1)  # [0, 1)
