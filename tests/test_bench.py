@@ -100,3 +100,11 @@ def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "fastrnn.bench", "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--shapes" in proc.stdout
+
+
+@pytest.mark.parametrize("argv", [["--threads", "999"], ["--layers", "0"], ["--rounds", "0"]])
+def test_bad_arguments_are_one_line_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--cells", "rnn", "--shapes", TINY, "--no-torch"] + argv)
+    assert exc.value.code not in (0, None)
+    assert "Traceback" not in capsys.readouterr().err

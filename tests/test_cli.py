@@ -155,3 +155,13 @@ def test_train_errors_are_one_line_messages(tmp_path, capsys, argv, message):
     assert code in (1, 2)
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_train_with_lengths_still_writes_its_plot(tmp_path):
+    X, Y = fr.data.adding_problem(40, steps=5, seed=0)
+    lengths = np.random.default_rng(0).integers(2, 6, size=len(X))
+    np.savez(tmp_path / "varlen.npz", X=X, Y=Y, lengths=lengths)
+    png = tmp_path / "varlen.png"
+    assert cli.main(["train", str(tmp_path / "varlen.npz"), "--hidden", "4", "--epochs", "1",
+                     "--quiet", "--plot", str(png)]) == 0
+    assert png.exists() == HAVE_MPL
