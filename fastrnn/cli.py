@@ -400,7 +400,9 @@ def build_parser():
                        help="(arrays) default: inferred from Y's shape")
     train.add_argument("--loss", choices=["mse", "cross_entropy"], default=None,
                        help="(arrays) default: inferred from Y's dtype")
-    train.add_argument("--epochs", type=POSITIVE_INT, default=10)
+    train.add_argument("--epochs", type=POSITIVE_INT, default=10,
+                       help="epochs to train in this run (with --resume, more epochs on top "
+                            "of the checkpoint's)")
     train.add_argument("--batch-size", type=POSITIVE_INT, default=32,
                        help="mini-batch size (text: number of parallel streams)")
     train.add_argument("--seq-len", type=POSITIVE_INT, default=64,
