@@ -385,15 +385,16 @@ class _RecurrentLayer:
                 owned = True
             else:  # a device input is used in place (documented), unless transposed
                 owned = self.batch_first or not _is_device_array(caller_x)
+        backend, cell, D, H = self._backend, self._cell, self.num_directions, self.hidden_size
+        lengths_dev = backend.asarray(lengths, np.int64)
+        if self.training and lengths.min() < T:
             # PyTorch's packed sequences never see the padding; here the weight gradient's
             # GEMM runs over every step, where 0 * NaN would be NaN
-            xt = self._backend.zero_padding(xt, lengths, owned)
-        backend, cell, D, H = self._backend, self._cell, self.num_directions, self.hidden_size
+            xt = backend.zero_padding(xt, lengths_dev, owned)
         train = self.training
         saved_layers = []
         h_n, c_n = [], []
         layer_input = xt.reshape(T * B, self.input_size)
-        lengths_dev = backend.asarray(lengths, np.int64)
         for k in range(self.num_layers):
             out = backend.empty((T, B, D * H), self.dtype)
             saved_dirs = []

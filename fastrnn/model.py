@@ -140,6 +140,17 @@ class Checkpoint(Callback):
         return False
 
 
+def _new_file_mode():
+    """The mode open() gives a new file: 0666 less the umask (which can only be read by
+    setting it, so this runs once, at import, not while other threads may create files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_NEW_FILE_MODE = _new_file_mode()
+
+
 def _fsync_folder(folder):
     """Flush a folder's entries to disk (where the OS allows opening a folder)."""
     try:
@@ -647,9 +658,8 @@ class SequenceModel:
         """The optimizer of this fit: an instance as given, or the current one when the name
         and weight_decay (None: the optimizer's default) match, else a new one; ``lr``
         replaces the learning rate of a reused optimizer."""
-        if lr is not None and not (isinstance(lr, numbers.Real) and not isinstance(lr, bool)
-                                   and lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        if lr is not None:
+            lr = optim._check_number(lr, "lr", 0, low_open=True)
         current = optimizer if isinstance(optimizer, optim.Optimizer) else self.optimizer
         if not isinstance(optimizer, optim.Optimizer):
             wanted = None if weight_decay is None else \
@@ -659,7 +669,7 @@ class SequenceModel:
                 kwargs = {} if weight_decay is None else dict(weight_decay=weight_decay)
                 return optim.get(optimizer, lr=lr, **kwargs)
         if lr is not None:
-            current.lr = float(lr)
+            current.lr = lr
         return current
 
     def _fit_epoch(self, X, Y, lengths, batch_size, shuffle, clip_norm, clip_value, tbptt,
@@ -956,10 +966,7 @@ class SequenceModel:
                 np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())
-            # mkstemp creates the file 0600; give it the mode open() would (0666 - umask).
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            os.chmod(tmp, _NEW_FILE_MODE)  # mkstemp creates it 0600
             os.replace(tmp, path)
             _fsync_folder(folder)  # the rename itself survives a crash
         except BaseException:

@@ -49,10 +49,12 @@ def _on_device(array):
 def global_norm(grads):
     """sqrt(sum of squares of every gradient), accumulated in float64 (device gradients on the
     device, in a fixed order: two calls give the same bits)."""
+    on_device = [g for g in grads.values() if _on_device(g)]
+    device_sums = iter(gpu.sum_squares(on_device) if on_device else [])  # one host copy
     total = 0.0
     for g in grads.values():
         if _on_device(g):
-            total += gpu.sum_squares(g)
+            total += next(device_sums)
         else:
             g64 = np.asarray(g, dtype=np.float64)
             total += float(np.dot(g64.ravel(), g64.ravel()))

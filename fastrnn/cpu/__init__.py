@@ -245,8 +245,6 @@ def zero_padding(xt, lengths, owned):
     if any of them is NaN or infinite (in place if ``owned``, an array this call made, else
     in a copy; xt itself when they are all finite: the recurrence never reads them, so they
     only matter where 0 * NaN would be NaN, in the weight gradient's GEMM over every step)."""
-    if lengths.min() >= xt.shape[0]:  # no padding (the common case: a cheap test first)
-        return xt
     padded = np.arange(xt.shape[0])[:, None] >= lengths[None, :]
     if np.all(np.isfinite(xt[padded])):
         return xt

@@ -283,12 +283,10 @@ def swap01(array, dtype):
 
 def zero_padding(xt, lengths, owned):
     """xt (T, B, I) contiguous on the device with every step past a row's length set to 0:
-    in place if ``owned`` (an array this call made), else in a copy. lengths: host (B,)."""
-    if int(np.min(lengths)) >= xt.shape[0]:
-        return xt
+    in place if ``owned`` (an array this call made), else in a copy. lengths (B,) int64 on
+    the device."""
     out = xt if owned else copy(xt)
-    _elementwise("zero_past_lengths", out.dtype, out.size, out,
-                 _cuda().to_device(np.ascontiguousarray(lengths, np.int64)))
+    _elementwise("zero_past_lengths", out.dtype, out.size, out, lengths)
     return out
 
 
@@ -343,17 +341,25 @@ def _zero_dummy(dtype):
     return store[key]
 
 
-def sum_squares(array):
-    """Sum of the squares of a contiguous device array's elements, in float64: per-block
-    partial sums on the device in a fixed order, added here in order (deterministic)."""
-    flat = _flat(_as_device(array))
-    if flat.size == 0:
-        return 0.0
-    blocks = min(REDUCE_BLOCKS, _blocks(flat.size, _kernels().REDUCE_THREADS))
-    partials = _workspace(("sum_squares",), (blocks,), np.float64)
-    _launch(_kernels().sum_squares_kernel(flat.dtype), blocks, _kernels().REDUCE_THREADS, 0,
-            flat, partials)
-    return float(np.sum(partials.copy_to_host()))
+def sum_squares(arrays):
+    """[sum of the squares of each contiguous device array's elements], in float64: per-block
+    partial sums on the device in a fixed order (deterministic), all arrays' partials brought
+    back in one copy and added here in order."""
+    flats = [_flat(_as_device(array)) for array in arrays]
+    counts = [min(REDUCE_BLOCKS, _blocks(flat.size, _kernels().REDUCE_THREADS)) if flat.size
+              else 0 for flat in flats]
+    if not sum(counts):
+        return [0.0] * len(flats)
+    partials = _workspace(("sum_squares",), (sum(counts),), np.float64)
+    start = 0
+    for flat, count in zip(flats, counts):
+        if count:
+            _launch(_kernels().sum_squares_kernel(flat.dtype), count,
+                    _kernels().REDUCE_THREADS, 0, flat, partials[start:start + count])
+        start += count
+    host = partials.copy_to_host()
+    ends = np.cumsum(counts)
+    return [float(np.sum(host[end - count:end])) for end, count in zip(ends, counts)]
 
 
 def all_finite(array):
