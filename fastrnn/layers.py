@@ -287,7 +287,8 @@ class _RecurrentLayer:
         """Forget the last forward's activations (``reason``: the call that made them stale,
         for backward's error message)."""
         if self._saved is not None:
-            self._saved, self._saved_dropped_by = None, reason
+            self._saved = None
+            self._saved_dropped_by = f"{reason} after the last forward dropped them"
 
     def __getstate__(self):
         # Picklable (multiprocessing, copy.deepcopy): parameters travel as NumPy arrays and
@@ -414,7 +415,8 @@ class _RecurrentLayer:
             saved_layers.append((layer_input, saved_dirs))
             layer_input = out.reshape(T * B, D * H)
         self._saved = (T, B, saved_layers) if train else None
-        self._saved_dropped_by = None
+        self._saved_dropped_by = None if train else \
+            "the last forward ran in eval mode, which keeps none"
         # A given h0 replaces the learned state, which then gets no gradient.
         self._learned_state_used = self.learn_initial_state and given is None
         h_n = backend.stack(h_n)
@@ -451,8 +453,7 @@ class _RecurrentLayer:
             dropped = getattr(self, "_saved_dropped_by", None)
             if dropped:
                 raise StateError(f"backward needs the activations of a training forward; "
-                                 f"{dropped} after the last forward dropped them: run "
-                                 f"forward again")
+                                 f"{dropped}: run forward again")
             raise StateError("backward called before forward: there are no saved activations")
         T, B, saved_layers = self._saved
         D, H, L = self.num_directions, self.hidden_size, self.num_layers

@@ -206,30 +206,55 @@ def test_layer_pickles_with_parameters_and_grads():
     assert np.array_equal(clone.eval()(x)[0], layer.eval()(x)[0])
 
 
-def test_float32_activations_accuracy():
-    """The rational float32 tanh and the sigmoid built on it, over [-20, 20] and at the
-    clamp and tiny-argument edges, against float64 NumPy."""
+def _compiled_float32_activations():
+    """apply(x, out_tanh, out_sigmoid) with the float32 tanh and sigmoid, compiled with the
+    kernels' own options: FMA contraction changes the rational form's last bits."""
     from numba import njit
 
-    from fastrnn.cpu.kernels import scalar_bindings
+    from fastrnn.cpu.kernels import FASTMATH, scalar_bindings
 
     bind = scalar_bindings(np.dtype(np.float32))
     tanh, sigmoid = bind["tanh"], bind["sigmoid"]
 
-    @njit
+    @njit(fastmath=FASTMATH, error_model="numpy")
     def apply(x, out_tanh, out_sigmoid):
         for i in range(x.shape[0]):
             out_tanh[i] = tanh(x[i])
             out_sigmoid[i] = sigmoid(x[i])
 
+    def run(x):
+        x = np.asarray(x, np.float32)
+        got_tanh, got_sigmoid = np.empty_like(x), np.empty_like(x)
+        apply(x, got_tanh, got_sigmoid)
+        return got_tanh, got_sigmoid
+
+    return run
+
+
+def test_float32_activations_accuracy():
+    """The rational float32 tanh and the sigmoid built on it, over [-20, 20] and at the
+    clamp and tiny-argument edges, against float64 NumPy."""
     x = np.concatenate([np.linspace(-20, 20, 200001), [-7.9053, 7.9053, 4e-4, -4e-4, 0.0]])
     x = x.astype(np.float32)
-    got_tanh, got_sigmoid = np.empty_like(x), np.empty_like(x)
-    apply(x, got_tanh, got_sigmoid)
+    got_tanh, got_sigmoid = _compiled_float32_activations()(x)
     exact = x.astype(np.float64)
     assert_close(got_tanh, np.tanh(exact), rtol=0, atol=FAST_ACTIVATION_ATOL, name="tanh")
     assert_close(got_sigmoid, 1 / (1 + np.exp(-exact)), rtol=0, atol=FAST_ACTIVATION_ATOL,
                  name="sigmoid")
+
+
+def test_float32_activations_saturate_exactly():
+    """Where float32 tanh rounds to +-1 (|x| > 13 ln 2) the kernels' tanh is exactly +-1, as
+    PyTorch's is, and the sigmoid exactly 1 (0) beyond twice that: a saturated unit passes
+    back no gradient and an open forget gate keeps the cell state (the rational form alone
+    stopped at 0.99999976); NaN still propagates."""
+    x = np.float32([9.02, 10, 20, 1e3, 3e38, np.inf])
+    got_tanh, got_sigmoid = _compiled_float32_activations()(np.concatenate([x, -x, [np.nan]]))
+    n = len(x)
+    assert np.all(got_tanh[:n] == 1) and np.all(got_tanh[n:2 * n] == -1)
+    big = x >= 18.03
+    assert np.all(got_sigmoid[:n][big] == 1) and np.all(got_sigmoid[n:2 * n][big] == 0)
+    assert np.isnan(got_tanh[-1]) and np.isnan(got_sigmoid[-1])
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -7,8 +7,8 @@ x bias. Shapes are tiny; the naive reference is computed in float64 from the lay
 import numpy as np
 import pytest
 
-from helpers import (CELLS, DTYPES, H0_MODES, reference_forward, setup_case, stable_seed,
-                     state_parts)
+from helpers import (CELLS, DTYPES, H0_MODES, make_layer, reference_forward, setup_case,
+                     stable_seed, state_parts)
 from tolerances import assert_parity
 
 
@@ -116,3 +116,58 @@ def test_saturating_inputs(cell, dtype, scale):
         assert_parity(got, ref, dtype, "h_n")
     dx, _ = layer.backward(np.ones_like(out))
     assert np.all(np.isfinite(dx))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_open_forget_gate_keeps_the_cell_state_over_long_sequences(dtype):
+    """Forget gate opened and input gate closed by biases of +-20, T = 3000: the cell state
+    stays at c0 as in PyTorch (1 to within 6e-6). A float32 sigmoid stopping one ulp short of
+    1 had decayed it by 3.6e-4."""
+    T, H = 3000, 4
+    layer = make_layer("lstm", 1, H, dtype=dtype, seed=0)
+    state = {name: np.zeros_like(value) for name, value in layer.state_dict().items()}
+    state["bias_ih_l0"][:H] = -20      # input gate
+    state["bias_ih_l0"][H:2 * H] = 20  # forget gate
+    layer.load_state_dict(state)
+    x = np.zeros((T, 1, 1), dtype)
+    c0 = np.ones((1, 1, H), dtype)
+    _, (_, c_n) = layer(x, h0=(np.zeros_like(c0), c0))
+    _, (_, ref_c_n) = reference_forward("lstm", layer, x, h0=(np.zeros_like(c0), c0))
+    assert_parity(c_n, ref_c_n, dtype, "c_n")
+    if dtype == "float32":
+        assert np.all(c_n == 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saturated_tanh_unit_passes_back_no_gradient(dtype):
+    """A tanh unit at a pre-activation of 1000 outputs exactly 1 and, as in PyTorch, passes
+    back exactly 0 (the float32 rational tanh had left 5e-7 * dout)."""
+    layer = make_layer("rnn_tanh", 1, 3, bias=False, dtype=dtype, seed=0)
+    layer.load_state_dict({"weight_ih_l0": np.full((3, 1), 1000, dtype),
+                           "weight_hh_l0": np.zeros((3, 3), dtype)})
+    out, _ = layer(np.ones((2, 1, 1), dtype))
+    dx, _ = layer.backward(np.ones_like(out))
+    assert np.all(out == 1)
+    assert np.all(dx == 0)
+    assert np.all(layer.grads["weight_ih_l0"] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_gradient_passes_through_nan_as_in_pytorch(dtype):
+    """PyTorch's relu backward zeroes the gradient only where the output is <= 0, so a NaN
+    pre-activation passes it on (torch.relu's gradient at NaN is 1): the bias gradient of a
+    NaN step is dout, not 0, and NaN in h0 alone still lets dx through."""
+    layer = make_layer("rnn_relu", 1, 1, dtype=dtype, seed=0)
+    layer.load_state_dict({name: np.ones_like(value)
+                           for name, value in layer.state_dict().items()})
+    out, _ = layer(np.full((1, 1, 1), np.nan, dtype))
+    layer.backward(np.ones_like(out))
+    assert np.isnan(out).all()
+    assert layer.grads["bias_ih_l0"][0] == 1 and layer.grads["bias_hh_l0"][0] == 1
+
+    # x = 1 at both steps, h0 = NaN: every h is NaN, and the gradient reaching x_t is the
+    # sum over later steps of dout through W_hh = 1 (torch: [2, 1]).
+    out, _ = layer(np.ones((2, 1, 1), dtype), h0=np.full((1, 1, 1), np.nan, dtype))
+    dx, _ = layer.backward(np.ones_like(out))
+    assert np.array_equal(dx.ravel(), np.array([2, 1], dtype))

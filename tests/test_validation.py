@@ -346,12 +346,15 @@ def test_backward_after_eval_forward(cell):
     out, _ = layer(x, h0=h0, lengths=lengths)
     with pytest.raises(fr.StateError, match="train"):
         layer.backward(np.ones_like(out))
-    # a training forward, then eval() drops the saved activations
+    # back in training mode, the message names the eval-mode forward (not "no forward")
     layer.train()
+    with pytest.raises(fr.StateError, match="last forward ran in eval mode"):
+        layer.backward(np.ones_like(out))
+    # a training forward, then eval() drops the saved activations
     out, _ = layer(x, h0=h0, lengths=lengths)
     layer.eval()
     layer.train()
-    with pytest.raises(fr.StateError):
+    with pytest.raises(fr.StateError, match=r"train\(False\) after the last forward dropped"):
         layer.backward(np.ones_like(out))
     with pytest.raises(ValueError):  # StateError is a ValueError
         layer.eval().backward(np.ones_like(out))

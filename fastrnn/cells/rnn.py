@@ -20,7 +20,8 @@ def relu_forward(j, H, pre, hg, b_ih, b_hh, h_prev, c_prev, h_next, c_next, acts
 
 
 def relu_backward(j, H, dh, dc, acts, h_prev, c_prev, h_next, dgx, dgh, dh_direct, dc_prev):
-    # PyTorch's relu gradient at 0 is 0: the mask is h > 0.
-    d_pre = dh[j] if h_next[j] > ZERO else ZERO
+    # PyTorch's relu gradient is 0 where h <= 0 (at 0 too) and passes elsewhere, through a
+    # NaN h as well (threshold_backward): not "h > 0", which is False for NaN.
+    d_pre = ZERO if h_next[j] <= ZERO else dh[j]
     dgx[j] = d_pre
     dh_direct[j] = ZERO
