@@ -1,4 +1,4 @@
-"""Tracked figures: speed ratio to PyTorch CPU and achieved GFLOP/s (DESIGN.md section 6).
+"""Tracked figures: speed ratio to PyTorch CPU and achieved GFLOP/s (README, Benchmarks).
 
 The ratio is torch time / fastrnn time, measured in ONE process, interleaved A B A B with the
 same thread count, median of per-round ratios; it is skipped (NotImplementedError from setup)

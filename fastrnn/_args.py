@@ -1,6 +1,7 @@
 """argparse types shared by the command-line tools (fastrnn.cli, fastrnn.bench): numbers
 checked against a range, so a bad value is a one-line argparse error, not a traceback."""
 import argparse
+import os
 
 
 def _number(kind, low, high=None, low_open=False, high_open=True):
@@ -28,3 +29,15 @@ NON_NEGATIVE_INT = _number(int, 0)
 POSITIVE = _number(float, 0, low_open=True)
 NON_NEGATIVE = _number(float, 0)
 FRACTION = _number(float, 0, 1)  # [0, 1)
+
+
+def OUTPUT_FILE(text):
+    """argparse type: a path to write at the end of a run, whose folder must exist now, so
+    a typo fails at once rather than after the training or benchmark it would have saved."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder} does not exist")
+    return text
+
+
+OUTPUT_FILE.__name__ = "path"

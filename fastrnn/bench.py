@@ -1,4 +1,4 @@
-"""Benchmark fastrnn against PyTorch on the CPU, following DESIGN.md section 6.
+"""Benchmark fastrnn against PyTorch on the CPU, one process, interleaved (README, Benchmarks).
 
 ``python -m fastrnn.bench`` (or ``fastrnn bench``) runs, for each cell and shape, fastrnn and
 PyTorch CPU (when importable) in ONE process, interleaved A B A B, with the same number of
@@ -44,7 +44,7 @@ import time
 
 import numpy as np
 
-from ._args import NON_NEGATIVE, POSITIVE_INT
+from ._args import NON_NEGATIVE, OUTPUT_FILE, POSITIVE_INT
 
 CELLS = ("rnn", "lstm", "gru")          # "rnn" is the Elman RNN with tanh
 GATES = {"rnn": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
@@ -237,7 +237,7 @@ def threads():
 
 
 def match_torch_threads(n):
-    """Give torch the same intra-op thread count as Numba (DESIGN.md section 6)."""
+    """Give torch the same intra-op thread count as Numba (the benchmark protocol)."""
     if torch_available():
         import torch
         torch.set_num_threads(n)
@@ -515,7 +515,7 @@ def build_parser():
         prog="fastrnn bench",
         description="Time fastrnn against PyTorch CPU (interleaved, same threads, median of "
                     "per-round ratios). Unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for the "
-                    "command on machines that set them (see DESIGN.md section 6).")
+                    "command on machines that set them (see README, Benchmarks).")
     p.add_argument("--cells", default=",".join(CELLS),
                    help="comma-separated cells: rnn (tanh), rnn_relu, lstm, gru [%(default)s]")
     p.add_argument("--shapes", type=parse_shapes, default=list(GRID),
@@ -541,8 +541,9 @@ def build_parser():
                    help="also measure peak RSS of one training step per engine (subprocesses)")
     p.add_argument("--startup", action="store_true",
                    help="also measure warm-cache start-up and cold compile time")
-    p.add_argument("--json", metavar="PATH", help="write results as JSON")
-    p.add_argument("--png", metavar="PATH", help="write a chart of the ratios (matplotlib)")
+    p.add_argument("--json", metavar="PATH", type=OUTPUT_FILE, help="write results as JSON")
+    p.add_argument("--png", metavar="PATH", type=OUTPUT_FILE,
+                   help="write a chart of the ratios (matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--_peak-memory", nargs=2, metavar=("ENGINE", "CASE"), help=argparse.SUPPRESS)
     return p

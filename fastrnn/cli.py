@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from ._args import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
+from ._args import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, OUTPUT_FILE, POSITIVE,
+                    POSITIVE_INT)
 
 PLOT_HINT = "install matplotlib (pip install 'fastrnn[plot]') for the PNG"
 
@@ -188,10 +189,24 @@ def cmd_demo(args):
     return 0
 
 
+def _load_array_file(path):
+    """np.load(path) (an .npy array or an .npz archive), with a one-line error for a file
+    that is neither."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        # NumPy reads a file with neither header as a pickle, which allow_pickle refuses.
+        reason = "it is not a .npy or .npz file" if "pickled" in str(exc) else str(exc)
+        raise SystemExit(f"error: cannot read {path} as NumPy arrays: {reason}")
+
+
 def _load_arrays(args):
     path = args.data
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as z:
+        archive = _load_array_file(path)
+        if not hasattr(archive, "files"):
+            raise SystemExit(f"error: {path} holds a single array; an .npz needs X and Y")
+        with archive as z:
             if "X" not in z.files or "Y" not in z.files:
                 raise SystemExit(f"error: {path} must hold arrays named X and Y (and optionally "
                                  f"lengths, X_val, Y_val, lengths_val); it has {z.files}")
@@ -203,16 +218,34 @@ def _load_arrays(args):
     if args.targets is None:
         raise SystemExit("error: a .npy input needs --targets Y.npy (or give an .npz with X "
                          "and Y)")
-    X = np.load(path, allow_pickle=False)
-    Y = np.load(args.targets, allow_pickle=False)
-    lengths = np.load(args.lengths, allow_pickle=False) if args.lengths else None
+    X = _load_array_file(path)
+    Y = _load_array_file(args.targets)
+    lengths = _load_array_file(args.lengths) if args.lengths else None
     return X, Y, lengths, None
+
+
+def _infer_head(X, Y, loss=None, output=None):
+    """(loss, output, output_size) for arrays X (N, T, I) and Y, where not given: integer Y
+    -> cross_entropy over max(Y) + 1 classes, real Y -> mse; Y with a time axis (its second
+    dimension is T: (N, T) or (N, T, O)) -> output="sequence", else "last"."""
+    loss = loss or ("cross_entropy" if Y.dtype.kind in "iu" else "mse")
+    if output is None:
+        output = "sequence" if Y.ndim >= 2 and Y.shape[1] == X.shape[1] else "last"
+    if loss == "cross_entropy":
+        if Y.size == 0 or Y.dtype.kind not in "iuf" or np.max(Y) < 0:
+            raise SystemExit("error: cross_entropy needs Y of class indices 0, 1, ... "
+                             "(non-negative integers)")
+        return loss, output, int(np.max(Y)) + 1
+    return loss, output, Y.shape[-1] if Y.ndim == (3 if output == "sequence" else 2) else 1
 
 
 def _split(X, Y, lengths, fraction, seed):
     if fraction <= 0:
         return (X, Y, lengths), None
-    n_val = max(1, int(round(len(X) * fraction)))
+    if len(X) < 2:
+        raise SystemExit(f"error: --val-split {fraction} needs at least 2 samples, the data "
+                         f"has {len(X)}; use --val-split 0")
+    n_val = min(len(X) - 1, max(1, int(round(len(X) * fraction))))
     order = np.random.default_rng(seed).permutation(len(X))
     tr, va = order[n_val:], order[:n_val]
     pick = (lambda a, i: None if a is None else a[i])
@@ -240,21 +273,7 @@ def cmd_train(args):
         if resuming:
             model = load(args.checkpoint, device=args.device)
         else:
-            loss = args.loss or ("cross_entropy" if np.asarray(Y).dtype.kind in "iu"
-                                 else "mse")
-            if args.output:
-                output = args.output
-            else:
-                output = "sequence" if np.asarray(Y).ndim >= 2 and \
-                    np.asarray(Y).shape[1] == X.shape[1] and (loss == "cross_entropy" or
-                                                             np.asarray(Y).ndim == 3) \
-                    else "last"
-            if loss == "cross_entropy":
-                out_size = int(np.max(Y)) + 1
-            else:
-                Yarr = np.asarray(Y)
-                out_size = Yarr.shape[-1] if Yarr.ndim == (3 if output == "sequence" else 2) \
-                    else 1
+            loss, output, out_size = _infer_head(X, np.asarray(Y), args.loss, args.output)
             model = SequenceModel(X.shape[2] if X.ndim == 3 else 1, args.hidden, out_size,
                                   cell=args.cell, num_layers=args.layers,
                                   bidirectional=args.bidirectional, output=output, loss=loss,
@@ -373,9 +392,9 @@ def build_parser():
     demo.add_argument("--prompt", default="ROSALIND\t")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    demo.add_argument("--save", default="fastrnn_demo.npz",
+    demo.add_argument("--save", default="fastrnn_demo.npz", type=OUTPUT_FILE,
                       help="save the trained model here ('' to skip)")
-    demo.add_argument("--plot", default="fastrnn_demo.png",
+    demo.add_argument("--plot", default="fastrnn_demo.png", type=OUTPUT_FILE,
                       help="PNG of the loss curve and gradient norms ('' to skip; needs "
                       "matplotlib)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -425,11 +444,11 @@ def build_parser():
                        help="early-stopping patience")
     train.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--checkpoint", default=None,
+    train.add_argument("--checkpoint", default=None, type=OUTPUT_FILE,
                        help="save the model (with optimizer state) here after every epoch")
     train.add_argument("--resume", action="store_true",
                        help="continue from --checkpoint if it exists")
-    train.add_argument("--plot", default=None,
+    train.add_argument("--plot", default=None, type=OUTPUT_FILE,
                        help="PNG of loss and gradient norms (default: next to --checkpoint)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)

@@ -101,14 +101,21 @@ class EarlyStopping(Callback):
             return value > self.best + self.min_delta
         return value < self.best - self.min_delta
 
-    def on_epoch_end(self, epoch, logs):
+    def monitored_key(self, reported):
+        """The log entry this callback watches, given the names a fit reports: ``monitor``,
+        or "loss" for "val_loss" without validation data. ValueError when the fit does not
+        report it (fit calls this before its first epoch)."""
         key = self.monitor
-        if key not in logs and key == "val_loss":
+        if key not in reported and key == "val_loss":
             key = "loss"  # fit without validation data
-        if key not in logs:
+        if key not in reported:
             raise ValueError(f"EarlyStopping monitors {self.monitor!r}, which this fit does "
-                             f"not report (it reports {sorted(logs)}); pass validation_data "
-                             f"or monitor one of those")
+                             f"not report (it reports {sorted(reported)}); pass "
+                             f"validation_data or monitor one of those")
+        return key
+
+    def on_epoch_end(self, epoch, logs):
+        key = self.monitored_key(logs)
         value = logs.get(key)
         if value is None or not math.isfinite(value):
             return False
@@ -163,6 +170,15 @@ def _fsync_folder(folder):
         pass
     finally:
         os.close(fd)
+
+
+def _check_verbose(value):
+    """verbose: a bool, or Keras's 0/1/2 (1 and 2 both show the progress bar)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1, 2):
+        return bool(value)
+    raise TypeError(f"verbose must be a bool or 0/1/2, got {value!r}")
 
 
 def _host_numpy(value):
@@ -380,12 +396,15 @@ class SequenceModel:
                              f"(samples, steps, input_size), got {X.shape}")
         if X.shape[0] == 0 or X.shape[1] == 0:
             raise ValueError(f"{name} needs at least one sample and one step, got {X.shape}")
-        X = np.ascontiguousarray(X, dtype=self.dtype)
-        if not np.all(np.isfinite(X)):
-            bad = np.argwhere(~np.isfinite(X))[0]
-            raise ValueError(f"{name} holds NaN or infinite values (first at index "
-                             f"{tuple(int(i) for i in bad)}, value {X[tuple(bad)]})")
-        return X
+        with np.errstate(over="ignore"):  # reported below, by name
+            converted = np.ascontiguousarray(X, dtype=self.dtype)
+        if not np.all(np.isfinite(converted)):
+            # Either X holds them, or finite values overflowed the conversion (1e300 -> inf).
+            problem = "NaN or infinite values" if not np.all(np.isfinite(X)) else \
+                f"values beyond {self.dtype.name}'s range"
+            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(converted))[0])
+            raise ValueError(f"{name} holds {problem} (first at index {bad}, value {X[bad]})")
+        return converted
 
     @staticmethod
     def _check_lengths(lengths, N, T, name="lengths"):
@@ -598,11 +617,13 @@ class SequenceModel:
         Raises ValueError on bad data before training; NonFiniteError when a loss, gradient
         or update becomes non-finite (parameters keep their last finite values).
         """
+        if Y is None:
+            raise TypeError("fit needs the targets Y, got None")
         X, Y, lengths = self._check_data(X, Y, lengths)
         N, T = X.shape[:2]
         epochs = _check_positive_int(epochs, "epochs")
         batch_size = _check_positive_int(batch_size, "batch_size")
-        _check_bool(verbose, "verbose")
+        verbose = _check_verbose(verbose)
         _check_bool(shuffle, "shuffle")
         if clip_norm is not None:
             clip_norm = optim._check_number(clip_norm, "clip_norm", 0, low_open=True)
@@ -618,15 +639,25 @@ class SequenceModel:
                     (2, 3):
                 raise ValueError("validation_data must be (X_val, Y_val) or "
                                  "(X_val, Y_val, lengths_val)")
+            if validation_data[1] is None:
+                raise TypeError("validation_data needs the targets Y_val, got None")
             val = self._check_data(*validation_data, prefix="validation ")
-        self.optimizer = self._resolve_optimizer(optimizer, lr, weight_decay)
+        classify = self.loss == "cross_entropy"
+        # Everything is checked before anything changes: a refused call keeps the model's
+        # optimizer (and its state) and trains nothing.
         cbs = _as_callbacks(callbacks, early_stopping)
+        reported = {"loss", "seconds"} | ({"val_loss"} if val is not None else set())
+        if classify:
+            reported |= {"accuracy"} | ({"val_accuracy"} if val is not None else set())
+        for cb in cbs:
+            if isinstance(cb, EarlyStopping):
+                cb.monitored_key(reported)
+        self.optimizer = self._resolve_optimizer(optimizer, lr, weight_decay)  # checks first
         for cb in cbs:
             if hasattr(cb, "set_model"):
                 cb.set_model(self)
             if hasattr(cb, "on_train_begin"):
                 cb.on_train_begin({})
-        classify = self.loss == "cross_entropy"
         history = {}
         self.rnn.train()
         self._stream_state = None
@@ -660,6 +691,10 @@ class SequenceModel:
         replaces the learning rate of a reused optimizer."""
         if lr is not None:
             lr = optim._check_number(lr, "lr", 0, low_open=True)
+        if isinstance(optimizer, optim.Optimizer) and weight_decay is not None:
+            raise ValueError("weight_decay applies to an optimizer given by name; an "
+                             "optimizer instance has its own (e.g. fr.optim.Adam(lr, "
+                             "weight_decay=...))")
         current = optimizer if isinstance(optimizer, optim.Optimizer) else self.optimizer
         if not isinstance(optimizer, optim.Optimizer):
             wanted = None if weight_decay is None else \
@@ -772,10 +807,13 @@ class SequenceModel:
         return y
 
     def predict_proba(self, X, lengths=None, batch_size=256, stateful=False):
-        """Softmax of :meth:`predict` (cross_entropy models)."""
+        """Softmax of :meth:`predict` (cross_entropy models); zero past lengths, as predict's
+        outputs are (not the softmax of those zeros)."""
         if self.loss != "cross_entropy":
             raise ValueError("predict_proba is for loss='cross_entropy' models")
-        return losses.softmax(self.predict(X, lengths, batch_size, stateful))
+        logits = self.predict(X, lengths, batch_size, stateful)
+        N, T = logits.shape[:2]
+        return self._mask_outputs(losses.softmax(logits), self._check_lengths(lengths, N, T))
 
     def step(self, x):
         """One streaming step: x (B, I) -> y (B, O), continuing the carried state."""
@@ -791,6 +829,8 @@ class SequenceModel:
 
     def evaluate(self, X, Y, lengths=None, batch_size=256):
         """{"loss": mean loss over valid steps, "accuracy": ... (cross_entropy)}."""
+        if Y is None:
+            raise TypeError("evaluate needs the targets Y, got None")
         X, Y, lengths = self._check_data(X, Y, lengths)
         batch_size = _check_positive_int(batch_size, "batch_size")
         was_training = self.rnn.training
@@ -959,8 +999,12 @@ class SequenceModel:
         arrays["digest"] = np.array(_digest(arrays))
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                                   suffix=".tmp")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                       suffix=".tmp")
+        except OSError as exc:  # name the caller's path, not the temporary file's
+            raise type(exc)(exc.errno, f"cannot save the model to {path}: {exc.strerror}",
+                            path) from None
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
@@ -985,6 +1029,8 @@ def load(path, device=None):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such model file: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a fastrnn model file (not a .npz archive)")
     try:
         npz = np.load(path, allow_pickle=False)
         if not hasattr(npz, "files"):
@@ -998,7 +1044,9 @@ def load(path, device=None):
                          f"truncated?): {type(exc).__name__}: {exc}") from None
     if "format" not in data or str(data["format"]) != FILE_FORMAT:
         raise ValueError(f"{path} is not a fastrnn model file (no '{FILE_FORMAT}' marker)")
-    version = int(data.get("version", -1))
+    version = data.get("version", -1)
+    version = int(version) if np.ndim(version) == 0 and np.asarray(version).dtype.kind in "iu" \
+        else repr(version)
     if version != FILE_VERSION:
         raise ValueError(f"{path} has model file version {version}; this fastrnn reads "
                          f"version {FILE_VERSION}")

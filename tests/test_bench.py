@@ -102,7 +102,9 @@ def test_module_entry_point():
     assert proc.returncode == 0 and "--shapes" in proc.stdout
 
 
-@pytest.mark.parametrize("argv", [["--threads", "999"], ["--layers", "0"], ["--rounds", "0"]])
+@pytest.mark.parametrize("argv", [["--threads", "999"], ["--layers", "0"], ["--rounds", "0"],
+                                  ["--json", "no/such/folder/x.json"],
+                                  ["--png", "no/such/folder/x.png"]])
 def test_bad_arguments_are_one_line_errors(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--cells", "rnn", "--shapes", TINY, "--no-torch"] + argv)

@@ -165,3 +165,49 @@ def test_train_with_lengths_still_writes_its_plot(tmp_path):
     assert cli.main(["train", str(tmp_path / "varlen.npz"), "--hidden", "4", "--epochs", "1",
                      "--quiet", "--plot", str(png)]) == 0
     assert png.exists() == HAVE_MPL
+
+
+def test_real_targets_with_a_time_axis_train_a_per_step_model(tmp_path):
+    """Real Y (N, T) is one target per step, as integer Y (N, T) is: output="sequence" with
+    one output, so the padding past lengths is never a target (it had trained output="last"
+    with T outputs, fitting the padding)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 6, 2)).astype(np.float32)
+    lengths = rng.integers(2, 7, size=40)
+    Y = np.cumsum(X[:, :, 0], axis=1)
+    Y[np.arange(6)[None] >= lengths[:, None]] = 1e3  # junk in the padding
+    np.savez(tmp_path / "steps.npz", X=X, Y=Y, lengths=lengths)
+    ckpt = tmp_path / "m.npz"
+    assert cli.main(["train", str(tmp_path / "steps.npz"), "--hidden", "4", "--epochs", "1",
+                     "--quiet", "--plot", "", "--checkpoint", str(ckpt)]) == 0
+    model = fr.load(ckpt)
+    assert (model.output, model.output_size, model.loss) == ("sequence", 1, "mse")
+    assert model.history["loss"][-1] < 100
+
+
+@pytest.mark.parametrize("case, message", [
+    ("one_sample", "needs at least 2 samples"),
+    ("negative_labels", "class indices"),
+    ("not_numpy", "not a .npy or .npz file"),
+    ("plot_folder", "--plot: the folder"),
+    ("checkpoint_folder", "--checkpoint: the folder"),
+])
+def test_train_refuses_bad_data_and_paths_before_training(tmp_path, capsys, case, message):
+    """Each is a one-line error before any epoch runs (an output folder that does not exist
+    was found only after training, losing the trained model)."""
+    data, extra = tmp_path / "data.npz", []
+    if case == "one_sample":
+        np.savez(data, X=np.ones((1, 4, 2)), Y=np.ones(1))
+    elif case == "negative_labels":
+        np.savez(data, X=np.ones((5, 4, 2)), Y=-np.ones(5, np.int64))
+    elif case == "not_numpy":
+        data.write_text("not an archive")
+    else:
+        np.savez(data, X=np.ones((5, 4, 2)), Y=np.ones(5))
+        flag = "--" + case.split("_")[0]
+        extra = [flag, str(tmp_path / "missing" / "out.file")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", str(data), "--hidden", "4", "--epochs", "1", "--quiet"] + extra)
+    captured = capsys.readouterr()
+    assert message in str(exit_info.value.code) + captured.err
+    assert "epoch 1" not in captured.out and "Traceback" not in captured.err

@@ -423,11 +423,25 @@ def test_corrupt_truncated_and_foreign_files_are_refused(tmp_path):
     np.savez(tmp_path / "foreign.npz", a=np.arange(3))
     np.save(tmp_path / "array.npy", np.arange(3))
     (tmp_path / "text.npz").write_text("not a model")
-    for name in ("trunc.npz", "flip.npz", "foreign.npz", "array.npy", "text.npz"):
-        with pytest.raises(ValueError):
+    arrays = dict(np.load(path))
+    arrays["version"] = np.array("abc")
+    np.savez(tmp_path / "version.npz", **arrays)
+    for name, message in (("trunc.npz", None), ("flip.npz", None), ("foreign.npz", None),
+                          ("array.npy", "not a .npz archive"),
+                          ("text.npz", "not a .npz archive"),
+                          ("version.npz", "model file version")):
+        with pytest.raises(ValueError, match=message) as info:
             fr.load(tmp_path / name)
+        assert name in str(info.value)
     with pytest.raises(FileNotFoundError):
         fr.load(tmp_path / "missing.npz")
+
+
+def test_save_into_a_missing_folder_names_the_path_given(tmp_path):
+    target = tmp_path / "missing" / "m.npz"
+    with pytest.raises(FileNotFoundError) as info:
+        fr.SequenceModel(2, 4, 1).save(target)
+    assert str(target) in str(info.value) and ".tmp" not in str(info.value)
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
@@ -472,9 +486,79 @@ def test_early_stopping_refuses_a_monitor_fit_does_not_report():
     model = _model(output_size=3, loss="cross_entropy")
     X = np.random.default_rng(0).standard_normal((8, 4, 3))
     Y = np.arange(8) % 3
+    before = model.state_dict()
     with pytest.raises(ValueError, match="'val_accuracy'.*pass validation_data"):
         model.fit(X, Y, epochs=2, verbose=False,
                   early_stopping=fr.EarlyStopping(monitor="val_accuracy"))
+    # refused before the first epoch, not after it
+    assert model.epoch == 0 and model.history == {} and model.optimizer is None
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+@pytest.mark.parametrize("bad", [dict(callbacks=[3]), dict(early_stopping="x"),
+                                 dict(optimizer=fr.optim.Adam(1e-3), weight_decay=0.5),
+                                 dict(weight_decay=-5), dict(Y=None),
+                                 dict(validation_data=("X", None))])
+def test_a_refused_fit_changes_nothing(bad):
+    """Every argument is checked before the model changes: a refused call keeps the
+    optimizer, its state and learning rate (a bad callback had already replaced them)."""
+    model = _model()
+    X, Y, lengths = _data(model)
+    model.fit(X, Y, lengths=lengths, lr=0.05, verbose=False)
+    optimizer, state, before = model.optimizer, model.optimizer.state_dict(), \
+        model.state_dict()
+    kwargs = dict(Y=Y, lengths=lengths, optimizer="sgd", lr=0.5, verbose=False)
+    kwargs.update(bad)
+    if kwargs.get("validation_data"):
+        kwargs["validation_data"] = (X, None)
+    with pytest.raises((TypeError, ValueError)) as info:
+        model.fit(X, **kwargs)
+    if "Y" in bad or "validation_data" in bad:
+        assert "Y" in str(info.value)
+    if "weight_decay" in bad:
+        assert "weight_decay" in str(info.value)
+    assert model.optimizer is optimizer and optimizer.lr == 0.05 and model.epoch == 1
+    assert optimizer.state_dict()[0] == state[0]
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def test_evaluate_needs_targets():
+    model = _model()
+    with pytest.raises(TypeError, match="targets Y"):
+        model.evaluate(_data(model)[0], None)
+
+
+def test_verbose_takes_keras_integers():
+    model = _model()
+    X, Y, lengths = _data(model)
+    for verbose in (0, 1, 2, False):
+        model.fit(X, Y, lengths=lengths, verbose=verbose)
+    with pytest.raises(TypeError, match="verbose"):
+        model.fit(X, Y, verbose=3)
+
+
+def test_data_beyond_float32_is_named_as_such():
+    model = _model(dtype="float32")
+    X, Y, _ = _data(model)
+    X[1, 2, 0] = 1e300
+    with pytest.raises(ValueError, match=r"beyond float32's range \(first at index "
+                                         r"\(1, 2, 0\), value 1e\+300\)"):
+        model.fit(X, Y, verbose=False)
+    X[1, 2, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.predict(X)
+
+
+def test_predict_proba_is_zero_past_lengths_as_predict_is():
+    model = _model(output="sequence", loss="cross_entropy", output_size=3)
+    X, _, lengths = _data(model)
+    proba = model.predict_proba(X, lengths)
+    valid = np.arange(X.shape[1])[None] < lengths[:, None]
+    assert np.all(proba[~valid] == 0)
+    np.testing.assert_allclose(proba[valid].sum(axis=-1), 1)
+    assert np.array_equal(proba == 0, model.predict(X, lengths) == 0)
 
 
 def test_predict_and_evaluate_keep_the_mode_they_found():
