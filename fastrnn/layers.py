@@ -103,7 +103,13 @@ def _check_array(array, name, ndim, dtype, device=None):
             raise TypeError(f"{name} must hold real numbers, got dtype {array_dtype}")
         if len(shape) != ndim:
             raise ValueError(f"{name} must be {ndim}-dimensional, got shape {shape}")
-        return array  # the caller checks the shape; the GPU backend converts the dtype
+        if array_dtype != np.dtype(dtype):  # converting would hide a copy on the device
+            raise TypeError(f"{name} is a device array of dtype {array_dtype} but the layer's "
+                            f"dtype is {np.dtype(dtype)}; convert it on the device first")
+        if ndim != 3 and not gpu.is_c_contiguous(array):  # 3-D inputs are copied on the device
+            raise TypeError(f"{name} is a non-contiguous {ndim}-D device array; pass a "
+                            f"C-contiguous one")
+        return array  # the caller checks the shape
     try:
         arr = np.asarray(array)
     except Exception as exc:  # ragged lists and the like
@@ -120,11 +126,16 @@ def _check_shape(array, name, expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(array.shape)}")
 
 
-def _may_alias(array, caller):
-    """Whether the NumPy array made from the caller's input may share its memory: a NumPy
-    input is checked; any other array-like (a torch tensor, an ``__array__`` object, which
-    may hand out its own buffer) is assumed to."""
-    return np.may_share_memory(array, caller) if isinstance(caller, np.ndarray) else True
+def _may_alias(array, caller, transposed):
+    """Whether the time-major array made from the caller's input may share its memory: a
+    NumPy input is checked; a device input does unless it was transposed (batch_first) or
+    strided (both copied on the device); any other array-like (a torch CPU tensor, an
+    ``__array__`` object, which may hand out its own buffer) is assumed to."""
+    if isinstance(caller, np.ndarray):
+        return np.may_share_memory(array, caller)
+    if _is_device_array(caller):
+        return not transposed and gpu.is_c_contiguous(caller)
+    return True
 
 
 def _check_lengths(lengths, batch, steps):
@@ -379,19 +390,16 @@ class _RecurrentLayer:
         given = self._check_state(h0, "h0", B)
         lengths = _check_lengths(lengths, B, T)
         xt = self._to_time_major(x)
-        if self.training:
-            if isinstance(xt, np.ndarray):
-                if _may_alias(xt, caller_x):
-                    xt = xt.copy()  # backward reads the saved input: the caller may reuse it
-                owned = True
-            else:  # a device input is used in place (documented), unless transposed
-                owned = self.batch_first or not _is_device_array(caller_x)
+        if self.training and _may_alias(xt, caller_x, self.batch_first):
+            # Backward reads the saved input, and the caller may refill its buffer before then
+            # (a device input is copied on the device: still no host round trip).
+            xt = self._backend.copy(xt)
         backend, cell, D, H = self._backend, self._cell, self.num_directions, self.hidden_size
         lengths_dev = backend.asarray(lengths, np.int64)
         if self.training and lengths.min() < T:
             # PyTorch's packed sequences never see the padding; here the weight gradient's
             # GEMM runs over every step, where 0 * NaN would be NaN
-            xt = backend.zero_padding(xt, lengths_dev, owned)
+            xt = backend.zero_padding(xt, lengths_dev)
         train = self.training
         saved_layers = []
         h_n, c_n = [], []

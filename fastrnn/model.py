@@ -344,11 +344,11 @@ class SequenceModel:
             head[k] = value.astype(self.dtype).copy()
         rnn = {k[4:]: v if optim._on_device(v) else _host_numpy(v)
                for k, v in state_dict.items() if k.startswith("rnn.")}
-        numeric = {k: v for k, v in rnn.items()  # other dtypes: the layer names the problem
-                   if optim._on_device(v) or v.dtype.kind in "fiu"}
+        numeric = {f"state_dict['rnn.{k}']": v for k, v in rnn.items()  # other dtypes: the
+                   if optim._on_device(v) or v.dtype.kind in "fiu"}  # layer names the problem
         bad = optim.non_finite(numeric)
         if bad:
-            raise ValueError(f"state_dict['rnn.{bad[0]}'] holds NaN or infinite values")
+            raise ValueError(f"{bad[0]} holds NaN or infinite values")
         self.rnn.load_state_dict(rnn)  # checks shapes before it replaces any parameter
         self.head.update(head)
         self._stream_state = None

@@ -78,7 +78,8 @@ def real_device_array_limits(monkeypatch):
     if REASON is not None or not gpu._simulator_enabled():
         return
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-    setitem, transpose = FakeCUDAArray.__setitem__, FakeCUDAArray.transpose
+    setitem, transpose, reshape = (FakeCUDAArray.__setitem__, FakeCUDAArray.transpose,
+                                   FakeCUDAArray.reshape)
 
     def strict_setitem(self, key, value):
         keys = key if isinstance(key, tuple) else (key,)
@@ -91,8 +92,16 @@ def real_device_array_limits(monkeypatch):
             raise NotImplementedError("a real DeviceNDArray transposes only in 2-D")
         return transpose(self, axes)
 
+    def strict_reshape(self, *shape, **kwargs):  # DeviceNDArray.reshape never copies
+        new_shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) \
+            else shape
+        if tuple(new_shape) != tuple(self.shape) and not self.is_c_contiguous():
+            raise NotImplementedError("operation requires copying")
+        return reshape(self, *shape, **kwargs)
+
     monkeypatch.setattr(FakeCUDAArray, "__setitem__", strict_setitem)
     monkeypatch.setattr(FakeCUDAArray, "transpose", strict_transpose)
+    monkeypatch.setattr(FakeCUDAArray, "reshape", strict_reshape)
 
 
 def _pair(cell, dtype, seed, shape=SHAPE, **kwargs):
@@ -778,3 +787,74 @@ def test_optimizer_with_device_state_pickles_with_numpy_arrays():
     copy.step(twin, step_grads)  # continues on the device from the unpickled state
     for name in on_device:
         np.testing.assert_array_equal(gpu.to_host(twin[name]), gpu.to_host(on_device[name]))
+
+
+@needs_gpu
+def test_gemm_grids_stay_within_cuda_limits_for_long_wide_batches(monkeypatch):
+    """CUDA caps grid y and z at 65535 blocks: the GEMMs put the T*B rows of the input
+    projection and of dx on grid x (they had been on y, so T*B beyond 65535 row tiles, 4.2M
+    rows at full size, could not launch). Launches are recorded, not run."""
+    grids = []
+    monkeypatch.setattr(gpu, "_launch", lambda kernel, grid, *args: grids.append(grid))
+    span = gpu.GEMM_TILE * gpu._kernels().GEMM_REG
+    T, B = 1000, 65536 * span // 1000 + 1  # T*B rows: more than 65535 row tiles
+    layer = fr.RNN(1, 1, device="cuda", seed=0)
+    out, _ = layer(np.zeros((T, B, 1), np.float32))
+    layer.backward(np.zeros(out.shape, np.float32))
+    shapes = [grid if isinstance(grid, tuple) else (grid,) for grid in grids]
+    assert max(shape[0] for shape in shapes) > 65535  # the case reaches the limit
+    assert all(shape[0] < 2 ** 31 and all(d <= 65535 for d in shape[1:]) for shape in shapes)
+
+
+@needs_gpu
+def test_refilling_a_device_input_before_backward_changes_nothing():
+    """A training forward keeps its own device copy of x (the CPU keeps a host copy): the
+    caller may refill its buffer before backward (dW_ih had come out of the new contents)."""
+    from numba import cuda
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 2, 3))
+    dout = rng.standard_normal((4, 2, 5))
+    layer = fr.GRU(3, 5, dtype="float64", device="cuda", seed=0)
+    x_dev = cuda.to_device(x)
+    layer(x_dev)
+    layer.backward(dout)
+    want = {k: gpu.to_host(v).copy() for k, v in layer.grads.items()}
+    layer.zero_grad()
+    layer(x_dev)
+    x_dev.copy_to_device(np.zeros_like(x))
+    layer.backward(dout)
+    for name, value in want.items():
+        np.testing.assert_array_equal(gpu.to_host(layer.grads[name]), value, err_msg=name)
+
+
+@needs_gpu
+def test_device_arrays_of_the_wrong_dtype_or_layout_are_named():
+    """A device array is never converted (that would hide a copy): the TypeError names the
+    argument, as the shape errors do; so does a strided 2-D parameter, which a real
+    DeviceNDArray cannot view flat (the model's NaN check had met it first)."""
+    from numba import cuda
+    lstm = fr.LSTM(2, 3, device="cuda", seed=0)  # float32
+    x = np.zeros((3, 2, 2), np.float32)
+    state = np.zeros((1, 2, 3), np.float32)
+    with pytest.raises(TypeError, match=r"^x is a device array of dtype float64"):
+        lstm(cuda.to_device(x.astype(np.float64)))
+    with pytest.raises(TypeError, match=r"^h0\[1\] is a device array of dtype float64"):
+        lstm(x, h0=(cuda.to_device(state), cuda.to_device(state.astype(np.float64))))
+    out, _ = lstm(x)
+    with pytest.raises(TypeError, match=r"^dout is a device array of dtype float64"):
+        lstm.backward(cuda.to_device(np.zeros(out.shape)))
+    params = lstm.state_dict()
+    with pytest.raises(TypeError, match=r"^state_dict\['bias_hh_l0'\] is a device array"):
+        lstm.load_state_dict({**params, "bias_hh_l0": cuda.to_device(
+            params["bias_hh_l0"].astype(np.float64))})
+
+    def strided(matrix):
+        return cuda.to_device(np.repeat(matrix, 2, axis=1))[:, ::2]
+
+    with pytest.raises(TypeError, match=r"^state_dict\['weight_hh_l0'\] is a non-contiguous"):
+        lstm.load_state_dict({**params, "weight_hh_l0": strided(params["weight_hh_l0"])})
+    model = fr.SequenceModel(2, 3, 1, cell="gru", device="cuda", seed=0)
+    weights = model.state_dict()
+    with pytest.raises(TypeError, match=r"state_dict\['rnn.weight_hh_l0'\] is a non-contig"):
+        model.load_state_dict({**weights, "rnn.weight_hh_l0": strided(
+            weights["rnn.weight_hh_l0"])})

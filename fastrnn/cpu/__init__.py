@@ -240,17 +240,15 @@ def swap01(array, dtype):
     return np.ascontiguousarray(np.swapaxes(array, 0, 1), dtype=dtype)
 
 
-def zero_padding(xt, lengths, owned):
-    """xt (T, B, I), lengths (B,) int64: xt with its steps past each row's length set to 0
-    if any of them is NaN or infinite (in place if ``owned``, an array this call made, else
-    in a copy; xt itself when they are all finite: the recurrence never reads them, so they
-    only matter where 0 * NaN would be NaN, in the weight gradient's GEMM over every step)."""
+def zero_padding(xt, lengths):
+    """xt (T, B, I), this call's own copy, lengths (B,) int64: xt with its steps past each
+    row's length set to 0 in place, if any of them is NaN or infinite (the recurrence never
+    reads them, so they only matter where 0 * NaN would be NaN, in the weight gradient's GEMM
+    over every step)."""
     padded = np.arange(xt.shape[0])[:, None] >= lengths[None, :]
-    if np.all(np.isfinite(xt[padded])):
-        return xt
-    out = xt if owned else xt.copy()
-    out[padded] = 0
-    return out
+    if not np.all(np.isfinite(xt[padded])):
+        xt[padded] = 0
+    return xt
 
 
 def broadcast_rows(row, batch):

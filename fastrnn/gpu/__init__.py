@@ -141,7 +141,7 @@ def _gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
         return
     tile = GEMM_TILE
     span = tile * _kernels().GEMM_REG  # rows and columns of c per block
-    grid = ((N + span - 1) // span, (M + span - 1) // span)
+    grid = ((M + span - 1) // span, (N + span - 1) // span)  # rows on x: see kernels.gemm
     _launch(_linalg(c.dtype)["gemm"], grid, (tile, tile), 0,
             a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate)
 
@@ -154,8 +154,17 @@ def _elementwise(kernel_name, dtype, n, *args):
 
 
 def _flat(array):
-    """Contiguous device array -> 1-D view of all its elements."""
+    """Contiguous device array -> 1-D view of all its elements (TypeError for a strided one,
+    which a real DeviceNDArray cannot view flat)."""
+    if not array.is_c_contiguous():
+        raise TypeError("a non-contiguous device array was given where a C-contiguous one "
+                        "is needed")
     return array.reshape(array.size)
+
+
+def is_c_contiguous(array):
+    """Whether a device array (anything with __cuda_array_interface__) is C-contiguous."""
+    return _as_device(array).is_c_contiguous()
 
 
 # ---------------------------------------------------------------------------- memory
@@ -281,13 +290,11 @@ def swap01(array, dtype):
     return out
 
 
-def zero_padding(xt, lengths, owned):
-    """xt (T, B, I) contiguous on the device with every step past a row's length set to 0:
-    in place if ``owned`` (an array this call made), else in a copy. lengths (B,) int64 on
-    the device."""
-    out = xt if owned else copy(xt)
-    _elementwise("zero_past_lengths", out.dtype, out.size, out, lengths)
-    return out
+def zero_padding(xt, lengths):
+    """xt (T, B, I), contiguous on the device and this call's own copy, with every step past
+    a row's length set to 0, in place. lengths (B,) int64 on the device."""
+    _elementwise("zero_past_lengths", xt.dtype, xt.size, xt, lengths)
+    return xt
 
 
 def broadcast_rows(row, batch):

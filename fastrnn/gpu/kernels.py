@@ -680,16 +680,18 @@ def gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
     """c (M*N,) row-major (M, N) = [c +] A . B with A(m, k) = a[m*a_rs + k*a_cs] and
     B(k, n) = b[k*b_rs + n*b_cs]: strides express every transpose the layers need.
 
-    Launch with block (TILE, TILE) and grid (ceil(N/(TILE*REG)), ceil(M/(TILE*REG))): a
-    block computes one (TILE*REG)^2 tile of c (see tile_product).
+    Launch with block (TILE, TILE) and grid (ceil(M/(TILE*REG)), ceil(N/(TILE*REG))): a
+    block computes one (TILE*REG)^2 tile of c (see tile_product). The rows go on grid x
+    (up to 2**31 - 1 blocks): M is T*B for the input projection and dx, and grid y stops at
+    65535 blocks, which T*B > 4.2M rows would pass.
     """
     a_tile = cuda.shared.array((SPAN, TILE), DTYPE)  # SPAN = TILE * REG: shapes must be
     b_tile = cuda.shared.array((TILE, SPAN), DTYPE)  # literal constants in Numba-CUDA
     acc = cuda.local.array((REG, REG), DTYPE)
     a_reg = cuda.local.array(REG, DTYPE)
     b_reg = cuda.local.array(REG, DTYPE)
-    row0 = cuda.blockIdx.y * SPAN
-    col0 = cuda.blockIdx.x * SPAN
+    row0 = cuda.blockIdx.x * SPAN
+    col0 = cuda.blockIdx.y * SPAN
     tile_product(a, 0, a_rs, a_cs, b, 0, b_rs, b_cs, M, N, K, row0, col0, a_tile, b_tile,
                  acc, a_reg, b_reg)
     for i in range(REG):
