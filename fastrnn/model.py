@@ -812,8 +812,10 @@ class SequenceModel:
         if self.loss != "cross_entropy":
             raise ValueError("predict_proba is for loss='cross_entropy' models")
         logits = self.predict(X, lengths, batch_size, stateful)
-        N, T = logits.shape[:2]
-        return self._mask_outputs(losses.softmax(logits), self._check_lengths(lengths, N, T))
+        proba = losses.softmax(logits)
+        if self.output == "sequence":  # logits (N, T, O)
+            proba = self._mask_outputs(proba, self._check_lengths(lengths, *logits.shape[:2]))
+        return proba
 
     def step(self, x):
         """One streaming step: x (B, I) -> y (B, O), continuing the carried state."""

@@ -559,6 +559,10 @@ def test_predict_proba_is_zero_past_lengths_as_predict_is():
     assert np.all(proba[~valid] == 0)
     np.testing.assert_allclose(proba[valid].sum(axis=-1), 1)
     assert np.array_equal(proba == 0, model.predict(X, lengths) == 0)
+    last = _model(output="last", loss="cross_entropy", output_size=3)  # (N, O): nothing masked
+    proba = last.predict_proba(X, lengths)
+    assert proba.shape == (X.shape[0], 3)
+    np.testing.assert_allclose(proba.sum(axis=-1), 1)
 
 
 def test_predict_and_evaluate_keep_the_mode_they_found():
