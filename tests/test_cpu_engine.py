@@ -293,3 +293,84 @@ def test_a_training_step_gives_the_same_bits_on_any_thread():
     worker.join()
     for a, b in zip(on_main, box[0]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("failing_part", [0, 1])
+def test_a_failing_unit_part_stops_its_partner(monkeypatch, failing_part):
+    """Parts of a unit split wait for each other every step: when one fails (here before its
+    kernel starts, as a Ctrl-C could), the other must stop waiting, the error must reach the
+    caller, and the next call must work (the partner had spun for ever)."""
+    force_unit_split(monkeypatch)
+    layer = make_layer("lstm", 5, 6, dtype="float64", seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((7, 1, 5))
+    want = layer(x)[0]
+    real = cpu.get_kernels
+    armed = [True]
+
+    def get_kernels(name, dtype):
+        kernels = real(name, dtype)
+
+        def forward_eval(*args):
+            if args[-1] == failing_part and armed[0]:  # the last argument: the part
+                armed[0] = False
+                raise MemoryError(f"injected in part {failing_part}")
+            return kernels.forward_eval(*args)
+        return kernels._replace(forward_eval=forward_eval)
+
+    monkeypatch.setattr(cpu, "get_kernels", get_kernels)
+    raised = []
+
+    def call():
+        try:
+            layer(x)
+        except MemoryError as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the other part kept waiting"
+    assert len(raised) == 1 and not armed[0]
+    np.testing.assert_array_equal(layer(x)[0], want)
+
+
+class _FakeBlas:
+    """A BLAS thread count behind a setter that returns the previous count, as OpenBLAS's."""
+
+    def __init__(self, count):
+        self.count = count
+
+    def set(self, count):
+        previous, self.count = self.count, count
+        return previous
+
+
+def test_single_threaded_blas_leaves_a_count_someone_else_set(monkeypatch):
+    """Leaving the section restores the count it found, unless another thread changed it
+    meanwhile (a user's threadpool_limits(1) ending during a fastrnn call had been undone,
+    leaving BLAS at one thread for good)."""
+    blas = _FakeBlas(2)
+    monkeypatch.setattr(threads, "_thread_count_setters", lambda: [blas.set])
+    section = threads._SingleThreadedBlas()
+    with section:
+        assert blas.count == 1
+    assert blas.count == 2
+    blas.count = 1  # a user's limit begins
+    with section:
+        blas.count = 2  # ... and ends on another thread while fastrnn is inside
+    assert blas.count == 2
+
+
+def test_a_forked_child_gets_its_blas_threads_back(monkeypatch):
+    """A child forked while another thread was inside the section inherits BLAS at one
+    thread and a depth no thread of it will release: the fork hook restores both."""
+    blas = _FakeBlas(2)
+    monkeypatch.setattr(threads, "_thread_count_setters", lambda: [blas.set])
+    section = threads._SingleThreadedBlas()
+    section.__enter__()
+    section._lock.acquire()  # even a lock held at the fork
+    section._after_fork_in_child()  # what os.register_at_fork runs in the child
+    assert blas.count == 2 and section._depth == 0
+    with section:  # usable again
+        assert blas.count == 1
+    assert blas.count == 2

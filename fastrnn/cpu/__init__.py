@@ -308,14 +308,21 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     rows = max(hi - lo for lo, hi in chunks)  # the blocks suit every chunk (none is taller)
     runs = [_forward_part(cell, B, I, H, GH, dtype, rows, u0, u1, key).load(
         w_ih, w_hh, b_ih, b_hh) for u0, u1 in parts]
-    sync = np.zeros(len(parts) * SYNC_STRIDE, np.int64)
+    sync = np.zeros((len(parts) + 1) * SYNC_STRIDE, np.int64)  # counters, abort flag
+
+    def abort():  # a part failed: the others must not wait for it for ever
+        sync[-SYNC_STRIDE] = 1
 
     def recur(lo, hi, part=0):  # batch rows lo:hi, units of parts[part], through all T steps
         run = runs[part]
-        forward(x2d, run.w_panels, run.w_ih_panels, run.w_hh_panels, run.b_ih, run.b_hh,
-                lengths, reverse, train, h_seq, c_seq, acts, run.pre, run.hg,
-                run.h_new, run.c_new, out, out_col, lo, hi, run.blocks, parts[part][0], sync,
-                part)
+        try:
+            forward(x2d, run.w_panels, run.w_ih_panels, run.w_hh_panels, run.b_ih, run.b_hh,
+                    lengths, reverse, train, h_seq, c_seq, acts, run.pre, run.hg,
+                    run.h_new, run.c_new, out, out_col, lo, hi, run.blocks, parts[part][0],
+                    sync, part)
+        except BaseException:
+            abort()
+            raise
 
     # Small GEMM blocks never start OpenBLAS threads; pinning (about 10 us) is only needed
     # when a chunk is too tall for blocks of SMALL_GEMM.
@@ -323,7 +330,8 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
                for run in runs for i in (0, 2, 4))
     with single_threaded_blas if tall else contextlib.nullcontext():
         if len(parts) > 1:  # every part runs every row, at once (they wait for each other)
-            run_chunks(lambda part, _: recur(0, B, part), [(p, p + 1) for p in range(len(parts))])
+            run_chunks(lambda part, _: recur(0, B, part), [(p, p + 1) for p in range(len(parts))],
+                       on_error=abort)
         else:
             run_chunks(recur, chunks)
     h_n = h_seq[last].copy()

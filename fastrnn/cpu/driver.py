@@ -12,7 +12,10 @@ per-step GEMMs, so no thread waits for another between steps. The big GEMMs of b
 Time slots: see :mod:`fastrnn.cells.slots` (``forward_step``/``backward_step`` are bound in
 compiled form, as the cell functions are).
 """
+import sys
+
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -42,6 +45,15 @@ BLAS_SCALARS = np.array((1.0, 0.0, 1.0))
 # int64 slots between two parts' progress counters in a sync array (one cache line apart, so
 # the spinning reader of one counter does not keep stealing the line the other part writes).
 SYNC_STRIDE = 16
+# Polls of a partner's counter before a waiting part gives its core away on each further poll
+# (a few microseconds: a partner running on another core arrives well within it). Without
+# this, a part whose partner had no core (more busy threads than cores: several callers, a
+# busy neighbour, a CPU quota) spun through its time slices: 8 threads calling an LSTM(128,
+# 256) on 2 cores took 1000x longer than unsplit calls.
+SPINS_BEFORE_YIELD = 2000
+# The OS call that hands the core to another runnable thread (resolved by name when the
+# kernels are linked, so they stay cacheable).
+_YIELD_SYMBOL = "SwitchToThread" if sys.platform == "win32" else "sched_yield"
 
 
 @intrinsic
@@ -69,18 +81,41 @@ def _load_acquire(typingctx, array, index):
     return types.int64(array, index), codegen
 
 
+@intrinsic
+def _yield_core(typingctx):
+    """Let the OS run another thread on this core (sched_yield; returns at once when none
+    is waiting)."""
+    def codegen(context, builder, signature, args):
+        function_type = ir.FunctionType(ir.IntType(32), [])
+        function = cgutils.get_or_insert_function(builder.module, function_type,
+                                                  _YIELD_SYMBOL)
+        builder.call(function, [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
 def wait_for_parts(sync, part, steps):
     """Barrier between the parts of one sequence: record that this part has finished
-    ``steps`` steps, then spin until every other part has too. sync (parts*SYNC_STRIDE,)
-    int64, zeroed before the parts start. With a single part nothing is touched: row
-    chunks, which never wait for each other, pass one sync array to all of them."""
-    parts = sync.shape[0] // SYNC_STRIDE
+    ``steps`` steps, then wait until every other part has too, or until the abort flag is
+    set. sync ((parts + 1)*SYNC_STRIDE,) int64, zeroed before the parts start: a progress
+    counter per part, then the abort flag, which the caller sets when a part fails so that
+    the others stop waiting for it (their results are discarded with the exception). With a
+    single part nothing is touched: row chunks, which never wait for each other, pass one
+    sync array to all of them. A wait polls, then yields its core between polls (see
+    SPINS_BEFORE_YIELD)."""
+    parts = sync.shape[0] // SYNC_STRIDE - 1
     if parts < 2:
         return
     _store_release(sync, part * SYNC_STRIDE, steps)
+    abort = parts * SYNC_STRIDE
     for other in range(parts):
+        polls = 0
         while _load_acquire(sync, other * SYNC_STRIDE) < steps:
-            pass
+            if _load_acquire(sync, abort) != 0:
+                return
+            polls += 1
+            if polls > SPINS_BEFORE_YIELD:
+                _yield_core()
 
 
 # Side of the square tiles pack_panels copies through (8 x 8 float32: measured fastest of
@@ -191,10 +226,11 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
 
     Split units: with one batch row or a few, a step is one GEMV; when its weights are many
     times L1 (see fastrnn.cpu.unit_parts) the threads share the units instead of the rows
-    (sync (parts*SYNC_STRIDE,) int64 zeros, part = this thread's index): each reads only
+    (sync ((parts + 1)*SYNC_STRIDE,) int64 zeros, see :func:`wait_for_parts`; part = this
+    thread's index): each reads only
     its units' weights, and after each step waits until every part has written its units
     of h (:func:`wait_for_parts`) before the next step reads all of h_prev. With one part
-    (sync.shape[0] == SYNC_STRIDE) there is no wait.
+    (sync.shape[0] == 2*SYNC_STRIDE) there is no wait.
 
     The cell writes the new state into h_new/c_new, not into h_seq/c_seq: LLVM cannot tell
     two slots of one array apart and leaves the unit loop scalar (measured 6x slower).

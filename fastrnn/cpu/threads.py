@@ -53,11 +53,17 @@ def chunk_bounds(n, work, min_size=1):
     return [(k * n // chunks, (k + 1) * n // chunks) for k in range(chunks)]
 
 
-def run_chunks(func, bounds):
-    """func(lo, hi) for every chunk: the first on this thread, the others on the pool."""
+def run_chunks(func, bounds, on_error=None):
+    """func(lo, hi) for every chunk: the first on this thread, the others on the pool.
+    on_error() runs when this thread's chunk fails (or is interrupted before it starts),
+    before waiting for the others: chunks that wait for each other must be told to stop."""
     others = [_pool().submit(func, lo, hi) for lo, hi in bounds[1:]]
     try:
         func(*bounds[0])
+    except BaseException:
+        if on_error is not None:
+            on_error()
+        raise
     finally:
         for future in others:
             future.result()
@@ -126,8 +132,22 @@ class _SingleThreadedBlas:
             self._depth -= 1
             if self._depth == 0:
                 for setter, count in self._restore:
-                    setter(count)
+                    current = setter(count)
+                    if current != 1:
+                        # Someone else set the count while we held it at 1 (a user's
+                        # threadpool_limits ending on another thread): theirs stands.
+                        setter(current)
                 self._restore = []
+
+    def _after_fork_in_child(self):
+        """A child forked while another thread was inside the section inherits BLAS at one
+        thread and a depth (maybe a held lock) that no thread of it will ever release."""
+        self._lock = threading.Lock()
+        if self._depth:
+            for setter, count in self._restore:
+                setter(count)
+        self._depth, self._restore = 0, []
 
 
 single_threaded_blas = _SingleThreadedBlas()
+os.register_at_fork(after_in_child=single_threaded_blas._after_fork_in_child)
