@@ -5,68 +5,53 @@ The JIT is warmed (or its cache loaded) in setup(), so the timings see only comp
 from fastrnn.bench import CELLS, GRID, Case, fastrnn_step
 
 SHAPES = ["x".join(map(str, shape)) for shape in GRID]
-# Layer variants on two mid shapes only, so the grid stays small.
+# Bidirectional and variable-length variants on two mid shapes only, so the grid stays small.
 VARIANT_SHAPES = SHAPES[1:3]
-VARIANTS = {"layers2": dict(num_layers=2), "bidirectional": dict(bidirectional=True),
-            "varlen": dict(varlen=True)}
+VARIANTS = {"bidirectional": dict(bidirectional=True), "varlen": dict(varlen=True)}
+# A parameter rather than one method per mode: setup() builds and warms only the measured
+# mode, so peakmem_ of an eval forward does not include a training step's memory (asv's
+# peakmem is the whole process's peak RSS, setup included).
+MODES = ["infer", "train"]
 
 
 def _case(cell, shape, **options):
     return Case(cell, *map(int, shape.split("x")), **options)
 
 
-class Grid:
-    """One layer, every cell over the issue's (T, B, I, H) grid."""
+class _Step:
+    """time_/peakmem_ of one warmed step (an eval forward, or forward + backward)."""
 
-    params = (list(CELLS), SHAPES)
-    param_names = ["cell", "shape"]
     timeout = 300
 
-    def setup(self, cell, shape):
-        case = _case(cell, shape)
-        self.infer = fastrnn_step(case, "infer")
-        self.train = fastrnn_step(case, "train")
-        self.infer()
-        self.train()
+    def _warm(self, case, mode):
+        self.step = fastrnn_step(case, mode)
+        self.step()
 
-    def time_forward_eval(self, cell, shape):
-        self.infer()
+    def time_step(self, *params):
+        self.step()
 
-    def time_train_step(self, cell, shape):
-        self.train()
-
-    def peakmem_forward_eval(self, cell, shape):
-        self.infer()
-
-    def peakmem_train_step(self, cell, shape):
-        self.train()
+    def peakmem_step(self, *params):
+        self.step()
 
 
-class Variants:
-    """Two layers, bidirectional, and variable lengths (evenly from T down to T/4)."""
+class Grid(_Step):
+    """Every cell over the issue's (T, B, I, H) grid, with 1 and 2 layers."""
 
-    params = (list(CELLS), list(VARIANTS), VARIANT_SHAPES)
-    param_names = ["cell", "variant", "shape"]
-    timeout = 300
+    params = (list(CELLS), SHAPES, [1, 2], MODES)
+    param_names = ["cell", "shape", "layers", "mode"]
 
-    def setup(self, cell, variant, shape):
-        case = _case(cell, shape, **VARIANTS[variant])
-        self.infer = fastrnn_step(case, "infer")
-        self.train = fastrnn_step(case, "train")
-        self.infer()
-        self.train()
+    def setup(self, cell, shape, layers, mode):
+        self._warm(_case(cell, shape, num_layers=layers), mode)
 
-    def time_forward_eval(self, cell, variant, shape):
-        self.infer()
 
-    def time_train_step(self, cell, variant, shape):
-        self.train()
+class Variants(_Step):
+    """Bidirectional, and variable lengths (evenly from T down to T/4)."""
 
-    def peakmem_forward_eval(self, cell, variant, shape):
-        self.infer()
+    params = (list(CELLS), list(VARIANTS), VARIANT_SHAPES, MODES)
+    param_names = ["cell", "variant", "shape", "mode"]
 
-    def peakmem_train_step(self, cell, variant, shape):
-        self.train()
+    def setup(self, cell, variant, shape, mode):
+        self._warm(_case(cell, shape, **VARIANTS[variant]), mode)
 
 
 class CallOverhead:

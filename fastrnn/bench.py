@@ -26,11 +26,13 @@ Peak memory (``--memory``)
 --------------------------
 Each (case, engine) runs in a fresh subprocess: import the engine, warm its kernels on a tiny
 shape, then reset the kernel's peak-RSS counter (``/proc/self/clear_refs``, Linux >= 4.0) and
-read the resident set size; build the layer, the input and dout, run ONE training step
-(forward + backward) and read the peak RSS (``VmHWM``). The number reported is peak minus
-baseline: every byte the training step at that shape touches -- parameters, gradients, input,
+read the resident set size; build the layer, the input and dout, run MEMORY_STEPS training
+steps (forward + backward: a training loop's steady state, where the next forward meets what
+the last one kept) and read the peak RSS (``VmHWM``). The number reported is peak minus
+baseline: every byte the training steps at that shape touch -- parameters, gradients, input,
 saved activations, workspaces, BLAS and torch allocator buffers -- which tracemalloc would
 miss. Where clear_refs is unavailable the peak is ``ru_maxrss`` and the figure is a lower bound.
+The child runs with this process's thread count (``NUMBA_NUM_THREADS``).
 """
 import argparse
 import json
@@ -337,8 +339,14 @@ def _status_kb(field):
     raise KeyError(field)
 
 
+# Training steps per peak-memory measurement: the first step alone missed that a layer then
+# kept its activations into the next forward (two sets at the peak, fixed since).
+MEMORY_STEPS = 3
+
+
 def _peak_memory_child(engine, case):
-    """Runs in a fresh process: bytes of peak RSS added by one training step (see module doc)."""
+    """Runs in a fresh process: bytes of peak RSS added by MEMORY_STEPS training steps (see
+    module doc)."""
     import resource
     # The warm-up shares the case's options: torch's first packed-sequence call (varlen)
     # would otherwise land in the measured step.
@@ -363,7 +371,8 @@ def _peak_memory_child(engine, case):
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step = fastrnn_step(case, "train") if engine == "fastrnn" else \
         torch_step(case, "train", same_weights=False)
-    step()
+    for _ in range(MEMORY_STEPS):
+        step()
     if method.startswith("VmHWM"):
         peak = _status_kb("VmHWM")
     else:
@@ -372,12 +381,12 @@ def _peak_memory_child(engine, case):
 
 
 def peak_memory(case, engine, timeout=600):
-    """Peak RSS added by one training step of case on engine ("fastrnn"|"torch"), in bytes,
-    measured in a fresh subprocess."""
+    """Peak RSS added by MEMORY_STEPS training steps of case on engine ("fastrnn"|"torch"),
+    in bytes, measured in a fresh subprocess with this process's thread count."""
     cmd = [sys.executable, "-m", "fastrnn.bench", "--_peak-memory", engine,
            json.dumps(case.as_dict())]
-    proc = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(cmd, env=_child_env(NUMBA_NUM_THREADS=str(threads())),
+                          capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"peak-memory child failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -457,8 +466,12 @@ def _fmt(value, digits):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def format_table(results, memory=False):
+def format_table(results, memory=False, gemm_dtype="float32"):
+    """The results as a text table; its "% sgemm" column says "% dgemm" for float64 runs,
+    whose reference GEMM is a dgemm."""
     columns = COLUMNS + (("fastrnn MiB", "torch MiB") if memory else ())
+    if gemm_dtype == "float64":
+        columns = tuple("% dgemm" if c == "% sgemm" else c for c in columns)
     rows = []
     for r in results:
         row = [r["cell"], r["mode"], r["label"], _fmt(r["fastrnn_ms"], 3),
@@ -574,6 +587,8 @@ def run(args):
     if with_torch:
         match_torch_threads(n_threads)
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    if not cells:
+        raise SystemExit(f"fastrnn bench: --cells names no cell: {args.cells!r}")
     for cell in cells:
         if cell not in GATES:
             raise SystemExit(f"fastrnn bench: unknown cell {cell!r}; choose from {sorted(GATES)}")
@@ -622,7 +637,9 @@ def run(args):
 def print_report(report, memory=False, file=None):
     file = file or sys.stdout
     m = report["machine"]
-    print(f"fastrnn bench: {m['threads']} threads (Numba and torch), "
+    engines = "Numba and torch" if any(r["torch_ms"] is not None
+                                       for r in report["results"]) else "Numba"
+    print(f"fastrnn bench: {m['threads']} threads ({engines}), "
           f"{m['gemm_dtype']} GEMM {m['gemm_n']}^3: {m['gemm_gflops']:.1f} GFLOP/s; "
           + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), file=file)
     unset = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if m["env"].get(k)]
@@ -631,7 +648,8 @@ def print_report(report, memory=False, file=None):
               f"speed (run under `env -u {' -u '.join(unset)}`)", file=file)
     print("ratio = torch ms / fastrnn ms, median of per-round ratios (> 1: fastrnn faster)",
           file=file)
-    print(format_table(report["results"], memory=memory), file=file)
+    print(format_table(report["results"], memory=memory, gemm_dtype=m["gemm_dtype"]),
+          file=file)
     s = report["summary"]
     if s["geomean_ratio"]:
         print(f"geometric mean ratio {s['geomean_ratio']:.2f}, min {s['min_ratio']:.2f} "
@@ -651,18 +669,19 @@ def main(argv=None):
         return 0
     if args.rounds < 1:
         raise SystemExit("fastrnn bench: --rounds must be >= 1")
+    if args.png:  # before the run, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("fastrnn bench: --png needs matplotlib (pip install "
+                             "'fastrnn[plot]')")
     report = run(args)
     print_report(report, memory=args.memory)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=1)
     if args.png:
-        try:
-            write_png(report["results"], args.png)
-        except ImportError:
-            print("fastrnn bench: --png needs matplotlib (pip install 'fastrnn[plot]')",
-                  file=sys.stderr)
-            return 2
+        write_png(report["results"], args.png)
     return 0
 
 

@@ -401,6 +401,11 @@ class _RecurrentLayer:
             # GEMM runs over every step, where 0 * NaN would be NaN
             xt = backend.zero_padding(xt, lengths_dev)
         train = self.training
+        if train:
+            # Free the last forward's activations before this one allocates its own: a
+            # training loop would otherwise hold two sets at its peak (PyTorch frees its graph
+            # in backward; this layer keeps it for a second backward, until the next forward).
+            self._drop_saved("a training forward that did not complete")
         saved_layers = []
         h_n, c_n = [], []
         layer_input = xt.reshape(T * B, self.input_size)

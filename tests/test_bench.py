@@ -110,3 +110,28 @@ def test_bad_arguments_are_one_line_errors(argv, capsys):
         bench.main(["--cells", "rnn", "--shapes", TINY, "--no-torch"] + argv)
     assert exc.value.code not in (0, None)
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_an_empty_cell_list_is_refused():
+    with pytest.raises(SystemExit, match="names no cell"):
+        bench.main(["--cells", ",", "--shapes", TINY, "--no-torch"])
+
+
+def test_png_without_matplotlib_fails_before_the_run(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+
+    def run(args):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(bench, "run", run)
+    with pytest.raises(SystemExit, match="needs matplotlib"):
+        bench.main(["--cells", "rnn", "--shapes", TINY, "--png", "x.png"])
+
+
+def test_float64_runs_name_their_reference_dgemm_and_no_torch(capsys):
+    assert bench.main(["--cells", "rnn", "--shapes", TINY, "--rounds", "1", "--min-time", "0",
+                       "--gemm-size", "128", "--dtype", "float64", "--no-torch",
+                       "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "% dgemm" in out and "% sgemm" not in out
+    assert "threads (Numba)" in out

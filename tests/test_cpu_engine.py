@@ -374,3 +374,29 @@ def test_a_forked_child_gets_its_blas_threads_back(monkeypatch):
     with section:  # usable again
         assert blas.count == 1
     assert blas.count == 2
+
+
+def test_a_training_forward_frees_the_last_ones_activations_first(monkeypatch):
+    """A training loop holds one set of saved activations at its peak, not two: the next
+    training forward drops the last one's before its kernels allocate (measured: LSTM
+    100x64x128x256, 3 steps, 145 -> 101 MiB; torch 109)."""
+    import gc
+    import weakref
+
+    layer = make_layer("gru", 3, 4, dtype="float64", seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    out, _ = layer(x)
+    layer.backward(np.ones_like(out))
+    saved = weakref.ref(layer._saved[2][0][1][0].acts)  # layer 0, direction 0
+    alive_at_next_forward = []
+    real = cpu.forward_direction
+
+    def forward_direction(*args, **kwargs):
+        gc.collect()
+        alive_at_next_forward.append(saved() is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "forward_direction", forward_direction)
+    out, _ = layer(x)
+    assert alive_at_next_forward == [False]
+    layer.backward(np.ones_like(out))  # the new forward's activations are there
