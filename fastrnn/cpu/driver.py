@@ -48,8 +48,8 @@ SYNC_STRIDE = 16
 # Polls of a partner's counter before a waiting part gives its core away on each further poll
 # (a few microseconds: a partner running on another core arrives well within it). Without
 # this, a part whose partner had no core (more busy threads than cores: several callers, a
-# busy neighbour, a CPU quota) spun through its time slices: 8 threads calling an LSTM(128,
-# 256) on 2 cores took 1000x longer than unsplit calls.
+# busy neighbour, a CPU quota) spun through whole time slices, and such calls became orders
+# of magnitude slower than unsplit ones.
 SPINS_BEFORE_YIELD = 2000
 # The OS call that hands the core to another runnable thread (resolved by name when the
 # kernels are linked, so they stay cacheable).
@@ -227,10 +227,9 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
     Split units: with one batch row or a few, a step is one GEMV; when its weights are many
     times L1 (see fastrnn.cpu.unit_parts) the threads share the units instead of the rows
     (sync ((parts + 1)*SYNC_STRIDE,) int64 zeros, see :func:`wait_for_parts`; part = this
-    thread's index): each reads only
-    its units' weights, and after each step waits until every part has written its units
-    of h (:func:`wait_for_parts`) before the next step reads all of h_prev. With one part
-    (sync.shape[0] == 2*SYNC_STRIDE) there is no wait.
+    thread's index): each reads only its units' weights, and after each step waits until
+    every part has written its units of h before the next step reads all of h_prev. With
+    one part (sync.shape[0] == 2*SYNC_STRIDE) there is no wait.
 
     The cell writes the new state into h_new/c_new, not into h_seq/c_seq: LLVM cannot tell
     two slots of one array apart and leaves the unit loop scalar (measured 6x slower).
