@@ -127,14 +127,15 @@ def _check_shape(array, name, expected):
 
 
 def _may_alias(array, caller, transposed):
-    """Whether the time-major array made from the caller's input may share its memory: a
-    NumPy input is checked; a device input does unless it was transposed (batch_first) or
-    strided (both copied on the device); any other array-like (a torch CPU tensor, an
-    ``__array__`` object, which may hand out its own buffer) is assumed to."""
+    """Whether the time-major array made from the caller's input may share its memory. On
+    the device: only a device input used in place, neither transposed (batch_first) nor
+    strided (both copied on the device); a host input was uploaded. On the host: a NumPy
+    input is checked; any other array-like (a torch CPU tensor, an ``__array__`` object,
+    which may hand out its own buffer) is assumed to."""
+    if _is_device_array(array):  # never handed to NumPy: that could copy it to the host
+        return _is_device_array(caller) and not transposed and gpu.is_c_contiguous(caller)
     if isinstance(caller, np.ndarray):
         return np.may_share_memory(array, caller)
-    if _is_device_array(caller):
-        return not transposed and gpu.is_c_contiguous(caller)
     return True
 
 

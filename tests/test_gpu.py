@@ -858,3 +858,19 @@ def test_device_arrays_of_the_wrong_dtype_or_layout_are_named():
     with pytest.raises(TypeError, match=r"state_dict\['rnn.weight_hh_l0'\] is a non-contig"):
         model.load_state_dict({**weights, "rnn.weight_hh_l0": strided(
             weights["rnn.weight_hh_l0"])})
+
+
+@needs_gpu
+def test_a_host_input_uploaded_for_training_is_not_handed_to_numpy(monkeypatch):
+    """Deciding whether the training forward must copy its input never gives NumPy a device
+    array (NumPy could copy it to the host to compare memory)."""
+    real = np.may_share_memory
+
+    def host_only(a, b, *args, **kwargs):
+        assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray), "device array to NumPy"
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(np, "may_share_memory", host_only)
+    layer = fr.GRU(2, 3, device="cuda", seed=0)
+    out, _ = layer(np.ones((3, 2, 2), np.float32))
+    layer.backward(np.ones(out.shape, np.float32))

@@ -315,14 +315,10 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
 
     def recur(lo, hi, part=0):  # batch rows lo:hi, units of parts[part], through all T steps
         run = runs[part]
-        try:
-            forward(x2d, run.w_panels, run.w_ih_panels, run.w_hh_panels, run.b_ih, run.b_hh,
-                    lengths, reverse, train, h_seq, c_seq, acts, run.pre, run.hg,
-                    run.h_new, run.c_new, out, out_col, lo, hi, run.blocks, parts[part][0],
-                    sync, part)
-        except BaseException:
-            abort()
-            raise
+        forward(x2d, run.w_panels, run.w_ih_panels, run.w_hh_panels, run.b_ih, run.b_hh,
+                lengths, reverse, train, h_seq, c_seq, acts, run.pre, run.hg,
+                run.h_new, run.c_new, out, out_col, lo, hi, run.blocks, parts[part][0], sync,
+                part)
 
     # Small GEMM blocks never start OpenBLAS threads; pinning (about 10 us) is only needed
     # when a chunk is too tall for blocks of SMALL_GEMM.

@@ -55,9 +55,17 @@ def chunk_bounds(n, work, min_size=1):
 
 def run_chunks(func, bounds, on_error=None):
     """func(lo, hi) for every chunk: the first on this thread, the others on the pool.
-    on_error() runs when this thread's chunk fails (or is interrupted before it starts),
-    before waiting for the others: chunks that wait for each other must be told to stop."""
-    others = [_pool().submit(func, lo, hi) for lo, hi in bounds[1:]]
+    on_error() runs as soon as any chunk fails (this thread's also when interrupted before
+    it starts), before anything waits: chunks that wait for each other must be told to
+    stop."""
+    def guarded(lo, hi):
+        try:
+            func(lo, hi)
+        except BaseException:
+            on_error()
+            raise
+
+    others = [_pool().submit(guarded if on_error else func, lo, hi) for lo, hi in bounds[1:]]
     try:
         func(*bounds[0])
     except BaseException:

@@ -153,12 +153,11 @@ def _elementwise(kernel_name, dtype, n, *args):
             *args)
 
 
-def _flat(array):
-    """Contiguous device array -> 1-D view of all its elements (TypeError for a strided one,
-    which a real DeviceNDArray cannot view flat)."""
+def _flat(array, name="a device array"):
+    """Contiguous device array -> 1-D view of all its elements (TypeError naming ``name`` for
+    a strided one, which a real DeviceNDArray cannot view flat)."""
     if not array.is_c_contiguous():
-        raise TypeError("a non-contiguous device array was given where a C-contiguous one "
-                        "is needed")
+        raise TypeError(f"{name} is a non-contiguous device array; pass a C-contiguous one")
     return array.reshape(array.size)
 
 
@@ -369,9 +368,10 @@ def sum_squares(arrays):
     return [float(np.sum(host[end - count:end])) for end, count in zip(ends, counts)]
 
 
-def all_finite(array):
-    """Whether a contiguous device array holds no NaN and no infinity."""
-    flat = _flat(_as_device(array))
+def all_finite(array, name="a device array"):
+    """Whether a contiguous device array holds no NaN and no infinity (``name`` for the
+    error about a strided one)."""
+    flat = _flat(_as_device(array), name)
     flag = _cuda().to_device(np.zeros(1, np.int32))
     _elementwise("flag_non_finite", flat.dtype, flat.size, flat, flag)
     return not flag.copy_to_host()[0]
