@@ -400,3 +400,25 @@ def test_a_training_forward_frees_the_last_ones_activations_first(monkeypatch):
     out, _ = layer(x)
     assert alive_at_next_forward == [False]
     layer.backward(np.ones_like(out))  # the new forward's activations are there
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("transpose_a", [True, False])
+@pytest.mark.parametrize("rows", [1, 9, cpu.IN_PLACE_TRANSPOSED_ROWS])
+def test_accumulated_products_match_numpy(dtype, transpose_a, rows):
+    """Backward's in-place BLAS products (c += op(a)·b) on the column slices and row ranges
+    it passes, one row of a included, match NumPy's product and sum; strided operands take
+    NumPy's path and give the same."""
+    rng = np.random.default_rng(rows)
+    kernel = fr.cpu.kernels.gemm_accumulate_kernel(np.dtype(dtype))
+    big = rng.standard_normal((rows, 12)).astype(dtype)  # op(a) is (M, K) = (rows or 5, ...)
+    a = big[:, 3:8] if transpose_a else big[:, 2:9]      # (K=rows, M=5) or (M=rows, K=7)
+    K = a.shape[0] if transpose_a else a.shape[1]
+    b = rng.standard_normal((K, 6)).astype(dtype)
+    c_parent = rng.standard_normal((a.shape[1] if transpose_a else rows, 10)).astype(dtype)
+    want = c_parent.copy()
+    want[:, 1:7] += (a.T if transpose_a else a) @ b
+    for operand_b in (b, np.asfortranarray(b)):  # the second: NumPy's path
+        c = c_parent.copy()
+        cpu._accumulate_product(kernel, a, operand_b, c[:, 1:7], transpose_a)
+        assert_close(c, want, name="c", **PARITY[np.dtype(dtype)])

@@ -5,21 +5,19 @@ layer-direction; everything inside the time loop is compiled.
 """
 import collections
 import contextlib
+import functools
 import os
 import threading
 
 import numpy as np
 
 from . import threads
-from .kernels import get_kernels, pack_kernel
+from .kernels import gemm_accumulate_kernel, get_kernels, pack_kernel
 from .driver import SYNC_STRIDE
 from .threads import chunk_bounds, run_chunks, single_threaded_blas
 
 name = "cpu"
 _workspaces = threading.local()  # per-thread, so concurrent eval calls never share buffers
-# dx is accumulated in blocks of this many rows: the GEMM's temporary is one block, not all
-# T*B rows (training peak memory).
-DX_BLOCK_ROWS = 2048
 # OpenBLAS's small-matrix GEMM (no packing) covers M*N*K up to this (measured boundary).
 SMALL_GEMM = 1 << 19
 GEMM_BLOCK_N = 64
@@ -336,6 +334,27 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     return h_n, c_n, saved
 
 
+# Backward's products c += op(a)·b run in place by one BLAS call (kernels.
+# gemm_accumulate_kernel) except aᵀ·b summed over this many rows (T*B) or more: measured
+# (OpenBLAS 0.3.30 in SciPy, which the kernels call, and 0.3.31 in NumPy), that product ran
+# about 10 % faster in NumPy's from 512 rows on (T*B = 6400, (1024, 512): 47.8 against
+# 53.2 ms) and alike at 128, while below it NumPy's temporary and sum dominate (8 rows,
+# (2048, 512): 1.38 against 0.26 ms; one row takes a loop outside BLAS: 20 against 1 us).
+# a·b (dx) was as fast or faster in place at every size measured.
+IN_PLACE_TRANSPOSED_ROWS = 128
+
+
+def _accumulate_product(kernel, a, b, c, transpose_a):
+    """c (M, N) += aᵀ (a (K, M)) · b (K, N) when transpose_a, else a (M, K) · b (see
+    IN_PLACE_TRANSPOSED_ROWS). Operands whose elements are not contiguous along their rows
+    (a parameter a caller replaced by a strided view) take NumPy's product too."""
+    in_place = not transpose_a or a.shape[0] < IN_PLACE_TRANSPOSED_ROWS
+    if in_place and all(m.strides[1] == m.itemsize for m in (a, b, c)):
+        kernel(a, b, c, transpose_a)
+    else:
+        c += (a.T if transpose_a else a) @ b
+
+
 def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads, dx2d):
     """BPTT of one layer-direction; accumulates (+=) parameter gradients and dx.
 
@@ -390,25 +409,25 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     def column_sums(m):  # (T*B, n) -> (n,) as a GEMV: NumPy's axis-0 sum of a column
         return ones @ m  # slice adds one row at a time (it showed up in perf)
 
+    accumulate = functools.partial(_accumulate_product, gemm_accumulate_kernel(dtype))
+
     def weight_grads(lo, hi):  # gate rows lo:hi of dW_ih, dW_hh, db: one GEMM each
-        d_w_ih[lo:hi] += dgx2d[:, lo:hi].T @ x2d
+        accumulate(dgx2d[:, lo:hi], x2d, d_w_ih[lo:hi], True)
         d_b = column_sums(dgx2d[:, lo:hi]) if d_b_ih is not None else None
         if d_b is not None:
             d_b_ih[lo:hi] += d_b
         # Split where the recurrent-side gradients switch from dgx to dgh_tail.
         for a, b in ((lo, min(hi, tail_start)), (max(lo, tail_start), hi)):
             if a < b:
-                d_w_hh[a:b] += recurrent_grads(a, b).T @ h_prev2d
+                accumulate(recurrent_grads(a, b), h_prev2d, d_w_hh[a:b], True)
                 if d_b_hh is not None:
                     # Below tail_start the recurrent-side gradients are dgx's: same sums.
                     shared = d_b is not None and b <= tail_start
                     d_b_hh[a:b] += d_b[a - lo:b - lo] if shared else column_sums(
                         recurrent_grads(a, b))
 
-    def input_grad(lo, hi):  # rows lo:hi of dx, in blocks so the GEMM's temporary stays small
-        for a in range(lo, hi, DX_BLOCK_ROWS):
-            b = min(hi, a + DX_BLOCK_ROWS)
-            dx2d[a:b] += dgx2d[a:b] @ w_ih
+    def input_grad(lo, hi):  # rows lo:hi of dx
+        accumulate(dgx2d[lo:hi], w_ih, dx2d[lo:hi], False)
 
     # The weight gradients (by gate rows) and dx (by time-batch rows) are independent: thread
     # k does chunk k of each, so the two take one pool hand-off, not two (about 76 us each).

@@ -136,6 +136,18 @@ def pack_kernel():
         cells.specialize(driver.pack_panels, suffix, _copy_tiled=copy_tiled))
 
 
+@functools.lru_cache(maxsize=None)
+def gemm_accumulate_kernel(dtype):
+    """driver.gemm_accumulate for dtype (np.dtype), for operands of any layout."""
+    numba_type = _NUMBA_TYPES[dtype]
+    suffix = f"cpu_{dtype.name}_{_source_hash(driver.gemm_accumulate)}"
+    operand = types.Array(numba_type, 2, "A", readonly=True)
+    signature = types.void(operand, operand, types.Array(numba_type, 2, "A"), types.boolean)
+    return njit([signature], **KERNEL_OPTIONS)(cells.specialize(
+        driver.gemm_accumulate, suffix, BLAS_SCALARS=np.array((1, 0, 1), dtype),
+        **_blas_bindings(dtype)))
+
+
 @functools.lru_cache(maxsize=1)
 def _wait_for_parts():
     return njit(inline="always")(driver.wait_for_parts)
