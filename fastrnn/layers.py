@@ -397,7 +397,8 @@ class _RecurrentLayer:
             xt = self._backend.copy(xt)
         backend, cell, D, H = self._backend, self._cell, self.num_directions, self.hidden_size
         lengths_dev = backend.asarray(lengths, np.int64)
-        if self.training and lengths.min() < T:
+        padded = bool(lengths.min() < T)
+        if self.training and padded:
             # PyTorch's packed sequences never see the padding; here the weight gradient's
             # GEMM runs over every step, where 0 * NaN would be NaN
             xt = backend.zero_padding(xt, lengths_dev)
@@ -428,7 +429,7 @@ class _RecurrentLayer:
                 saved_dirs.append(saved)
             saved_layers.append((layer_input, saved_dirs))
             layer_input = out.reshape(T * B, D * H)
-        self._saved = (T, B, saved_layers) if train else None
+        self._saved = (T, B, padded, saved_layers) if train else None
         self._saved_dropped_by = None if train else \
             "the last forward ran in eval mode, which keeps none"
         # A given h0 replaces the learned state, which then gets no gradient.
@@ -469,7 +470,7 @@ class _RecurrentLayer:
                 raise StateError(f"backward needs the activations of a training forward; "
                                  f"{dropped}: run forward again")
             raise StateError("backward called before forward: there are no saved activations")
-        T, B, saved_layers = self._saved
+        T, B, padded, saved_layers = self._saved
         D, H, L = self.num_directions, self.hidden_size, self.num_layers
         backend = self._backend
         dout = _check_array(dout, "dout", 3, self.dtype, self.device)
@@ -493,7 +494,7 @@ class _RecurrentLayer:
                     dc_last = dstate[1][index] if dstate else backend.zeros((B, H), self.dtype)
                 dh_first, dc_first = backend.backward_direction(
                     self._cell, saved_dirs[d], d_layer_out, d * H, w_ih, w_hh, dh_last,
-                    dc_last, grads, dx2d)
+                    dc_last, grads, dx2d, padded)
                 dh0[index], dc0[index] = dh_first, dc_first
             d_layer_out = dx2d.reshape(T, B, -1)
         dh0 = backend.stack(dh0)

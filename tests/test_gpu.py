@@ -740,6 +740,27 @@ def test_gpu_non_finite_padding_gets_no_gradient():
 
 
 @needs_gpu
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the simulator's NumPy scalars
+def test_gpu_non_finite_state_carried_past_a_length_gets_no_gradient():
+    """As on the CPU (test_layers): a ReLU state that overflows at a row's last valid step
+    and is carried past it leaves dW_hh finite, and every gradient equal to the CPU's."""
+    x = np.array([[[1.0], [1.0]], [[2.0], [np.finfo(np.float64).max]], [[3.0], [0.0]]])
+    dout = np.zeros((3, 2, 2))
+    dout[:, 0] = 1
+    grads = {}
+    for device in ("cpu", "cuda"):
+        layer = fr.RNN(1, 2, nonlinearity="relu", dtype="float64", device=device, seed=0)
+        layer.load_state_dict({name: np.full(value.shape, 2.0)
+                               for name, value in layer.state_dict().items()})
+        layer(x, lengths=[3, 2])
+        layer.backward(dout)
+        grads[device] = {name: gpu.to_host(grad) for name, grad in layer.grads.items()}
+    for name, grad in grads["cuda"].items():
+        assert np.all(np.isfinite(grad)), name
+        assert_close(grad, grads["cpu"][name], name=name, **GPU_VS_CPU[np.dtype(np.float64)])
+
+
+@needs_gpu
 def test_gpu_load_state_dict_copies_device_arrays():
     """Parameters loaded from device arrays own their memory, as from NumPy arrays: a step
     on one layer does not move another's weights, nor the caller's arrays."""

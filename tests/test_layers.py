@@ -154,6 +154,37 @@ def test_saturated_tanh_unit_passes_back_no_gradient(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_a_non_finite_state_carried_past_a_length_leaves_the_gradients_finite(dtype):
+    """A ReLU state that overflows at a row's last valid step is carried through its padded
+    steps, where dW_hh's GEMM meets it with zero gate gradients; PyTorch's packed sequences
+    never read it. With no gradient flowing into that row, every gradient equals the one of
+    the other row alone, as in torch (before: NaN in weight_hh). (In the reverse direction
+    the padded steps carry h0, and the overflowed state is read at valid steps: torch's
+    gradient is NaN there too.)"""
+    def run(x, lengths, dout):
+        layer = make_layer("rnn_relu", 1, 2, dtype=dtype, seed=0)
+        layer.load_state_dict({name: np.full_like(value, 2) for name, value
+                               in layer.state_dict().items()})
+        out, h_n = layer(x, lengths=lengths)
+        layer.backward(dout(out))
+        return h_n, layer.grads
+
+    huge = np.finfo(dtype).max
+    x = np.array([[[1.0], [1.0]], [[2.0], [huge]], [[3.0], [0.0]]], dtype)  # (T=3, B=2, 1)
+
+    def row0_only(out):
+        dout = np.zeros_like(out)
+        dout[:, 0] = 1
+        return dout
+    h_n, grads = run(x, [3, 2], row0_only)
+    assert np.isinf(h_n[0, 1]).all()  # row 1's state overflowed, as in torch
+    _, alone = run(x[:, :1], [3], np.ones_like)
+    for name, grad in alone.items():
+        assert np.all(np.isfinite(grads[name])), name
+        assert_parity(grads[name], grad, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_relu_gradient_passes_through_nan_as_in_pytorch(dtype):
     """PyTorch's relu backward zeroes the gradient only where the output is <= 0, so a NaN
     pre-activation passes it on (torch.relu's gradient at NaN is 1): the bias gradient of a

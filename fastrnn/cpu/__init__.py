@@ -355,13 +355,31 @@ def _accumulate_product(kernel, a, b, c, transpose_a):
         c += (a.T if transpose_a else a) @ b
 
 
-def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads, dx2d):
+def finite_past_lengths(h_prev, lengths):
+    """h_prev (T, B, H), the state each step starts from; lengths (B,) int64. Past a row's
+    length its state is carried unchanged, and the weight gradient's GEMM multiplies it by
+    that step's zero gate gradients: where it is not finite (a ReLU unit that overflowed,
+    NaN inputs) 0 * inf gives NaN, which PyTorch's packed sequences, never reading those
+    steps, do not. Returns h_prev, or a copy with those steps set to 0 when any carried
+    state is not finite (each row carries one state, so only that one is checked)."""
+    T = h_prev.shape[0]
+    short = np.flatnonzero(lengths < T)
+    if np.isfinite(h_prev[lengths[short], short]).all():
+        return h_prev
+    clean = h_prev.copy()
+    clean[np.arange(T)[:, None] >= lengths[None, :]] = 0
+    return clean
+
+
+def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads, dx2d,
+                       padded):
     """BPTT of one layer-direction; accumulates (+=) parameter gradients and dx.
 
     saved: from forward_direction; dout (T, B, D*H); w_ih (G*H, I); w_hh (G*H, H);
     dh_n, dc_n (B, H) gradient w.r.t. the final state (dc_n ignored unless LSTM);
     grads: (d_w_ih, d_w_hh, d_b_ih, d_b_hh) arrays to accumulate into (biases may be None);
-    dx2d (T*B, I) accumulated. Returns (dh0, dc0) (B, H) (dc0 None unless LSTM).
+    dx2d (T*B, I) accumulated; padded: whether some row is shorter than T. Returns (dh0,
+    dc0) (B, H) (dc0 None unless LSTM).
     """
     T, B = dout.shape[0], dout.shape[1]
     GH, H = w_hh.shape
@@ -384,7 +402,10 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     tail2d = dgh_tail.reshape(T * B, tail)
     tail_start = GH - tail
     rev = int(saved.reverse)
-    h_prev2d = saved.h_seq[rev:rev + T].reshape(T * B, H)
+    h_prev = saved.h_seq[rev:rev + T]
+    if padded:
+        h_prev = finite_past_lengths(h_prev, saved.lengths)
+    h_prev2d = h_prev.reshape(T * B, H)
     x2d = saved.x2d
     I = x2d.shape[1]
     d_w_ih, d_w_hh, d_b_ih, d_b_hh = grads

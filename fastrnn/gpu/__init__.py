@@ -657,13 +657,15 @@ def _forward_rows(cell, dtype, x_proj, w_t, b_ih, b_hh, lengths, reverse, train,
     _launch_rows(forward_rows, B, _row_threads(GH), (H, GH, H * GH), itemsize, args)
 
 
-def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads, dx2d):
+def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads, dx2d,
+                       padded):
     """BPTT of one layer-direction on the device; accumulates (+=) gradients and dx.
 
     saved: from forward_direction; dout (T, B, D*H); w_ih (G*H, I); w_hh (G*H, H); dh_n, dc_n
     (B, H) (dc_n ignored unless LSTM); grads (d_w_ih, d_w_hh, d_b_ih, d_b_hh) device arrays to
-    accumulate into (biases may be None); dx2d (T*B, I) accumulated. Returns (dh0, dc0)
-    (B, H) new device arrays (dc0 None unless LSTM). Every reduction sums in a fixed order.
+    accumulate into (biases may be None); dx2d (T*B, I) accumulated; padded: whether some
+    row is shorter than T. Returns (dh0, dc0) (B, H) new device arrays (dc0 None unless
+    LSTM). Every reduction sums in a fixed order.
     """
     T, B = dout.shape[0], dout.shape[1]
     GH, H = w_hh.shape
@@ -716,6 +718,11 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     rows = T * B
     rev = int(saved.reverse)
     h_prev2d = _flat(saved.h_seq)[rev * B * H:(rev + T) * B * H]  # (T*B, H), time order
+    if padded:
+        # The states carried past each row's length meet zero gate gradients in dW_hh's
+        # GEMM; one that is not finite would make 0 * inf = NaN there (see
+        # fastrnn.cpu.finite_past_lengths). A zeroed copy costs a pass over T*B*H.
+        h_prev2d = _flat(zero_padding(copy(saved.h_seq[rev:rev + T]), saved.lengths))
     d_w_ih, d_w_hh, d_b_ih, d_b_hh = grads
     g_x, g_h = _flat(dgx), _flat(dgh)
     # dW_ih += dgx^T . x2d: (G*H, T*B) x (T*B, I); dW_hh += dgh^T . h_prev: (G*H, T*B) x (T*B, H)
