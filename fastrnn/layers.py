@@ -218,6 +218,34 @@ class _RecurrentLayer:
                 shapes["initial_c"] = (self.num_layers * self.num_directions, H)
         return shapes
 
+    def _check_params(self):
+        """Every entry of ``params`` as forward and backward read it: present, and an array
+        of the layer's dtype and shape on its device. Callers may assign entries
+        (load_state_dict converts and copies; an assignment does not), and would otherwise
+        meet a Numba typing or NumPy broadcast error that names no parameter."""
+        shapes = self.__dict__.get("_shapes")
+        if shapes is None:
+            shapes = self._shapes = self._parameter_shapes()
+        on_device, dtype, params = self.device != "cpu", self.dtype, self.params
+        for name, shape in shapes.items():
+            value = params.get(name)
+            if type(value) is np.ndarray and not on_device:  # the common case, first
+                if value.dtype == dtype and value.shape == shape:
+                    continue
+            kind_ok = _is_device_array(value) if on_device else isinstance(value, np.ndarray)
+            if kind_ok and value.dtype == dtype and tuple(value.shape) == shape:
+                continue
+            where = f"params[{name!r}]"
+            expected = (f"a {'device' if on_device else 'NumPy'} array of dtype "
+                        f"{self.dtype} and shape {shape}")
+            if value is None:
+                raise ValueError(f"{where} is missing; the layer needs {expected}")
+            if not kind_ok or value.dtype != self.dtype:
+                got = f"dtype {value.dtype}" if kind_ok else type(value).__name__
+                raise TypeError(f"{where} must be {expected}, got {got}; "
+                                f"load_state_dict converts")
+            raise ValueError(f"{where} must have shape {shape}, got {tuple(value.shape)}")
+
     def _init_parameters(self, seed):
         # PyTorch: every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H)); learned states start at 0.
         try:
@@ -377,6 +405,7 @@ class _RecurrentLayer:
         its last valid step (PyTorch's packed-sequence semantics).
         """
         caller_x = x
+        self._check_params()
         x = _check_array(x, "x", 3, self.dtype, self.device)
         if x.ndim != 3:
             raise ValueError(f"x must be 3-dimensional, got shape {tuple(x.shape)}")
@@ -464,6 +493,7 @@ class _RecurrentLayer:
         if not self.training:
             raise StateError("backward needs a forward in training mode; call layer.train() "
                              "and forward again (eval-mode forward keeps no activations)")
+        self._check_params()
         if self._saved is None:
             dropped = getattr(self, "_saved_dropped_by", None)
             if dropped:

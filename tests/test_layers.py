@@ -202,3 +202,30 @@ def test_relu_gradient_passes_through_nan_as_in_pytorch(dtype):
     out, _ = layer(np.ones((2, 1, 1), dtype), h0=np.full((1, 1, 1), np.nan, dtype))
     dx, _ = layer.backward(np.ones_like(out))
     assert np.array_equal(dx.ravel(), np.array([2, 1], dtype))
+
+
+@pytest.mark.parametrize("value, error", [
+    (lambda w: w.astype(np.float64), TypeError),
+    (lambda w: w.tolist(), TypeError),
+    (lambda w: w[:, :-1], ValueError),
+    (None, ValueError),
+])
+def test_an_assigned_parameter_of_the_wrong_kind_is_named(value, error):
+    """params entries a caller assigned are checked by forward and backward: wrong dtype, not
+    an array, wrong shape or missing each name the entry (before: a Numba typing error, an
+    AttributeError, a broadcast error)."""
+    layer = make_layer("gru", 4, 5, seed=0)
+    x = np.ones((3, 2, 4), np.float32)
+    out, _ = layer(x)
+    good = layer.params["weight_hh_l0"]
+    if value is None:
+        del layer.params["weight_hh_l0"]
+    else:
+        layer.params["weight_hh_l0"] = value(good)
+    for call in (lambda: layer(x), lambda: layer.backward(np.ones_like(out))):
+        with pytest.raises(error, match=r"params\['weight_hh_l0'\]"):
+            call()
+    layer.params["weight_hh_l0"] = np.asfortranarray(good)  # any layout of the right kind
+    out2, _ = layer(x)
+    np.testing.assert_array_equal(out2, out)
+    layer.backward(np.ones_like(out))
