@@ -167,6 +167,18 @@ class FakeDeviceArray:
         return self._array.copy()
 
 
+@pytest.mark.parametrize("cell", ["gru", "rnn_tanh"])
+def test_a_state_pair_for_a_cell_without_one_is_named(cell):
+    """An (h, c) pair given to a GRU or RNN says that only an LSTM's state is a pair (before:
+    "h0 must be 3-dimensional, got shape (2, 1, 3, 3)", of an array the caller never made);
+    a tuple that NumPy stacks into one valid state still works."""
+    layer, x, h0, _ = small(cell)
+    with raises(TypeError, "only an LSTM's state is a pair"):
+        layer(x, h0=(h0, h0))
+    out, _ = layer(x, h0=tuple(h0))  # L*D = 1 array of (B, H): stacks to (1, B, H)
+    np.testing.assert_array_equal(out, layer(x, h0=h0)[0])
+
+
 def test_device_arrays_refused_on_cpu_layer(cell):
     layer, x, h0, lengths = small(cell)
     with raises(TypeError, "x"):
