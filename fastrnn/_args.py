@@ -32,9 +32,12 @@ FRACTION = _number(float, 0, 1)  # [0, 1)
 
 
 def OUTPUT_FILE(text):
-    """argparse type: a path to write at the end of a run, whose folder must exist now, so
-    a typo fails at once rather than after the training or benchmark it would have saved."""
+    """argparse type: a path to write at the end of a run, whose folder must exist now (and
+    which is not a folder itself), so a typo fails at once rather than after the training or
+    benchmark it would have saved."""
     folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"the folder {folder} does not exist")
     return text

@@ -551,7 +551,8 @@ def build_parser():
                    help="Numba and torch threads [Numba's default]")
     p.add_argument("--no-torch", action="store_true", help="time fastrnn alone")
     p.add_argument("--memory", action="store_true",
-                   help="also measure peak RSS of one training step per engine (subprocesses)")
+                   help="also measure peak RSS of three training steps per engine "
+                        "(subprocesses)")
     p.add_argument("--startup", action="store_true",
                    help="also measure warm-cache start-up and cold compile time")
     p.add_argument("--json", metavar="PATH", type=OUTPUT_FILE, help="write results as JSON")

@@ -252,6 +252,27 @@ def _split(X, Y, lengths, fraction, seed):
     return (X[tr], Y[tr], pick(lengths, tr)), (X[va], Y[va], pick(lengths, va))
 
 
+# The model flags of `train` and their defaults for a new model; a resumed one keeps the
+# checkpoint's, and giving other values then is an error rather than silently ignored.
+ARCHITECTURE = {"cell": "lstm", "hidden": 128, "layers": 1}
+
+
+def _check_resumed_architecture(model, args):
+    """SystemExit naming each model flag given with --resume that the checkpoint's model
+    does not have."""
+    config = model.config()
+    have = {"cell": config["cell"], "hidden": config["hidden_size"],
+            "layers": config["num_layers"]}
+    clashes = [f"--{name} {getattr(args, name)} (the checkpoint has {have[name]})"
+               for name in ARCHITECTURE
+               if getattr(args, name) is not None and getattr(args, name) != have[name]]
+    if args.bidirectional and not config["bidirectional"]:
+        clashes.append("--bidirectional (the checkpoint's model is unidirectional)")
+    if clashes:
+        raise SystemExit(f"error: --resume continues the checkpoint's model; drop "
+                         f"{', '.join(clashes)}, or start a new checkpoint")
+
+
 def cmd_train(args):
     from . import data
     from .model import Checkpoint, SequenceModel, load
@@ -263,6 +284,13 @@ def cmd_train(args):
     resuming = args.resume and os.path.isfile(args.checkpoint)
     if args.resume and not resuming:
         print(f"no checkpoint at {args.checkpoint} yet: starting from scratch")
+    if args.bidirectional and not is_arrays:
+        raise SystemExit("error: --bidirectional applies to array data; a character model "
+                         "reads left to right")
+    if not resuming:
+        for name, default in ARCHITECTURE.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
     diag = (None, None, None)
     if is_arrays:
         X, Y, lengths, val = _load_arrays(args)
@@ -301,21 +329,24 @@ def cmd_train(args):
                                     min(args.seq_len, 64), len(vocab))
         diag = (windows[0][:16], windows[1][:16], None)
     if resuming:
+        _check_resumed_architecture(model, args)
         print(f"resuming from {args.checkpoint} after epoch {model.epoch}")
     print(f"model: {model}")
     callbacks = [Checkpoint(args.checkpoint)] if args.checkpoint else []
     if args.patience is not None:
         fit_kwargs["early_stopping"] = args.patience
-    optimizer = args.optimizer
-    if args.optimizer == "sgd" and args.momentum:
+    optimizer = args.optimizer  # None: the resumed model's (its state kept), else Adam
+    if args.momentum:
         from . import optim
         current = model.optimizer  # a resumed run keeps its momentum buffers
-        same = (isinstance(current, optim.SGD) and current.momentum == args.momentum
-                and current.weight_decay == (args.weight_decay or 0.0))
-        optimizer = current if same else optim.SGD(
-            args.lr, momentum=args.momentum, weight_decay=args.weight_decay or 0.0)
-    elif args.momentum:
-        raise ValueError("--momentum applies to --optimizer sgd only")
+        if (args.optimizer or getattr(current, "name", "adam")) != "sgd":
+            raise ValueError("--momentum applies to --optimizer sgd only")
+        if isinstance(current, optim.SGD) and current.momentum == args.momentum:
+            optimizer = current  # fit sets --lr and --weight-decay on it
+        else:
+            optimizer = optim.SGD(args.lr, momentum=args.momentum,
+                                  weight_decay=args.weight_decay or 0.0)
+            args.weight_decay = None  # the new SGD carries it
     model.fit(X, Y, epochs=args.epochs, lr=args.lr, optimizer=optimizer,
               clip_norm=args.clip_norm, clip_value=args.clip_value,
               weight_decay=args.weight_decay, verbose=not args.quiet, callbacks=callbacks,
@@ -411,10 +442,14 @@ def build_parser():
     train.add_argument("data", help="text file, .npz, or .npy (with --targets)")
     train.add_argument("--targets", help="Y.npy when DATA is X.npy")
     train.add_argument("--lengths", help="lengths.npy when DATA is X.npy")
-    train.add_argument("--cell", choices=["lstm", "gru", "rnn", "rnn_relu"], default="lstm")
-    train.add_argument("--hidden", type=POSITIVE_INT, default=128)
-    train.add_argument("--layers", type=POSITIVE_INT, default=1)
-    train.add_argument("--bidirectional", action="store_true", help="(arrays only)")
+    train.add_argument("--cell", choices=["lstm", "gru", "rnn", "rnn_relu"], default=None,
+                       help=f"(default: {ARCHITECTURE['cell']})")
+    train.add_argument("--hidden", type=POSITIVE_INT, default=None,
+                       help=f"(default: {ARCHITECTURE['hidden']})")
+    train.add_argument("--layers", type=POSITIVE_INT, default=None,
+                       help=f"(default: {ARCHITECTURE['layers']})")
+    train.add_argument("--bidirectional", action="store_true",
+                       help="(arrays only: a character model reads left to right)")
     train.add_argument("--output", choices=["last", "sequence"], default=None,
                        help="(arrays) default: inferred from Y's shape")
     train.add_argument("--loss", choices=["mse", "cross_entropy"], default=None,
@@ -428,7 +463,8 @@ def build_parser():
                        help="(text) truncated-BPTT chunk length")
     train.add_argument("--tbptt", type=POSITIVE_INT, default=None,
                        help="(arrays) truncated BPTT chunk length")
-    train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam")
+    train.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=None,
+                       help="(default: adam; with --resume, the checkpoint's, its state kept)")
     train.add_argument("--lr", type=POSITIVE, default=None,
                        help="learning rate (default: 1e-3 adam, 1e-2 sgd)")
     train.add_argument("--momentum", type=FRACTION, default=0.0, help="(sgd)")

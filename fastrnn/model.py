@@ -10,6 +10,7 @@ Parameter names are ``rnn.<PyTorch name>`` and ``head.weight``/``head.bias``, so
 ``model.state_dict()`` loads into a PyTorch module with attributes ``rnn`` (``nn.LSTM``/``GRU``/
 ``RNN`` with ``batch_first=True``) and ``head`` (``nn.Linear``) unchanged.
 """
+import errno
 import hashlib
 import json
 import math
@@ -17,6 +18,7 @@ import numbers
 import os
 import tempfile
 import time
+import warnings
 import zipfile
 from collections import OrderedDict
 
@@ -173,12 +175,33 @@ def _fsync_folder(folder):
 
 
 def _check_verbose(value):
-    """verbose: a bool, or Keras's 0/1/2 (1 and 2 both show the progress bar)."""
+    """verbose: a bool, or Keras's 0/1/2 -> 0 (silent), 1 (a progress bar per epoch) or 2
+    (one line per epoch)."""
     if isinstance(value, (bool, np.bool_)):
-        return bool(value)
+        return int(bool(value))
     if isinstance(value, numbers.Integral) and value in (0, 1, 2):
-        return bool(value)
+        return int(value)
     raise TypeError(f"verbose must be a bool or 0/1/2, got {value!r}")
+
+
+def _epoch_line(epoch, logs):
+    """'epoch 3: loss 0.1234 - val_loss 0.2345 - 1.2 s' (verbose=2)."""
+    scores = " - ".join(f"{k} {v:.4f}" for k, v in logs.items() if k != "seconds")
+    return f"epoch {epoch}: {scores} - {logs['seconds']:.1f} s"
+
+
+def check_output_path(path, what="the model"):
+    """``path`` (as a str) if a file can be written there: OSError naming it when it is a
+    folder or its folder does not exist (checked before a run that would save there)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"cannot save {what} to {path}: it is a "
+                                f"folder; give a file name", path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, f"cannot save {what} to {path}: the folder "
+                                f"{folder} does not exist", path)
+    return path
 
 
 def _host_numpy(value):
@@ -342,15 +365,21 @@ class SequenceModel:
                 raise ValueError(f"state_dict['head.{k}'] must be finite with shape "
                                  f"{self.head[k].shape}, got {value.shape}")
             head[k] = value.astype(self.dtype).copy()
-        rnn = {k[4:]: v if optim._on_device(v) else _host_numpy(v)
-               for k, v in state_dict.items() if k.startswith("rnn.")}
-        numeric = {f"state_dict['rnn.{k}']": v for k, v in rnn.items()  # other dtypes: the
-                   if optim._on_device(v) or v.dtype.kind in "fiu"}  # layer names the problem
+        self._load_rnn({k[4:]: v for k, v in state_dict.items() if k.startswith("rnn.")},
+                       "state_dict['rnn.{}']")
+        self.head.update(head)
+
+    def _load_rnn(self, state_dict, label):
+        """Load the recurrent layers' parameters (PyTorch names) after checking them all,
+        finite values included (label: how to name one, e.g. "state_dict[{!r}]"); the
+        streaming state of the replaced weights is dropped."""
+        rnn = {k: v if optim._on_device(v) else _host_numpy(v) for k, v in state_dict.items()}
+        numeric = {label.format(k): v for k, v in rnn.items()  # other dtypes: the layer
+                   if optim._on_device(v) or v.dtype.kind in "fiu"}  # names the problem
         bad = optim.non_finite(numeric)
         if bad:
             raise ValueError(f"{bad[0]} holds NaN or infinite values")
         self.rnn.load_state_dict(rnn)  # checks shapes before it replaces any parameter
-        self.head.update(head)
         self._stream_state = None
 
     def rnn_state_dict(self):
@@ -358,8 +387,11 @@ class SequenceModel:
         return self.rnn.state_dict()
 
     def load_rnn_state_dict(self, state_dict):
-        """Load the recurrent layers from a PyTorch ``nn.LSTM/GRU/RNN.state_dict()``."""
-        self.rnn.load_state_dict(state_dict)
+        """Load the recurrent layers from a PyTorch ``nn.LSTM/GRU/RNN.state_dict()``, checked
+        as :meth:`load_state_dict` checks them."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError("state_dict must be a mapping of names to arrays")
+        self._load_rnn(state_dict, "state_dict[{!r}]")
 
     def zero_grad(self):
         self.rnn.zero_grad()
@@ -595,7 +627,7 @@ class SequenceModel:
             total_correct += correct
             yield loss, count, correct
 
-    def fit(self, X, Y, epochs=1, batch_size=32, lr=None, optimizer="adam", clip_norm=None,
+    def fit(self, X, Y, epochs=1, batch_size=32, lr=None, optimizer=None, clip_norm=None,
             clip_value=None, lengths=None, validation_data=None, verbose=True, shuffle=True,
             early_stopping=None, callbacks=None, tbptt=None, weight_decay=None):
         """Train for ``epochs`` more epochs; returns this call's history (a dict of lists).
@@ -603,9 +635,11 @@ class SequenceModel:
         X (N, T, I); Y (N, O) / (N,) for output="last" ((N,) ints for cross_entropy),
         (N, T, O) / (N, T) for output="sequence". lengths: N ints in [1, T] or None.
         validation_data: (X_val, Y_val) or (X_val, Y_val, lengths_val).
-        optimizer: "adam", "adamw", "sgd" or a fastrnn.optim.Optimizer. Calling fit again
-            continues with the same optimizer state (also after :func:`load`) when the name
-            and weight_decay match; ``lr`` then replaces the learning rate if given.
+        optimizer: None (the model's optimizer, with its state: the last fit's or the one
+            :func:`load` restored; Adam for a model that has none), "adam", "adamw", "sgd"
+            (the model's optimizer if it has that name, else a new one) or a
+            fastrnn.optim.Optimizer. ``lr`` and ``weight_decay``, if given, replace those of
+            the optimizer kept, as setting a PyTorch param_group's does.
         clip_value / clip_norm: clip each gradient element / the global gradient norm.
         tbptt: k -> truncated BPTT: each batch is cut into chunks of k steps, one update per
             chunk, the state carried (detached) from chunk to chunk (output="sequence",
@@ -650,8 +684,12 @@ class SequenceModel:
         if classify:
             reported |= {"accuracy"} | ({"val_accuracy"} if val is not None else set())
         for cb in cbs:
-            if isinstance(cb, EarlyStopping):
-                cb.monitored_key(reported)
+            if isinstance(cb, EarlyStopping) and cb.monitored_key(reported) != cb.monitor:
+                warnings.warn(f"EarlyStopping monitors {cb.monitor!r}, but this fit has no "
+                              f"validation data: it watches the training loss instead",
+                              stacklevel=2)
+            if isinstance(cb, Checkpoint):
+                check_output_path(cb.path)
         self.optimizer = self._resolve_optimizer(optimizer, lr, weight_decay)  # checks first
         for cb in cbs:
             if hasattr(cb, "set_model"):
@@ -686,23 +724,28 @@ class SequenceModel:
         return history
 
     def _resolve_optimizer(self, optimizer, lr, weight_decay):
-        """The optimizer of this fit: an instance as given, or the current one when the name
-        and weight_decay (None: the optimizer's default) match, else a new one; ``lr``
-        replaces the learning rate of a reused optimizer."""
+        """The optimizer of this fit (see fit's ``optimizer``): an instance as given; for a
+        name or None, the model's own when it has that name (None: any), else a new one.
+        ``lr`` and ``weight_decay`` are set on a kept optimizer (its state stays)."""
         if lr is not None:
             lr = optim._check_number(lr, "lr", 0, low_open=True)
-        if isinstance(optimizer, optim.Optimizer) and weight_decay is not None:
-            raise ValueError("weight_decay applies to an optimizer given by name; an "
-                             "optimizer instance has its own (e.g. fr.optim.Adam(lr, "
-                             "weight_decay=...))")
-        current = optimizer if isinstance(optimizer, optim.Optimizer) else self.optimizer
-        if not isinstance(optimizer, optim.Optimizer):
-            wanted = None if weight_decay is None else \
-                optim._check_number(weight_decay, "weight_decay", 0)
-            if not (current is not None and current.name == optimizer
-                    and wanted in (None, current.weight_decay)):
+        if isinstance(optimizer, optim.Optimizer):
+            if weight_decay is not None:
+                raise ValueError("weight_decay applies to an optimizer given by name; an "
+                                 "optimizer instance has its own (e.g. fr.optim.Adam(lr, "
+                                 "weight_decay=...))")
+            current = optimizer
+        else:
+            if weight_decay is not None:
+                weight_decay = optim._check_number(weight_decay, "weight_decay", 0)
+            current = self.optimizer
+            if optimizer is None and current is None:
+                optimizer = "adam"
+            if current is None or optimizer not in (None, current.name):
                 kwargs = {} if weight_decay is None else dict(weight_decay=weight_decay)
                 return optim.get(optimizer, lr=lr, **kwargs)
+            if weight_decay is not None:
+                current.weight_decay = weight_decay
         if lr is not None:
             current.lr = lr
         return current
@@ -715,7 +758,7 @@ class SequenceModel:
         chunks = 1 if tbptt is None else -(-T // tbptt)
         total_steps = len(batches) * chunks
         bar = tqdm(total=total_steps, desc=f"epoch {self.epoch}", unit="step",
-                   disable=not verbose, leave=True, dynamic_ncols=True)
+                   disable=verbose != 1, leave=True, dynamic_ncols=True)
         start = time.perf_counter()
         sum_loss = count_all = correct_all = 0
         sequences = 0
@@ -739,7 +782,7 @@ class SequenceModel:
                     count_all += count
                     correct_all += correct
                     bar.update(1)
-                    if verbose:
+                    if verbose == 1:
                         elapsed = max(time.perf_counter() - start, 1e-9)
                         bar.set_postfix(loss=f"{sum_loss / max(count_all, 1):.4f}",
                                         seq_s=f"{(sequences + len(index)) / elapsed:.0f}",
@@ -754,9 +797,11 @@ class SequenceModel:
                 if classify:
                     logs["val_accuracy"] = scores["accuracy"]
             logs["seconds"] = time.perf_counter() - start
-            if verbose:
+            if verbose == 1:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "seconds"},
                                 refresh=True)
+            elif verbose == 2:  # Keras's one line per epoch
+                print(_epoch_line(self.epoch, logs), flush=True)
         finally:
             bar.close()
         return logs
@@ -999,7 +1044,7 @@ class SequenceModel:
         arrays["format"] = np.array(FILE_FORMAT)
         arrays["version"] = np.array(FILE_VERSION)
         arrays["digest"] = np.array(_digest(arrays))
-        path = os.fspath(path)
+        path = check_output_path(path)
         folder = os.path.dirname(os.path.abspath(path))
         try:
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",

@@ -1,5 +1,6 @@
 """The fastrnn command: help, demo, train (text and arrays, checkpoint/resume), sample, bench."""
 import os
+import re
 import subprocess
 import sys
 
@@ -211,3 +212,32 @@ def test_train_refuses_bad_data_and_paths_before_training(tmp_path, capsys, case
     captured = capsys.readouterr()
     assert message in str(exit_info.value.code) + captured.err
     assert "epoch 1" not in captured.out and "Traceback" not in captured.err
+
+
+def test_resume_refuses_model_flags_the_checkpoint_does_not_have(tmp_path, capsys):
+    """--resume continues the checkpoint's model: other --hidden/--cell/--layers or
+    --bidirectional are an error naming them (before: silently ignored); the same values,
+    and no optimizer flag, continue it (its SGD kept, not replaced by the default Adam)."""
+    X, Y = fr.data.adding_problem(32, steps=4, seed=0)
+    np.savez(tmp_path / "adding.npz", X=X, Y=Y)
+    ckpt = str(tmp_path / "m.npz")
+    base = ["train", str(tmp_path / "adding.npz"), "--epochs", "1", "--quiet", "--plot", "",
+            "--checkpoint", ckpt]
+    assert cli.main(base + ["--hidden", "4", "--optimizer", "sgd"]) == 0
+    for flags in (["--hidden", "5"], ["--cell", "gru"], ["--layers", "2"],
+                  ["--bidirectional"]):
+        with pytest.raises(SystemExit, match=re.escape(flags[0])):
+            cli.main(base + ["--resume"] + flags)
+    assert cli.main(base + ["--resume", "--hidden", "4"]) == 0
+    resumed = fr.load(ckpt)
+    assert resumed.epoch == 2 and resumed.optimizer.name == "sgd"
+
+
+def test_bidirectional_text_model_and_a_folder_as_output_are_refused(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be " * 20)
+    with pytest.raises(SystemExit, match="--bidirectional applies to array data"):
+        cli.main(["train", str(text), "--bidirectional", "--quiet", "--plot", ""])
+    with pytest.raises(SystemExit):
+        cli.main(["train", str(text), "--checkpoint", str(tmp_path), "--quiet"])
+    assert "is a folder" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """SequenceModel: losses, gradients, optimizers, training loop, diagnostics, persistence."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -620,3 +621,82 @@ def test_load_refuses_optimizer_state_that_does_not_fit_the_model(tmp_path):
     np.savez(tmp_path / "bad.npz", **data)
     with pytest.raises(ValueError, match="optimizer state 'exp_avg/head.weight'"):
         fr.load(tmp_path / "bad.npz")
+
+
+def test_fit_again_keeps_the_models_optimizer_unless_told_otherwise(tmp_path):
+    """fit without ``optimizer`` continues with the model's own (the last fit's, or the one
+    load restored) and its state; a different name replaces it; lr and weight_decay given
+    with the same name are set on it, its moments kept (before: a default "adam" replaced
+    an SGD silently, and a new weight_decay reset Adam's moments)."""
+    model = _model()
+    X, Y, lengths = _data(model)
+    kwargs = dict(lengths=lengths, verbose=False)
+    sgd = optim.SGD(0.05, momentum=0.9)
+    model.fit(X, Y, optimizer=sgd, **kwargs)
+    model.fit(X, Y, **kwargs)
+    assert model.optimizer is sgd and sgd.steps == 2
+    model.save(tmp_path / "m.npz")
+    loaded = fr.load(tmp_path / "m.npz")
+    loaded.fit(X, Y, **kwargs)
+    assert isinstance(loaded.optimizer, optim.SGD) and loaded.optimizer.steps == 3
+    model.fit(X, Y, optimizer="adam", **kwargs)
+    adam = model.optimizer
+    assert isinstance(adam, optim.Adam) and adam.steps == 1
+    model.fit(X, Y, optimizer="adam", lr=0.02, weight_decay=0.1, **kwargs)
+    assert model.optimizer is adam and adam.steps == 2
+    assert (adam.lr, adam.weight_decay) == (0.02, 0.1)
+    fresh = _model()
+    fresh.fit(X, Y, **kwargs)
+    assert isinstance(fresh.optimizer, optim.Adam) and fresh.optimizer.lr == 1e-3
+
+
+def test_a_checkpoint_path_that_cannot_be_written_is_refused_before_training(tmp_path):
+    """A Checkpoint into a missing folder, or onto a folder, fails before the first epoch
+    (before: after a full epoch, with the weights already changed), naming the path."""
+    model = _model()
+    X, Y, lengths = _data(model)
+    before = model.state_dict()
+    for bad, error in ((tmp_path / "missing" / "m.npz", FileNotFoundError),
+                       (tmp_path, IsADirectoryError)):
+        with pytest.raises(error, match=re.escape(str(bad))):
+            model.fit(X, Y, lengths=lengths, verbose=False, callbacks=[fr.Checkpoint(bad)])
+        assert model.epoch == 0
+        for k, v in before.items():
+            np.testing.assert_array_equal(model.state_dict()[k], v)
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
+        model.save(tmp_path)
+
+
+def test_verbose_2_prints_one_line_per_epoch(capsys):
+    model = _model()
+    X, Y, lengths = _data(model)
+    model.fit(X, Y, lengths=lengths, epochs=2, verbose=2)
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"]
+    assert "loss" in lines[0] and "it/s" not in captured.err + captured.out
+
+
+def test_early_stopping_on_val_loss_without_validation_data_warns():
+    model = _model()
+    X, Y, lengths = _data(model)
+    with pytest.warns(UserWarning, match="watches the training loss"):
+        model.fit(X, Y, lengths=lengths, verbose=False, early_stopping=2)
+
+
+def test_load_rnn_state_dict_checks_as_load_state_dict_does():
+    """NaN weights are refused with the name of the entry, before anything changes, and
+    loaded weights drop the streaming state of the old ones (as load_state_dict does)."""
+    model = _model()
+    X, _, _ = _data(model)
+    before = model.rnn_state_dict()
+    bad = dict(before)
+    bad["weight_hh_l0"] = np.full_like(bad["weight_hh_l0"], np.nan)
+    with pytest.raises(ValueError, match=r"state_dict\['weight_hh_l0'\] holds NaN"):
+        model.load_rnn_state_dict(bad)
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.rnn_state_dict()[k], v)
+    model.predict(X, stateful=True)
+    assert model._stream_state is not None
+    model.load_rnn_state_dict(before)
+    assert model._stream_state is None
