@@ -278,12 +278,6 @@ def test_h0_not_real_numbers(cell):
         layer(x, h0=(bad, bad) if cell == "lstm" else bad)
 
 
-def test_non_lstm_h0_given_as_pair_is_refused():
-    layer, x, h0, _ = small("gru")
-    with raises(ValueError, "h0"):
-        layer(x, h0=(h0, h0))
-
-
 # ------------------------------------------------------------------------ state_dict
 
 def test_state_dict_missing_extra_misshaped(cell):
