@@ -588,7 +588,15 @@ class SequenceModel:
                                  f"parameters keep their last finite values (try a lower lr "
                                  f"or clip_norm)")
         self._backward(dy, feats, lengths, X.shape[1])
-        grads = self._grads()
+        grads, params = self._grads(), self._params()
+        if h0 is not None:
+            # A truncated-BPTT chunk that starts from the carried state gives a learned
+            # initial state no gradient: it is left out of the update (its optimizer state
+            # and update count too), as PyTorch's optimizers skip a parameter whose grad is
+            # None; otherwise momentum and weight decay would move it in every chunk.
+            for name in ("rnn.initial_h", "rnn.initial_c"):
+                grads.pop(name, None)
+                params.pop(name, None)
         norm = optim.global_norm(grads)
         if not math.isfinite(norm):
             bad = optim.non_finite(grads)
@@ -598,7 +606,7 @@ class SequenceModel:
         optim.clip_grad_value(grads, clip_value)
         optim.clip_grad_norm(grads, clip_norm)
         try:
-            self.optimizer.step(self._params(), grads)
+            self.optimizer.step(params, grads)
         except NonFiniteError as exc:
             raise NonFiniteError(f"training diverged at {where}: {exc} (try a lower lr or "
                                  f"clip_norm)") from None

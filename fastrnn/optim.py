@@ -147,17 +147,21 @@ class Optimizer:
     def __init__(self, lr=None, weight_decay=0.0):
         self.lr = _check_number(self.default_lr if lr is None else lr, "lr", 0, low_open=True)
         self.weight_decay = _check_number(weight_decay, "weight_decay", 0)
-        self.steps = 0
+        self.steps = 0  # calls of step
         self.state = {}  # "slot/param_name" -> array (on the parameter's device)
-        self.seen = set()  # names of the parameters that have had a step
+        # name -> updates of that parameter: a step may leave out parameters that got no
+        # gradient, as PyTorch's optimizers skip a parameter whose grad is None, and each
+        # parameter's bias correction counts its own updates, as torch's state["step"].
+        self.param_steps = {}
 
     # -- to override --------------------------------------------------------------------
     @staticmethod
     def update(param, grad, slot1, slot2, *hyper):
         raise NotImplementedError
 
-    def _hyper(self, name):
-        """The update's hyperparameters for parameter ``name`` at this step (Python numbers)."""
+    def _hyper(self, count):
+        """The update's hyperparameters for a parameter's ``count``-th update (Python
+        numbers)."""
         raise NotImplementedError
 
     def config(self):
@@ -181,15 +185,17 @@ class Optimizer:
         return slots
 
     def step(self, params, grads):
-        """One update of every parameter in ``params`` (in place) from ``grads``.
+        """One update of every parameter in ``params`` (in place) from ``grads``; parameters
+        left out of ``params`` keep their values and state.
 
         Raises NonFiniteError (and changes nothing) if any new value is NaN or infinite.
         """
         self.steps += 1
+        counts = {name: self.param_steps.get(name, 0) + 1 for name in params}
         host, device = {}, {}
         for name, param in params.items():
             dtype = param.dtype.type
-            hyper = tuple(dtype(h) for h in self._hyper(name))
+            hyper = tuple(dtype(h) for h in self._hyper(counts[name]))
             slots = self._slots(name, param)
             if _on_device(param):
                 device[name] = (param, grads[name], *slots, hyper)
@@ -215,11 +221,11 @@ class Optimizer:
         for name, arrays in new_state.items():
             for slot, array in zip(self.slots, arrays):
                 self.state[f"{slot}/{name}"] = array
-        self.seen.update(params)
+        self.param_steps.update(counts)
 
     def state_dict(self):
         """(config dict incl. step count, {slot/name: NumPy array})."""
-        config = dict(self.config(), steps=self.steps)
+        config = dict(self.config(), steps=self.steps, param_steps=self.param_steps)
         return config, {k: np.array(gpu.to_host(v)) for k, v in self.state.items()}
 
     def __getstate__(self):
@@ -232,7 +238,9 @@ class Optimizer:
     def load_state_dict(self, config, arrays):
         self.steps = int(config.get("steps", 0))
         self.state = {k: np.array(v) for k, v in arrays.items()}
-        self.seen = {k.split("/", 1)[1] for k in self.state}
+        # Files from before per-parameter counts: every parameter with state had them all.
+        self.param_steps = {name: int(count) for name, count in config.get(
+            "param_steps", {k.split("/", 1)[1]: self.steps for k in self.state}).items()}
 
 
 class SGD(Optimizer):
@@ -255,9 +263,9 @@ class SGD(Optimizer):
         return dict(super().config(), momentum=self.momentum, nesterov=self.nesterov,
                     dampening=self.dampening)
 
-    def _hyper(self, name):
+    def _hyper(self, count):
         return (self.lr, self.weight_decay, self.momentum, 1 - self.dampening,
-                self.nesterov, name not in self.seen)
+                self.nesterov, count == 1)
 
 
 class Adam(Optimizer):
@@ -279,10 +287,10 @@ class Adam(Optimizer):
     def config(self):
         return dict(super().config(), betas=list(self.betas), eps=self.eps)
 
-    def _hyper(self, name):
+    def _hyper(self, count):
         b1, b2 = self.betas
         return (1 - self.lr * self.weight_decay, self.weight_decay, b1, 1 - b1, b2, 1 - b2,
-                self.lr / (1 - b1 ** self.steps), math.sqrt(1 - b2 ** self.steps), self.eps,
+                self.lr / (1 - b1 ** count), math.sqrt(1 - b2 ** count), self.eps,
                 self._decoupled)
 
 
@@ -316,6 +324,7 @@ def from_config(config):
     config = dict(config)
     name = config.pop("name")
     config.pop("steps", None)
+    config.pop("param_steps", None)
     if "betas" in config:
         config["betas"] = tuple(config["betas"])
     return OPTIMIZERS[name](**config)

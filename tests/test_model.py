@@ -204,18 +204,25 @@ def test_state_dict_loads_into_torch_module_and_predicts_the_same():
     (lambda p: optim.AdamW(0.01), lambda p: torch.optim.AdamW(p, 0.01)),
 ], ids=["sgd-nesterov", "sgd", "adam", "adamw"])
 def test_optimizers_match_torch(make):
+    """Also with "b" left out of steps 2 and 3, as torch skips a parameter whose grad is None
+    (Adam's bias correction then counts b's own updates, as torch's state["step"])."""
     rng = np.random.default_rng(0)
     params = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
     tparams = [torch.tensor(v, requires_grad=True) for v in params.values()]
     ours, theirs = make[0](params), make[1](tparams)
-    for _ in range(5):
+    for step in range(5):
         grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
         for t, g in zip(tparams, grads.values()):
             t.grad = torch.tensor(g)
-        ours.step(params, grads)
+        if step in (1, 2):
+            tparams[1].grad = None
+            ours.step({"a": params["a"]}, {"a": grads["a"]})
+        else:
+            ours.step(params, grads)
         theirs.step()
     for (name, v), t in zip(params.items(), tparams):
         assert_parity(v, t.detach().numpy(), F64, name)
+    assert ours.param_steps == {"a": 5, "b": 3}
 
 
 @needs_torch
@@ -700,3 +707,21 @@ def test_load_rnn_state_dict_checks_as_load_state_dict_does():
     assert model._stream_state is not None
     model.load_rnn_state_dict(before)
     assert model._stream_state is None
+
+
+def test_truncated_bptt_leaves_a_learned_initial_state_alone_in_chunks_it_does_not_start():
+    """Only a batch's first chunk starts from the learned initial state; the others get no
+    gradient for it and no update (as in PyTorch, whose optimizers skip a parameter with no
+    grad): training on 10 chunks moves it exactly as training on the first one alone (before:
+    Adam's momentum moved it in all 10, 0.042 against 0.010)."""
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((4, 40, 3)), rng.integers(0, 4, (4, 40))
+    kwargs = dict(output="sequence", loss="cross_entropy", dtype="float64", seed=5,
+                  learn_initial_state=True)
+    fit = dict(batch_size=4, tbptt=4, lr=1e-2, shuffle=False, verbose=False)
+    one, many = fr.SequenceModel(3, 5, 4, **kwargs), fr.SequenceModel(3, 5, 4, **kwargs)
+    one.fit(X[:, :4], Y[:, :4], **fit)
+    many.fit(X, Y, **fit)
+    for name in ("rnn.initial_h", "rnn.initial_c"):
+        np.testing.assert_array_equal(many.state_dict()[name], one.state_dict()[name])
+    assert many.optimizer.steps == 10 and many.optimizer.param_steps["rnn.initial_h"] == 1
