@@ -8,6 +8,7 @@
 Every subcommand takes --help.
 """
 import argparse
+import numbers
 import os
 import sys
 import time
@@ -39,23 +40,39 @@ def char_lm_data(text, seq_len, streams, val_fraction, vocab=None):
 
 
 def generate(model, vocab, prompt="", length=200, temperature=0.8, seed=0):
-    """Sample ``length`` characters from a character model after feeding ``prompt``."""
-    from . import data, losses
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    rng = np.random.default_rng(seed)
-    ids = vocab.encode(prompt, strict=False)
+    """Sample ``length`` characters from a character model (output="sequence",
+    loss="cross_entropy", one input and one output per character of ``vocab``) after
+    feeding ``prompt``, every character of which must be in ``vocab``. Starts from the
+    model's initial state and leaves its streaming state (``predict(stateful=True)``,
+    ``step``) as it found it."""
+    from . import data, losses, optim
+    if (model.output, model.loss, model.input_size, model.output_size) != \
+            ("sequence", "cross_entropy", len(vocab), len(vocab)):
+        raise ValueError(f"generate needs a character model with output='sequence', "
+                         f"loss='cross_entropy' and {len(vocab)} inputs and outputs (the "
+                         f"vocabulary's size); got {model!r}")
+    temperature = optim._check_number(temperature, "temperature", 0, low_open=True)
+    if not isinstance(length, numbers.Integral) or isinstance(length, bool) or length < 0:
+        raise ValueError(f"length must be a non-negative int, got {length!r}")
+    try:
+        ids = vocab.encode(prompt)
+    except ValueError as exc:
+        raise ValueError(f"prompt: {exc}") from None
     if len(ids) == 0:
         ids = vocab.encode("\n" if "\n" in vocab.index else vocab.chars[0])
+    rng = np.random.default_rng(seed)
+    stream_state = model._stream_state
     model.reset_state()
-    logits = model.predict(data.one_hot(ids[None, :], len(vocab)), stateful=True)[0, -1]
-    out = []
-    for _ in range(length):
-        p = losses.softmax(logits.astype(np.float64) / temperature)
-        nxt = int(rng.choice(len(p), p=p / p.sum()))
-        out.append(nxt)
-        logits = model.step(data.one_hot(np.array([nxt]), len(vocab)))[0]
-    model.reset_state()
+    try:
+        logits = model.predict(data.one_hot(ids[None, :], len(vocab)), stateful=True)[0, -1]
+        out = []
+        for _ in range(length):
+            p = losses.softmax(logits.astype(np.float64) / temperature)
+            nxt = int(rng.choice(len(p), p=p / p.sum()))
+            out.append(nxt)
+            logits = model.step(data.one_hot(np.array([nxt]), len(vocab)))[0]
+    finally:
+        model._stream_state = stream_state
     return vocab.decode(out)
 
 

@@ -184,6 +184,11 @@ def _check_verbose(value):
     raise TypeError(f"verbose must be a bool or 0/1/2, got {value!r}")
 
 
+def _require_targets(Y, caller):
+    if Y is None:
+        raise TypeError(f"{caller} needs the targets Y, got None")
+
+
 def _epoch_line(epoch, logs):
     """'epoch 3: loss 0.1234 - val_loss 0.2345 - 1.2 s' (verbose=2)."""
     scores = " - ".join(f"{k} {v:.4f}" for k, v in logs.items() if k != "seconds")
@@ -567,14 +572,20 @@ class SequenceModel:
     def loss_and_grads(self, X, Y, lengths=None):
         """Mean loss of (X, Y) and, in ``model.rnn.grads`` / ``model.head_grads``, its gradient.
 
-        Gradients are overwritten (zeroed first). Returns the loss (float).
+        Gradients are overwritten (zeroed first). Returns the loss (float). The layers run in
+        training mode and are left in the mode they were in.
         """
+        _require_targets(Y, "loss_and_grads")
         X, Y, lengths = self._check_data(X, Y, lengths)
         self.zero_grad()
+        was_training = self.rnn.training
         self.rnn.train()
-        y, feats, _ = self._forward(X, lengths)
-        loss, dy, _, _ = self._loss(y, Y, lengths)
-        self._backward(dy, feats, lengths, X.shape[1])
+        try:
+            y, feats, _ = self._forward(X, lengths)
+            loss, dy, _, _ = self._loss(y, Y, lengths)
+            self._backward(dy, feats, lengths, X.shape[1])
+        finally:
+            self.rnn.train(was_training)
         return loss
 
     # -- training -----------------------------------------------------------------------
@@ -659,8 +670,7 @@ class SequenceModel:
         Raises ValueError on bad data before training; NonFiniteError when a loss, gradient
         or update becomes non-finite (parameters keep their last finite values).
         """
-        if Y is None:
-            raise TypeError("fit needs the targets Y, got None")
+        _require_targets(Y, "fit")
         X, Y, lengths = self._check_data(X, Y, lengths)
         N, T = X.shape[:2]
         epochs = _check_positive_int(epochs, "epochs")
@@ -761,10 +771,10 @@ class SequenceModel:
     def _fit_epoch(self, X, Y, lengths, batch_size, shuffle, clip_norm, clip_value, tbptt,
                    epochs, verbose, classify, val):
         from tqdm.auto import tqdm
-        N, T = X.shape[:2]
-        batches = batch_indices(N, batch_size, shuffle, self.rng)
-        chunks = 1 if tbptt is None else -(-T // tbptt)
-        total_steps = len(batches) * chunks
+        batches = batch_indices(X.shape[0], batch_size, shuffle, self.rng)
+        # With tbptt, a batch takes one update per chunk up to its longest row.
+        total_steps = len(batches) if tbptt is None else sum(
+            -(-int(lengths[index].max()) // tbptt) for index in batches)
         bar = tqdm(total=total_steps, desc=f"epoch {self.epoch}", unit="step",
                    disable=verbose != 1, leave=True, dynamic_ncols=True)
         start = time.perf_counter()
@@ -873,7 +883,7 @@ class SequenceModel:
     def step(self, x):
         """One streaming step: x (B, I) -> y (B, O), continuing the carried state."""
         x = np.asarray(x)
-        if x.ndim != 2:
+        if x.ndim != 2 or x.shape[1] != self.input_size:
             raise ValueError(f"x must have shape (B, {self.input_size}), got {x.shape}")
         y = self.predict(x[:, None, :], stateful=True)
         return y[:, 0] if self.output == "sequence" else y
@@ -884,8 +894,7 @@ class SequenceModel:
 
     def evaluate(self, X, Y, lengths=None, batch_size=256):
         """{"loss": mean loss over valid steps, "accuracy": ... (cross_entropy)}."""
-        if Y is None:
-            raise TypeError("evaluate needs the targets Y, got None")
+        _require_targets(Y, "evaluate")
         X, Y, lengths = self._check_data(X, Y, lengths)
         batch_size = _check_positive_int(batch_size, "batch_size")
         was_training = self.rnn.training
@@ -924,6 +933,7 @@ class SequenceModel:
         This costs O(T) short runs per layer-direction, O(T^2) steps in all: meant for
         diagnostics on moderate T, not for training.
         """
+        _require_targets(Y, "gradient_norms")
         X, Y, lengths = self._check_data(X, Y, lengths)
         B, T = X.shape[:2]
         L, D, H = self.num_layers, self.rnn.num_directions, self.hidden_size

@@ -725,3 +725,38 @@ def test_truncated_bptt_leaves_a_learned_initial_state_alone_in_chunks_it_does_n
     for name in ("rnn.initial_h", "rnn.initial_c"):
         np.testing.assert_array_equal(many.state_dict()[name], one.state_dict()[name])
     assert many.optimizer.steps == 10 and many.optimizer.param_steps["rnn.initial_h"] == 1
+
+
+def test_generate_checks_its_model_and_arguments_and_keeps_the_stream_state():
+    from fastrnn.cli import generate
+    vocab = fr.data.CharVocab("abc\n")
+    model = fr.SequenceModel(4, 5, 4, output="sequence", loss="cross_entropy", seed=0)
+    x = fr.data.one_hot(np.array([[0, 1, 2]]), 4)
+    model.predict(x, stateful=True)
+    state = model._stream_state
+    text = generate(model, vocab, "ab", length=5, seed=1)
+    assert len(text) == 5 and model._stream_state is state  # the caller's stream goes on
+    assert generate(model, vocab, "ab", length=5, seed=1) == text
+    with pytest.raises(ValueError, match="prompt: character 'Z'"):
+        generate(model, vocab, "aZb")
+    for bad in (dict(temperature=float("nan")), dict(length=-2), dict(length=2.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            generate(model, vocab, "a", **bad)
+    for other in (fr.SequenceModel(4, 5, 4, output="last", loss="cross_entropy"),
+                  fr.SequenceModel(4, 5, 4, output="sequence", loss="mse"),
+                  fr.SequenceModel(5, 5, 5, output="sequence", loss="cross_entropy")):
+        with pytest.raises(ValueError, match="generate needs a character model"):
+            generate(other, vocab, "a")
+
+
+def test_loss_and_grads_and_gradient_norms_name_missing_targets_and_keep_the_mode():
+    model = _model()
+    X, Y, lengths = _data(model)
+    for method in (model.loss_and_grads, model.gradient_norms):
+        with pytest.raises(TypeError, match=f"{method.__name__} needs the targets Y"):
+            method(X, None)
+    model.rnn.eval()
+    model.loss_and_grads(X, Y, lengths)
+    assert not model.rnn.training
+    with pytest.raises(ValueError, match=r"x must have shape \(B, "):
+        model.step(np.zeros((3, model.input_size + 1)))
