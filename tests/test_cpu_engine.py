@@ -416,9 +416,10 @@ def test_accumulated_products_match_numpy(dtype, transpose_a, rows):
     K = a.shape[0] if transpose_a else a.shape[1]
     b = rng.standard_normal((K, 6)).astype(dtype)
     c_parent = rng.standard_normal((a.shape[1] if transpose_a else rows, 10)).astype(dtype)
-    want = c_parent.copy()
-    want[:, 1:7] += (a.T if transpose_a else a) @ b
-    for operand_b in (b, np.asfortranarray(b)):  # the second: NumPy's path
-        c = c_parent.copy()
+    # The others take NumPy's path: not contiguous along rows, rows reversed, broadcast.
+    for operand_b in (b, np.asfortranarray(b), np.flipud(np.flipud(b).copy()),
+                      np.broadcast_to(b[:1], b.shape)):
+        c, want = c_parent.copy(), c_parent.copy()
+        want[:, 1:7] += (a.T if transpose_a else a) @ operand_b
         cpu._accumulate_product(kernel, a, operand_b, c[:, 1:7], transpose_a)
         assert_close(c, want, name="c", **PARITY[np.dtype(dtype)])

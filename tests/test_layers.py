@@ -225,7 +225,19 @@ def test_an_assigned_parameter_of_the_wrong_kind_is_named(value, error):
     for call in (lambda: layer(x), lambda: layer.backward(np.ones_like(out))):
         with pytest.raises(error, match=r"params\['weight_hh_l0'\]"):
             call()
-    layer.params["weight_hh_l0"] = np.asfortranarray(good)  # any layout of the right kind
-    out2, _ = layer(x)
-    np.testing.assert_array_equal(out2, out)
-    layer.backward(np.ones_like(out))
+    layer.params["weight_hh_l0"] = good
+    # Any layout of the right kind gives the same results: Fortran order, reversed rows (a
+    # negative stride, which BLAS must not be handed), a broadcast (zero stride).
+    w_ih = layer.params["weight_ih_l0"]
+    for name, value in (("weight_hh_l0", np.asfortranarray(good)),
+                        ("weight_ih_l0", np.flipud(np.flipud(w_ih).copy())),
+                        ("weight_ih_l0", np.broadcast_to(w_ih[:1], w_ih.shape))):
+        layer.params[name] = value
+        out2, _ = layer(x)
+        dx2, _ = layer.backward(np.ones_like(out))
+        layer.params[name] = np.ascontiguousarray(value)
+        out3, _ = layer(x)
+        dx3, _ = layer.backward(np.ones_like(out))
+        np.testing.assert_allclose(out2, out3, rtol=1e-6)
+        np.testing.assert_allclose(dx2, dx3, rtol=1e-5, atol=1e-6)
+        layer.params["weight_hh_l0"], layer.params["weight_ih_l0"] = good, w_ih

@@ -344,12 +344,20 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
 IN_PLACE_TRANSPOSED_ROWS = 128
 
 
+def _blas_rows(m):
+    """Whether BLAS can read the 2-D array m as rows of contiguous elements, each starting
+    at least a row's length after the last: not a view with negative, zero (broadcast) or
+    overlapping row strides, which a parameter a caller assigned may be."""
+    return m.strides[1] == m.itemsize and (
+        m.shape[0] <= 1 or m.strides[0] >= m.shape[1] * m.itemsize)
+
+
 def _accumulate_product(kernel, a, b, c, transpose_a):
     """c (M, N) += aᵀ (a (K, M)) · b (K, N) when transpose_a, else a (M, K) · b (see
-    IN_PLACE_TRANSPOSED_ROWS). Operands whose elements are not contiguous along their rows
-    (a parameter a caller replaced by a strided view) take NumPy's product too."""
+    IN_PLACE_TRANSPOSED_ROWS). Operands BLAS cannot read in place (see _blas_rows) take
+    NumPy's product too."""
     in_place = not transpose_a or a.shape[0] < IN_PLACE_TRANSPOSED_ROWS
-    if in_place and all(m.strides[1] == m.itemsize for m in (a, b, c)):
+    if in_place and all(_blas_rows(m) for m in (a, b, c)):
         kernel(a, b, c, transpose_a)
     else:
         c += (a.T if transpose_a else a) @ b
