@@ -278,10 +278,11 @@ def _check_resumed_architecture(model, args):
     """SystemExit naming each model flag given with --resume that the checkpoint's model
     does not have."""
     config = model.config()
-    have = {"cell": config["cell"], "hidden": config["hidden_size"],
-            "layers": config["num_layers"]}
+    cell = {"rnn_tanh": "rnn"}.get(config["cell"], config["cell"])  # one cell, two names
+    have = {"cell": cell, "hidden": config["hidden_size"], "layers": config["num_layers"],
+            "loss": config["loss"], "output": config["output"]}
     clashes = [f"--{name} {getattr(args, name)} (the checkpoint has {have[name]})"
-               for name in ARCHITECTURE
+               for name in have
                if getattr(args, name) is not None and getattr(args, name) != have[name]]
     if args.bidirectional and not config["bidirectional"]:
         clashes.append("--bidirectional (the checkpoint's model is unidirectional)")
@@ -359,10 +360,13 @@ def cmd_train(args):
         if (args.optimizer or getattr(current, "name", "adam")) != "sgd":
             raise ValueError("--momentum applies to --optimizer sgd only")
         if isinstance(current, optim.SGD) and current.momentum == args.momentum:
-            optimizer = current  # fit sets --lr and --weight-decay on it
-        else:
-            optimizer = optim.SGD(args.lr, momentum=args.momentum,
-                                  weight_decay=args.weight_decay or 0.0)
+            optimizer = "sgd"  # fit keeps it, and its buffers, and sets --lr/--weight-decay
+        else:  # a new momentum: a new SGD, with the resumed one's lr and decay by default
+            kept = current if isinstance(current, optim.SGD) else None
+            optimizer = optim.SGD(
+                args.lr if args.lr is not None else getattr(kept, "lr", None),
+                momentum=args.momentum, weight_decay=args.weight_decay
+                if args.weight_decay is not None else getattr(kept, "weight_decay", 0.0))
             args.weight_decay = None  # the new SGD carries it
     model.fit(X, Y, epochs=args.epochs, lr=args.lr, optimizer=optimizer,
               clip_norm=args.clip_norm, clip_value=args.clip_value,

@@ -369,7 +369,7 @@ class _RecurrentLayer:
                                 f"({LD}, {batch}, {H})")
             parts = [(state[0], f"{name}[0]"), (state[1], f"{name}[1]")]
         else:
-            if isinstance(state, tuple) and len(state) == 2 and all(
+            if isinstance(state, (tuple, list)) and len(state) == 2 and all(
                     getattr(part, "ndim", None) == 3 for part in state):  # an LSTM-like pair
                 raise TypeError(f"{name} of a {type(self).__name__} is one array of shape "
                                 f"({LD}, {batch}, {H}), not a tuple (only an LSTM's state "

@@ -225,12 +225,33 @@ def test_resume_refuses_model_flags_the_checkpoint_does_not_have(tmp_path, capsy
             "--checkpoint", ckpt]
     assert cli.main(base + ["--hidden", "4", "--optimizer", "sgd"]) == 0
     for flags in (["--hidden", "5"], ["--cell", "gru"], ["--layers", "2"],
-                  ["--bidirectional"]):
+                  ["--bidirectional"], ["--loss", "cross_entropy"], ["--output", "sequence"]):
         with pytest.raises(SystemExit, match=re.escape(flags[0])):
             cli.main(base + ["--resume"] + flags)
     assert cli.main(base + ["--resume", "--hidden", "4"]) == 0
     resumed = fr.load(ckpt)
     assert resumed.epoch == 2 and resumed.optimizer.name == "sgd"
+    # "rnn" is the CLI's name of a model built as "rnn_tanh"
+    fr.SequenceModel(2, 4, 1, cell="rnn_tanh").save(ckpt)
+    assert cli.main(base + ["--resume", "--cell", "rnn"]) == 0
+
+
+def test_resumed_sgd_momentum_takes_a_new_weight_decay_and_keeps_its_lr(tmp_path):
+    """--weight-decay on resuming an SGD with momentum is set on the kept optimizer (before:
+    fit refused it with the instance); a new --momentum builds an SGD with the checkpoint's
+    lr and decay unless given."""
+    X, Y = fr.data.adding_problem(32, steps=4, seed=0)
+    np.savez(tmp_path / "adding.npz", X=X, Y=Y)
+    ckpt = str(tmp_path / "m.npz")
+    base = ["train", str(tmp_path / "adding.npz"), "--hidden", "4", "--epochs", "1",
+            "--quiet", "--plot", "", "--checkpoint", ckpt, "--optimizer", "sgd"]
+    assert cli.main(base + ["--momentum", "0.9", "--lr", "0.05"]) == 0
+    assert cli.main(base + ["--momentum", "0.9", "--resume", "--weight-decay", "1e-4"]) == 0
+    opt = fr.load(ckpt).optimizer
+    assert (opt.lr, opt.weight_decay, opt.momentum, opt.steps) == (0.05, 1e-4, 0.9, 2)
+    assert cli.main(base + ["--momentum", "0.5", "--resume"]) == 0
+    opt = fr.load(ckpt).optimizer
+    assert (opt.lr, opt.weight_decay, opt.momentum) == (0.05, 1e-4, 0.5)
 
 
 def test_bidirectional_text_model_and_a_folder_as_output_are_refused(tmp_path, capsys):

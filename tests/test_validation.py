@@ -173,8 +173,9 @@ def test_a_state_pair_for_a_cell_without_one_is_named(cell):
     "h0 must be 3-dimensional, got shape (2, 1, 3, 3)", of an array the caller never made);
     a tuple that NumPy stacks into one valid state still works."""
     layer, x, h0, _ = small(cell)
-    with raises(TypeError, "only an LSTM's state is a pair"):
-        layer(x, h0=(h0, h0))
+    for pair in ((h0, h0), [h0, h0]):
+        with raises(TypeError, "only an LSTM's state is a pair"):
+            layer(x, h0=pair)
     out, _ = layer(x, h0=tuple(h0))  # L*D = 1 array of (B, H): stacks to (1, B, H)
     np.testing.assert_array_equal(out, layer(x, h0=h0)[0])
 
