@@ -198,15 +198,18 @@ def matmul_panels(a, a_more, panels, c, scalars, block_n, block_k):
 
 def gemm_accumulate(a, b, c, transpose_a):
     """c (M, N) += op(a) · b, where op(a) is aᵀ of a (K, M) when transpose_a, else a (M, K);
-    b (K, N). Every operand's rows may be strided (column slices), its elements must be
-    contiguous. One BLAS call with beta = 1: no temporary product and no separate addition
-    pass (NumPy's ``c += a.T @ b`` makes both, and for a single row of a takes a slow
-    non-BLAS loop: 13 against 1 us for (1, 256)ᵀ·(1, 32)). BLAS is column-major, so the call
-    computes cᵀ += bᵀ · op(a)ᵀ."""
+    b (K, N). Each operand's rows may be strided (column slices) but not reversed, repeated
+    or overlapping, and its elements must be contiguous (the caller checks:
+    fastrnn.cpu._blas_rows). One BLAS call with beta = 1: no temporary product and no
+    separate addition pass (NumPy's ``c += a.T @ b`` makes both, and for a single row of a
+    takes a slow non-BLAS loop: 13 against 1 us for (1, 256)ᵀ·(1, 32)). BLAS is
+    column-major, so the call computes cᵀ += bᵀ · op(a)ᵀ."""
     M, N = c.shape
     K = b.shape[0]
     if M == 0 or N == 0 or K == 0:
         return
+    # The row stride of a one-row operand is whatever NumPy kept; BLAS only needs the
+    # leading dimension to be at least a row's length.
     ld_a = max(a.strides[0] // a.itemsize, a.shape[1])
     ld_b = max(b.strides[0] // b.itemsize, N)
     ld_c = max(c.strides[0] // c.itemsize, N)

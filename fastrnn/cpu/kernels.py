@@ -138,7 +138,8 @@ def pack_kernel():
 
 @functools.lru_cache(maxsize=None)
 def gemm_accumulate_kernel(dtype):
-    """driver.gemm_accumulate for dtype (np.dtype), for operands of any layout."""
+    """driver.gemm_accumulate for dtype (np.dtype), for 2-D operands of any layout type
+    (column slices are "A"; the rows themselves are checked by the caller)."""
     numba_type = _NUMBA_TYPES[dtype]
     suffix = f"cpu_{dtype.name}_{_source_hash(driver.gemm_accumulate)}"
     operand = types.Array(numba_type, 2, "A", readonly=True)
