@@ -722,7 +722,7 @@ class SequenceModel:
                 self.epoch += 1
                 try:
                     logs = self._fit_epoch(X, Y, lengths, batch_size, shuffle, clip_norm,
-                                           clip_value, tbptt, epochs, verbose, classify, val)
+                                           clip_value, tbptt, verbose, classify, val)
                 except BaseException:
                     self.epoch -= 1  # the epoch did not complete
                     raise
@@ -769,7 +769,7 @@ class SequenceModel:
         return current
 
     def _fit_epoch(self, X, Y, lengths, batch_size, shuffle, clip_norm, clip_value, tbptt,
-                   epochs, verbose, classify, val):
+                   verbose, classify, val):
         from tqdm.auto import tqdm
         batches = batch_indices(X.shape[0], batch_size, shuffle, self.rng)
         # With tbptt, a batch takes one update per chunk up to its longest row.
