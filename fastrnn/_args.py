@@ -40,7 +40,26 @@ def OUTPUT_FILE(text):
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"the folder {folder} is not writable")
     return text
 
 
 OUTPUT_FILE.__name__ = "path"
+
+# What matplotlib's savefig writes (by the file name's extension).
+IMAGE_EXTENSIONS = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "eps", "ps", "tif", "tiff",
+                    "webp", "pgf")
+
+
+def IMAGE_FILE(text):
+    """argparse type: OUTPUT_FILE whose extension matplotlib can write ("" passes: none)."""
+    text = OUTPUT_FILE(text)
+    extension = os.path.splitext(text)[1].lstrip(".").lower()
+    if text and extension not in IMAGE_EXTENSIONS:
+        raise argparse.ArgumentTypeError(f"{text}: the image format comes from the extension, "
+                                         f"one of {', '.join(IMAGE_EXTENSIONS)}")
+    return text
+
+
+IMAGE_FILE.__name__ = "image path"

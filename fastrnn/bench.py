@@ -46,7 +46,7 @@ import time
 
 import numpy as np
 
-from ._args import NON_NEGATIVE, OUTPUT_FILE, POSITIVE_INT
+from ._args import IMAGE_FILE, NON_NEGATIVE, OUTPUT_FILE, POSITIVE_INT
 
 CELLS = ("rnn", "lstm", "gru")          # "rnn" is the Elman RNN with tanh
 GATES = {"rnn": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
@@ -556,7 +556,7 @@ def build_parser():
     p.add_argument("--startup", action="store_true",
                    help="also measure warm-cache start-up and cold compile time")
     p.add_argument("--json", metavar="PATH", type=OUTPUT_FILE, help="write results as JSON")
-    p.add_argument("--png", metavar="PATH", type=OUTPUT_FILE,
+    p.add_argument("--png", metavar="PATH", type=IMAGE_FILE,
                    help="write a chart of the ratios (matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--_peak-memory", nargs=2, metavar=("ENGINE", "CASE"), help=argparse.SUPPRESS)

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from ._args import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, OUTPUT_FILE, POSITIVE,
-                    POSITIVE_INT)
+from ._args import (FRACTION, IMAGE_FILE, NON_NEGATIVE, NON_NEGATIVE_INT, OUTPUT_FILE,
+                    POSITIVE, POSITIVE_INT)
 
 PLOT_HINT = "install matplotlib (pip install 'fastrnn[plot]') for the PNG"
 
@@ -26,10 +26,21 @@ PLOT_HINT = "install matplotlib (pip install 'fastrnn[plot]') for the PNG"
 def char_lm_data(text, seq_len, streams, val_fraction, vocab=None):
     """Stream-layout training/validation arrays for next-character prediction."""
     from . import data
-    vocab = vocab or data.CharVocab.from_text(text)
-    ids = vocab.encode(text, strict=False)
+    if vocab is None:
+        vocab = data.CharVocab.from_text(text)
+    else:  # a resumed model's: its inputs are one per character it knows
+        unknown = sorted(set(text) - set(vocab.chars))
+        if unknown:
+            raise ValueError(f"the text has {len(unknown)} characters the model's vocabulary "
+                             f"lacks ({''.join(unknown[:20])!r}); resume on text of the same "
+                             f"characters, or train a new model")
+    ids = vocab.encode(text)
     split = int(len(ids) * (1 - val_fraction)) if val_fraction > 0 else len(ids)
     train_ids, val_ids = ids[:split], ids[split:]
+    if len(train_ids) < seq_len + 1:
+        raise ValueError(f"the text is too short: {len(train_ids)} characters to train on "
+                         f"(after the validation split of {val_fraction:g}) make no sequence "
+                         f"of --seq-len {seq_len} plus its target; lower --seq-len")
     streams = max(1, min(streams, (len(train_ids) - 1) // seq_len))
     X, Y = data.char_streams(train_ids, streams, seq_len, len(vocab))
     val = None
@@ -219,7 +230,11 @@ def _load_array_file(path):
 
 def _load_arrays(args):
     path = args.data
-    if path.endswith(".npz"):
+    if path.lower().endswith(".npz"):
+        for flag in ("targets", "lengths"):
+            if getattr(args, flag):
+                raise SystemExit(f"error: --{flag} is for X.npy input; an .npz holds its own "
+                                 f"({'Y' if flag == 'targets' else 'lengths'})")
         archive = _load_array_file(path)
         if not hasattr(archive, "files"):
             raise SystemExit(f"error: {path} holds a single array; an .npz needs X and Y")
@@ -231,6 +246,10 @@ def _load_arrays(args):
         val = None
         if "X_val" in arrays and "Y_val" in arrays:
             val = (arrays["X_val"], arrays["Y_val"], arrays.get("lengths_val"))
+        elif {"X_val", "Y_val", "lengths_val"} & set(arrays):
+            raise SystemExit(f"error: {path} has "
+                             f"{sorted({'X_val', 'Y_val', 'lengths_val'} & set(arrays))} "
+                             f"but validation data needs both X_val and Y_val")
         return arrays["X"], arrays["Y"], arrays.get("lengths"), val
     if args.targets is None:
         raise SystemExit("error: a .npy input needs --targets Y.npy (or give an .npz with X "
@@ -241,19 +260,39 @@ def _load_arrays(args):
     return X, Y, lengths, None
 
 
-def _infer_head(X, Y, loss=None, output=None):
+def _infer_head(X, Y, loss=None, output=None, Y_val=None):
     """(loss, output, output_size) for arrays X (N, T, I) and Y, where not given: integer Y
-    -> cross_entropy over max(Y) + 1 classes, real Y -> mse; Y with a time axis (its second
-    dimension is T: (N, T) or (N, T, O)) -> output="sequence", else "last"."""
+    -> cross_entropy over max(Y, Y_val) + 1 classes, real Y -> mse; Y with a time axis (its
+    second dimension is T: (N, T) or (N, T, O)) -> output="sequence", else "last"."""
     loss = loss or ("cross_entropy" if Y.dtype.kind in "iu" else "mse")
     if output is None:
         output = "sequence" if Y.ndim >= 2 and Y.shape[1] == X.shape[1] else "last"
+        if output == "sequence" and Y.ndim == 2 and loss == "mse":
+            print(f"Y {Y.shape} has a time axis of T = {X.shape[1]} steps: training a "
+                  f"per-step model (--output last for {Y.shape[1]} outputs per sample)")
     if loss == "cross_entropy":
-        if Y.size == 0 or Y.dtype.kind not in "iuf" or np.max(Y) < 0:
+        labels = [y for y in (Y, Y_val) if y is not None and y.size]
+        if not labels or any(y.dtype.kind not in "iuf" or np.min(y) < 0 for y in labels):
             raise SystemExit("error: cross_entropy needs Y of class indices 0, 1, ... "
                              "(non-negative integers)")
-        return loss, output, int(np.max(Y)) + 1
+        return loss, output, int(max(np.max(y) for y in labels)) + 1
     return loss, output, Y.shape[-1] if Y.ndim == (3 if output == "sequence" else 2) else 1
+
+
+def _same_file(a, b):
+    return bool(a and b) and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def _check_rows(X, Y, lengths, what=""):
+    """SystemExit unless X, Y and lengths (if any) are arrays with one row per sample."""
+    for name, array in (("X", X), ("Y", Y), ("lengths", lengths)):
+        if array is not None and np.ndim(array) == 0:
+            raise SystemExit(f"error: {what}{name} is a single value; it needs one row per "
+                             f"sample")
+    for name, array in (("Y", Y), ("lengths", lengths)):
+        if array is not None and len(array) != len(X):
+            raise SystemExit(f"error: {what}{name} has {len(array)} rows but {what}X has "
+                             f"{len(X)}; they need one per sample")
 
 
 def _split(X, Y, lengths, fraction, seed):
@@ -294,7 +333,7 @@ def _check_resumed_architecture(model, args):
 def cmd_train(args):
     from . import data
     from .model import Checkpoint, SequenceModel, load
-    is_arrays = args.data.endswith((".npy", ".npz"))
+    is_arrays = args.data.lower().endswith((".npy", ".npz"))
     if not os.path.isfile(args.data):
         raise SystemExit(f"error: no such file: {args.data}")
     if args.resume and not args.checkpoint:
@@ -302,6 +341,11 @@ def cmd_train(args):
     resuming = args.resume and os.path.isfile(args.checkpoint)
     if args.resume and not resuming:
         print(f"no checkpoint at {args.checkpoint} yet: starting from scratch")
+    for name in ("checkpoint", "plot"):  # never write over the data being read
+        target = getattr(args, name)
+        if any(_same_file(target, source) for source in (args.data, args.targets,
+                                                          args.lengths)):
+            raise SystemExit(f"error: --{name} {target} is one of the input files")
     if args.bidirectional and not is_arrays:
         raise SystemExit("error: --bidirectional applies to array data; a character model "
                          "reads left to right")
@@ -312,18 +356,27 @@ def cmd_train(args):
     diag = (None, None, None)
     if is_arrays:
         X, Y, lengths, val = _load_arrays(args)
-        if val is None:
-            (X, Y, lengths), val = _split(np.asarray(X), np.asarray(Y), lengths,
-                                          args.val_split, args.seed)
-        X = np.asarray(X)
+        X, Y = np.asarray(X), np.asarray(Y)
+        _check_rows(X, Y, lengths)
+        if val is not None:
+            _check_rows(*val, what="validation ")
         if resuming:
             model = load(args.checkpoint, device=args.device)
+            if (model.metadata or {}).get("kind") == "char_lm":
+                raise SystemExit(f"error: {args.checkpoint} is a character model; resume it "
+                                 f"on a text file")
+            _check_resumed_architecture(model, args)
         else:
-            loss, output, out_size = _infer_head(X, np.asarray(Y), args.loss, args.output)
+            loss, output, out_size = _infer_head(X, Y, args.loss, args.output,
+                                                 None if val is None else np.asarray(val[1]))
             model = SequenceModel(X.shape[2] if X.ndim == 3 else 1, args.hidden, out_size,
                                   cell=args.cell, num_layers=args.layers,
                                   bidirectional=args.bidirectional, output=output, loss=loss,
                                   device=args.device, seed=args.seed)
+        # Checked whole, before the split shuffles them: errors give the file's row numbers.
+        X, Y, lengths = model._check_data(X, Y, lengths)
+        if val is None:
+            (X, Y, lengths), val = _split(X, Y, lengths, args.val_split, args.seed)
         fit_kwargs = dict(lengths=lengths, batch_size=args.batch_size, shuffle=True,
                           validation_data=val, tbptt=args.tbptt)
         n = min(16, len(X))
@@ -347,9 +400,12 @@ def cmd_train(args):
                                     min(args.seq_len, 64), len(vocab))
         diag = (windows[0][:16], windows[1][:16], None)
     if resuming:
-        _check_resumed_architecture(model, args)
+        if not is_arrays:
+            _check_resumed_architecture(model, args)
         print(f"resuming from {args.checkpoint} after epoch {model.epoch}")
     print(f"model: {model}")
+    if not args.checkpoint:
+        print("no --checkpoint: the trained model will not be saved")
     callbacks = [Checkpoint(args.checkpoint)] if args.checkpoint else []
     if args.patience is not None:
         fit_kwargs["early_stopping"] = args.patience
@@ -446,7 +502,7 @@ def build_parser():
     demo.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     demo.add_argument("--save", default="fastrnn_demo.npz", type=OUTPUT_FILE,
                       help="save the trained model here ('' to skip)")
-    demo.add_argument("--plot", default="fastrnn_demo.png", type=OUTPUT_FILE,
+    demo.add_argument("--plot", default="fastrnn_demo.png", type=IMAGE_FILE,
                       help="PNG of the loss curve and gradient norms ('' to skip; needs "
                       "matplotlib)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -505,7 +561,7 @@ def build_parser():
                        help="save the model (with optimizer state) here after every epoch")
     train.add_argument("--resume", action="store_true",
                        help="continue from --checkpoint if it exists")
-    train.add_argument("--plot", default=None, type=OUTPUT_FILE,
+    train.add_argument("--plot", default=None, type=IMAGE_FILE,
                        help="PNG of loss and gradient norms (default: next to --checkpoint)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
@@ -546,6 +602,16 @@ def main(argv=None):
         # Bad data, a missing file, training that diverged (NonFiniteError), no GPU: one line.
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print("error: out of memory (a smaller --hidden or --batch-size, or fewer classes, "
+              "needs less)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        where = getattr(args, "checkpoint", None)
+        saved = f"; the last completed epoch is saved in {where}" if where and \
+            os.path.isfile(where) else ""
+        print(f"\ninterrupted{saved}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,11 +20,25 @@ def bundled_text():
 
 
 def load_text(path):
-    """A user's text file as str (UTF-8, undecodable bytes replaced)."""
+    """A user's UTF-8 text file as str, without a byte-order mark and with Windows (CRLF)
+    and old Mac (CR) line ends read as newlines, so neither becomes a character to learn.
+    ValueError for a file that is not UTF-8 (Latin-1, UTF-16, a binary file), which
+    replacing the bad bytes would have silently corrupted."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a text file")
     if not os.path.isfile(path):
         raise ValueError(f"text file not found: {path}")
     with open(path, "rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
+                         f"{exc.start}); convert it to UTF-8 first, e.g. with iconv") from None
+    if "\0" in text:
+        raise ValueError(f"{path} holds NUL characters: not a text file (UTF-16 text needs "
+                         f"converting to UTF-8 first)")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     if len(text) < 2:
         raise ValueError(f"{path} holds fewer than 2 characters; nothing to learn from")
     return text

@@ -184,6 +184,15 @@ def _check_verbose(value):
     raise TypeError(f"verbose must be a bool or 0/1/2, got {value!r}")
 
 
+def _check_json(value, name):
+    """TypeError naming ``name`` unless value is JSON-serialisable (saved in model files)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must hold JSON values (str, numbers, lists, dicts): "
+                        f"{exc}") from None
+
+
 def _require_targets(Y, caller):
     if Y is None:
         raise TypeError(f"{caller} needs the targets Y, got None")
@@ -206,6 +215,9 @@ def check_output_path(path, what="the model"):
     if not os.path.isdir(folder):
         raise FileNotFoundError(errno.ENOENT, f"cannot save {what} to {path}: the folder "
                                 f"{folder} does not exist", path)
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(errno.EACCES, f"cannot save {what} to {path}: the folder "
+                              f"{folder} is not writable", path)
     return path
 
 
@@ -217,6 +229,8 @@ def _host_numpy(value):
 
 
 def _as_callbacks(callbacks, early_stopping):
+    if hasattr(callbacks, "on_epoch_end") or callable(callbacks):
+        callbacks = [callbacks]  # one callback, not in a list
     result = []
     for cb in list(callbacks or []):
         if hasattr(cb, "on_epoch_end"):
@@ -590,14 +604,18 @@ class SequenceModel:
 
     # -- training -----------------------------------------------------------------------
     def _train_step(self, X, Y, lengths, h0, clip_norm, clip_value, where):
-        """Forward, loss, backward and one update; returns (loss, n_valid, n_correct, h_n)."""
+        """Forward, loss, backward and one update; returns (loss, n_valid, n_correct, h_n).
+        Overflow on the way is not warned about: a non-finite loss, gradient or update
+        raises NonFiniteError, which names it."""
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self._checked_step(X, Y, lengths, h0, clip_norm, clip_value, where)
+
+    def _checked_step(self, X, Y, lengths, h0, clip_norm, clip_value, where):
         self.zero_grad()
         y, feats, h_n = self._forward(X, lengths, h0)
         loss, dy, count, correct = self._loss(y, Y, lengths)
         if not math.isfinite(loss):
-            raise NonFiniteError(f"training diverged at {where}: the loss is {loss}; the "
-                                 f"parameters keep their last finite values (try a lower lr "
-                                 f"or clip_norm)")
+            raise NonFiniteError(f"training diverged at {where}: the loss is {loss}")
         self._backward(dy, feats, lengths, X.shape[1])
         grads, params = self._grads(), self._params()
         if h0 is not None:
@@ -612,15 +630,13 @@ class SequenceModel:
         if not math.isfinite(norm):
             bad = optim.non_finite(grads)
             raise NonFiniteError(f"training diverged at {where}: non-finite gradient of "
-                                 f"{', '.join(bad[:4])}; the parameters keep their last "
-                                 f"finite values (try a lower lr or clip_norm)")
+                                 f"{', '.join(bad[:4])}")
         optim.clip_grad_value(grads, clip_value)
         optim.clip_grad_norm(grads, clip_norm)
         try:
             self.optimizer.step(params, grads)
         except NonFiniteError as exc:
-            raise NonFiniteError(f"training diverged at {where}: {exc} (try a lower lr or "
-                                 f"clip_norm)") from None
+            raise NonFiniteError(f"training diverged at {where}: {exc}") from None
         return loss, count, correct, h_n
 
     def _train_batch_tbptt(self, X, Y, lengths, k, clip_norm, clip_value, where):
@@ -668,7 +684,8 @@ class SequenceModel:
         callbacks: objects with on_epoch_end(epoch, logs) or functions f(epoch, logs);
             returning True stops training.
         Raises ValueError on bad data before training; NonFiniteError when a loss, gradient
-        or update becomes non-finite (parameters keep their last finite values).
+        or update becomes non-finite; the model (weights, optimizer state, shuffling RNG) is
+        then back where that epoch started, ready for a fit with a lower lr.
         """
         _require_targets(Y, "fit")
         X, Y, lengths = self._check_data(X, Y, lengths)
@@ -708,6 +725,7 @@ class SequenceModel:
                               stacklevel=2)
             if isinstance(cb, Checkpoint):
                 check_output_path(cb.path)
+                _check_json(self.metadata, "model.metadata")
         self.optimizer = self._resolve_optimizer(optimizer, lr, weight_decay)  # checks first
         for cb in cbs:
             if hasattr(cb, "set_model"):
@@ -720,11 +738,20 @@ class SequenceModel:
         try:
             for _ in range(epochs):
                 self.epoch += 1
+                start = self._snapshot()
                 try:
                     logs = self._fit_epoch(X, Y, lengths, batch_size, shuffle, clip_norm,
                                            clip_value, tbptt, verbose, classify, val)
+                except NonFiniteError as exc:
+                    # The steps before the failing one may already have diverged (finite
+                    # but huge weights): the whole epoch is undone.
+                    self._restore(start)
+                    self.epoch -= 1
+                    raise NonFiniteError(f"{exc}; the model is back where epoch "
+                                         f"{self.epoch + 1} started (try a lower lr or "
+                                         f"clip_norm)") from None
                 except BaseException:
-                    self.epoch -= 1  # the epoch did not complete
+                    self.epoch -= 1  # the epoch did not complete (its updates are kept)
                     raise
                 for key, value in logs.items():
                     history.setdefault(key, []).append(value)
@@ -740,6 +767,18 @@ class SequenceModel:
             if hasattr(cb, "on_train_end"):
                 cb.on_train_end({})
         return history
+
+    def _snapshot(self):
+        """Host copies of what an epoch changes: weights, optimizer state, shuffling RNG."""
+        optimizer = None if self.optimizer is None else self.optimizer.state_dict()
+        return self.state_dict(), optimizer, self.rng.bit_generator.state
+
+    def _restore(self, snapshot):
+        weights, optimizer, rng_state = snapshot
+        self.load_state_dict(weights)
+        if optimizer is not None:
+            self.optimizer.load_state_dict(*optimizer)
+        self.rng.bit_generator.state = rng_state
 
     def _resolve_optimizer(self, optimizer, lr, weight_decay):
         """The optimizer of this fit (see fit's ``optimizer``): an instance as given; for a
@@ -1058,7 +1097,11 @@ class SequenceModel:
         config = {"model": self.config(), "optimizer": opt_config, "epoch": self.epoch,
                   "history": self.history, "metadata": self.metadata,
                   "rng": self.rng.bit_generator.state}
-        arrays["config"] = np.array(json.dumps(config))
+        try:
+            arrays["config"] = np.array(json.dumps(config))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"cannot save {path}: model.metadata must hold JSON values "
+                            f"(str, numbers, lists, dicts): {exc}") from None
         arrays["format"] = np.array(FILE_FORMAT)
         arrays["version"] = np.array(FILE_VERSION)
         arrays["digest"] = np.array(_digest(arrays))
@@ -1078,9 +1121,12 @@ class SequenceModel:
             os.chmod(tmp, _NEW_FILE_MODE)  # mkstemp creates it 0600
             os.replace(tmp, path)
             _fsync_folder(folder)  # the rename itself survives a crash
-        except BaseException:
+        except BaseException as exc:
             if os.path.exists(tmp):
                 os.remove(tmp)
+            if isinstance(exc, OSError) and exc.errno is not None:  # a full disk, say
+                raise type(exc)(exc.errno, f"cannot save the model to {path}: "
+                                f"{exc.strerror}", path) from None
             raise
         return path
 
@@ -1092,6 +1138,10 @@ def load(path, device=None):
     device: override the saved device ("cpu"/"cuda").
     """
     path = os.fspath(path)
+    if device is not None and device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be None (as saved), 'cpu' or 'cuda', got {device!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"{path} is a folder, not a model file", path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such model file: {path}")
     if not zipfile.is_zipfile(path):

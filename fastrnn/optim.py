@@ -225,7 +225,7 @@ class Optimizer:
 
     def state_dict(self):
         """(config dict incl. step count, {slot/name: NumPy array})."""
-        config = dict(self.config(), steps=self.steps, param_steps=self.param_steps)
+        config = dict(self.config(), steps=self.steps, param_steps=dict(self.param_steps))
         return config, {k: np.array(gpu.to_host(v)) for k, v in self.state.items()}
 
     def __getstate__(self):

@@ -262,3 +262,89 @@ def test_bidirectional_text_model_and_a_folder_as_output_are_refused(tmp_path, c
     with pytest.raises(SystemExit):
         cli.main(["train", str(text), "--checkpoint", str(tmp_path), "--quiet"])
     assert "is a folder" in capsys.readouterr().err
+
+
+def _train(args):
+    """cli.main(["train", ...]) -> (exit code, stderr) with argparse's exits caught."""
+    try:
+        return cli.main(["train"] + [str(a) for a in args] + ["--quiet"]), None
+    except SystemExit as exc:
+        return exc.code, exc
+
+
+@pytest.mark.parametrize("arrays, flags, message", [
+    (dict(Y=60), [], "Y has 60 rows but X has 40"),
+    (dict(Y=30), [], "Y has 30 rows but X has 40"),
+    (dict(lengths=50), [], "lengths has 50 rows but X has 40"),
+    (dict(X_val=8), [], "needs both X_val and Y_val"),
+    (dict(), ["--targets", "y.npy"], "--targets is for X.npy input"),
+])
+def test_array_files_that_do_not_line_up_are_refused(tmp_path, capsys, arrays, flags,
+                                                     message):
+    """Before: Y or lengths longer than X were cut silently, shorter ones gave an IndexError
+    traceback, X_val without Y_val and --targets with an .npz were ignored."""
+    X, Y = fr.data.adding_problem(40, steps=4, seed=0)
+    Y = np.resize(Y, (arrays.pop("Y", 40),) + Y.shape[1:])
+    extra = {k: (np.full(n, 4) if k == "lengths" else np.zeros((n, 4, 2)))
+             for k, n in arrays.items()}
+    np.savez(tmp_path / "d.npz", X=X, Y=Y, **extra)
+    code, exc = _train([tmp_path / "d.npz", "--epochs", "1", "--hidden", "4", "--plot", ""]
+                       + flags)
+    assert code != 0
+    assert message in (str(exc.code) if exc else capsys.readouterr().err)
+
+
+def test_outputs_that_would_overwrite_an_input_or_have_no_image_format_are_refused(tmp_path):
+    X, Y = fr.data.adding_problem(40, steps=4, seed=0)
+    data = tmp_path / "d.npz"
+    np.savez(data, X=X, Y=Y)
+    code, exc = _train([data, "--checkpoint", data])
+    assert code != 0 and "is one of the input files" in str(exc.code)
+    assert np.load(data).files == ["X", "Y"]
+    code, _ = _train([data, "--plot", tmp_path / "loss.txt"])
+    assert code == 2  # argparse: the image format comes from the extension
+
+
+def test_classes_seen_only_in_the_validation_data_count(tmp_path):
+    X, Y = fr.data.adding_problem(40, steps=4, seed=0)
+    labels, val_labels = np.zeros(40, np.int64), np.array([0, 1, 2, 1])
+    labels[:20] = 1
+    np.savez(tmp_path / "d.npz", X=X, Y=labels, X_val=X[:4], Y_val=val_labels)
+    ckpt = tmp_path / "m.npz"
+    assert _train([tmp_path / "d.npz", "--epochs", "1", "--hidden", "4", "--plot", "",
+                   "--checkpoint", ckpt])[0] == 0
+    assert fr.load(ckpt).output_size == 3
+
+
+def test_text_is_read_as_utf8_without_bom_or_carriage_returns(tmp_path, capsys):
+    """A BOM and CRLF line ends no longer become characters of the vocabulary; Latin-1 or
+    UTF-16 files are refused (before: their bytes became U+FFFD or NUL characters); resuming
+    on text with characters the model lacks is refused (before: they were dropped)."""
+    text = "\ufeff" + "to be or not to be\r\nthat is the question\r\n" * 30
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8", newline="")
+    ckpt = tmp_path / "m.npz"
+    assert _train([tmp_path / "t.txt", "--epochs", "1", "--hidden", "4", "--seq-len", "8",
+                   "--plot", "", "--checkpoint", ckpt])[0] == 0
+    vocab = fr.load(ckpt).metadata["vocab"]
+    assert "\ufeff" not in vocab and "\r" not in vocab and "\n" in vocab
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me ".encode("latin-1") * 20)
+    (tmp_path / "utf16.txt").write_text("to be or not to be " * 20, encoding="utf-16")
+    for name in ("latin1.txt", "utf16.txt"):
+        assert _train([tmp_path / name, "--plot", ""])[0] == 1
+        assert "not UTF-8 text" in capsys.readouterr().err
+    (tmp_path / "new.txt").write_text("to be or not to be, Zounds! " * 20)
+    assert _train([tmp_path / "new.txt", "--epochs", "1", "--seq-len", "8", "--plot", "",
+                   "--checkpoint", ckpt, "--resume"])[0] == 1
+    assert "characters the model's vocabulary lacks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("raised, code, message", [
+    (MemoryError, 1, "error: out of memory"), (KeyboardInterrupt, 130, "interrupted")])
+def test_running_out_of_memory_or_an_interrupt_end_in_one_line(monkeypatch, capsys, raised,
+                                                               code, message):
+    def cmd_train(args):
+        raise raised()
+    monkeypatch.setattr(cli, "cmd_train", cmd_train)
+    assert cli.main(["train", "whatever.txt"]) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -335,6 +335,25 @@ def test_diverging_run_stops_with_a_clear_error_and_finite_weights():
     assert model.epoch == len(snapshots)  # only completed epochs count
 
 
+def test_a_diverged_epoch_is_undone_and_training_goes_on_with_a_lower_lr():
+    """NonFiniteError puts back the weights, optimizer state and shuffling RNG of the
+    epoch's start (before: the finite but diverged weights of its earlier steps stayed,
+    1e30 here, and a fit with a sane lr failed at once)."""
+    X, Y = fr.data.adding_problem(256, steps=10, seed=0)
+    model = fr.SequenceModel(2, 8, 1, cell="lstm", seed=0)
+    model.fit(X, Y, batch_size=32, optimizer="sgd", lr=0.1, verbose=False)
+    before, steps = model.state_dict(), model.optimizer.steps
+    rng = model.rng.bit_generator.state
+    with pytest.raises(fr.NonFiniteError, match="back where epoch 2 started"):
+        model.fit(X, Y, batch_size=32, lr=1e30, verbose=False)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    assert model.optimizer.steps == steps and model.epoch == 1
+    assert model.rng.bit_generator.state == rng
+    model.fit(X, Y, batch_size=32, lr=0.01, verbose=False)
+    assert model.epoch == 2 and np.isfinite(model.history["loss"][-1])
+
+
 def test_early_stopping_and_callbacks_stop_training():
     X, Y = fr.data.adding_problem(64, steps=5, seed=0)
     model = fr.SequenceModel(2, 4, 1, seed=0)
@@ -760,3 +779,27 @@ def test_loss_and_grads_and_gradient_norms_name_missing_targets_and_keep_the_mod
     assert not model.rnn.training
     with pytest.raises(ValueError, match=r"x must have shape \(B, "):
         model.step(np.zeros((3, model.input_size + 1)))
+
+
+def test_small_api_mistakes_get_clear_errors(tmp_path):
+    """One callback not in a list works; metadata that JSON cannot hold is refused before
+    training when a Checkpoint would save it, and by save; load names a bad device or a
+    folder."""
+    model = _model()
+    X, Y, lengths = _data(model)
+    seen = []
+    model.fit(X, Y, lengths=lengths, verbose=False, callbacks=lambda e, logs: seen.append(e))
+    assert seen == [1]
+    model.metadata = {"count": np.int64(3)}
+    with pytest.raises(TypeError, match="model.metadata must hold JSON values"):
+        model.fit(X, Y, lengths=lengths, verbose=False,
+                  callbacks=[fr.Checkpoint(tmp_path / "m.npz")])
+    assert model.epoch == 1
+    with pytest.raises(TypeError, match="metadata must hold JSON values"):
+        model.save(tmp_path / "m.npz")
+    model.metadata = {"count": 3}
+    model.save(tmp_path / "m.npz")
+    with pytest.raises(ValueError, match="device must be"):
+        fr.load(tmp_path / "m.npz", device="gpu")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        fr.load(tmp_path)
