@@ -23,11 +23,17 @@ PLOT_HINT = "install matplotlib (pip install 'fastrnn[plot]') for the PNG"
 
 # ---------------------------------------------------------------------------- char models
 
+VAL_STREAM_CHUNKS = 16
+
+
 def char_lm_data(text, seq_len, streams, val_fraction, vocab=None):
     """Stream-layout training/validation arrays for next-character prediction."""
     from . import data
     if vocab is None:
         vocab = data.CharVocab.from_text(text)
+        if len(vocab) < 2:
+            raise ValueError(f"the text is one character, {vocab.chars[0]!r}, repeated; "
+                             f"there is nothing to predict")
     else:  # a resumed model's: its inputs are one per character it knows
         unknown = sorted(set(text) - set(vocab.chars))
         if unknown:
@@ -42,11 +48,15 @@ def char_lm_data(text, seq_len, streams, val_fraction, vocab=None):
                          f"(after the validation split of {val_fraction:g}) make no sequence "
                          f"of --seq-len {seq_len} plus its target; lower --seq-len")
     streams = max(1, min(streams, (len(train_ids) - 1) // seq_len))
-    X, Y = data.char_streams(train_ids, streams, seq_len, len(vocab))
+    # Token ids, not one-hot rows: the model encodes a batch at a time (a 20 MB text as
+    # one-hot float32 took 13.6 GB at its peak).
+    X, Y = data.char_streams(train_ids, streams, seq_len, len(vocab), as_ids=True)
     val = None
     if val_fraction > 0 and len(val_ids) > seq_len + 1:
-        val_streams = max(1, min(streams, (len(val_ids) - 1) // (4 * seq_len)))
-        val = data.char_streams(val_ids, val_streams, seq_len, len(vocab))
+        # Streams of at most VAL_STREAM_CHUNKS chunks: evaluate holds a batch's logits for
+        # every step, so a few very long streams made a large text's peak memory.
+        val_streams = max(1, (len(val_ids) - 1) // (VAL_STREAM_CHUNKS * seq_len))
+        val = data.char_streams(val_ids, val_streams, seq_len, len(vocab), as_ids=True)
     return vocab, X, Y, val
 
 
@@ -56,7 +66,7 @@ def generate(model, vocab, prompt="", length=200, temperature=0.8, seed=0):
     feeding ``prompt``, every character of which must be in ``vocab``. Starts from the
     model's initial state and leaves its streaming state (``predict(stateful=True)``,
     ``step``) as it found it."""
-    from . import data, losses, optim
+    from . import losses, optim
     if (model.output, model.loss, model.input_size, model.output_size) != \
             ("sequence", "cross_entropy", len(vocab), len(vocab)):
         raise ValueError(f"generate needs a character model with output='sequence', "
@@ -75,13 +85,13 @@ def generate(model, vocab, prompt="", length=200, temperature=0.8, seed=0):
     stream_state = model._stream_state
     model.reset_state()
     try:
-        logits = model.predict(data.one_hot(ids[None, :], len(vocab)), stateful=True)[0, -1]
+        logits = model.predict(ids[None, :], stateful=True)[0, -1]
         out = []
         for _ in range(length):
             p = losses.softmax(logits.astype(np.float64) / temperature)
             nxt = int(rng.choice(len(p), p=p / p.sum()))
             out.append(nxt)
-            logits = model.step(data.one_hot(np.array([nxt]), len(vocab)))[0]
+            logits = model.step(np.array([nxt]))[0]
     finally:
         model._stream_state = stream_state
     return vocab.decode(out)

@@ -61,16 +61,19 @@ class CharVocab:
         return len(self.chars)
 
     def encode(self, text, strict=True):
-        """str -> int64 ids; unknown characters raise ValueError, or are dropped if not strict."""
-        ids = []
-        for c in text:
-            i = self.index.get(c)
-            if i is None:
-                if strict:
-                    raise ValueError(f"character {c!r} is not in the vocabulary")
-                continue
-            ids.append(i)
-        return np.array(ids, dtype=np.int64)
+        """str -> int64 ids; unknown characters raise ValueError, or are dropped if not strict.
+        Vectorised over the text's code points (a Python loop took seconds and a list of
+        20 million ints for a 20 MB file)."""
+        points = np.array([ord(c) for c in self.chars], np.uint32)  # ascending, as chars
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+        ids = np.minimum(np.searchsorted(points, codes), len(points) - 1)
+        known = points[ids] == codes
+        if not known.all():
+            if strict:
+                raise ValueError(f"character {chr(codes[~known][0])!r} is not in the "
+                                 f"vocabulary")
+            ids = ids[known]
+        return ids.astype(np.int64)
 
     def decode(self, ids):
         return "".join(self.chars[int(i)] for i in ids)
@@ -95,14 +98,16 @@ def one_hot(ids, size, dtype=np.float32):
     return out
 
 
-def char_streams(ids, n_streams, seq_len, vocab_size, dtype=np.float32):
+def char_streams(ids, n_streams, seq_len, vocab_size, dtype=np.float32, as_ids=False):
     """Next-character data laid out as ``n_streams`` contiguous streams.
 
     The id sequence is cut into ``n_streams`` equal consecutive pieces, one per batch row, each
     trimmed to a multiple of ``seq_len``. Training on it with ``shuffle=False``,
     ``batch_size=n_streams`` and ``tbptt=seq_len`` carries the state through the whole text
     (stateful training). Returns X (n_streams, L, V) one-hot inputs and Y (n_streams, L) int
-    targets (the next character).
+    targets (the next character); with ``as_ids`` X is the ids themselves (n_streams, L),
+    which SequenceModel one-hot encodes a batch at a time: V times less memory (4 bytes a
+    character, not 4*V).
     """
     ids = np.asarray(ids, dtype=np.int64)
     n_streams = _positive_int(n_streams, "n_streams")
@@ -114,7 +119,14 @@ def char_streams(ids, n_streams, seq_len, vocab_size, dtype=np.float32):
                          f"streams of at least {seq_len} steps")
     starts = np.arange(n_streams) * per_stream
     index = starts[:, None] + np.arange(per_stream)[None, :]
-    return one_hot(ids[index], vocab_size, dtype), ids[index + 1]
+    inputs = ids[index]
+    if as_ids:
+        vocab_size = _positive_int(vocab_size, "vocab_size")
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            raise ValueError(f"ids must lie in [0, {vocab_size}), got values in "
+                             f"[{ids.min()}, {ids.max()}]")
+        return inputs.astype(np.int32), ids[index + 1]
+    return one_hot(inputs, vocab_size, dtype), ids[index + 1]
 
 
 def char_windows(ids, seq_len, vocab_size, stride=None, dtype=np.float32):

@@ -25,7 +25,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import losses, optim
-from .data import batch_indices
+from .data import batch_indices, one_hot
 from .layers import GRU, LSTM, RNN, _check_bool, _check_positive_int
 from .optim import NonFiniteError
 
@@ -440,7 +440,9 @@ class SequenceModel:
             raise TypeError(f"{name} must be an array of numbers: {exc}") from None
         if X.dtype.kind not in "fiu" or X.dtype == np.bool_:
             raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
-        if X.ndim == 2 and self.input_size == 1:
+        if X.ndim == 2 and self.input_size > 1:
+            return self._check_ids(X, name)
+        if X.ndim == 2:
             X = X[:, :, None]
         if X.ndim != 3 or X.shape[2] != self.input_size:
             raise ValueError(f"{name} must have shape (N, T, {self.input_size}) "
@@ -456,6 +458,26 @@ class SequenceModel:
             bad = tuple(int(i) for i in np.argwhere(~np.isfinite(converted))[0])
             raise ValueError(f"{name} holds {problem} (first at index {bad}, value {X[bad]})")
         return converted
+
+    def _check_ids(self, X, name):
+        """X (N, T) of token ids -> int32 (N, T), each id in [0, input_size): one-hot inputs
+        given by index, encoded one batch at a time (see _dense)."""
+        if X.dtype.kind not in "iu":
+            raise TypeError(f"{name} of shape (N, T) holds token ids, one-hot encoded to "
+                            f"input_size={self.input_size}: it must hold integers, got dtype "
+                            f"{X.dtype} (or give inputs of shape (N, T, {self.input_size}))")
+        if X.shape[0] == 0 or X.shape[1] == 0:
+            raise ValueError(f"{name} needs at least one sample and one step, got {X.shape}")
+        outside = (X < 0) | (X >= self.input_size)
+        if outside.any():
+            bad = tuple(int(i) for i in np.argwhere(outside)[0])
+            raise ValueError(f"{name}'s token ids must lie in [0, {self.input_size}) "
+                             f"(input_size), got {X[bad]} at index {bad}")
+        return np.ascontiguousarray(X, dtype=np.int32)
+
+    def _dense(self, X):
+        """Model inputs (N, T, input_size): X itself, or token ids (N, T) one-hot encoded."""
+        return one_hot(X, self.input_size, self.dtype) if X.ndim == 2 else X
 
     @staticmethod
     def _check_lengths(lengths, N, T, name="lengths"):
@@ -540,7 +562,7 @@ class SequenceModel:
         return flat.reshape(feats.shape[:-1] + (self.output_size,))
 
     def _forward(self, X, lengths, h0=None):
-        out, h_n = self.rnn.forward(X, h0=h0, lengths=lengths)
+        out, h_n = self.rnn.forward(self._dense(X), h0=h0, lengths=lengths)
         out = np.asarray(self.rnn._backend.to_host(out)) if self.device != "cpu" else out
         feats = self._features(out, lengths)
         return self._head_forward(feats), feats, h_n
@@ -920,11 +942,16 @@ class SequenceModel:
         return proba
 
     def step(self, x):
-        """One streaming step: x (B, I) -> y (B, O), continuing the carried state."""
+        """One streaming step: x (B, I), or token ids (B,) when input_size > 1 -> y (B, O),
+        continuing the carried state."""
         x = np.asarray(x)
-        if x.ndim != 2 or x.shape[1] != self.input_size:
-            raise ValueError(f"x must have shape (B, {self.input_size}), got {x.shape}")
-        y = self.predict(x[:, None, :], stateful=True)
+        if x.ndim == 1 and self.input_size > 1:
+            y = self.predict(x[:, None], stateful=True)  # ids: checked there
+        elif x.ndim == 2 and x.shape[1] == self.input_size:
+            y = self.predict(x[:, None, :], stateful=True)
+        else:
+            ids = " or token ids (B,)" if self.input_size > 1 else ""
+            raise ValueError(f"x must have shape (B, {self.input_size}){ids}, got {x.shape}")
         return y[:, 0] if self.output == "sequence" else y
 
     def reset_state(self):
@@ -974,6 +1001,7 @@ class SequenceModel:
         """
         _require_targets(Y, "gradient_norms")
         X, Y, lengths = self._check_data(X, Y, lengths)
+        X = self._dense(X)
         B, T = X.shape[:2]
         L, D, H = self.num_layers, self.rnn.num_directions, self.hidden_size
         layers = [self._clone_layer(k) for k in range(L)]

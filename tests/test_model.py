@@ -803,3 +803,30 @@ def test_small_api_mistakes_get_clear_errors(tmp_path):
         fr.load(tmp_path / "m.npz", device="gpu")
     with pytest.raises(IsADirectoryError, match="is a folder"):
         fr.load(tmp_path)
+
+
+def test_token_ids_train_and_predict_as_their_one_hot_rows_do():
+    """X (N, T) of integer ids into a model of input_size V > 1 is one-hot input given by
+    index, encoded a batch at a time: the same bits as the one-hot array, for fit, predict,
+    step and gradient_norms."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 5, (6, 7))
+    Y = rng.integers(0, 5, (6, 7))
+    onehot = fr.data.one_hot(ids, 5)
+    kwargs = dict(output="sequence", loss="cross_entropy", seed=3)
+    a, b = fr.SequenceModel(5, 4, 5, **kwargs), fr.SequenceModel(5, 4, 5, **kwargs)
+    fit = dict(batch_size=3, tbptt=3, shuffle=False, verbose=False, epochs=2)
+    a.fit(ids, Y, **fit)
+    b.fit(onehot, Y, **fit)
+    for k, v in a.state_dict().items():
+        np.testing.assert_array_equal(b.state_dict()[k], v, err_msg=k)
+    np.testing.assert_array_equal(a.predict(ids), b.predict(onehot))
+    np.testing.assert_array_equal(a.gradient_norms(ids, Y), b.gradient_norms(onehot, Y))
+    np.testing.assert_array_equal(a.step(ids[:, 0]), b.step(onehot[:, 0]))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 5\)"):
+        a.predict(ids + 1)
+    with pytest.raises(TypeError, match="token ids"):
+        a.predict(ids.astype(np.float32))
+    X, _ = fr.data.char_streams(np.arange(40) % 5, 2, 4, 5)
+    X_ids, _ = fr.data.char_streams(np.arange(40) % 5, 2, 4, 5, as_ids=True)
+    np.testing.assert_array_equal(X.argmax(-1), X_ids)
