@@ -367,6 +367,9 @@ def cmd_train(args):
     if is_arrays:
         X, Y, lengths, val = _load_arrays(args)
         X, Y = np.asarray(X), np.asarray(Y)
+        if X.ndim not in (2, 3):
+            raise SystemExit(f"error: X must have shape (N, T, features), or (N, T) for one "
+                             f"feature, got {X.shape}")
         _check_rows(X, Y, lengths)
         if val is not None:
             _check_rows(*val, what="validation ")
@@ -456,7 +459,13 @@ def cmd_train(args):
 
 def cmd_sample(args):
     from .model import load
-    model = load(args.model, device=args.device)
+    try:
+        model = load(args.model, device=args.device)
+    except RuntimeError as exc:  # saved on "cuda", and this machine has no usable GPU
+        if args.device is not None:
+            raise
+        print(f"sampling on the CPU: {exc}", file=sys.stderr)
+        model = load(args.model, device="cpu")
     vocab = _vocab_of(model)
     text = generate(model, vocab, args.prompt, args.length, args.temperature, args.seed)
     print(args.prompt + text)

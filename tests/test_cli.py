@@ -348,3 +348,21 @@ def test_running_out_of_memory_or_an_interrupt_end_in_one_line(monkeypatch, caps
     assert cli.main(["train", "whatever.txt"]) == code
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_sample_of_a_model_saved_on_a_gpu_falls_back_to_the_cpu(monkeypatch, tmp_path,
+                                                                 capsys):
+    import fastrnn.model as model_module
+    model = fr.SequenceModel(3, 4, 3, output="sequence", loss="cross_entropy")
+    model.metadata = {"kind": "char_lm", "vocab": "ab\n"}
+    model.save(tmp_path / "m.npz")
+    real = model_module.load
+
+    def load(path, device=None):  # as on a machine without a GPU for a "cuda" model
+        if device is None:
+            raise RuntimeError("device='cuda': no usable CUDA GPU")
+        return real(path, device=device)
+    monkeypatch.setattr(model_module, "load", load)
+    assert cli.main(["sample", str(tmp_path / "m.npz"), "--length", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "sampling on the CPU" in captured.err and len(captured.out.strip()) > 0
