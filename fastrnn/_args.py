@@ -47,9 +47,10 @@ def OUTPUT_FILE(text):
 
 OUTPUT_FILE.__name__ = "path"
 
-# What matplotlib's savefig writes (by the file name's extension).
+# What matplotlib's savefig writes by the file name's extension, without other programs
+# (its "pgf" needs LaTeX).
 IMAGE_EXTENSIONS = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "eps", "ps", "tif", "tiff",
-                    "webp", "pgf")
+                    "webp")
 
 
 def IMAGE_FILE(text):

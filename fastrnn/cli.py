@@ -55,7 +55,7 @@ def char_lm_data(text, seq_len, streams, val_fraction, vocab=None):
     if val_fraction > 0 and len(val_ids) > seq_len + 1:
         # Streams of at most VAL_STREAM_CHUNKS chunks: evaluate holds a batch's logits for
         # every step, so a few very long streams made a large text's peak memory.
-        val_streams = max(1, (len(val_ids) - 1) // (VAL_STREAM_CHUNKS * seq_len))
+        val_streams = -(-(len(val_ids) - 1) // (VAL_STREAM_CHUNKS * seq_len))  # rounded up
         val = data.char_streams(val_ids, val_streams, seq_len, len(vocab), as_ids=True)
     return vocab, X, Y, val
 
@@ -270,10 +270,12 @@ def _load_arrays(args):
     return X, Y, lengths, None
 
 
-def _infer_head(X, Y, loss=None, output=None, Y_val=None):
+def _infer_head(X, Y, loss=None, output=None, lengths=None, val=None):
     """(loss, output, output_size) for arrays X (N, T, I) and Y, where not given: integer Y
-    -> cross_entropy over max(Y, Y_val) + 1 classes, real Y -> mse; Y with a time axis (its
-    second dimension is T: (N, T) or (N, T, O)) -> output="sequence", else "last"."""
+    -> cross_entropy over max + 1 classes, of Y and the validation (X_val, Y_val,
+    lengths_val) within their lengths (padding may hold anything, -1 say), real Y -> mse;
+    Y with a time axis (its second dimension is T: (N, T) or (N, T, O)) ->
+    output="sequence", else "last"."""
     loss = loss or ("cross_entropy" if Y.dtype.kind in "iu" else "mse")
     if output is None:
         output = "sequence" if Y.ndim >= 2 and Y.shape[1] == X.shape[1] else "last"
@@ -281,7 +283,13 @@ def _infer_head(X, Y, loss=None, output=None, Y_val=None):
             print(f"Y {Y.shape} has a time axis of T = {X.shape[1]} steps: training a "
                   f"per-step model (--output last for {Y.shape[1]} outputs per sample)")
     if loss == "cross_entropy":
-        labels = [y for y in (Y, Y_val) if y is not None and y.size]
+        def valid(y, steps):  # the labels within the lengths
+            y = np.asarray(y)
+            if output != "sequence" or steps is None or y.ndim < 2:
+                return y
+            return y[np.arange(y.shape[1])[None, :] < np.asarray(steps)[:, None]]
+        labels = [valid(Y, lengths)] + ([] if val is None else [valid(val[1], val[2])])
+        labels = [y for y in labels if y.size]
         if not labels or any(y.dtype.kind not in "iuf" or np.min(y) < 0 for y in labels):
             raise SystemExit("error: cross_entropy needs Y of class indices 0, 1, ... "
                              "(non-negative integers)")
@@ -380,8 +388,7 @@ def cmd_train(args):
                                  f"on a text file")
             _check_resumed_architecture(model, args)
         else:
-            loss, output, out_size = _infer_head(X, Y, args.loss, args.output,
-                                                 None if val is None else np.asarray(val[1]))
+            loss, output, out_size = _infer_head(X, Y, args.loss, args.output, lengths, val)
             model = SequenceModel(X.shape[2] if X.ndim == 3 else 1, args.hidden, out_size,
                                   cell=args.cell, num_layers=args.layers,
                                   bidirectional=args.bidirectional, output=output, loss=loss,
@@ -420,6 +427,7 @@ def cmd_train(args):
     if not args.checkpoint:
         print("no --checkpoint: the trained model will not be saved")
     callbacks = [Checkpoint(args.checkpoint)] if args.checkpoint else []
+    args.saved_by = callbacks[0] if callbacks else None
     if args.patience is not None:
         fit_kwargs["early_stopping"] = args.patience
     optimizer = args.optimizer  # None: the resumed model's (its state kept), else Adam
@@ -626,10 +634,10 @@ def main(argv=None):
               "needs less)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        where = getattr(args, "checkpoint", None)
-        saved = f"; the last completed epoch is saved in {where}" if where and \
-            os.path.isfile(where) else ""
-        print(f"\ninterrupted{saved}", file=sys.stderr)
+        saved = getattr(args, "saved_by", None)  # train's Checkpoint, if it made one
+        where = f"; epoch {saved.last_saved} is saved in {saved.path}" if saved and \
+            saved.last_saved else ""
+        print(f"\ninterrupted{where}", file=sys.stderr)
         return 130
 
 

@@ -51,6 +51,10 @@ class CharVocab:
         self.chars = sorted(set(chars))
         if not self.chars:
             raise ValueError("a vocabulary needs at least one character")
+        longer = [c for c in self.chars if not (isinstance(c, str) and len(c) == 1)]
+        if longer:
+            raise ValueError(f"a character vocabulary holds single characters, got "
+                             f"{longer[0]!r}")
         self.index = {c: i for i, c in enumerate(self.chars)}
 
     @classmethod
@@ -65,6 +69,7 @@ class CharVocab:
         Vectorised over the text's code points (a Python loop took seconds and a list of
         20 million ints for a 20 MB file)."""
         points = np.array([ord(c) for c in self.chars], np.uint32)  # ascending, as chars
+        text = text if isinstance(text, str) else "".join(text)  # a list of characters
         codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
         ids = np.minimum(np.searchsorted(points, codes), len(points) - 1)
         known = points[ids] == codes

@@ -142,10 +142,12 @@ class Checkpoint(Callback):
 
     def __init__(self, path, every=1):
         self.path, self.every = path, _check_positive_int(every, "every")
+        self.last_saved = None  # the epoch of the last save by this callback
 
     def on_epoch_end(self, epoch, logs):
         if epoch % self.every == 0:
             self.model.save(self.path)
+            self.last_saved = epoch
         return False
 
 
@@ -767,8 +769,8 @@ class SequenceModel:
                 except NonFiniteError as exc:
                     # The steps before the failing one may already have diverged (finite
                     # but huge weights): the whole epoch is undone.
-                    self._restore(start)
                     self.epoch -= 1
+                    self._restore(start)
                     raise NonFiniteError(f"{exc}; the model is back where epoch "
                                          f"{self.epoch + 1} started (try a lower lr or "
                                          f"clip_norm)") from None
@@ -796,8 +798,20 @@ class SequenceModel:
         return self.state_dict(), optimizer, self.rng.bit_generator.state
 
     def _restore(self, snapshot):
+        """Put back a _snapshot, into the same arrays (a caller's references to parameters
+        stay valid; the values were finite when taken)."""
         weights, optimizer, rng_state = snapshot
-        self.load_state_dict(weights)
+        for name, value in weights.items():
+            params, key = (self.rnn.params, name[4:]) if name.startswith("rnn.") else \
+                (self.head, name[5:])
+            target = params[key]
+            if isinstance(target, np.ndarray):
+                if target.flags.writeable:
+                    target[...] = value
+                else:  # a read-only view a caller assigned
+                    params[key] = value
+            else:
+                target.copy_to_device(np.ascontiguousarray(value, target.dtype))
         if optimizer is not None:
             self.optimizer.load_state_dict(*optimizer)
         self.rng.bit_generator.state = rng_state

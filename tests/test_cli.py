@@ -366,3 +366,40 @@ def test_sample_of_a_model_saved_on_a_gpu_falls_back_to_the_cpu(monkeypatch, tmp
     assert cli.main(["sample", str(tmp_path / "m.npz"), "--length", "5"]) == 0
     captured = capsys.readouterr()
     assert "sampling on the CPU" in captured.err and len(captured.out.strip()) > 0
+
+
+def test_padded_class_labels_past_the_lengths_are_ignored(tmp_path):
+    """-1 past each row's length (as torch's ignore_index users write) neither refuses the
+    data nor adds classes; the labels within the lengths decide."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20, 6, 2))
+    lengths = rng.integers(2, 7, 20)
+    Y = rng.integers(0, 3, (20, 6))
+    Y[np.arange(6)[None, :] >= lengths[:, None]] = -1
+    np.savez(tmp_path / "d.npz", X=X, Y=Y, lengths=lengths)
+    ckpt = tmp_path / "m.npz"
+    assert _train([tmp_path / "d.npz", "--epochs", "1", "--hidden", "4", "--plot", "",
+                   "--checkpoint", ckpt])[0] == 0
+    assert fr.load(ckpt).output_size == 3
+
+
+def test_an_interrupt_names_only_a_checkpoint_this_run_saved(monkeypatch, tmp_path, capsys):
+    """Ctrl-C during train names the checkpoint only if this run wrote it (before: any file
+    at that path, an earlier run's too)."""
+    from fastrnn import model as model_module
+    X, Y = fr.data.adding_problem(32, steps=4, seed=0)
+    np.savez(tmp_path / "d.npz", X=X, Y=Y)
+    ckpt = tmp_path / "m.npz"
+    fr.SequenceModel(2, 4, 1).save(ckpt)  # an earlier run's file
+    real = model_module.SequenceModel.fit
+    for epochs_before_interrupt in (0, 1):
+        def fit(self, *args, **kwargs):  # some epochs, then Ctrl-C
+            if epochs_before_interrupt:
+                real(self, *args, **dict(kwargs, epochs=epochs_before_interrupt))
+            raise KeyboardInterrupt
+        monkeypatch.setattr(model_module.SequenceModel, "fit", fit)
+        assert cli.main(["train", str(tmp_path / "d.npz"), "--hidden", "4", "--quiet",
+                         "--plot", "", "--checkpoint", str(ckpt)]) == 130
+        err = capsys.readouterr().err
+        assert "interrupted" in err
+        assert ("epoch 1 is saved in" in err) == bool(epochs_before_interrupt)

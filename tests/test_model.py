@@ -344,10 +344,13 @@ def test_a_diverged_epoch_is_undone_and_training_goes_on_with_a_lower_lr():
     model.fit(X, Y, batch_size=32, optimizer="sgd", lr=0.1, verbose=False)
     before, steps = model.state_dict(), model.optimizer.steps
     rng = model.rng.bit_generator.state
+    arrays = {**model.rnn.params, **model.head}
     with pytest.raises(fr.NonFiniteError, match="back where epoch 2 started"):
         model.fit(X, Y, batch_size=32, lr=1e30, verbose=False)
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
+    for name, array in {**model.rnn.params, **model.head}.items():
+        assert array is arrays[name], name  # restored in place: references stay valid
     assert model.optimizer.steps == steps and model.epoch == 1
     assert model.rng.bit_generator.state == rng
     model.fit(X, Y, batch_size=32, lr=0.01, verbose=False)
@@ -830,3 +833,10 @@ def test_token_ids_train_and_predict_as_their_one_hot_rows_do():
     X, _ = fr.data.char_streams(np.arange(40) % 5, 2, 4, 5)
     X_ids, _ = fr.data.char_streams(np.arange(40) % 5, 2, 4, 5, as_ids=True)
     np.testing.assert_array_equal(X.argmax(-1), X_ids)
+
+
+def test_char_vocab_takes_single_characters_and_encodes_lists_of_them():
+    vocab = fr.data.CharVocab("ab\n")
+    np.testing.assert_array_equal(vocab.encode(["a", "\n", "b"]), vocab.encode("a\nb"))
+    with pytest.raises(ValueError, match="single characters"):
+        fr.data.CharVocab(["ab", "c"])
