@@ -793,27 +793,29 @@ class SequenceModel:
         return history
 
     def _snapshot(self):
-        """Host copies of what an epoch changes: weights, optimizer state, shuffling RNG."""
-        optimizer = None if self.optimizer is None else self.optimizer.state_dict()
-        return self.state_dict(), optimizer, self.rng.bit_generator.state
+        """Copies of what an epoch changes: weights, optimizer state, shuffling RNG. Each is
+        copied where it lives (a "cuda" model's on the device: nothing crosses to the host)."""
+        copy = self.rnn._backend.copy
+        weights = ({k: copy(v) for k, v in self.rnn.params.items()},
+                   {k: v.copy() for k, v in self.head.items()})
+        optimizer = None if self.optimizer is None else self.optimizer.snapshot()
+        return weights, optimizer, self.rng.bit_generator.state
 
     def _restore(self, snapshot):
         """Put back a _snapshot, into the same arrays (a caller's references to parameters
-        stay valid; the values were finite when taken)."""
-        weights, optimizer, rng_state = snapshot
-        for name, value in weights.items():
-            params, key = (self.rnn.params, name[4:]) if name.startswith("rnn.") else \
-                (self.head, name[5:])
-            target = params[key]
-            if isinstance(target, np.ndarray):
-                if target.flags.writeable:
+        stay valid)."""
+        (rnn, head), optimizer, rng_state = snapshot
+        for params, saved in ((self.rnn.params, rnn), (self.head, head)):
+            for key, value in saved.items():
+                target = params[key]
+                if not isinstance(target, np.ndarray):
+                    target.copy_to_device(value)
+                elif target.flags.writeable:
                     target[...] = value
                 else:  # a read-only view a caller assigned
                     params[key] = value
-            else:
-                target.copy_to_device(np.ascontiguousarray(value, target.dtype))
         if optimizer is not None:
-            self.optimizer.load_state_dict(*optimizer)
+            self.optimizer.restore(optimizer)
         self.rng.bit_generator.state = rng_state
 
     def _resolve_optimizer(self, optimizer, lr, weight_decay):

@@ -223,6 +223,17 @@ class Optimizer:
                 self.state[f"{slot}/{name}"] = array
         self.param_steps.update(counts)
 
+    def snapshot(self):
+        """A copy of the state, each array copied where it lives (on the device for device
+        parameters), for :meth:`restore`."""
+        state = {k: gpu.copy(v) if _on_device(v) else np.array(v, copy=True)
+                 for k, v in self.state.items()}
+        return self.steps, dict(self.param_steps), state
+
+    def restore(self, snapshot):
+        self.steps, param_steps, state = snapshot
+        self.param_steps, self.state = dict(param_steps), dict(state)
+
     def state_dict(self):
         """(config dict incl. step count, {slot/name: NumPy array})."""
         config = dict(self.config(), steps=self.steps, param_steps=dict(self.param_steps))

@@ -717,6 +717,27 @@ def test_sequence_model_training_keeps_parameters_on_the_device(monkeypatch):
 
 
 @needs_gpu
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the simulator's NumPy scalars
+def test_a_diverged_epoch_on_the_device_is_undone_in_place():
+    """As on the CPU (test_model): NonFiniteError puts back the epoch's starting weights and
+    optimizer state, into the same device arrays."""
+    X, Y = fr.data.adding_problem(12, steps=3, seed=0)
+    model = fr.SequenceModel(2, 3, 1, cell="gru", device="cuda", seed=0)
+    model.fit(X, Y, batch_size=6, lr=0.1, verbose=False)
+    arrays = dict(model.rnn.params)
+    before, state = model.state_dict(), model.optimizer.state_dict()
+    with pytest.raises(fr.NonFiniteError, match="back where epoch 2 started"):
+        model.fit(X, Y, batch_size=6, lr=1e38, verbose=False)
+    assert all(model.rnn.params[k] is arrays[k] for k in arrays)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    after = model.optimizer.state_dict()
+    assert after[0]["steps"] == state[0]["steps"]
+    for key, value in after[1].items():
+        np.testing.assert_array_equal(value, state[1][key], err_msg=key)
+
+
+@needs_gpu
 def test_gpu_non_finite_padding_gets_no_gradient():
     """As on the CPU: NaN or inf past a row's length changes no output and no gradient, and
     a device input is left as it was."""
