@@ -372,8 +372,8 @@ class _RecurrentLayer:
             if isinstance(state, (tuple, list)) and len(state) == 2 and all(
                     getattr(part, "ndim", None) == 3 for part in state):  # an LSTM-like pair
                 raise TypeError(f"{name} of a {type(self).__name__} is one array of shape "
-                                f"({LD}, {batch}, {H}), not a tuple (only an LSTM's state "
-                                f"is a pair (h, c))")
+                                f"({LD}, {batch}, {H}), not two (only an LSTM's state is a "
+                                f"pair (h, c))")
             parts = [(state, name)]
         checked = []
         for value, label in parts:

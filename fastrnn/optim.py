@@ -246,6 +246,12 @@ class Optimizer:
         state["state"] = {k: np.array(gpu.to_host(v)) for k, v in self.state.items()}
         return state
 
+    def __setstate__(self, state):
+        if "param_steps" not in state:  # pickled before per-parameter counts
+            state["param_steps"] = {name: state.get("steps", 0)
+                                    for name in state.pop("seen", ())}
+        self.__dict__.update(state)
+
     def load_state_dict(self, config, arrays):
         self.steps = int(config.get("steps", 0))
         self.state = {k: np.array(v) for k, v in arrays.items()}
