@@ -1,6 +1,7 @@
 """argparse types shared by the command-line tools (fastrnn.cli, fastrnn.bench): numbers
 checked against a range, so a bad value is a one-line argparse error, not a traceback."""
 import argparse
+import errno
 import os
 
 
@@ -31,17 +32,26 @@ NON_NEGATIVE = _number(float, 0)
 FRACTION = _number(float, 0, 1)  # [0, 1)
 
 
-def OUTPUT_FILE(text):
-    """argparse type: a path to write at the end of a run, whose folder must exist now (and
-    which is not a folder itself), so a typo fails at once rather than after the training or
-    benchmark it would have saved."""
-    folder = os.path.dirname(os.path.abspath(text))
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+def output_path_problem(path):
+    """Why a file cannot be written at ``path`` (a str), as (errno, reason), or None: it is a
+    folder, or its folder does not exist or is not writable."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return errno.EISDIR, "it is a folder; give a file name"
     if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"the folder {folder} does not exist")
+        return errno.ENOENT, f"the folder {folder} does not exist"
     if not os.access(folder, os.W_OK):
-        raise argparse.ArgumentTypeError(f"the folder {folder} is not writable")
+        return errno.EACCES, f"the folder {folder} is not writable"
+    return None
+
+
+def OUTPUT_FILE(text):
+    """argparse type: a path to write at the end of a run, checked now (see
+    output_path_problem), so a typo fails at once rather than after the training or
+    benchmark it would have saved."""
+    problem = output_path_problem(text) if text else None
+    if problem:
+        raise argparse.ArgumentTypeError(problem[1])
     return text
 
 

@@ -25,6 +25,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import losses, optim
+from ._args import output_path_problem
 from .data import batch_indices, one_hot
 from .layers import GRU, LSTM, RNN, _check_bool, _check_positive_int
 from .optim import NonFiniteError
@@ -206,20 +207,14 @@ def _epoch_line(epoch, logs):
     return f"epoch {epoch}: {scores} - {logs['seconds']:.1f} s"
 
 
-def check_output_path(path, what="the model"):
-    """``path`` (as a str) if a file can be written there: OSError naming it when it is a
-    folder or its folder does not exist (checked before a run that would save there)."""
+def check_output_path(path):
+    """``path`` (as a str) if a model file can be written there, else the OSError of
+    _args.output_path_problem naming it (checked before a run that would save there)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, f"cannot save {what} to {path}: it is a "
-                                f"folder; give a file name", path)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(errno.ENOENT, f"cannot save {what} to {path}: the folder "
-                                f"{folder} does not exist", path)
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(errno.EACCES, f"cannot save {what} to {path}: the folder "
-                              f"{folder} is not writable", path)
+    problem = output_path_problem(path)
+    if problem:
+        code, reason = problem
+        raise OSError(code, f"cannot save the model to {path}: {reason}", path)
     return path
 
 
@@ -627,14 +622,11 @@ class SequenceModel:
         return loss
 
     # -- training -----------------------------------------------------------------------
+    # Overflow on the way is not warned about: a non-finite loss, gradient or update raises
+    # NonFiniteError, which names it.
+    @np.errstate(over="ignore", invalid="ignore", divide="ignore")
     def _train_step(self, X, Y, lengths, h0, clip_norm, clip_value, where):
-        """Forward, loss, backward and one update; returns (loss, n_valid, n_correct, h_n).
-        Overflow on the way is not warned about: a non-finite loss, gradient or update
-        raises NonFiniteError, which names it."""
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return self._checked_step(X, Y, lengths, h0, clip_norm, clip_value, where)
-
-    def _checked_step(self, X, Y, lengths, h0, clip_norm, clip_value, where):
+        """Forward, loss, backward and one update; returns (loss, n_valid, n_correct, h_n)."""
         self.zero_grad()
         y, feats, h_n = self._forward(X, lengths, h0)
         loss, dy, count, correct = self._loss(y, Y, lengths)
@@ -1141,11 +1133,8 @@ class SequenceModel:
         config = {"model": self.config(), "optimizer": opt_config, "epoch": self.epoch,
                   "history": self.history, "metadata": self.metadata,
                   "rng": self.rng.bit_generator.state}
-        try:
-            arrays["config"] = np.array(json.dumps(config))
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"cannot save {path}: model.metadata must hold JSON values "
-                            f"(str, numbers, lists, dicts): {exc}") from None
+        _check_json(self.metadata, "model.metadata")
+        arrays["config"] = np.array(json.dumps(config))
         arrays["format"] = np.array(FILE_FORMAT)
         arrays["version"] = np.array(FILE_VERSION)
         arrays["digest"] = np.array(_digest(arrays))

@@ -370,13 +370,10 @@ def finite_past_lengths(h_prev, lengths):
     NaN inputs) 0 * inf gives NaN, which PyTorch's packed sequences, never reading those
     steps, do not. Returns h_prev, or a copy with those steps set to 0 when any carried
     state is not finite (each row carries one state, so only that one is checked)."""
-    T = h_prev.shape[0]
-    short = np.flatnonzero(lengths < T)
+    short = np.flatnonzero(lengths < h_prev.shape[0])
     if np.isfinite(h_prev[lengths[short], short]).all():
         return h_prev
-    clean = h_prev.copy()
-    clean[np.arange(T)[:, None] >= lengths[None, :]] = 0
-    return clean
+    return zero_padding(h_prev.copy(), lengths)
 
 
 def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads, dx2d,
