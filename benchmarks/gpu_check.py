@@ -7,13 +7,13 @@ Steps: (1) the GPU tests (tests/test_gpu.py, simulator off) in a subprocess; (2)
 bit-identical across two runs for every cell; (3) float32 timings of forward (eval) and
 forward+backward of every cell against torch.nn with cuDNN, with
 ``torch.backends.cudnn.allow_tf32`` False and at its default (True), at the issue's
-(T, B, I, H) shapes. Each measurement alternates fastrnn and cuDNN samples (A B A B ...),
+(T, B, I, H) shapes, with the recurrence kernels ``--recurrence`` picks (default "auto"). Each measurement alternates fastrnn and cuDNN samples (A B A B ...),
 synchronising both Numba and torch around every sample, and reports the median of the
 per-round ratios, so clock drift and neighbours on the machine cancel. ratio = cuDNN time /
 fastrnn time (> 1: fastrnn is faster). Inputs are torch CUDA tensors handed to fastrnn through
 ``__cuda_array_interface__``, so neither side copies to the host. (4) A breakdown of the
 LSTM: the input-projection GEMM alone, and µs per step of each recurrence path (rows, units,
-tiles), rows and units also without the shared-memory opt-in (fastrnn.gpu.SHARED_OPT_IN).
+tiles, registers), rows and units also without the shared-memory opt-in (fastrnn.gpu.SHARED_OPT_IN).
 (5) One SequenceModel training step (fit: head, loss, clipping and the optimizer on the
 device) against the layer's forward+backward alone. ``--tf32-off-only`` skips the
 TF32-default pass of (3).
@@ -253,10 +253,10 @@ def _median_time(fn, rounds=ROUNDS):
 def breakdown(deadline):
     """Where the LSTM's time goes at every shape: the input-projection GEMM alone against
     the eval forward, and the eval forward and forward+backward per step with each
-    recurrence path (fastrnn.gpu.RECURRENCE rows / units / tiles), with shared memory
-    beyond 48 KB (fastrnn.gpu.SHARED_OPT_IN) and, for rows and units, without ("48k")."""
+    recurrence path (fastrnn.gpu.RECURRENCE rows / units / tiles / registers, the last
+    where the layer fits it), with shared memory beyond 48 KB (fastrnn.gpu.SHARED_OPT_IN) and, for rows and units, without ("48k")."""
     from numba import cuda
-    from fastrnn import gpu
+    from fastrnn import cells, gpu
     print("== breakdown, LSTM float32: projection GEMM; us/step, eval fwd / fwd+bwd, by "
           "recurrence path, with and without the shared-memory opt-in")
     defaults = gpu.RECURRENCE, gpu.SHARED_OPT_IN
@@ -284,9 +284,13 @@ def breakdown(deadline):
         cells_out = []
         # The tiled kernels use no dynamic shared memory: no "48k" run of them.
         for path, opt_in in (("rows", True), ("units", True), ("tiles", True),
-                             ("rows", False), ("units", False)):
+                             ("registers", True), ("rows", False), ("units", False)):
             gpu.RECURRENCE, gpu.SHARED_OPT_IN = path, opt_in
             label = path if opt_in else f"{path}/48k"
+            if path == "registers" and not gpu._register_plan(cells.CELLS["lstm"], H,
+                                                              np.dtype(np.float32)):
+                cells_out.append(f"{label}: n/a")  # too large: the row kernels would run
+                continue
             try:
                 layer.eval()
                 layer(x)
@@ -353,6 +357,10 @@ def main(argv=None):
     parser.add_argument("--skip-tests", action="store_true", help="skip the pytest step")
     parser.add_argument("--tf32-off-only", action="store_true",
                         help="time cuDNN with TF32 off only (skip the pass at its default)")
+    parser.add_argument("--recurrence", default="auto",
+                        choices=["auto", "rows", "units", "tiles", "registers"],
+                        help="fastrnn.gpu.RECURRENCE for the bit-identity check and the table "
+                             "(the breakdown times every path)")
     args = parser.parse_args(argv)
     if args.plan:
         plan()
@@ -361,6 +369,7 @@ def main(argv=None):
         print("gpu_check measures a real GPU: unset NUMBA_ENABLE_CUDASIM")
         return 2
     from fastrnn import gpu
+    gpu.RECURRENCE = args.recurrence
     reason = gpu.unavailable_reason()
     if reason is not None:
         print(f"gpu_check needs a GPU: {reason}")

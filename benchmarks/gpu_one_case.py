@@ -16,7 +16,8 @@ def main(argv=None):
     parser.add_argument("cell", choices=["rnn_tanh", "rnn_relu", "lstm", "gru"])
     for size in ("T", "B", "I", "H"):
         parser.add_argument(size, type=int)
-    parser.add_argument("--path", choices=["auto", "rows", "units", "tiles"], default="auto")
+    parser.add_argument("--path", choices=["auto", "rows", "units", "tiles", "registers"],
+                        default="auto")
     parser.add_argument("--train", action="store_true")
     parser.add_argument("--calls", type=int, default=3)
     args = parser.parse_args(argv)

@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_ptx_loops.py [CELL] [DTYPE]      # default: lstm float32
 
-Prints, for the persistent recurrence kernels (rows, units and tiles, forward and backward),
+Prints, for the persistent recurrence kernels (rows, units, tiles and registers, forward and
+backward),
 their PTX instruction count, their 64-bit integer divisions (each a long instruction
 sequence on the GPU) and (instructions, multiply-adds) of every loop that does at least four
 float multiply-adds: a loop is the code between a label and the branch back to it. The
@@ -83,6 +84,7 @@ def main(argv=None):
     forward_rows, backward_rows = kernels.recurrence_kernels(cell, dtype)
     units = kernels.unit_kernels(cell, dtype)
     tiles = kernels.tile_kernels(cell, dtype, 16)
+    regs = kernels.register_kernels(cell, dtype, 64 if dtype == "float32" else 32, False)
     for name, kernel, argtypes in (
             ("forward_rows", forward_rows,
              (a2, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, b, b, b, i64)),
@@ -96,7 +98,11 @@ def main(argv=None):
              (i64, i64, b, a2, a1, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, i64)),
             ("backward_tiles", tiles["backward_tiles"],
              (i64, i64, b, a3, i64, a1, i1, b, a3, a3, i64, a3, a2, a2, a1, a2, a2, a2,
-              a2))):
+              a2)),
+            ("forward_regs", regs["forward_regs"],
+             (a2, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a3, i64, i64, i64)),
+            ("backward_regs", regs["backward_regs"],
+             (a3, i64, a1, i1, b, a3, a3, i64, a3, a2, a2, a2, a2, b, i64))):
         ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=(9, 0))
         divisions = len(re.findall(r"\b(?:div|rem)[.][su]64\b", ptx))
         print(f"{name} {cell} {dtype}: {instructions(ptx)} PTX instructions, "

@@ -12,6 +12,7 @@ import pytest
 
 import fastrnn as fr
 from fastrnn import gpu
+from fastrnn.cells import CELLS as CELL_SPECS
 from helpers import (CELLS, H0_MODES, has_cell_state, make_layer, setup_case, stable_seed,
                      state_parts)
 from tolerances import FD, FD_EPS, GPU_VS_CPU, assert_close
@@ -241,6 +242,39 @@ def test_gpu_tiled_recurrence_matches_cpu(monkeypatch, cell, tile_blocks):
     dout, dh_n = _random_cotangents(np.random.default_rng(seed), cpu_layer, cell, "float64")
     _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n),
              _run(gpu_layer, x, h0, lengths, dout, dh_n), "float64")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("weights", [4, 12, 64], ids=["chunks", "padded", "one-chunk"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_register_kernels_match_cpu(monkeypatch, cell, weights, dtype):
+    """The register kernels (a block per batch row, the recurrent weights in registers)
+    give the CPU engine's results, forward and backward, with lengths, both directions, 2
+    layers and a learned h0. At H=8, 4 weights per thread split forward's product into 2
+    chunks and backward's into 2G; 12 make one forward chunk padded with zeros and
+    ceil(8G/12) backward ones, the last padded unless G=3; with 64 both are one chunk, which
+    sums in the row kernels' order: the same bits."""
+    monkeypatch.setattr(gpu, "REG_WEIGHTS", weights)
+    shape = dict(SHAPE, H=8)
+    seed = stable_seed("registers", cell, weights, dtype)
+    results = {}
+    for path in ("rows", "registers"):
+        monkeypatch.setattr(gpu, "RECURRENCE", path)
+        cpu_layer, gpu_layer, x, h0, lengths = _pair(
+            cell, dtype, seed, shape, num_layers=2, bidirectional=True, use_lengths=True,
+            h0_mode="learned")
+        dout, dh_n = _random_cotangents(np.random.default_rng(seed), cpu_layer, cell, dtype,
+                                        shape)
+        results[path] = _run(gpu_layer, x, h0, lengths, dout, dh_n)
+    plan = gpu._register_plan(CELL_SPECS[cell], shape["H"], np.dtype(dtype))
+    assert plan[0] == weights  # the register kernels ran, with this many weights per thread
+    _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n), results["registers"], dtype)
+    if weights == 64:
+        rows, regs = results["rows"], results["registers"]
+        assert np.array_equal(rows[0], regs[0]) and np.array_equal(rows[2], regs[2])
+        for name in rows[4]:
+            assert np.array_equal(rows[4][name], regs[4][name]), name
 
 
 @needs_gpu

@@ -145,6 +145,27 @@ def test_tile_kernels_compile(compile_ptx, cell, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cell", sorted(cells.CELLS))
+def test_register_kernels_compile(compile_ptx, cell, dtype):
+    """The register kernels at the default weights per thread: the weights really are in
+    registers (no local memory: a local array indexed at run time would be) and each step's
+    product reads the shared state four elements per 16-byte load."""
+    from fastrnn.gpu import kernels
+    a1, a2, a3, i1, i64, boolean, _ = _arrays(dtype)
+    kc = 64 if dtype == "float32" else 32
+    k = kernels.register_kernels(cell, dtype, kc, simulator=False)
+    forward = [a2, a1, a1, a1, i1, boolean, boolean, a3, a3, i64, a3, a3, i64, i64, i64]
+    backward = [a3, i64, a1, i1, boolean, a3, a3, i64, a3, a2, a2, a2, a2, boolean, i64]
+    wide = "v4.f32" if dtype == "float32" else "v2.f64"
+    for name, argtypes in (("forward_regs", forward), ("backward_regs", backward)):
+        ptx = compile_ptx(k[name], argtypes)
+        assert ".entry" in ptx, name
+        assert ".local" not in ptx, name
+        assert len(re.findall(rf"ld\.shared\.{wide}", ptx)) >= kc // 4, name
+        _assert_no_f64_math(ptx, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("update, hyper_count", [("sgd_update", 6), ("adam_update", 10)])
 def test_optimizer_kernels_compile(compile_ptx, update, hyper_count, dtype):
     """The device optimizer step (fastrnn.optim's elementwise update bound into

@@ -39,9 +39,17 @@ SHARED_OPT_IN = True
 # Which recurrence kernels run: "rows" (a block per batch row, kernels.forward_rows), "units"
 # (a block per slice of hidden units and a grid barrier per step, kernels.forward_units),
 # "tiles" (each step's product as register-tiled GEMM tiles, two grid barriers per step,
-# kernels.forward_tiles; only when asked for: not yet timed on a GPU), or "auto" (units
+# kernels.forward_tiles; only when asked for: not yet timed on a GPU), "registers" (a block
+# per batch row with the recurrent weights in registers, kernels.forward_regs, for small
+# layers, see _register_plan; only when asked for: not yet timed on a GPU), or "auto" (units
 # where a cooperative launch is possible, see _use_units, else rows).
 RECURRENCE = "auto"
+# Recurrent weights per thread of the register kernels (a multiple of 4); None: 64 for
+# float32, 32 for float64 (two registers each). Tests set it small to get several chunks.
+REG_WEIGHTS = None
+# Most threads per block of the register kernels: 256 threads may use up to 255 registers
+# each (65536 per multiprocessor), so a kernel holding 64 weights always launches.
+REG_THREADS = 256
 TILE_BLOCKS = None       # blocks of a "tiles" launch; None: as many as useful, at most one
                          # per multiprocessor (tests set it to get several tiles per block)
 UNITS_PER_BLOCK = None   # None: as few as fill at most one block per multiprocessor
@@ -570,6 +578,33 @@ def _launch_units(kind, one, persistent_args, step_args_for):
         return False
 
 
+def _register_plan(cell, H, dtype):
+    """(weights per thread, forward chunks, backward chunks, forward and backward shared
+    bytes) of the register kernels for a layer of hidden size H, or None when RECURRENCE does
+    not ask for them or the layer needs more than REG_THREADS threads or SHARED_BYTES of
+    shared memory (then the row kernels run: the general path)."""
+    if RECURRENCE != "registers":
+        return None
+    GH = cell.gates * H
+    Hc = H if cell.has_cell_state else 0
+    kc = REG_WEIGHTS or (64 if dtype.itemsize == 4 else 32)
+    forward_chunks, backward_chunks = -(-H // kc), -(-GH // kc)
+    if max(forward_chunks * GH, backward_chunks * H) > REG_THREADS:
+        return None
+    # Element counts of the kernels' shared arrays (kernels.forward_regs, backward_regs).
+    forward = forward_chunks * kc + 4 * GH + Hc + (forward_chunks - 1) * GH
+    backward = backward_chunks * kc + (GH if cell.separate_recurrent_grad else 0) \
+        + 2 * H + 2 * Hc + (backward_chunks - 1) * H
+    if max(forward, backward) * dtype.itemsize > SHARED_BYTES:
+        return None
+    return (kc, forward_chunks, backward_chunks, forward * dtype.itemsize,
+            backward * dtype.itemsize)
+
+
+def _register_kernels(cell, dtype, kc):
+    return _kernels().register_kernels(cell.name, dtype, kc, _simulator_enabled())
+
+
 def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, train,
                       out, out_col):
     """Forward of one layer-direction on the device (same contract as the CPU backend).
@@ -609,7 +644,14 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     _elementwise("transpose2d", dtype, GH * H, w_hh, w_t)
     hg_ws = _workspace(key + ("hg",), (B, GH), dtype)
     split = cell.summed_columns(H)
-    if RECURRENCE == "tiles":
+    plan = _register_plan(cell, H, dtype)
+    if plan:
+        kc, chunks, _, shared_bytes, _ = plan
+        _launch(_register_kernels(cell, dtype, kc)["forward_regs"], B, chunks * GH,
+                shared_bytes, x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse),
+                bool(train), h_seq, c_seq, Hc, acts, out, out_col, split, chunks)
+        launched = True
+    elif RECURRENCE == "tiles":
         kernels = _kernels().tile_kernels(cell.name, dtype, GEMM_TILE)
         args = (x_proj, _flat(w_t), _flat(h_seq), b_ih, b_hh, lengths, bool(reverse),
                 bool(train), h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split)
@@ -684,7 +726,15 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
     dc_prev = _workspace(key + ("dc_prev",), (B, H), dtype) if Hc else _dummy(2, dtype)
     launched = False
-    if RECURRENCE == "tiles":
+    plan = _register_plan(cell, H, dtype)
+    if plan:
+        kc, _, chunks, _, shared_bytes = plan
+        _launch(_register_kernels(cell, dtype, kc)["backward_regs"], B, chunks * H,
+                shared_bytes, dout, out_col, _flat(w_hh), saved.lengths, saved.reverse,
+                saved.h_seq, saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc,
+                cell.separate_recurrent_grad, chunks)
+        launched = True
+    elif RECURRENCE == "tiles":
         kernels = _kernels().tile_kernels(cell.name, dtype, GEMM_TILE)
         args = (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
                 saved.c_seq, Hc, saved.acts, dgx, dgh, _flat(dgh), dh, dc, dh_direct, dc_prev)

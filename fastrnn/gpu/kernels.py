@@ -41,6 +41,9 @@ ONE = 1.0
 TILE = 16
 REG = 4
 SPAN = 64
+KC = 4       # recurrent weights per thread of the register kernels (bound per specialisation)
+SAVED_SLOTS = 1  # activations the cell saves per unit (at least 1; bound per cell)
+ALIGN = None  # byte alignment of their shared arrays: 16 on a GPU, None on the simulator
 IDX = int
 U32 = int  # bound: numba.uint32 (see _fixed_width_types)
 I64 = int  # bound: numba.int64
@@ -674,6 +677,257 @@ def backward_tiles(first, count, persistent, dout, out_col, w_hh, lengths, rever
             cuda.cg.this_grid().sync()
 
 
+# ---------------------------------------------------------------------------- register-resident recurrence
+#
+# "Register kernels", for small hidden sizes: a block owns a batch row and loops over time, as
+# the row kernels do, but each thread keeps KC recurrent weights in registers for all T steps
+# (a local array with compile-time indices, which the compiler keeps in registers: no
+# local-memory traffic in the PTX, benchmarks/gpu_ptx_loops.py). Forward, thread (p, g) holds
+# W_hh[g, p*KC:(p+1)*KC]; backward, thread (q, k) holds W_hh[q*KC:(q+1)*KC, k]. A step's
+# product then reads only the state (forward) or the gate gradient (backward) from shared
+# memory, four elements per 16-byte broadcast load (the arrays are 16-byte aligned; ALIGN),
+# where the row kernels read a weight and a state element per multiply-add. The state, the
+# biases and the cell state stay in shared memory across steps, and each step's input
+# projection (forward) or output gradient (backward) is loaded one step ahead, so no global
+# load waits in the recurrence. Two barriers per step (one more in forward when H > KC).
+# With one chunk (H <= KC forward, G*H <= KC backward) every sum runs in the order of
+# ``dot`` and the bits are the row kernels'.
+
+def dot_registers(w, v, base):
+    """sum over i < KC of w[i] * v[base + i]: w a local (register) array, v shared; four
+    partial sums (i mod 4) as in ``dot``. base must be a multiple of 4 (16-byte loads)."""
+    s0 = ZERO
+    s1 = ZERO
+    s2 = ZERO
+    s3 = ZERO
+    for i in range(0, KC, 4):
+        s0 += w[i] * v[base + IDX(i)]
+        s1 += w[i + 1] * v[base + IDX(i + 1)]
+        s2 += w[i + 2] * v[base + IDX(i + 2)]
+        s3 += w[i + 3] * v[base + IDX(i + 3)]
+    return (s0 + s1) + (s2 + s3)
+
+
+def load_registers(w, start, stride, count, wr):
+    """wr[i] = w[start + i*stride] for the first ``count`` i < KC, 0 for the rest (so that a
+    chunk past the matrix's end adds nothing)."""
+    for i in range(KC):
+        wr[i] = w[start + i * stride] if i < count else ZERO
+
+
+def forward_regs(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc, acts,
+                 out, out_col, split, chunks):
+    """Whole-sequence forward of one layer-direction; grid (B,), chunks*G*H threads with
+    chunks = ceil(H / KC). Arrays as forward_rows (no hg_ws: the gates stay in shared
+    memory). Dynamic shared memory: [h (chunks*KC, zero past H)][pre (G*H)][hg (G*H)]
+    [b_ih (G*H)][b_hh (G*H)][c (Hc)][partial products ((chunks-1)*G*H)]."""
+    b = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    T = out.shape[0]
+    B = out.shape[1]
+    H = h_seq.shape[2]
+    GH = b_ih.shape[0]
+    g = tid % GH
+    p = tid // GH
+    wr = cuda.local.array(KC, DTYPE)
+    load_registers(w_t, p * KC * GH + g, GH, H - p * KC, wr)
+    dyn = cuda.shared.array(0, DTYPE, alignment=ALIGN)
+    hw = chunks * KC
+    hs = dyn[0:hw]
+    pre = dyn[hw:hw + GH]
+    hg = dyn[hw + GH:hw + 2 * GH]
+    bi = dyn[hw + 2 * GH:hw + 3 * GH]
+    bh = dyn[hw + 3 * GH:hw + 4 * GH]
+    cs = dyn[hw + 4 * GH:hw + 4 * GH + Hc]
+    sums = dyn[hw + 4 * GH + Hc:hw + 4 * GH + Hc + (chunks - 1) * GH]
+    cb = clamp(b, c_seq.shape[1])
+    first = forward_step(0, T, reverse, train)[1]
+    i = tid
+    while i < hw:
+        hs[i] = h_seq[first, b, i] if i < H and T > 0 else ZERO
+        i += nthreads
+    i = tid
+    while i < GH:
+        bi[i] = b_ih[i]
+        bh[i] = b_hh[i]
+        i += nthreads
+    i = tid
+    while i < Hc:
+        cs[i] = c_seq[clamp(first, c_seq.shape[0]), cb, i]
+        i += nthreads
+    cuda.syncthreads()
+    length = lengths[b]
+    base = IDX(p) * IDX(KC)
+    x_now = x_proj[forward_step(0, T, reverse, train)[0] * B + b, g] if T > 0 else ZERO
+    for s in range(T):
+        t, prev, nxt, a = forward_step(s, T, reverse, train)
+        # The next step's input projection, loaded now: its latency hides behind this step.
+        x_next = x_proj[forward_step(min(s + 1, T - 1), T, reverse, train)[0] * B + b, g]
+        if t < length:  # the same for the whole block, so every barrier is reached by all
+            acc = dot_registers(wr, hs, base)
+            if p > 0:
+                sums[(p - 1) * GH + g] = acc
+            if chunks > 1:
+                cuda.syncthreads()
+            if p == 0:
+                for q in range(chunks - 1):
+                    acc += sums[q * GH + g]
+                if g < split:
+                    pre[g] = x_now + acc
+                else:
+                    pre[g] = x_now
+                    hg[g] = acc
+            cuda.syncthreads()
+            if tid < H:
+                # h and c are updated in place: the cell reads unit j's old values only.
+                cell_forward(tid, H, pre, hg, bi, bh, hs, cs, hs, cs,
+                             acts[clamp(a, acts.shape[0]), clamp(b, acts.shape[1])])
+                out[t, b, out_col + tid] = hs[tid]
+            # Every read of h by this step's product is done (first barrier); this one
+            # makes the new h complete before the next step reads it.
+            cuda.syncthreads()
+        elif tid < H:
+            # Past this row's length the state is carried unchanged and the output is 0.
+            out[t, b, out_col + tid] = ZERO
+        if tid < H:
+            h_seq[nxt, b, tid] = hs[tid]
+        if tid < Hc:
+            c_seq[clamp(nxt, c_seq.shape[0]), cb, tid] = cs[tid]
+        x_now = x_next
+
+
+def finish_state_gradient(k, H, Hc, chunks, own, sums, dhs, dds, dcs, dcps):
+    """Unit k's gradient w.r.t. the state entering the last step: dh = dh_direct + the
+    recurrent product (own, chunk 0, plus chunks 1.. from sums (chunks-1, H), in order);
+    dc = dc_prev (LSTM)."""
+    for r in range(chunks - 1):
+        own += sums[r * H + k]
+    dhs[k] = dds[k] + own
+    if k < Hc:
+        dcs[k] = dcps[k]
+
+
+def load_unit(s, T, reverse, b, k, acts, h_seq, c_seq, unit_acts, unit_states):
+    """What the cell's backward reads of unit k of row b at BPTT step s: its saved
+    activations into unit_acts (SAVED_SLOTS,) and h_prev, c_prev, h_next into unit_states
+    (3,) (c_prev from a dummy c_seq unless LSTM)."""
+    t, prev, nxt = backward_step(s, T, reverse)
+    row = acts[clamp(t, acts.shape[0]), clamp(b, acts.shape[1])]
+    for i in range(SAVED_SLOTS):
+        unit_acts[i] = row[clamp(SAVED_SLOTS * k + i, row.shape[0])]
+    unit_states[0] = h_seq[prev, b, k]
+    unit_states[1] = c_seq[clamp(prev, c_seq.shape[0]), clamp(b, c_seq.shape[1]),
+                           clamp(k, c_seq.shape[2])]
+    unit_states[2] = h_seq[nxt, b, k]
+
+
+def backward_regs(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts, dgx, dgh,
+                  dh, dc, separate, chunks):
+    """Whole-sequence BPTT of one layer-direction; grid (B,), chunks*H threads with
+    chunks = ceil(G*H / KC). Arrays as backward_rows, without its dh_direct/dc_prev
+    workspaces (shared memory here); separate: dgh is not dgx (GRU). Dynamic shared memory:
+    [recurrent-side gate gradient (chunks*KC, zero past G*H)][input-side gate gradient (G*H,
+    when separate)][dh (H)][dh_direct (H)][dc (Hc)][dc_prev (Hc)][partial products
+    ((chunks-1)*H)].
+
+    Thread (q, k) sums chunk q of dh_prev[k] = dh_direct[k] + sum_g dgh[g] W_hh[g, k]; the
+    chunks are added, in order, by thread (0, k) at the start of the next step (or after the
+    last), which is also the thread that runs the cell for unit k: so dh, dc and their
+    direct parts never cross threads, only the gate gradient does."""
+    b = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    T = dout.shape[0]
+    B = dout.shape[1]
+    H = h_seq.shape[2]
+    GH = dgx.shape[1]
+    k = tid % H
+    q = tid // H
+    wr = cuda.local.array(KC, DTYPE)
+    load_registers(w_hh, q * KC * H + k, H, GH - q * KC, wr)
+    dyn = cuda.shared.array(0, DTYPE, alignment=ALIGN)
+    gw = chunks * KC
+    gs = dyn[0:gw]
+    gx_len = GH if separate else 0
+    gxs = dyn[gw:gw + gx_len] if separate else gs
+    o = gw + gx_len
+    dhs = dyn[o:o + H]
+    dds = dyn[o + H:o + 2 * H]
+    dcs = dyn[o + 2 * H:o + 2 * H + Hc]
+    dcps = dyn[o + 2 * H + Hc:o + 2 * H + 2 * Hc]
+    sums = dyn[o + 2 * H + 2 * Hc:o + 2 * H + 2 * Hc + (chunks - 1) * H]
+    i = tid
+    while i < gw:
+        gs[i] = ZERO  # the padding past G*H is never written again
+        i += nthreads
+    if q == 0:
+        dhs[k] = dh[b, k]
+        if k < Hc:
+            dcs[k] = dc[clamp(b, dc.shape[0]), k]
+    cuda.syncthreads()
+    length = lengths[b]
+    own = ZERO
+    pending = False  # whether the last step's product still has to reach dh
+    # What the cell reads of unit k, in registers: this step's and (loaded one step ahead,
+    # so that no global load waits in the recurrence) the next step's.
+    acts_now = cuda.local.array(SAVED_SLOTS, DTYPE)
+    acts_next = cuda.local.array(SAVED_SLOTS, DTYPE)
+    states_now = cuda.local.array(3, DTYPE)
+    states_next = cuda.local.array(3, DTYPE)
+    if q == 0:
+        load_unit(0, T, reverse, b, k, acts, h_seq, c_seq, acts_now, states_now)
+    dout_now = dout[backward_step(0, T, reverse)[0], b, out_col + k]
+    for s in range(T):
+        t, prev, nxt = backward_step(s, T, reverse)
+        dout_next = dout[backward_step(min(s + 1, T - 1), T, reverse)[0], b, out_col + k]
+        if q == 0:
+            load_unit(min(s + 1, T - 1), T, reverse, b, k, acts, h_seq, c_seq, acts_next,
+                      states_next)
+        if pending and q == 0:
+            finish_state_gradient(k, H, Hc, chunks, own, sums, dhs, dds, dcs, dcps)
+        pending = t < length  # the same for the whole block
+        if t < length:
+            if q == 0:
+                dhs[k] += dout_now
+                # Unit k as unit 0 of views that start at k: the cell then reads its saved
+                # values from the registers at constant indices.
+                cell_backward(0, H, dhs[k:], dcs[k:], acts_now, states_now[0:1],
+                              states_now[1:2], states_now[2:3], gxs[k:], gs[k:], dds[k:],
+                              dcps[k:])
+            cuda.syncthreads()
+            i = tid
+            while i < GH:
+                dgx[t * B + b, i] = gxs[i]
+                if separate:
+                    dgh[t * B + b, i] = gs[i]
+                i += nthreads
+            own = dot_registers(wr, gs, IDX(q) * IDX(KC))
+            if q > 0:
+                sums[(q - 1) * H + k] = own
+        else:
+            # Padded step: no gradient enters and the state gradient passes through unchanged.
+            i = tid
+            while i < GH:
+                dgx[t * B + b, i] = ZERO
+                dgh[t * B + b, i] = ZERO
+                i += nthreads
+        # The partial sums are complete before thread (0, k) adds them, and every read of
+        # the gate gradient is done before the next step's cell overwrites it.
+        cuda.syncthreads()
+        dout_now = dout_next
+        for i in range(SAVED_SLOTS):
+            acts_now[i] = acts_next[i]
+        for i in range(3):
+            states_now[i] = states_next[i]
+    if pending and q == 0:
+        finish_state_gradient(k, H, Hc, chunks, own, sums, dhs, dds, dcs, dcps)
+    if q == 0:
+        dh[b, k] = dhs[k]
+        if k < Hc:
+            dc[clamp(b, dc.shape[0]), k] = dcs[k]
+
+
 # ---------------------------------------------------------------------------- linear algebra
 
 def gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
@@ -1071,6 +1325,40 @@ def tile_kernels(cell_name, dtype, tile):
             common[part.__name__] = _device(part, suffix, **common)
         return {func.__name__: _kernel(func, suffix, **common) for func in kernels}
     return _compiled(("tiles", cell_name, dtype, int(tile)), build)
+
+
+REGISTER_KERNELS = ("forward_regs", "backward_regs")
+
+
+def register_kernels(cell_name, dtype, kc, simulator):
+    """dict name -> the register kernels (REGISTER_KERNELS) for cell_name and dtype, with kc
+    weights per thread (a compile-time constant, a multiple of 4). simulator: the CUDA
+    simulator, which refuses aligned shared arrays (it needs no alignment either)."""
+    dtype = np.dtype(dtype)
+    spec = cells.CELLS[cell_name]
+    if kc % 4:
+        raise ValueError(f"weights per thread must be a multiple of 4, got {kc}")
+
+    def build():
+        bind = scalar_bindings(dtype)
+        parts = (dot_registers, load_registers, finish_state_gradient, load_unit)
+        kernels = [globals()[name] for name in REGISTER_KERNELS]
+        version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp,
+                              slots.forward_step, slots.backward_step, *parts, *kernels)
+        suffix = f"{cell_name}_{dtype.name}_k{kc}_{version}"
+        forward_step = _device(slots.forward_step, suffix)
+        common = dict(cuda=_cuda_module(), ZERO=bind["ZERO"], DTYPE=bind["DTYPE"], KC=int(kc),
+                      ALIGN=None if simulator else 16, IDX=_index_type(),
+                      SAVED_SLOTS=max(1, spec.saved),
+                      clamp=_device(clamp, suffix), forward_step=forward_step,
+                      backward_step=_device(slots.backward_step, suffix,
+                                            forward_step=forward_step),
+                      cell_forward=_device(spec.forward, suffix, **bind),
+                      cell_backward=_device(spec.backward, suffix, **bind))
+        for part in parts:
+            common[part.__name__] = _device(part, suffix, **common)
+        return {func.__name__: _kernel(func, suffix, **common) for func in kernels}
+    return _compiled(("registers", cell_name, dtype, int(kc), bool(simulator)), build)
 
 
 GEMM_REG = 4  # outputs per thread along each axis of a gemm tile (compile-time constant)
