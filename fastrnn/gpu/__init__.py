@@ -9,9 +9,9 @@ usable.
 Launches per layer-direction and call, independent of T: forward = 1 transpose of W_hh +
 1 input-projection GEMM + 1 persistent recurrence kernel (+ 1 fill when h0 is zeros);
 backward = 1 persistent BPTT kernel + 3 GEMMs (dW_ih, dW_hh, dx) + 2 bias column sums.
-The recurrence kernel is row-owning, unit-split or tiled (RECURRENCE); only the grid-barrier
-kinds (unit-split, tiled) forced on the simulator, which cannot cross a grid barrier, launch
-once per step (per phase) instead.
+The recurrence kernel is row-owning, unit-split, tiled or register-resident (RECURRENCE);
+only the grid-barrier kinds (unit-split, tiled) forced on the simulator, which cannot cross a
+grid barrier, launch once per step (per phase) instead.
 All on the default stream, so their order is the program order.
 """
 import importlib
