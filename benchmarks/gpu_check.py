@@ -12,11 +12,12 @@ synchronising both Numba and torch around every sample, and reports the median o
 per-round ratios, so clock drift and neighbours on the machine cancel. ratio = cuDNN time /
 fastrnn time (> 1: fastrnn is faster). Inputs are torch CUDA tensors handed to fastrnn through
 ``__cuda_array_interface__``, so neither side copies to the host. (4) A breakdown of the
-LSTM: the input-projection GEMM alone, and µs per step of each recurrence path (rows, units,
-tiles, registers), rows and units also without the shared-memory opt-in (fastrnn.gpu.SHARED_OPT_IN).
-(5) One SequenceModel training step (fit: head, loss, clipping and the optimizer on the
-device) against the layer's forward+backward alone. ``--tf32-off-only`` skips the
-TF32-default pass of (3).
+LSTM: the input-projection GEMM alone, and µs per step of each recurrence path (rows,
+units, tiles, registers), rows and units also without the shared-memory opt-in
+(fastrnn.gpu.SHARED_OPT_IN). (5) The fixed cost of a call (a one-step LSTM), fastrnn
+against cuDNN. (6) One SequenceModel training step (fit: head, loss, clipping and the
+optimizer on the device) against the layer's forward+backward alone. ``--tf32-off-only``
+skips the TF32-default pass of (3).
 
 Needs numba, numba-cuda, torch (CUDA build). The full pytest log goes to $OUT/gpu_tests.log
 when OUT is set. Prints the table; exits 1 if a check failed.
@@ -313,6 +314,26 @@ def breakdown(deadline):
               f"{max(gpu._opted_in.values(), default=0)} bytes")
 
 
+def fixed_cost():
+    """us per call of a one-step LSTM(32, 64) on one row, eval forward and forward+backward,
+    fastrnn (rows and registers) against cuDNN: the part of a call that does not grow with
+    T (kernel launches, allocations, Python), which bounds the short sequences: at
+    (1000,1,32,64) the goal of 3x cuDNN leaves about a sixth of cuDNN's call time."""
+    from fastrnn import gpu
+    default = gpu.RECURRENCE
+    parts = []
+    try:
+        for path in ("rows", "registers"):
+            gpu.RECURRENCE = path
+            for backward in (False, True):
+                t_fr, t_dnn, _ = measure("lstm", (1, 1, 32, 64), backward)
+                parts.append(f"{path} {'fwd+bwd' if backward else 'fwd'} {t_fr * 1e6:.1f} "
+                             f"(cuDNN {t_dnn * 1e6:.1f})")
+    finally:
+        gpu.RECURRENCE = default
+    print("== fixed cost, us per call, LSTM (T,B,I,H) = (1,1,32,64): " + "; ".join(parts))
+
+
 def training_steps(shape=FIT_SHAPE, batches=FIT_BATCHES):
     """SequenceModel.fit on the GPU (LSTM, output="last", Adam, clip_norm): ms per training
     step, against the layer's forward+backward alone, so the rest of a step (the host-side
@@ -385,6 +406,10 @@ def main(argv=None):
     ok &= check_determinism()
     summarize(benchmark(deadline, not args.tf32_off_only))
     breakdown(deadline + BREAKDOWN_BUDGET_S)
+    try:
+        fixed_cost()
+    except Exception as exc:  # a diagnosis: report and go on
+        print(f"== fixed cost: {type(exc).__name__}: {exc}"[:300])
     try:
         training_steps()
     except Exception as exc:  # report and finish: the checks above are what must pass

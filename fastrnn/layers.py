@@ -233,9 +233,13 @@ class _RecurrentLayer:
                 if value.dtype == dtype and value.shape == shape:
                     continue
             kind_ok = _is_device_array(value) if on_device else isinstance(value, np.ndarray)
-            if kind_ok and value.dtype == dtype and tuple(value.shape) == shape:
-                continue
             where = f"params[{name!r}]"
+            if kind_ok and value.dtype == dtype and tuple(value.shape) == shape:
+                # The kernels read device parameters as flat memory.
+                if not on_device or gpu.is_c_contiguous(value):
+                    continue
+                raise TypeError(f"{where} must be a C-contiguous device array, got a strided "
+                                f"view; assign a copy, or use load_state_dict")
             expected = (f"a {'device' if on_device else 'NumPy'} array of dtype "
                         f"{self.dtype} and shape {shape}")
             if value is None:

@@ -645,8 +645,9 @@ class SequenceModel:
         norm = optim.global_norm(grads)
         if not math.isfinite(norm):
             bad = optim.non_finite(grads)
-            raise NonFiniteError(f"training diverged at {where}: non-finite gradient of "
-                                 f"{', '.join(bad[:4])}")
+            what = (f"non-finite gradient of {', '.join(bad[:4])}" if bad else
+                    "the gradients' global norm overflows float64 (every gradient is finite)")
+            raise NonFiniteError(f"training diverged at {where}: {what}")
         optim.clip_grad_value(grads, clip_value)
         optim.clip_grad_norm(grads, clip_norm)
         try:
@@ -743,6 +744,7 @@ class SequenceModel:
                 check_output_path(cb.path)
                 _check_json(self.metadata, "model.metadata")
         self.optimizer = self._resolve_optimizer(optimizer, lr, weight_decay)  # checks first
+        self.rnn._check_params()  # before the epoch snapshot copies them
         for cb in cbs:
             if hasattr(cb, "set_model"):
                 cb.set_model(self)

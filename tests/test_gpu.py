@@ -245,16 +245,17 @@ def test_gpu_tiled_recurrence_matches_cpu(monkeypatch, cell, tile_blocks):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("weights", [4, 12, 64], ids=["chunks", "padded", "one-chunk"])
+@pytest.mark.parametrize("weights, dtype", [(4, "float64"), (12, "float64"), (64, "float32")],
+                         ids=["chunks", "padded", "one-chunk"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_gpu_register_kernels_match_cpu(monkeypatch, cell, weights, dtype):
     """The register kernels (a block per batch row, the recurrent weights in registers)
     give the CPU engine's results, forward and backward, with lengths, both directions, 2
     layers and a learned h0. At H=8, 4 weights per thread split forward's product into 2
     chunks and backward's into 2G; 12 make one forward chunk padded with zeros and
-    ceil(8G/12) backward ones, the last padded unless G=3; with 64 both are one chunk, which
-    sums in the row kernels' order: the same bits."""
+    ceil(8G/12) backward ones, the last padded unless G=3; with 64 (float32's default) both
+    are one chunk, which sums in the row kernels' order: the same bits. (Each weight count
+    is a compilation on a GPU: three per cell keep the device check's test step short.)"""
     monkeypatch.setattr(gpu, "REG_WEIGHTS", weights)
     shape = dict(SHAPE, H=8)
     seed = stable_seed("registers", cell, weights, dtype)
@@ -934,6 +935,25 @@ def test_device_arrays_of_the_wrong_dtype_or_layout_are_named():
     with pytest.raises(TypeError, match=r"state_dict\['rnn.weight_hh_l0'\] is a non-contig"):
         model.load_state_dict({**weights, "rnn.weight_hh_l0": strided(
             weights["rnn.weight_hh_l0"])})
+    # Assigned to params (no conversion there): refused by name before forward and before
+    # fit copies the parameters for its epoch rollback (Numba's own error, before).
+    for owner, run in ((lstm, lambda: lstm(x)),
+                       (model.rnn, lambda: model.fit(np.zeros((2, 3, 2), np.float32),
+                                                     np.zeros((2, 1), np.float32),
+                                                     verbose=False))):
+        owner.params["weight_hh_l0"] = strided(gpu.to_host(owner.params["weight_hh_l0"]))
+        with pytest.raises(TypeError, match=r"^params\['weight_hh_l0'\] must be a "
+                                            r"C-contiguous device array"):
+            run()
+
+
+@needs_gpu
+def test_an_unknown_recurrence_kind_is_refused(monkeypatch):
+    """A typo in fastrnn.gpu.RECURRENCE ("tile") used to run the row kernels silently."""
+    layer = fr.GRU(2, 3, device="cuda", seed=0)
+    monkeypatch.setattr(gpu, "RECURRENCE", "tile")
+    with pytest.raises(ValueError, match=r"RECURRENCE must be one of 'auto', .*got 'tile'"):
+        layer(np.ones((2, 1, 2), np.float32))
 
 
 @needs_gpu

@@ -335,6 +335,18 @@ def test_diverging_run_stops_with_a_clear_error_and_finite_weights():
     assert model.epoch == len(snapshots)  # only completed epochs count
 
 
+def test_a_gradient_norm_that_overflows_is_named():
+    """Every gradient finite but their global norm past float64's range: the error said
+    "non-finite gradient of " and named nothing."""
+    model = fr.SequenceModel(2, 3, 1, cell="rnn_relu", dtype="float64", seed=0)
+    for value in model.head.values():
+        value *= 1e-165  # a finite loss from states near 1e155, whose head gradient is not
+    X, Y = np.full((2, 3, 2), 1e155), np.ones((2, 1))
+    with pytest.raises(fr.NonFiniteError, match="global norm overflows float64 .every "
+                                                "gradient is finite"):
+        model.fit(X, Y, epochs=1, verbose=False)
+
+
 def test_a_diverged_epoch_is_undone_and_training_goes_on_with_a_lower_lr():
     """NonFiniteError puts back the weights, optimizer state and shuffling RNG of the
     epoch's start (before: the finite but diverged weights of its earlier steps stayed,

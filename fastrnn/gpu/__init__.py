@@ -44,6 +44,7 @@ SHARED_OPT_IN = True
 # layers, see _register_plan; only when asked for: not yet timed on a GPU), or "auto" (units
 # where a cooperative launch is possible, see _use_units, else rows).
 RECURRENCE = "auto"
+RECURRENCE_KINDS = ("auto", "rows", "units", "tiles", "registers")
 # Recurrent weights per thread of the register kernels (a multiple of 4); None: 64 for
 # float32, 32 for float64 (two registers each). Tests set it small to get several chunks.
 REG_WEIGHTS = None
@@ -601,6 +602,14 @@ def _register_plan(cell, H, dtype):
             backward * dtype.itemsize)
 
 
+def _check_recurrence():
+    """ValueError unless RECURRENCE is one of RECURRENCE_KINDS (a typo would otherwise run
+    the row kernels and time the wrong thing)."""
+    if RECURRENCE not in RECURRENCE_KINDS:
+        raise ValueError(f"fastrnn.gpu.RECURRENCE must be one of "
+                         f"{', '.join(map(repr, RECURRENCE_KINDS))}, got {RECURRENCE!r}")
+
+
 def _register_kernels(cell, dtype, kc):
     return _kernels().register_kernels(cell.name, dtype, kc, _simulator_enabled())
 
@@ -614,11 +623,11 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     out_col:out_col+H. Returns (h_n, c_n, saved): h_n, c_n (B, H) new device arrays (c_n None
     unless LSTM), saved a :class:`Saved` (None in eval). O(1) launches, whatever T is.
     """
+    _check_recurrence()
     T, B = out.shape[0], out.shape[1]
     GH, H = w_hh.shape
     I = x2d.shape[1]
     dtype = out.dtype
-    itemsize = dtype.itemsize
     Hc = H if cell.has_cell_state else 0
     A = cell.saved * H
     key = ("fwd", cell.name, bool(reverse))
@@ -639,19 +648,35 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     # Input projection for all steps at once: x_proj = x2d . W_ih^T, (T*B, I) x (I, G*H).
     x_proj = _workspace(key + ("x_proj",), (T * B, GH), dtype)
     _gemm(_flat(x2d), I, 1, _flat(w_ih), 1, I, _flat(x_proj), T * B, GH, I, False)
-    # W_hh^T so that the per-step product reads the weights coalesced (kernels.forward_rows).
-    w_t = _workspace(key + ("w_t",), (H, GH), dtype)
-    _elementwise("transpose2d", dtype, GH * H, w_hh, w_t)
-    hg_ws = _workspace(key + ("hg",), (B, GH), dtype)
     split = cell.summed_columns(H)
     plan = _register_plan(cell, H, dtype)
     if plan:
+        # W_hh as it is: each thread loads its weights once, so coalescing does not matter.
         kc, chunks, _, shared_bytes, _ = plan
         _launch(_register_kernels(cell, dtype, kc)["forward_regs"], B, chunks * GH,
-                shared_bytes, x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse),
+                shared_bytes, x_proj, _flat(w_hh), b_ih, b_hh, lengths, bool(reverse),
                 bool(train), h_seq, c_seq, Hc, acts, out, out_col, split, chunks)
-        launched = True
-    elif RECURRENCE == "tiles":
+    else:
+        # W_hh^T so that the per-step product reads the weights coalesced
+        # (kernels.forward_rows).
+        w_t = _workspace(key + ("w_t",), (H, GH), dtype)
+        _elementwise("transpose2d", dtype, GH * H, w_hh, w_t)
+        _forward_recurrence(cell, dtype, key, x_proj, w_t, b_ih, b_hh, lengths, reverse,
+                            train, h_seq, c_seq, Hc, acts, out, out_col, split)
+    h_n = copy(h_seq[last])
+    c_n = copy(c_seq[last]) if Hc else None
+    saved = Saved(x2d, lengths, bool(reverse), h_seq, c_seq, acts) if train else None
+    return h_n, c_n, saved
+
+
+def _forward_recurrence(cell, dtype, key, x_proj, w_t, b_ih, b_hh, lengths, reverse, train,
+                        h_seq, c_seq, Hc, acts, out, out_col, split):
+    """The tiled, unit-split or row-owning forward kernel, as RECURRENCE and the shape pick
+    (arguments as kernels.forward_rows; key names the workspaces of this layer-direction)."""
+    T, B = out.shape[0], out.shape[1]
+    H, GH = w_t.shape
+    hg_ws = _workspace(key + ("hg",), (B, GH), dtype)
+    if RECURRENCE == "tiles":
         kernels = _kernels().tile_kernels(cell.name, dtype, GEMM_TILE)
         args = (x_proj, _flat(w_t), _flat(h_seq), b_ih, b_hh, lengths, bool(reverse),
                 bool(train), h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split)
@@ -666,7 +691,7 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
         def unit_args(w_shared):
             return (x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train),
                     h_seq, c_seq, Hc, acts, hg_ws, out, out_col, w_shared, split, U)
-        slice_bytes = H * (GH // H) * U * itemsize
+        slice_bytes = H * (GH // H) * U * dtype.itemsize
         w_shared = slice_bytes <= _shared_budget(kernels["forward_units"], unit_args(False),
                                                  True)
         args = unit_args(w_shared)
@@ -678,10 +703,6 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     if not launched:
         _forward_rows(cell, dtype, x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq,
                       c_seq, Hc, acts, hg_ws, out, out_col, split)
-    h_n = copy(h_seq[last])
-    c_n = copy(c_seq[last]) if Hc else None
-    saved = Saved(x2d, lengths, bool(reverse), h_seq, c_seq, acts) if train else None
-    return h_n, c_n, saved
 
 
 def _forward_rows(cell, dtype, x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq,
@@ -709,6 +730,7 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     row is shorter than T. Returns (dh0, dc0) (B, H) new device arrays (dc0 None unless
     LSTM). Every reduction sums in a fixed order.
     """
+    _check_recurrence()
     T, B = dout.shape[0], dout.shape[1]
     GH, H = w_hh.shape
     I = w_ih.shape[1]

@@ -715,11 +715,11 @@ def load_registers(w, start, stride, count, wr):
         wr[i] = w[start + i * stride] if i < count else ZERO
 
 
-def forward_regs(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc, acts,
+def forward_regs(x_proj, w_hh, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc, acts,
                  out, out_col, split, chunks):
     """Whole-sequence forward of one layer-direction; grid (B,), chunks*G*H threads with
-    chunks = ceil(H / KC). Arrays as forward_rows (no hg_ws: the gates stay in shared
-    memory). Dynamic shared memory: [h (chunks*KC, zero past H)][pre (G*H)][hg (G*H)]
+    chunks = ceil(H / KC). w_hh (G*H*H,) = W_hh flattened row-major, read once; the other
+    arrays as forward_rows (no hg_ws: the gates stay in shared memory). Dynamic shared memory: [h (chunks*KC, zero past H)][pre (G*H)][hg (G*H)]
     [b_ih (G*H)][b_hh (G*H)][c (Hc)][partial products ((chunks-1)*G*H)]."""
     b = cuda.blockIdx.x
     tid = cuda.threadIdx.x
@@ -731,7 +731,7 @@ def forward_regs(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq,
     g = tid % GH
     p = tid // GH
     wr = cuda.local.array(KC, DTYPE)
-    load_registers(w_t, p * KC * GH + g, GH, H - p * KC, wr)
+    load_registers(w_hh, g * H + p * KC, 1, H - p * KC, wr)
     dyn = cuda.shared.array(0, DTYPE, alignment=ALIGN)
     hw = chunks * KC
     hs = dyn[0:hw]
