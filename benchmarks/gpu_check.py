@@ -7,8 +7,9 @@ Steps: (1) the GPU tests (tests/test_gpu.py, simulator off) in a subprocess; (2)
 bit-identical across two runs for every cell; (3) float32 timings of forward (eval) and
 forward+backward of every cell against torch.nn with cuDNN, with
 ``torch.backends.cudnn.allow_tf32`` False and at its default (True), at the issue's
-(T, B, I, H) shapes, with the recurrence kernels ``--recurrence`` picks (default "auto"). Each measurement alternates fastrnn and cuDNN samples (A B A B ...),
-synchronising both Numba and torch around every sample, and reports the median of the
+(T, B, I, H) shapes, with the recurrence kernels ``--recurrence`` picks (default "auto").
+Each measurement alternates fastrnn and cuDNN samples (A B A B ...), synchronising both
+Numba and torch around every sample, and reports the median of the
 per-round ratios, so clock drift and neighbours on the machine cancel. ratio = cuDNN time /
 fastrnn time (> 1: fastrnn is faster). Inputs are torch CUDA tensors handed to fastrnn through
 ``__cuda_array_interface__``, so neither side copies to the host. (4) A breakdown of the
@@ -255,7 +256,8 @@ def breakdown(deadline):
     """Where the LSTM's time goes at every shape: the input-projection GEMM alone against
     the eval forward, and the eval forward and forward+backward per step with each
     recurrence path (fastrnn.gpu.RECURRENCE rows / units / tiles / registers, the last
-    where the layer fits it), with shared memory beyond 48 KB (fastrnn.gpu.SHARED_OPT_IN) and, for rows and units, without ("48k")."""
+    where the layer fits it), with shared memory beyond 48 KB (fastrnn.gpu.SHARED_OPT_IN)
+    and, for rows and units, without ("48k")."""
     from numba import cuda
     from fastrnn import cells, gpu
     print("== breakdown, LSTM float32: projection GEMM; us/step, eval fwd / fwd+bwd, by "

@@ -677,7 +677,7 @@ def backward_tiles(first, count, persistent, dout, out_col, w_hh, lengths, rever
             cuda.cg.this_grid().sync()
 
 
-# ---------------------------------------------------------------------------- register-resident recurrence
+# ------------------------------------------------------------------ register-resident recurrence
 #
 # "Register kernels", for small hidden sizes: a block owns a batch row and loops over time, as
 # the row kernels do, but each thread keeps KC recurrent weights in registers for all T steps
@@ -719,8 +719,13 @@ def forward_regs(x_proj, w_hh, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq
                  out, out_col, split, chunks):
     """Whole-sequence forward of one layer-direction; grid (B,), chunks*G*H threads with
     chunks = ceil(H / KC). w_hh (G*H*H,) = W_hh flattened row-major, read once; the other
-    arrays as forward_rows (no hg_ws: the gates stay in shared memory). Dynamic shared memory: [h (chunks*KC, zero past H)][pre (G*H)][hg (G*H)]
-    [b_ih (G*H)][b_hh (G*H)][c (Hc)][partial products ((chunks-1)*G*H)]."""
+    arrays as forward_rows (no hg_ws: the gates stay in shared memory). Dynamic shared
+    memory: [h (chunks*KC, zero past H)][pre (G*H)][hg (G*H)][b_ih (G*H)][b_hh (G*H)]
+    [c (Hc)][partial products ((chunks-1)*G*H)].
+
+    Thread (p, g) sums chunk p of gate column g's recurrent product; thread (0, g) adds
+    the other chunks in order and stores the column's pre-activation; thread j < H then
+    runs the cell for unit j, with h and c in shared memory across steps."""
     b = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
