@@ -210,8 +210,24 @@ def measure(cell, shape, backward):
     return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
 
 
+def _register_extra(cell, shape):
+    """Whether the table also times the register kernels for (cell, shape): they are not
+    what RECURRENCE runs, and the layer fits them (fastrnn.gpu._register_plan)."""
+    from fastrnn import cells, gpu
+    if gpu.RECURRENCE == "registers":
+        return False
+    default, gpu.RECURRENCE = gpu.RECURRENCE, "registers"
+    try:
+        return gpu._register_plan(cells.CELLS[cell], shape[3], np.dtype(np.float32)) is not None
+    finally:
+        gpu.RECURRENCE = default
+
+
 def benchmark(deadline, tf32_default_pass=True):
+    """The table: every cell and shape with the recurrence kernels RECURRENCE picks, and a
+    second row "CELL/reg" with the register kernels where they fit and are not the pick."""
     import torch
+    from fastrnn import gpu
     torch.backends.cudnn.enabled = True
     header = (f"{'cell':8s} {'T,B,I,H':>19s} {'mode':>7s} {'tf32':>5s} {'fr us/step':>10s} "
               f"{'cuDNN us/step':>13s} {'fr TFLOP/s':>10s} {'cuDNN TFLOP/s':>13s} "
@@ -219,30 +235,39 @@ def benchmark(deadline, tf32_default_pass=True):
     print(header)
     met = {}
     default_tf32 = torch.backends.cudnn.allow_tf32
+    default_path = gpu.RECURRENCE
     # TF32 off for every case first (like for like: fastrnn computes in plain float32),
     # then cuDNN's default, so that a short budget loses the less important half.
     for tf32 in ((False, True) if default_tf32 and tf32_default_pass else (False,)):
         for shape in SHAPES:
             for cell in CELLS:
+                paths = [default_path] + (["registers"] if _register_extra(cell, shape) else [])
                 for backward in (False, True):
-                    if time.perf_counter() > deadline:
-                        print(f"{cell:8s} {str(shape):>19s} skipped: out of time budget")
-                        continue
-                    torch.backends.cudnn.allow_tf32 = tf32
-                    try:
-                        t_fr, t_dnn, ratio = measure(cell, shape, backward)
-                    except Exception as exc:  # report and go on: one failure != no table
-                        print(f"{cell:8s} {str(shape):>19s} ERROR {type(exc).__name__}: {exc}")
-                        continue
-                    T = shape[0]
-                    work = flops(cell, *shape, backward)
-                    goal = GOALS[shape]
-                    ok = ratio >= goal
-                    met.setdefault((shape, backward, tf32), []).append(ok)
-                    print(f"{cell:8s} {str(shape):>19s} {'fwd+bwd' if backward else 'fwd':>7s} "
-                          f"{str(tf32):>5s} {t_fr / T * 1e6:10.1f} {t_dnn / T * 1e6:13.1f} "
-                          f"{work / t_fr / 1e12:10.3f} {work / t_dnn / 1e12:13.3f} "
-                          f"{ratio:6.2f} {goal:5.1f} {'yes' if ok else 'no'}", flush=True)
+                    for path in paths:
+                        label = cell if path == default_path else f"{cell}/reg"
+                        if time.perf_counter() > deadline:
+                            print(f"{label:8s} {str(shape):>19s} skipped: out of time budget")
+                            continue
+                        torch.backends.cudnn.allow_tf32 = tf32
+                        gpu.RECURRENCE = path
+                        try:
+                            t_fr, t_dnn, ratio = measure(cell, shape, backward)
+                        except Exception as exc:  # report and go on: one failure != no table
+                            print(f"{label:8s} {str(shape):>19s} ERROR {type(exc).__name__}: "
+                                  f"{exc}")
+                            continue
+                        finally:
+                            gpu.RECURRENCE = default_path
+                        T = shape[0]
+                        work = flops(cell, *shape, backward)
+                        goal = GOALS[shape]
+                        ok = ratio >= goal
+                        met.setdefault((shape, backward, tf32, path), []).append(ok)
+                        print(f"{label:8s} {str(shape):>19s} "
+                              f"{'fwd+bwd' if backward else 'fwd':>7s} "
+                              f"{str(tf32):>5s} {t_fr / T * 1e6:10.1f} {t_dnn / T * 1e6:13.1f} "
+                              f"{work / t_fr / 1e12:10.3f} {work / t_dnn / 1e12:13.3f} "
+                              f"{ratio:6.2f} {goal:5.1f} {'yes' if ok else 'no'}", flush=True)
     torch.backends.cudnn.allow_tf32 = default_tf32
     return met
 
@@ -367,11 +392,11 @@ def training_steps(shape=FIT_SHAPE, batches=FIT_BATCHES):
 
 
 def summarize(met):
-    """One line per (shape, mode, TF32): how many cells met the issue's goal."""
+    """One line per (shape, mode, TF32, recurrence): how many cells met the issue's goal."""
     print("== goals (ratio = cuDNN time / fastrnn time >= goal), cells meeting it:")
-    for (shape, backward, tf32), oks in met.items():
+    for (shape, backward, tf32, path), oks in met.items():
         print(f"   {str(shape):>19s} {'fwd+bwd' if backward else 'fwd':>7s} tf32={tf32!s:5s} "
-              f"goal {GOALS[shape]:.1f}: {sum(oks)}/{len(oks)}")
+              f"{path:9s} goal {GOALS[shape]:.1f}: {sum(oks)}/{len(oks)}")
 
 
 def main(argv=None):

@@ -68,17 +68,19 @@ def non_finite(arrays):
             if not (gpu.all_finite(a, name) if _on_device(a) else np.all(np.isfinite(a)))]
 
 
-def clip_grad_norm(grads, max_norm):
+def clip_grad_norm(grads, max_norm, norm=None):
     """Scale all gradients in place so their global norm is at most ``max_norm``.
 
     PyTorch's ``clip_grad_norm_``: coefficient max_norm / (norm + 1e-6), clamped at 1.
-    Returns the norm before clipping.
+    Returns the norm before clipping. ``norm``: the gradients' global norm when the caller
+    has it already (a second reduction costs launches and a host copy on the GPU).
     """
     if max_norm is None:
-        return global_norm(grads)
+        return global_norm(grads) if norm is None else norm
     if not max_norm > 0:
         raise ValueError(f"clip_norm must be positive, got {max_norm}")
-    norm = global_norm(grads)
+    if norm is None:
+        norm = global_norm(grads)
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
         for g in grads.values():

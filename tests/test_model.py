@@ -242,6 +242,30 @@ def test_clipping_matches_torch():
     assert max(np.abs(g).max() for g in grads.values()) <= 0.05
 
 
+def test_a_clipped_step_reduces_the_gradients_once_unless_values_are_clipped(monkeypatch):
+    """The finite check's global norm is the one clip_norm scales by (a second reduction
+    cost launches and a host copy per step on the GPU); after clip_value it is recomputed,
+    and clipping by either gives the same weights as clipping by hand."""
+    calls = []
+    real = optim.global_norm
+    monkeypatch.setattr(optim, "global_norm", lambda grads: calls.append(1) or real(grads))
+    X, Y = fr.data.adding_problem(8, steps=4, seed=0)
+    for clip_value, per_step in ((None, 1), (0.01, 2)):
+        calls.clear()
+        model = fr.SequenceModel(2, 3, 1, seed=0, dtype="float64")
+        reference = fr.SequenceModel(2, 3, 1, seed=0, dtype="float64")
+        model.fit(X, Y, epochs=1, batch_size=8, verbose=False, clip_norm=0.1,
+                  clip_value=clip_value, optimizer="sgd")
+        assert len(calls) == per_step
+        reference.loss_and_grads(X, Y)
+        grads = reference._grads()
+        optim.clip_grad_value(grads, clip_value)
+        optim.clip_grad_norm(grads, 0.1)
+        for name, value in reference.state_dict().items():
+            np.testing.assert_allclose(model.state_dict()[name], value - 0.01 * grads[name],
+                                       rtol=1e-12, atol=1e-15, err_msg=name)
+
+
 # ---------------------------------------------------------------------------- training
 
 def test_lstm_and_gru_learn_a_short_adding_problem():

@@ -1,0 +1,90 @@
+"""benchmarks/gpu_check.py, the device check, runs end to end before a GPU is lent.
+
+A session is lent a GPU for minutes at most; a bug in the script's table, breakdown or
+summary would waste that run. Here its steps run on the CUDA simulator at a tiny shape, with
+cuDNN's timing (``measure``, which needs torch's CUDA build) replaced by a stand-in, and the
+printed output is checked. Skips unless the simulator is on (CI runs it there).
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from fastrnn import gpu
+# The GPU tests' small launch geometry and simulator fixes (autouse: they apply here too).
+from test_gpu import real_device_array_limits, small_blocks  # noqa: F401
+from test_gpu import thread_safe_simulator_shared_arrays  # noqa: F401
+
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("NUMBA_ENABLE_CUDASIM"),
+    reason="runs the device check's steps on the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
+
+SHAPE = (2, 1, 2, 4)  # (T, B, I, H): every recurrence path, the register kernels included
+
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    from numba import cuda
+    monkeypatch.setattr(gpu_check, "SHAPES", [SHAPE])
+    monkeypatch.setattr(gpu_check, "GOALS", {SHAPE: 3.0})
+    monkeypatch.setattr(gpu_check, "ROUNDS", 1)
+    monkeypatch.setattr(gpu_check, "_sync", cuda.synchronize)  # no torch CUDA here
+    calls = []
+
+    def measure(cell, shape, backward):  # fastrnn's call is real, cuDNN's a stand-in
+        layer = gpu_check.make_fastrnn(cell, shape[2], shape[3])
+        layer.train(backward)
+        out, _ = layer(np.ones(shape[:3], np.float32))
+        if backward:
+            layer.backward(np.ones(out.shape, np.float32))
+        calls.append((cell, shape, backward, gpu.RECURRENCE))
+        return 2e-3, 1e-3, 0.5
+    monkeypatch.setattr(gpu_check, "measure", measure)
+    gpu_check.calls = calls
+    return gpu_check
+
+
+def test_the_table_adds_register_rows_where_they_fit_and_summarizes(gpu_check, capsys):
+    pytest.importorskip("torch")  # benchmark() sets torch.backends.cudnn flags
+    met = gpu_check.benchmark(deadline=float("inf"), tf32_default_pass=False)
+    gpu_check.summarize(met)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split()[0] for line in lines[1:]
+            if "(2, 1, 2, 4)" in line and "goal" not in line]
+    # Every cell twice (fwd, fwd+bwd) with "auto", and again with the register kernels.
+    assert sorted(rows) == sorted(2 * [c for c in gpu_check.CELLS] +
+                                  2 * [f"{c}/reg" for c in gpu_check.CELLS])
+    assert {call[3] for call in gpu_check.calls} == {"auto", "registers"}
+    assert gpu.RECURRENCE == "auto"  # put back
+    summary = [line for line in lines if "goal 3.0" in line]
+    assert len(summary) == 4 and all(line.endswith("0/4") for line in summary)
+
+
+def test_breakdown_times_every_recurrence_path(gpu_check, capsys):
+    gpu_check.breakdown(deadline=float("inf"))
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "(2, 1, 2, 4)" in line)
+    for label in ("rows", "units", "tiles", "registers", "rows/48k", "units/48k"):
+        assert f" {label}: " in line and f"{label}: n/a" not in line, label
+    assert "Error" not in line
+    assert gpu.RECURRENCE == "auto" and gpu.SHARED_OPT_IN
+
+
+def test_fixed_cost_and_training_steps_print_their_lines(gpu_check, monkeypatch, capsys):
+    gpu_check.fixed_cost()
+
+    def once(fn, rounds=None):  # the simulator's fit is slow: one timed call
+        fn()
+        return 1e-3
+    monkeypatch.setattr(gpu_check, "_median_time", once)
+    gpu_check.training_steps(shape=SHAPE, batches=1)
+    out = capsys.readouterr().out
+    assert "== fixed cost" in out and "registers fwd+bwd 2000.0 (cuDNN 1000.0)" in out
+    assert "== SequenceModel.fit step on the GPU" in out
+    assert gpu.RECURRENCE == "auto"
