@@ -193,14 +193,17 @@ def test_gpu_weights_in_global_or_shared_memory(monkeypatch, cell, shared_bytes)
 
 
 @needs_gpu
-@pytest.mark.parametrize("shared_bytes", [0, 48 * 1024], ids=["global", "shared"])
+@pytest.mark.parametrize("shared_bytes", [0, 400, 48 * 1024],
+                         ids=["global", "slice-only", "shared"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_gpu_unit_split_matches_rows_bitwise(monkeypatch, cell, shared_bytes):
     """The unit-split kernels (a block per slice of hidden units: here 3 units per block,
     so H=4 takes a full and a partial block) give the row kernels' bits, forward and
     backward, with lengths, both directions, 2 layers and a learned h0 -- and so the CPU
     engine's results. On a GPU they run as persistent cooperative kernels; on the simulator
-    one launch per step."""
+    one launch per step. Shared memory holds nothing, everything (the weight slice and each
+    step's staged h_prev or gate gradients), or, with 400 bytes, the LSTM's weight slice
+    (384 in float64) without the staged part (the other cells' fit whole)."""
     monkeypatch.setattr(gpu, "UNITS_PER_BLOCK", 3)
     monkeypatch.setattr(gpu, "SHARED_BYTES", shared_bytes)
     seed = stable_seed("units", cell, shared_bytes)
@@ -251,13 +254,14 @@ def test_gpu_tiled_recurrence_matches_cpu(monkeypatch, cell, tile_blocks):
 def test_gpu_register_kernels_match_cpu(monkeypatch, cell, weights, dtype):
     """The register kernels (a block per batch row, the recurrent weights in registers)
     give the CPU engine's results, forward and backward, with lengths, both directions, 2
-    layers and a learned h0. At H=8, 4 weights per thread split forward's product into 2
-    chunks and backward's into 2G; 12 make one forward chunk padded with zeros and
-    ceil(8G/12) backward ones, the last padded unless G=3; with 64 (float32's default) both
-    are one chunk, which sums in the row kernels' order: the same bits. (Each weight count
-    is a compilation on a GPU: three per cell keep the device check's test step short.)"""
+    layers and a learned h0. At H=6, 4 weights per thread split forward's product into 2
+    chunks (the second padded with zeros) and backward's into ceil(6G/4); 12 make one
+    forward chunk and ceil(6G/12) backward ones, padded; with 64 (float32's default) both
+    are one chunk, which sums in the row kernels' order: the same bits, with H % 4 = 2 and
+    G*H % 4 = 2 (RNN, GRU) leftover terms too. (Each weight count is a compilation on a GPU:
+    three per cell keep the device check's test step short.)"""
     monkeypatch.setattr(gpu, "REG_WEIGHTS", weights)
-    shape = dict(SHAPE, H=8)
+    shape = dict(SHAPE, H=6)
     seed = stable_seed("registers", cell, weights, dtype)
     results = {}
     for path in ("rows", "registers"):
@@ -949,11 +953,18 @@ def test_device_arrays_of_the_wrong_dtype_or_layout_are_named():
 
 @needs_gpu
 def test_an_unknown_recurrence_kind_is_refused(monkeypatch):
-    """A typo in fastrnn.gpu.RECURRENCE ("tile") used to run the row kernels silently."""
+    """A typo in fastrnn.gpu.RECURRENCE ("tile") used to run the row kernels silently; a
+    register-kernel weight count that is not a positive multiple of 4 failed at launch."""
     layer = fr.GRU(2, 3, device="cuda", seed=0)
     monkeypatch.setattr(gpu, "RECURRENCE", "tile")
     with pytest.raises(ValueError, match=r"RECURRENCE must be one of 'auto', .*got 'tile'"):
         layer(np.ones((2, 1, 2), np.float32))
+    monkeypatch.setattr(gpu, "RECURRENCE", "registers")
+    for weights in (-4, 6, 8.0):
+        monkeypatch.setattr(gpu, "REG_WEIGHTS", weights)
+        with pytest.raises(ValueError, match=r"REG_WEIGHTS must be None or a positive "
+                                             rf"multiple of 4, got {weights}"):
+            layer(np.ones((2, 1, 2), np.float32))
 
 
 @needs_gpu

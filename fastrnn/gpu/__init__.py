@@ -536,6 +536,17 @@ def _unit_geometry(H, width):
     return U, blocks, _row_threads(width * U)
 
 
+def _unit_shared(kernel, args_for, sizes, itemsize):
+    """(bytes, flags) of a unit-split kernel's dynamic shared memory: its parts ``sizes``
+    (element counts: the block's weight slice, then what each step stages for the product),
+    each on chip while the parts so far fit its budget, as :func:`_launch_rows` does;
+    args_for(*flags) gives the kernel's arguments."""
+    flags = [False] * len(sizes)
+    budget = _shared_budget(kernel, args_for(*flags), True)
+    parts = _fitting_prefix(sizes, itemsize, budget)
+    return sum(parts) * itemsize, [len(parts) > i for i in range(len(sizes))]
+
+
 def _tile_blocks(B, N, H):
     """Blocks of a tiled recurrence launch whose product has (B, N) outputs: enough for every
     tile or for the B*H pairs at one per thread, whichever is more, at most TILE_BLOCKS or one
@@ -589,6 +600,9 @@ def _register_plan(cell, H, dtype):
     GH = cell.gates * H
     Hc = H if cell.has_cell_state else 0
     kc = REG_WEIGHTS or (64 if dtype.itemsize == 4 else 32)
+    if not (isinstance(kc, (int, np.integer)) and kc > 0 and kc % 4 == 0):
+        raise ValueError(f"fastrnn.gpu.REG_WEIGHTS must be None or a positive multiple of 4, "
+                         f"got {REG_WEIGHTS!r}")
     forward_chunks, backward_chunks = -(-H // kc), -(-GH // kc)
     if max(forward_chunks * GH, backward_chunks * H) > REG_THREADS:
         return None
@@ -688,15 +702,14 @@ def _forward_recurrence(cell, dtype, key, x_proj, w_t, b_ih, b_hh, lengths, reve
         U, blocks, threads = _unit_geometry(H, B * (GH // H))
         kernels = _kernels().unit_kernels(cell.name, dtype)
 
-        def unit_args(w_shared):
+        def unit_args(w_shared, h_staged):
             return (x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train),
-                    h_seq, c_seq, Hc, acts, hg_ws, out, out_col, w_shared, split, U)
-        slice_bytes = H * (GH // H) * U * dtype.itemsize
-        w_shared = slice_bytes <= _shared_budget(kernels["forward_units"], unit_args(False),
-                                                 True)
-        args = unit_args(w_shared)
+                    h_seq, c_seq, Hc, acts, hg_ws, out, out_col, w_shared, h_staged, split, U)
+        shared_bytes, flags = _unit_shared(kernels["forward_units"], unit_args,
+                                           (GH * U, B * H), dtype.itemsize)
+        args = unit_args(*flags)
         launched = _launch_units(
-            (kernels["forward_units"], blocks, threads, slice_bytes if w_shared else 0),
+            (kernels["forward_units"], blocks, threads, shared_bytes),
             kernels["forward_units_one"], args, ((s,) + args for s in range(T)))
     else:
         launched = False
@@ -736,7 +749,6 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     I = w_ih.shape[1]
     dtype = dout.dtype
     Hc = H if cell.has_cell_state else 0
-    _, backward_rows = _kernels().recurrence_kernels(cell.name, dtype)
     key = ("bwd", cell.name)
     dgx = _workspace(key + ("dgx",), (T * B, GH), dtype)
     # Only cells whose recurrent-side gradient differs (the GRU's candidate gate) write dgh;
@@ -768,19 +780,20 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
         U, blocks, threads = _unit_geometry(H, B)
         kernels = _kernels().unit_kernels(cell.name, dtype)
 
-        def unit_args(w_shared):
+        def unit_args(w_shared, g_staged):
             return (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
                     saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev,
-                    w_shared, U)
-        slice_bytes = GH * U * dtype.itemsize
-        w_shared = slice_bytes <= _shared_budget(kernels["backward_units"], unit_args(False),
-                                                 True)
-        args = unit_args(w_shared)
+                    w_shared, g_staged, U)
+        shared_bytes, flags = _unit_shared(kernels["backward_units"], unit_args,
+                                           (GH * U, B * GH), dtype.itemsize)
+        args = unit_args(*flags)
         launched = _launch_units(
-            (kernels["backward_units"], blocks, threads, slice_bytes if w_shared else 0),
+            (kernels["backward_units"], blocks, threads, shared_bytes),
             kernels["backward_units_one"], args,
             ((s, phase) + args for s in range(T) for phase in (0, 1)))
     if not launched:
+        _, backward_rows = _kernels().recurrence_kernels(cell.name, dtype)
+
         def row_args(gh_shared, w_shared):
             return (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
                     saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev,

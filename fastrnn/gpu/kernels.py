@@ -103,10 +103,13 @@ def dot(w, offset, stride, v, n):
         s3 += w[i + IDX(3) * st] * v[k + IDX(3)]
         i += IDX(4) * st
         k += IDX(4)
-    while k < IDX(n):
+    # The last n % 4 terms go to the chains their k mod 4 names, as dot_registers sums.
+    if k < IDX(n):
         s0 += w[i] * v[k]
-        i += st
-        k += IDX(1)
+    if k + IDX(1) < IDX(n):
+        s1 += w[i + st] * v[k + IDX(1)]
+    if k + IDX(2) < IDX(n):
+        s2 += w[i + IDX(2) * st] * v[k + IDX(2)]
     return (s0 + s1) + (s2 + s3)
 
 
@@ -334,6 +337,15 @@ def owned_column(gl, Ub, u0, H):
     return q * H + u0 + gl
 
 
+def units_shared(slice_len, w_shared, staged_len, staged):
+    """(ws, staged) views of a unit-split kernel's dynamic shared memory: [the block's slice
+    of the recurrent weights (slice_len)] if w_shared, then [what each step stages for the
+    product (staged_len): every row's h_prev forward, gate gradients backward] if staged."""
+    dyn = cuda.shared.array(0, DTYPE)
+    w_len = slice_len if w_shared else 0
+    return dyn[0:w_len], dyn[w_len:w_len + (staged_len if staged else 0)]
+
+
 def stage_forward_slice(w_t, ws, H, GH, U):
     """ws (H*G*Ub,) = the block's columns of W_hh^T: ws[k*G*Ub + gl] = w_t[k*GH + column]."""
     u0, Ub = units_of_block(H, U)
@@ -357,11 +369,11 @@ def stage_backward_slice(w_hh, ws, H, GH, U):
     cuda.syncthreads()
 
 
-def forward_units_step(s, x_proj, w_t, ws, w_shared, b_ih, b_hh, lengths, reverse, train,
-                       h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, U):
+def forward_units_step(s, x_proj, w_t, ws, w_shared, hs, h_staged, b_ih, b_hh, lengths,
+                       reverse, train, h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, U):
     """Step s of forward for the block's units, every batch row (arrays as forward_rows; ws
-    the block's slice of W_hh^T when w_shared). Ends with a block barrier; the caller
-    crosses the grid barrier before the next step."""
+    the block's slice of W_hh^T when w_shared; hs (B*H,) shared when h_staged). Ends with a
+    block barrier; the caller crosses the grid barrier before the next step."""
     T = out.shape[0]
     B = out.shape[1]
     H = h_seq.shape[2]
@@ -369,16 +381,26 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, b_ih, b_hh, lengths, revers
     u0, Ub = units_of_block(H, U)
     GU = (GH // H) * Ub
     t, prev, nxt, a = forward_step(s, T, reverse, train)
+    if h_staged:
+        # Every row's h_prev, which other blocks wrote, copied on chip once (coalesced, all
+        # loads in flight at once): the product then reads each element GU times from
+        # shared memory, not from L2 at a load's full latency.
+        b, k, step_b, step_k = pair_walk(H, cuda.threadIdx.x, cuda.blockDim.x)
+        while b < B:
+            hs[b * H + k] = h_seq[prev, b, k]
+            b, k = pair_next(b, k, step_b, step_k, H)
+        cuda.syncthreads()
     # Recurrent product for (row, owned gate column) pairs; consecutive threads take
     # consecutive columns of one row, so they share h_prev and read ws without conflicts.
     b, gl, step_b, step_i = pair_walk(GU, cuda.threadIdx.x, cuda.blockDim.x)
     while b < B:
         if t < lengths[b]:
             g = owned_column(gl, Ub, u0, H)
+            h_prev = hs[b * H:b * H + H] if h_staged else h_seq[prev, b]
             if w_shared:
-                acc = dot(ws, gl, GU, h_seq[prev, b], H)
+                acc = dot(ws, gl, GU, h_prev, H)
             else:
-                acc = dot(w_t, g, GH, h_seq[prev, b], H)
+                acc = dot(w_t, g, GH, h_prev, H)
             if g < split:
                 x_proj[t * B + b, g] += acc
             else:
@@ -418,28 +440,31 @@ def forward_pair(b, j, t, prev, nxt, a, x_proj, b_ih, b_hh, lengths, h_seq, c_se
 
 
 def forward_units(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc, acts,
-                  hg_ws, out, out_col, w_shared, split, U):
+                  hg_ws, out, out_col, w_shared, h_staged, split, U):
     """Whole-sequence forward, unit-split; cooperative launch with grid (ceil(H/U),).
-    Dynamic shared memory: [the block's W_hh^T slice (H*G*U)] if w_shared."""
-    ws = cuda.shared.array(0, DTYPE)
+    Dynamic shared memory: [the block's W_hh^T slice (H*G*U)] if w_shared, then [every
+    row's h_prev (B*H)] if h_staged."""
     H = h_seq.shape[2]
+    ws, hs = units_shared(hg_ws.shape[1] * U, w_shared, out.shape[1] * H, h_staged)
     if w_shared:
         stage_forward_slice(w_t, ws, H, hg_ws.shape[1], U)
     grid = cuda.cg.this_grid()
     for s in range(out.shape[0]):
-        forward_units_step(s, x_proj, w_t, ws, w_shared, b_ih, b_hh, lengths, reverse, train,
-                           h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, U)
+        forward_units_step(s, x_proj, w_t, ws, w_shared, hs, h_staged, b_ih, b_hh, lengths,
+                           reverse, train, h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split,
+                           U)
         grid.sync()
 
 
 def forward_units_one(s, x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc,
-                      acts, hg_ws, out, out_col, w_shared, split, U):
+                      acts, hg_ws, out, out_col, w_shared, h_staged, split, U):
     """Step s alone of forward_units (one launch per step: the simulator's path)."""
-    ws = cuda.shared.array(0, DTYPE)
+    H = h_seq.shape[2]
+    ws, hs = units_shared(hg_ws.shape[1] * U, w_shared, out.shape[1] * H, h_staged)
     if w_shared:
-        stage_forward_slice(w_t, ws, h_seq.shape[2], hg_ws.shape[1], U)
-    forward_units_step(s, x_proj, w_t, ws, w_shared, b_ih, b_hh, lengths, reverse, train,
-                       h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, U)
+        stage_forward_slice(w_t, ws, H, hg_ws.shape[1], U)
+    forward_units_step(s, x_proj, w_t, ws, w_shared, hs, h_staged, b_ih, b_hh, lengths,
+                       reverse, train, h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, U)
 
 
 def backward_units_pointwise(s, dout, out_col, lengths, reverse, h_seq, c_seq, acts, dgx,
@@ -481,21 +506,29 @@ def backward_pair(b, j, t, prev, nxt, dout, out_col, lengths, h_seq, c_seq, acts
     return False
 
 
-def backward_units_product(s, w_hh, ws, w_shared, lengths, reverse, Hc, dgh, dh, dc,
-                           dh_direct, dc_prev, U):
+def backward_units_product(s, w_hh, ws, w_shared, gs, g_staged, lengths, reverse, Hc, dgh,
+                           dh, dc, dh_direct, dc_prev, U):
     """Product part of BPTT step s: dh[b, k] = dh_direct[b, k] + dgh[t, b] . W_hh[:, k] for
     the block's units k, every row (needs every block's gate gradients: after the grid
-    barrier). ws is the block's slice of W_hh when w_shared."""
+    barrier). ws is the block's slice of W_hh when w_shared; gs (B*G*H,) shared when
+    g_staged."""
     B = dh.shape[0]
     H = dh.shape[1]
     GH = dgh.shape[1]
     T = dgh.shape[0] // B
     u0, Ub = units_of_block(H, U)
     t = backward_step(s, T, reverse)[0]
+    if g_staged:
+        # Every row's gate gradients, copied on chip once (as forward stages h_prev).
+        b, g, step_b, step_g = pair_walk(GH, cuda.threadIdx.x, cuda.blockDim.x)
+        while b < B:
+            gs[b * GH + g] = dgh[t * B + b, g]
+            b, g = pair_next(b, g, step_b, step_g, GH)
+        cuda.syncthreads()
     b, i, step_b, step_i = pair_walk(Ub, cuda.threadIdx.x, cuda.blockDim.x)
     while b < B:
         if t < lengths[b]:
-            gh = dgh[t * B + b]
+            gh = gs[b * GH:b * GH + GH] if g_staged else dgh[t * B + b]
             if w_shared:
                 acc = dot(ws, i, Ub, gh, GH)
             else:
@@ -507,38 +540,41 @@ def backward_units_product(s, w_hh, ws, w_shared, lengths, reverse, Hc, dgh, dh,
 
 
 def backward_units(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts, dgx, dgh,
-                   dh, dc, dh_direct, dc_prev, w_shared, U):
+                   dh, dc, dh_direct, dc_prev, w_shared, g_staged, U):
     """Whole-sequence BPTT, unit-split; cooperative launch with grid (ceil(H/U),).
-    Dynamic shared memory: [the block's W_hh slice (G*H*U)] if w_shared. One grid barrier
-    per step, between the pointwise part (gate gradients) and the product (which reads
-    every block's); the product's dh is the block's own, read after a block barrier."""
-    ws = cuda.shared.array(0, DTYPE)
+    Dynamic shared memory: [the block's W_hh slice (G*H*U)] if w_shared, then [every row's
+    gate gradients (B*G*H)] if g_staged. One grid barrier per step, between the pointwise
+    part (gate gradients) and the product (which reads every block's); the product's dh is
+    the block's own, read after a block barrier."""
     H = h_seq.shape[2]
+    GH = dgx.shape[1]
+    ws, gs = units_shared(GH * U, w_shared, dout.shape[1] * GH, g_staged)
     if w_shared:
-        stage_backward_slice(w_hh, ws, H, dgx.shape[1], U)
+        stage_backward_slice(w_hh, ws, H, GH, U)
     grid = cuda.cg.this_grid()
     for s in range(dout.shape[0]):
         backward_units_pointwise(s, dout, out_col, lengths, reverse, h_seq, c_seq, acts, dgx,
                                  dgh, dh, dc, dh_direct, dc_prev, U)
         grid.sync()
-        backward_units_product(s, w_hh, ws, w_shared, lengths, reverse, Hc, dgh, dh, dc,
-                               dh_direct, dc_prev, U)
+        backward_units_product(s, w_hh, ws, w_shared, gs, g_staged, lengths, reverse, Hc,
+                               dgh, dh, dc, dh_direct, dc_prev, U)
         cuda.syncthreads()
 
 
 def backward_units_one(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc,
-                       acts, dgx, dgh, dh, dc, dh_direct, dc_prev, w_shared, U):
+                       acts, dgx, dgh, dh, dc, dh_direct, dc_prev, w_shared, g_staged, U):
     """One part (phase 0 pointwise, 1 product) of BPTT step s of backward_units (two
     launches per step: the simulator's path)."""
-    ws = cuda.shared.array(0, DTYPE)
+    GH = dgx.shape[1]
+    ws, gs = units_shared(GH * U, w_shared, dout.shape[1] * GH, g_staged)
     if phase == 0:
         backward_units_pointwise(s, dout, out_col, lengths, reverse, h_seq, c_seq, acts, dgx,
                                  dgh, dh, dc, dh_direct, dc_prev, U)
     else:
         if w_shared:
-            stage_backward_slice(w_hh, ws, h_seq.shape[2], dgx.shape[1], U)
-        backward_units_product(s, w_hh, ws, w_shared, lengths, reverse, Hc, dgh, dh, dc,
-                               dh_direct, dc_prev, U)
+            stage_backward_slice(w_hh, ws, h_seq.shape[2], GH, U)
+        backward_units_product(s, w_hh, ws, w_shared, gs, g_staged, lengths, reverse, Hc,
+                               dgh, dh, dc, dh_direct, dc_prev, U)
 
 
 # ---------------------------------------------------------------------------- tiled recurrence
@@ -768,7 +804,8 @@ def forward_regs(x_proj, w_hh, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq
     for s in range(T):
         t, prev, nxt, a = forward_step(s, T, reverse, train)
         # The next step's input projection, loaded now: its latency hides behind this step.
-        x_next = x_proj[forward_step(min(s + 1, T - 1), T, reverse, train)[0] * B + b, g]
+        x_next = x_proj[forward_step(min(s + 1, T - 1), T, reverse, train)[0] * B + b, g] \
+            if p == 0 else ZERO  # only chunk 0's threads store the column's pre-activation
         if t < length:  # the same for the whole block, so every barrier is reached by all
             acc = dot_registers(wr, hs, base)
             if p > 0:
@@ -880,13 +917,15 @@ def backward_regs(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts,
     acts_next = cuda.local.array(SAVED_SLOTS, DTYPE)
     states_now = cuda.local.array(3, DTYPE)
     states_next = cuda.local.array(3, DTYPE)
+    dout_now = ZERO
+    dout_next = ZERO
     if q == 0:
         load_unit(0, T, reverse, b, k, acts, h_seq, c_seq, acts_now, states_now)
-    dout_now = dout[backward_step(0, T, reverse)[0], b, out_col + k]
+        dout_now = dout[backward_step(0, T, reverse)[0], b, out_col + k]
     for s in range(T):
         t, prev, nxt = backward_step(s, T, reverse)
-        dout_next = dout[backward_step(min(s + 1, T - 1), T, reverse)[0], b, out_col + k]
-        if q == 0:
+        if q == 0:  # only chunk 0's threads run the cell
+            dout_next = dout[backward_step(min(s + 1, T - 1), T, reverse)[0], b, out_col + k]
             load_unit(min(s + 1, T - 1), T, reverse, b, k, acts, h_seq, c_seq, acts_next,
                       states_next)
         if pending and q == 0:
@@ -1273,9 +1312,9 @@ def unit_kernels(cell_name, dtype):
 
     def build():
         bind = scalar_bindings(dtype)
-        parts = (units_of_block, owned_column, pair_walk, pair_next, forward_pair,
-                 backward_pair, stage_forward_slice, stage_backward_slice, forward_units_step,
-                 backward_units_pointwise, backward_units_product)
+        parts = (units_of_block, owned_column, pair_walk, pair_next, units_shared,
+                 forward_pair, backward_pair, stage_forward_slice, stage_backward_slice,
+                 forward_units_step, backward_units_pointwise, backward_units_product)
         kernels = [globals()[name] for name in UNIT_KERNELS]
         version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp, dot,
                               slots.forward_step, slots.backward_step, *parts, *kernels)
