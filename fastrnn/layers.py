@@ -393,7 +393,7 @@ class _RecurrentLayer:
         if self.learn_initial_state:
             learned = self.params["initial_c" if part else "initial_h"][index]
             return self._backend.broadcast_rows(learned, batch)
-        return self._backend.zeros((batch, self.hidden_size), self.dtype)
+        return self._backend.zero_state((batch, self.hidden_size), self.dtype)
 
     def _to_time_major(self, x):
         """x (T, B, F) or (B, T, F) if batch_first -> contiguous (T, B, F) on the backend."""
@@ -427,6 +427,7 @@ class _RecurrentLayer:
                              f"got shape {tuple(x.shape)}")
         T, B = (x.shape[1], x.shape[0]) if self.batch_first else (x.shape[0], x.shape[1])
         given = self._check_state(h0, "h0", B)
+        lengths_given = lengths
         lengths = _check_lengths(lengths, B, T)
         xt = self._to_time_major(x)
         if self.training and _may_alias(xt, caller_x, self.batch_first):
@@ -434,7 +435,8 @@ class _RecurrentLayer:
             # (a device input is copied on the device: still no host round trip).
             xt = self._backend.copy(xt)
         backend, cell, D, H = self._backend, self._cell, self.num_directions, self.hidden_size
-        lengths_dev = backend.asarray(lengths, np.int64)
+        lengths_dev = backend.full_lengths(B, T) if lengths_given is None \
+            else backend.asarray(lengths, np.int64)
         padded = bool(lengths.min() < T)
         if self.training and padded:
             # PyTorch's packed sequences never see the padding; here the weight gradient's

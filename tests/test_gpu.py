@@ -333,7 +333,8 @@ def test_gpu_backward_matches_finite_differences(cell):
 @needs_gpu
 def test_gpu_launches_do_not_grow_with_T(monkeypatch):
     """O(1) kernel launches per layer-direction: a forward call launches as many kernels for
-    T = 5 as for T = 2 (every launch goes through gpu._launch)."""
+    T = 5 as for T = 2 (every launch goes through gpu._launch), after a first call that
+    made the kept zero states (one fill)."""
     launches = []
     original = gpu._launch
 
@@ -345,6 +346,7 @@ def test_gpu_launches_do_not_grow_with_T(monkeypatch):
     layer = fr.LSTM(2, 2, num_layers=2, bidirectional=True, dtype="float64", device="cuda",
                     seed=0)
     counts = {}
+    layer(np.ones((1, 2, 2)))
     for mode in ("eval", "train"):
         getattr(layer, mode)()
         for T in (2, 5):
@@ -358,8 +360,8 @@ def test_gpu_launches_do_not_grow_with_T(monkeypatch):
     assert counts["eval", 2] == counts["eval", 5]
     assert counts["train", 2] == counts["train", 5]
     assert counts["backward", 2] == counts["backward", 5]
-    # 4 layer-directions: transpose + projection GEMM + recurrence + zero h0, c0 fills
-    assert counts["eval", 5] <= 4 * 6
+    # 4 layer-directions: transpose + projection GEMM + recurrence (zero states are kept)
+    assert counts["eval", 5] <= 4 * 3
 
 
 @needs_gpu
@@ -949,6 +951,36 @@ def test_device_arrays_of_the_wrong_dtype_or_layout_are_named():
         with pytest.raises(TypeError, match=r"^params\['weight_hh_l0'\] must be a "
                                             r"C-contiguous device array"):
             run()
+
+
+@needs_gpu
+def test_full_lengths_and_zero_states_are_kept_per_shape(monkeypatch):
+    """A forward without lengths reuses the device lengths of the last (B, T) (a copy from
+    pageable host memory made every call wait for the device's queued work); given lengths
+    are uploaded as before, and the kept array is never written."""
+    first = gpu.full_lengths(3, 5)
+    assert gpu.full_lengths(3, 5) is first
+    np.testing.assert_array_equal(gpu.to_host(first), [5, 5, 5])
+    assert gpu.to_host(gpu.full_lengths(3, 6)).tolist() == [6, 6, 6]
+    uploads = []
+    real = gpu.asarray
+    monkeypatch.setattr(gpu, "asarray", lambda a, dtype: uploads.append(dtype) or real(a, dtype))
+    layer = fr.LSTM(2, 3, device="cuda", seed=0)
+    x = gpu.asarray(np.ones((4, 2, 2), np.float32), np.float32)
+    uploads.clear()
+    for _ in range(2):
+        out, _ = layer(x)
+        layer.backward(gpu.asarray(np.ones((4, 2, 3), np.float32), np.float32))
+    assert np.int64 not in uploads
+    cached = gpu.to_host(gpu.full_lengths(2, 4)).tolist()
+    assert cached == [4, 4]
+    layer(x, lengths=np.array([4, 2]))
+    assert np.int64 in uploads and gpu.to_host(gpu.full_lengths(2, 4)).tolist() == [4, 4]
+    # Likewise the zeros of an initial state: one kept array, still zeros after use.
+    zeros = gpu.zero_state((2, 3), np.float32)
+    assert gpu.zero_state((2, 3), np.float32) is zeros
+    layer(x)
+    assert gpu.zero_state((2, 3), np.float32) is zeros and not gpu.to_host(zeros).any()
 
 
 @needs_gpu

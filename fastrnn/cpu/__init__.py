@@ -219,6 +219,16 @@ def zeros(shape, dtype):
     return np.zeros(shape, dtype)
 
 
+def zero_state(shape, dtype):
+    """Zeros for an initial state that is only read (the GPU backend keeps one)."""
+    return np.zeros(shape, dtype)
+
+
+def full_lengths(batch, steps):
+    """lengths (batch,) int64, every row ``steps`` long (read-only to the caller)."""
+    return np.full(batch, steps, np.int64)
+
+
 def empty(shape, dtype):
     return np.empty(shape, dtype)
 

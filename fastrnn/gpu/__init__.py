@@ -201,6 +201,32 @@ def _workspace(key, shape, dtype):
     return array
 
 
+def _kept(role, key, make):
+    """The device array ``make()`` last made for ``role`` in this thread if it was made for
+    ``key``, else a new one, kept instead. For constant arrays the caller only reads."""
+    store = _workspaces.__dict__.setdefault("constants", {})
+    kept = store.get(role)
+    if kept is None or kept[0] != key:
+        kept = store[role] = (key, make())
+    return kept[1]
+
+
+def full_lengths(batch, steps):
+    """Device lengths (batch,) int64, every row ``steps`` long, read-only to the caller:
+    kept, so a loop over equal batches uploads it once (a copy from pageable host memory
+    first waits for the device's queued work, which would keep the host from preparing the
+    next call while the GPU runs this one)."""
+    return _kept("full_lengths", (batch, steps),
+                 lambda: _cuda().to_device(np.full(batch, steps, np.int64)))
+
+
+def zero_state(shape, dtype):
+    """Device zeros for an initial state that is only read: kept, so a forward from zeros
+    costs no allocation and no fill launch per layer-direction."""
+    dtype = np.dtype(dtype)
+    return _kept("zero_state", (tuple(shape), dtype), lambda: zeros(shape, dtype))
+
+
 def _dummy(ndim, dtype):
     """(1,)*ndim stand-in for an array a cell does not have (kernels clamp indices to it)."""
     return _workspace(("dummy", ndim), (1,) * ndim, dtype)
