@@ -84,7 +84,7 @@ def main(argv=None):
     forward_rows, backward_rows = kernels.recurrence_kernels(cell, dtype)
     units = kernels.unit_kernels(cell, dtype)
     tiles = kernels.tile_kernels(cell, dtype, 16)
-    regs = kernels.register_kernels(cell, dtype, 64 if dtype == "float32" else 32, False)
+    regs = kernels.register_kernels(cell, dtype, 64 if dtype == "float32" else 32)
     for name, kernel, argtypes in (
             ("forward_rows", forward_rows,
              (a2, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, b, b, b, i64)),

@@ -102,7 +102,11 @@ def test_linalg_kernels_compile(compile_ptx, dtype):
         "flag_non_finite": [a1, types.Array(types.int32, 1, "C")],
     }
     for name, argtypes in signatures.items():
-        _assert_no_f64_math(compile_ptx(k[name], argtypes), dtype)
+        ptx = compile_ptx(k[name], argtypes)
+        _assert_no_f64_math(ptx, dtype)
+        if name == "gemm":  # a thread's 4 values of one k in one 16-byte load per tile
+            wide = "v4.f32" if dtype == "float32" else "v2.f64"
+            assert re.search(rf"ld\.shared\.{wide}", ptx), "gemm reads its tiles narrow"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -153,7 +157,7 @@ def test_register_kernels_compile(compile_ptx, cell, dtype):
     from fastrnn.gpu import kernels
     a1, a2, a3, i1, i64, boolean, _ = _arrays(dtype)
     kc = 64 if dtype == "float32" else 32
-    k = kernels.register_kernels(cell, dtype, kc, simulator=False)
+    k = kernels.register_kernels(cell, dtype, kc)
     forward = [a2, a1, a1, a1, i1, boolean, boolean, a3, a3, i64, a3, a3, i64, i64, i64]
     backward = [a3, i64, a1, i1, boolean, a3, a3, i64, a3, a2, a2, a2, a2, boolean, i64]
     wide = "v4.f32" if dtype == "float32" else "v2.f64"

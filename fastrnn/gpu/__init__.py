@@ -651,7 +651,7 @@ def _check_recurrence():
 
 
 def _register_kernels(cell, dtype, kc):
-    return _kernels().register_kernels(cell.name, dtype, kc, _simulator_enabled())
+    return _kernels().register_kernels(cell.name, dtype, kc)
 
 
 def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, train,

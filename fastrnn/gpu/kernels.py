@@ -41,6 +41,7 @@ ONE = 1.0
 TILE = 16
 REG = 4
 SPAN = 64
+SPAN_PAD = 68  # SPAN + 4: a_tile's padded rows (tile_product)
 KC = 4       # recurrent weights per thread of the register kernels (bound per specialisation)
 SAVED_SLOTS = 1  # activations the cell saves per unit (at least 1; bound per cell)
 ALIGN = None  # byte alignment of their shared arrays: 16 on a GPU, None on the simulator
@@ -621,9 +622,9 @@ def forward_tiles_step(s, phase, x_proj, w_t, h_flat, b_ih, b_hh, lengths, rever
             tile_product(h_flat, prev * B * H, H, 1, w_t, 0, GH, 1, B, GH, H, row0, col0,
                          a_tile, b_tile, acc, a_reg, b_reg)
             for i in range(REG):
-                row = row0 + cuda.threadIdx.y + i * TILE
+                row = tile_row(row0, i)
                 for j in range(REG):
-                    col = col0 + cuda.threadIdx.x + j * TILE
+                    col = tile_col(col0, j)
                     if row < B and col < GH:
                         if col < split:
                             x_proj[t * B + row, col] += acc[i, j]
@@ -645,8 +646,8 @@ def forward_tiles(first, count, persistent, x_proj, w_t, h_flat, b_ih, b_hh, len
     each phase, all 2T phases in one cooperative launch with (TILE, TILE) blocks, at most one
     per multiprocessor; otherwise one phase per launch (the simulator's path, which cannot
     cross a grid barrier)."""
-    a_tile = cuda.shared.array((SPAN, TILE), DTYPE)
-    b_tile = cuda.shared.array((TILE, SPAN), DTYPE)
+    a_tile = cuda.shared.array((TILE, SPAN_PAD), DTYPE, alignment=ALIGN)
+    b_tile = cuda.shared.array((TILE, SPAN), DTYPE, alignment=ALIGN)
     acc = cuda.local.array((REG, REG), DTYPE)
     a_reg = cuda.local.array(REG, DTYPE)
     b_reg = cuda.local.array(REG, DTYPE)
@@ -688,9 +689,9 @@ def backward_tiles_step(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq, 
             tile_product(dgh_flat, t * B * GH, GH, 1, w_hh, 0, H, 1, B, H, GH, row0, col0,
                          a_tile, b_tile, acc, a_reg, b_reg)
             for i in range(REG):
-                row = row0 + cuda.threadIdx.y + i * TILE
+                row = tile_row(row0, i)
                 for j in range(REG):
-                    col = col0 + cuda.threadIdx.x + j * TILE
+                    col = tile_col(col0, j)
                     if row < B and col < H:
                         dh[row, col] = dh_direct[row, col] + acc[i, j]
             tile += cuda.gridDim.x
@@ -700,8 +701,8 @@ def backward_tiles(first, count, persistent, dout, out_col, w_hh, lengths, rever
                    c_seq, Hc, acts, dgx, dgh, dgh_flat, dh, dc, dh_direct, dc_prev):
     """Phases first .. first + count - 1 of the tiled BPTT (phase p: part p % 2 of step
     p // 2, 0 the pointwise part, 1 the product); launched as forward_tiles."""
-    a_tile = cuda.shared.array((SPAN, TILE), DTYPE)
-    b_tile = cuda.shared.array((TILE, SPAN), DTYPE)
+    a_tile = cuda.shared.array((TILE, SPAN_PAD), DTYPE, alignment=ALIGN)
+    b_tile = cuda.shared.array((TILE, SPAN), DTYPE, alignment=ALIGN)
     acc = cuda.local.array((REG, REG), DTYPE)
     a_reg = cuda.local.array(REG, DTYPE)
     b_reg = cuda.local.array(REG, DTYPE)
@@ -983,8 +984,9 @@ def gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
     (up to 2**31 - 1 blocks): M is T*B for the input projection and dx, and grid y stops at
     65535 blocks, which T*B > 4.2M rows would pass.
     """
-    a_tile = cuda.shared.array((SPAN, TILE), DTYPE)  # SPAN = TILE * REG: shapes must be
-    b_tile = cuda.shared.array((TILE, SPAN), DTYPE)  # literal constants in Numba-CUDA
+    # SPAN = TILE * REG, SPAN_PAD = SPAN + 4: shapes must be literal constants in Numba-CUDA
+    a_tile = cuda.shared.array((TILE, SPAN_PAD), DTYPE, alignment=ALIGN)
+    b_tile = cuda.shared.array((TILE, SPAN), DTYPE, alignment=ALIGN)
     acc = cuda.local.array((REG, REG), DTYPE)
     a_reg = cuda.local.array(REG, DTYPE)
     b_reg = cuda.local.array(REG, DTYPE)
@@ -993,9 +995,9 @@ def gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
     tile_product(a, 0, a_rs, a_cs, b, 0, b_rs, b_cs, M, N, K, row0, col0, a_tile, b_tile,
                  acc, a_reg, b_reg)
     for i in range(REG):
-        row = row0 + cuda.threadIdx.y + i * TILE
+        row = tile_row(row0, i)
         for j in range(REG):
-            col = col0 + cuda.threadIdx.x + j * TILE
+            col = tile_col(col0, j)
             if row < M and col < N:
                 if accumulate:
                     c[row * N + col] += acc[i, j]
@@ -1008,11 +1010,14 @@ def tile_product(a, a_off, a_rs, a_cs, b, b_off, b_rs, b_cs, M, N, K, row0, col0
     """acc (REG, REG) = this thread's outputs of the (SPAN, SPAN) tile at (row0, col0) of
     A . B, A (M, K) with A(m, k) = a[a_off + m*a_rs + k*a_cs], B (K, N) with
     B(k, n) = b[b_off + k*b_rs + n*b_cs]. Every thread of the (TILE, TILE) block calls it
-    (it synchronises the block); thread (ty, tx) holds rows ty + i*TILE and columns
-    tx + j*TILE in registers, so every value read from shared memory (a_tile (SPAN, TILE),
-    b_tile (TILE, SPAN)) feeds REG multiply-adds (a one-output thread did one per two
-    shared loads). Each output sums over k in increasing order: deterministic (no atomics)
-    and independent of the tile sizes."""
+    (it synchronises the block); thread (ty, tx) holds rows ty*REG + i and columns
+    tx*REG + j (tile_row, tile_col) in registers, so every value read from shared memory
+    feeds REG multiply-adds. Both tiles are k-major -- a_tile (TILE, SPAN_PAD) holds A's
+    tile transposed, b_tile (TILE, SPAN) B's -- so a thread's REG values of one k are
+    adjacent and 16-byte aligned (ALIGN): one wide load each (benchmarks/gpu_ptx_loops.py).
+    a_tile's rows are padded to SPAN_PAD so that staging a row-major A, whose threads
+    write down a column, spreads over the banks. Each output sums over k in increasing
+    order: deterministic (no atomics) and independent of the tile sizes and mapping."""
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
     tid = ty * TILE + tx
@@ -1029,7 +1034,7 @@ def tile_product(a, a_off, a_rs, a_cs, b, b_off, b_rs, b_cs, M, N, K, row0, col0
             else:
                 kk, m = e // span, e % span
             gm, gk = row0 + m, k0 + kk
-            a_tile[m, kk] = a[a_off + gm * a_rs + gk * a_cs] if gm < M and gk < K else ZERO
+            a_tile[kk, m] = a[a_off + gm * a_rs + gk * a_cs] if gm < M and gk < K else ZERO
             if b_cs == 1:
                 kk, n = e // span, e % span
             else:
@@ -1039,13 +1044,23 @@ def tile_product(a, a_off, a_rs, a_cs, b, b_off, b_rs, b_cs, M, N, K, row0, col0
         cuda.syncthreads()
         for kk in range(TILE):
             for i in range(REG):
-                a_reg[i] = a_tile[ty + i * TILE, kk]
+                a_reg[i] = a_tile[kk, ty * REG + i]
             for j in range(REG):
-                b_reg[j] = b_tile[kk, tx + j * TILE]
+                b_reg[j] = b_tile[kk, tx * REG + j]
             for i in range(REG):
                 for j in range(REG):
                     acc[i, j] += a_reg[i] * b_reg[j]
         cuda.syncthreads()
+
+
+def tile_row(row0, i):
+    """Row of output (i, .) of this thread's register tile (tile_product)."""
+    return row0 + cuda.threadIdx.y * REG + i
+
+
+def tile_col(col0, j):
+    """Column of output (., j) of this thread's register tile (tile_product)."""
+    return col0 + cuda.threadIdx.x * REG + j
 
 
 def column_sum_add(a, M, N, out):
@@ -1254,6 +1269,14 @@ def _index_type():
     return numba.uint64
 
 
+def _alignment():
+    """ALIGN: 16-byte shared arrays for wide loads; None on the CUDA simulator, which
+    refuses the argument (and needs no alignment). Fixed for the process: the simulator is
+    chosen before Numba is imported."""
+    from numba import config
+    return None if config.ENABLE_CUDASIM else 16
+
+
 def _numba_type(dtype):
     # The numba type (not np.float32): both the compiler and the simulator accept it as the
     # dtype of cuda.shared.array.
@@ -1350,8 +1373,9 @@ def tile_kernels(cell_name, dtype, tile):
 
     def build():
         bind = scalar_bindings(dtype)
-        parts = (tile_product, pair_walk, pair_next, tile_origin, grid_pairs, forward_pair,
-                 backward_pair, forward_tiles_step, backward_tiles_step)
+        parts = (tile_product, tile_row, tile_col, pair_walk, pair_next, tile_origin,
+                 grid_pairs, forward_pair, backward_pair, forward_tiles_step,
+                 backward_tiles_step)
         kernels = [globals()[name] for name in TILE_KERNELS]
         version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp,
                               slots.forward_step, slots.backward_step, *parts, *kernels)
@@ -1359,6 +1383,7 @@ def tile_kernels(cell_name, dtype, tile):
         forward_step = _device(slots.forward_step, suffix)
         common = dict(cuda=_cuda_module(), ZERO=bind["ZERO"], DTYPE=bind["DTYPE"],
                       TILE=int(tile), REG=GEMM_REG, SPAN=int(tile) * GEMM_REG,
+                      SPAN_PAD=int(tile) * GEMM_REG + 4, ALIGN=_alignment(),
                       clamp=_device(clamp, suffix), forward_step=forward_step,
                       backward_step=_device(slots.backward_step, suffix,
                                             forward_step=forward_step),
@@ -1374,10 +1399,9 @@ def tile_kernels(cell_name, dtype, tile):
 REGISTER_KERNELS = ("forward_regs", "backward_regs")
 
 
-def register_kernels(cell_name, dtype, kc, simulator):
+def register_kernels(cell_name, dtype, kc):
     """dict name -> the register kernels (REGISTER_KERNELS) for cell_name and dtype, with kc
-    weights per thread (a compile-time constant, a multiple of 4). simulator: the CUDA
-    simulator, which refuses aligned shared arrays (it needs no alignment either)."""
+    weights per thread (a compile-time constant, a multiple of 4)."""
     dtype = np.dtype(dtype)
     spec = cells.CELLS[cell_name]
     if kc % 4:
@@ -1392,7 +1416,7 @@ def register_kernels(cell_name, dtype, kc, simulator):
         suffix = f"{cell_name}_{dtype.name}_k{kc}_{version}"
         forward_step = _device(slots.forward_step, suffix)
         common = dict(cuda=_cuda_module(), ZERO=bind["ZERO"], DTYPE=bind["DTYPE"], KC=int(kc),
-                      ALIGN=None if simulator else 16, IDX=_index_type(),
+                      ALIGN=_alignment(), IDX=_index_type(),
                       SAVED_SLOTS=max(1, spec.saved),
                       clamp=_device(clamp, suffix), forward_step=forward_step,
                       backward_step=_device(slots.backward_step, suffix,
@@ -1402,7 +1426,7 @@ def register_kernels(cell_name, dtype, kc, simulator):
         for part in parts:
             common[part.__name__] = _device(part, suffix, **common)
         return {func.__name__: _kernel(func, suffix, **common) for func in kernels}
-    return _compiled(("registers", cell_name, dtype, int(kc), bool(simulator)), build)
+    return _compiled(("registers", cell_name, dtype, int(kc)), build)
 
 
 GEMM_REG = 4  # outputs per thread along each axis of a gemm tile (compile-time constant)
@@ -1421,10 +1445,12 @@ def linalg_kernels(dtype, tile):
 
     def build():
         bind = dict(ZERO=dtype.type(0), DTYPE=_numba_type(dtype), TILE=int(tile),
-                    REG=GEMM_REG, SPAN=int(tile) * GEMM_REG)
+                    REG=GEMM_REG, SPAN=int(tile) * GEMM_REG,
+                    SPAN_PAD=int(tile) * GEMM_REG + 4, ALIGN=_alignment())
         funcs = [globals()[name] for name in LINALG]
-        suffix = f"{dtype.name}_t{tile}_{source_hash(tile_product, *funcs)}"
-        bind["tile_product"] = _device(tile_product, suffix, cuda=_cuda_module(), **bind)
+        suffix = f"{dtype.name}_t{tile}_{source_hash(tile_product, tile_row, tile_col, *funcs)}"
+        for part in (tile_product, tile_row, tile_col):
+            bind[part.__name__] = _device(part, suffix, cuda=_cuda_module(), **bind)
         return {f.__name__: _kernel(f, suffix, **bind) for f in funcs}
     return _compiled(("linalg", dtype, int(tile)), build)
 
