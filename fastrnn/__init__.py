@@ -6,4 +6,14 @@ from .optim import NonFiniteError
 
 __version__ = "0.1.0"
 __all__ = ["RNN", "LSTM", "GRU", "StateError", "SequenceModel", "load", "Callback",
-           "EarlyStopping", "Checkpoint", "NonFiniteError", "optim", "losses", "data"]
+           "EarlyStopping", "Checkpoint", "NonFiniteError", "release_workspaces", "optim",
+           "losses", "data"]
+
+
+def release_workspaces():
+    """Free the calling thread's scratch memory on both backends. Layers reuse workspaces
+    sized for the largest call so far (per thread); after a large job, this returns that
+    memory. Results of later calls are unchanged; their first call allocates again."""
+    from . import cpu, gpu
+    cpu.release_workspaces()
+    gpu.release_workspaces()

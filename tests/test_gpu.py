@@ -984,6 +984,19 @@ def test_full_lengths_and_zero_states_are_kept_per_shape(monkeypatch):
 
 
 @needs_gpu
+def test_release_workspaces_frees_device_ones_too():
+    """fastrnn.release_workspaces also drops the device workspaces and kept constants of
+    this thread; the next call makes them again and gives the same bits."""
+    layer = fr.GRU(2, 3, device="cuda", seed=0)
+    x = np.ones((3, 2, 2), np.float32)
+    first = layer(x)[0]
+    assert gpu._workspaces.__dict__.get("arrays") and gpu._workspaces.__dict__["constants"]
+    fr.release_workspaces()
+    assert not gpu._workspaces.__dict__
+    np.testing.assert_array_equal(layer(x)[0], first)
+
+
+@needs_gpu
 def test_an_unknown_recurrence_kind_is_refused(monkeypatch):
     """A typo in fastrnn.gpu.RECURRENCE ("tile") used to run the row kernels silently; a
     register-kernel weight count that is not a positive multiple of 4 failed at launch."""

@@ -241,3 +241,24 @@ def test_an_assigned_parameter_of_the_wrong_kind_is_named(value, error):
         np.testing.assert_allclose(out2, out3, rtol=1e-6)
         np.testing.assert_allclose(dx2, dx3, rtol=1e-5, atol=1e-6)
         layer.params["weight_hh_l0"], layer.params["weight_ih_l0"] = good, w_ih
+
+
+def test_release_workspaces_frees_them_and_changes_no_result():
+    """fastrnn.release_workspaces drops this thread's scratch arrays (they keep the size of
+    the largest call); the next call makes them again and gives the same bits."""
+    import fastrnn as fr
+    from fastrnn import cpu
+    layer = fr.LSTM(3, 5, num_layers=2, bidirectional=True, seed=0)
+    x = np.random.default_rng(0).standard_normal((6, 4, 3)).astype(np.float32)
+
+    def run():
+        out, _ = layer(x)
+        dx, _ = layer.backward(np.ones_like(out))
+        return out, dx
+    before = run()
+    assert cpu._workspaces.__dict__.get("arrays")
+    fr.release_workspaces()
+    assert not cpu._workspaces.__dict__
+    after = run()
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)

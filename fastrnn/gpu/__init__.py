@@ -190,6 +190,12 @@ def is_device_array(array):
     return has_interface or bool(getattr(array, "__cuda_ndarray__", False))
 
 
+def release_workspaces():
+    """Drop this thread's device workspaces and kept constants (Numba frees the memory once
+    nothing else holds it); the next call makes them again."""
+    _workspaces.__dict__.clear()
+
+
 def _workspace(key, shape, dtype):
     """A reusable device array for this thread, keyed by its role; reallocated on a new shape."""
     store = _workspaces.__dict__.setdefault("arrays", {})
