@@ -193,30 +193,38 @@ def test_gpu_weights_in_global_or_shared_memory(monkeypatch, cell, shared_bytes)
 
 
 @needs_gpu
-@pytest.mark.parametrize("shared_bytes", [0, 400, 48 * 1024],
-                         ids=["global", "slice-only", "shared"])
+@pytest.mark.parametrize("shared_bytes", [0, 800, 48 * 1024],
+                         ids=["global", "slice-first", "shared"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_gpu_unit_split_matches_rows_bitwise(monkeypatch, cell, shared_bytes):
     """The unit-split kernels (a block per slice of hidden units: here 3 units per block,
-    so H=4 takes a full and a partial block) give the row kernels' bits, forward and
+    so H=7 takes two full blocks and a partial one) give the row kernels' bits, forward and
     backward, with lengths, both directions, 2 layers and a learned h0 -- and so the CPU
-    engine's results. On a GPU they run as persistent cooperative kernels; on the simulator
-    one launch per step. Shared memory holds nothing, everything (the weight slice and each
-    step's staged h_prev or gate gradients), or, with 400 bytes, the LSTM's weight slice
-    (384 in float64) without the staged part (the other cells' fit whole)."""
+    engine's results. H=7 and G*H leave 1-3 terms past the last multiple of 4 in every
+    product (dot's tail). On a GPU they run as persistent cooperative kernels; on the
+    simulator one launch per step. Shared memory holds nothing, everything (the weight
+    slice and each step's staged h_prev or gate gradients), or, in 800 bytes, the weight
+    slice alone where the staged part does not fit after it (LSTM both ways, GRU backward;
+    float64: the LSTM's slice is 672 bytes)."""
     monkeypatch.setattr(gpu, "UNITS_PER_BLOCK", 3)
     monkeypatch.setattr(gpu, "SHARED_BYTES", shared_bytes)
+    placed = []  # (weight slice, staged part) on chip, per unit-split launch
+    real = gpu._unit_shared
+    monkeypatch.setattr(gpu, "_unit_shared", lambda *a: placed.append(real(*a)[1]) or real(*a))
+    shape = dict(SHAPE, H=7)
     seed = stable_seed("units", cell, shared_bytes)
     results = {}
     for path in ("rows", "units"):
         monkeypatch.setattr(gpu, "RECURRENCE", path)
         cpu_layer, gpu_layer, x, h0, lengths = _pair(
-            cell, "float64", seed, num_layers=2, bidirectional=True, use_lengths=True,
+            cell, "float64", seed, shape, num_layers=2, bidirectional=True, use_lengths=True,
             h0_mode="learned")
         dout, dh_n = _random_cotangents(np.random.default_rng(seed), cpu_layer, cell,
-                                        "float64")
+                                        "float64", shape)
         results[path] = _run(gpu_layer, x, h0, lengths, dout, dh_n)
     _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n), results["units"], "float64")
+    fits = {0: [False, False], 800: [True, cell.startswith("rnn")], 48 * 1024: [True, True]}
+    assert fits[shared_bytes] in placed
     rows, units = results["rows"], results["units"]
     for name, a, b in (("out", rows[0], units[0]), ("dx", rows[2], units[2])):
         assert np.array_equal(a, b), name

@@ -105,8 +105,10 @@ def test_linalg_kernels_compile(compile_ptx, dtype):
         ptx = compile_ptx(k[name], argtypes)
         _assert_no_f64_math(ptx, dtype)
         if name == "gemm":  # a thread's 4 values of one k in one 16-byte load per tile
-            wide = "v4.f32" if dtype == "float32" else "v2.f64"
-            assert re.search(rf"ld\.shared\.{wide}", ptx), "gemm reads its tiles narrow"
+            wide, count = ("v4.f32", 2) if dtype == "float32" else ("v2.f64", 4)
+            kind = wide[-3:]
+            assert len(re.findall(rf"ld\.shared\.{wide}", ptx)) == count, "narrow tile reads"
+            assert not re.findall(rf"ld\.shared\.{kind}\b", ptx), "scalar tile reads"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

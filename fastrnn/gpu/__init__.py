@@ -738,7 +738,7 @@ def _forward_recurrence(cell, dtype, key, x_proj, w_t, b_ih, b_hh, lengths, reve
             return (x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train),
                     h_seq, c_seq, Hc, acts, hg_ws, out, out_col, w_shared, h_staged, split, U)
         shared_bytes, flags = _unit_shared(kernels["forward_units"], unit_args,
-                                           (GH * U, B * H), dtype.itemsize)
+                                           (GH * U, B * (H + 1)), dtype.itemsize)
         args = unit_args(*flags)
         launched = _launch_units(
             (kernels["forward_units"], blocks, threads, shared_bytes),
@@ -817,7 +817,7 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
                     saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev,
                     w_shared, g_staged, U)
         shared_bytes, flags = _unit_shared(kernels["backward_units"], unit_args,
-                                           (GH * U, B * GH), dtype.itemsize)
+                                           (GH * U, B * (GH + 1)), dtype.itemsize)
         args = unit_args(*flags)
         launched = _launch_units(
             (kernels["backward_units"], blocks, threads, shared_bytes),

@@ -41,7 +41,7 @@ ONE = 1.0
 TILE = 16
 REG = 4
 SPAN = 64
-SPAN_PAD = 68  # SPAN + 4: a_tile's padded rows (tile_product)
+SPAN_PAD = 68  # SPAN + 4: the shared tiles' padded rows (tile_product)
 KC = 4       # recurrent weights per thread of the register kernels (bound per specialisation)
 SAVED_SLOTS = 1  # activations the cell saves per unit (at least 1; bound per cell)
 ALIGN = None  # byte alignment of their shared arrays: 16 on a GPU, None on the simulator
@@ -114,6 +114,16 @@ def dot(w, offset, stride, v, n):
     return (s0 + s1) + (s2 + s3)
 
 
+def dot_from(w, offset, stride, v_chip, v_mem, on_chip, n):
+    """dot(w, offset, stride, v, n) with v = v_chip (shared memory) if on_chip else v_mem:
+    a call for each, so that every load keeps its address space. (One variable that may
+    hold either array makes all its loads generic: forward_rows had 21 generic loads in PTX,
+    benchmarks/gpu_ptx_loops.py.) Callers branch on w's place the same way."""
+    if on_chip:
+        return dot(w, offset, stride, v_chip, n)
+    return dot(w, offset, stride, v_mem, n)
+
+
 def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc, acts,
                  hg_ws, out, out_col, h_shared, hg_shared, w_shared, split):
     """Whole-sequence forward of one layer-direction; launch with grid (B,), any block size.
@@ -173,6 +183,9 @@ def forward_rows(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq,
             xg = x_proj[t * B + b]
             g = tid
             while g < GH:
+                # One call on operands that may each be in shared or global memory (generic
+                # loads): per-place calls, as backward_rows makes, took this kernel from 64
+                # to 72 registers per thread, one 512-thread block per multiprocessor not two.
                 acc = dot(w, g, GH, h_prev, H)
                 if g < split:
                     xg[g] += acc
@@ -231,11 +244,11 @@ def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts,
     dyn = cuda.shared.array(0, DTYPE)
     gs_len = GH if gh_shared else 0
     gs = dyn[0:gs_len]
-    w = dyn[gs_len:gs_len + GH * H] if w_shared else w_hh
+    w_chip = dyn[gs_len:gs_len + (GH * H if w_shared else 0)]
     if w_shared:
         i = tid
         while i < GH * H:
-            w[i] = w_hh[i]
+            w_chip[i] = w_hh[i]
             i += nthreads
         cuda.syncthreads()
     length = lengths[b]
@@ -266,10 +279,13 @@ def backward_rows(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts,
                     gs[g] = gh[g]
                     g += nthreads
                 cuda.syncthreads()
-            gv = gs if gh_shared else gh
             k = tid
             while k < H:
-                dh_b[k] = dd[k] + dot(w, k, H, gv, GH)
+                if w_shared:  # which implies gh_shared
+                    acc = dot(w_chip, k, H, gs, GH)
+                else:
+                    acc = dot_from(w_hh, k, H, gs, gh, gh_shared, GH)
+                dh_b[k] = dd[k] + acc
                 k += nthreads
             k = tid
             while k < Hc:
@@ -373,7 +389,7 @@ def stage_backward_slice(w_hh, ws, H, GH, U):
 def forward_units_step(s, x_proj, w_t, ws, w_shared, hs, h_staged, b_ih, b_hh, lengths,
                        reverse, train, h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, U):
     """Step s of forward for the block's units, every batch row (arrays as forward_rows; ws
-    the block's slice of W_hh^T when w_shared; hs (B*H,) shared when h_staged). Ends with a
+    the block's slice of W_hh^T when w_shared; hs (B*(H+1),) shared when h_staged). Ends with a
     block barrier; the caller crosses the grid barrier before the next step."""
     T = out.shape[0]
     B = out.shape[1]
@@ -388,7 +404,7 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, hs, h_staged, b_ih, b_hh, l
         # shared memory, not from L2 at a load's full latency.
         b, k, step_b, step_k = pair_walk(H, cuda.threadIdx.x, cuda.blockDim.x)
         while b < B:
-            hs[b * H + k] = h_seq[prev, b, k]
+            hs[b * (H + 1) + k] = h_seq[prev, b, k]
             b, k = pair_next(b, k, step_b, step_k, H)
         cuda.syncthreads()
     # Recurrent product for (row, owned gate column) pairs; consecutive threads take
@@ -397,11 +413,12 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, hs, h_staged, b_ih, b_hh, l
     while b < B:
         if t < lengths[b]:
             g = owned_column(gl, Ub, u0, H)
-            h_prev = hs[b * H:b * H + H] if h_staged else h_seq[prev, b]
+            # Staged rows are H + 1 apart: a warp's rows then read k from different banks.
+            row = hs[b * (H + 1):b * (H + 1) + H]
             if w_shared:
-                acc = dot(ws, gl, GU, h_prev, H)
-            else:
-                acc = dot(w_t, g, GH, h_prev, H)
+                acc = dot_from(ws, gl, GU, row, h_seq[prev, b], h_staged, H)
+            else:  # nothing is staged without the weight slice (the host fills in order)
+                acc = dot(w_t, g, GH, h_seq[prev, b], H)
             if g < split:
                 x_proj[t * B + b, g] += acc
             else:
@@ -444,9 +461,9 @@ def forward_units(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq
                   hg_ws, out, out_col, w_shared, h_staged, split, U):
     """Whole-sequence forward, unit-split; cooperative launch with grid (ceil(H/U),).
     Dynamic shared memory: [the block's W_hh^T slice (H*G*U)] if w_shared, then [every
-    row's h_prev (B*H)] if h_staged."""
+    row's h_prev (B*(H+1), rows padded)] if h_staged."""
     H = h_seq.shape[2]
-    ws, hs = units_shared(hg_ws.shape[1] * U, w_shared, out.shape[1] * H, h_staged)
+    ws, hs = units_shared(hg_ws.shape[1] * U, w_shared, out.shape[1] * (H + 1), h_staged)
     if w_shared:
         stage_forward_slice(w_t, ws, H, hg_ws.shape[1], U)
     grid = cuda.cg.this_grid()
@@ -461,7 +478,7 @@ def forward_units_one(s, x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq
                       acts, hg_ws, out, out_col, w_shared, h_staged, split, U):
     """Step s alone of forward_units (one launch per step: the simulator's path)."""
     H = h_seq.shape[2]
-    ws, hs = units_shared(hg_ws.shape[1] * U, w_shared, out.shape[1] * H, h_staged)
+    ws, hs = units_shared(hg_ws.shape[1] * U, w_shared, out.shape[1] * (H + 1), h_staged)
     if w_shared:
         stage_forward_slice(w_t, ws, H, hg_ws.shape[1], U)
     forward_units_step(s, x_proj, w_t, ws, w_shared, hs, h_staged, b_ih, b_hh, lengths,
@@ -511,7 +528,7 @@ def backward_units_product(s, w_hh, ws, w_shared, gs, g_staged, lengths, reverse
                            dh, dc, dh_direct, dc_prev, U):
     """Product part of BPTT step s: dh[b, k] = dh_direct[b, k] + dgh[t, b] . W_hh[:, k] for
     the block's units k, every row (needs every block's gate gradients: after the grid
-    barrier). ws is the block's slice of W_hh when w_shared; gs (B*G*H,) shared when
+    barrier). ws is the block's slice of W_hh when w_shared; gs (B*(G*H+1),) shared when
     g_staged."""
     B = dh.shape[0]
     H = dh.shape[1]
@@ -523,17 +540,17 @@ def backward_units_product(s, w_hh, ws, w_shared, gs, g_staged, lengths, reverse
         # Every row's gate gradients, copied on chip once (as forward stages h_prev).
         b, g, step_b, step_g = pair_walk(GH, cuda.threadIdx.x, cuda.blockDim.x)
         while b < B:
-            gs[b * GH + g] = dgh[t * B + b, g]
+            gs[b * (GH + 1) + g] = dgh[t * B + b, g]
             b, g = pair_next(b, g, step_b, step_g, GH)
         cuda.syncthreads()
     b, i, step_b, step_i = pair_walk(Ub, cuda.threadIdx.x, cuda.blockDim.x)
     while b < B:
         if t < lengths[b]:
-            gh = gs[b * GH:b * GH + GH] if g_staged else dgh[t * B + b]
+            row = gs[b * (GH + 1):b * (GH + 1) + GH]  # rows GH + 1 apart, as forward's
             if w_shared:
-                acc = dot(ws, i, Ub, gh, GH)
-            else:
-                acc = dot(w_hh, u0 + i, H, gh, GH)
+                acc = dot_from(ws, i, Ub, row, dgh[t * B + b], g_staged, GH)
+            else:  # nothing is staged without the weight slice
+                acc = dot(w_hh, u0 + i, H, dgh[t * B + b], GH)
             dh[b, u0 + i] = dh_direct[b, u0 + i] + acc
             if Hc > 0:
                 dc[b, u0 + i] = dc_prev[b, u0 + i]
@@ -544,12 +561,12 @@ def backward_units(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts
                    dh, dc, dh_direct, dc_prev, w_shared, g_staged, U):
     """Whole-sequence BPTT, unit-split; cooperative launch with grid (ceil(H/U),).
     Dynamic shared memory: [the block's W_hh slice (G*H*U)] if w_shared, then [every row's
-    gate gradients (B*G*H)] if g_staged. One grid barrier per step, between the pointwise
+    gate gradients (B*(G*H+1), rows padded)] if g_staged. One grid barrier per step, between the pointwise
     part (gate gradients) and the product (which reads every block's); the product's dh is
     the block's own, read after a block barrier."""
     H = h_seq.shape[2]
     GH = dgx.shape[1]
-    ws, gs = units_shared(GH * U, w_shared, dout.shape[1] * GH, g_staged)
+    ws, gs = units_shared(GH * U, w_shared, dout.shape[1] * (GH + 1), g_staged)
     if w_shared:
         stage_backward_slice(w_hh, ws, H, GH, U)
     grid = cuda.cg.this_grid()
@@ -567,7 +584,7 @@ def backward_units_one(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq, c
     """One part (phase 0 pointwise, 1 product) of BPTT step s of backward_units (two
     launches per step: the simulator's path)."""
     GH = dgx.shape[1]
-    ws, gs = units_shared(GH * U, w_shared, dout.shape[1] * GH, g_staged)
+    ws, gs = units_shared(GH * U, w_shared, dout.shape[1] * (GH + 1), g_staged)
     if phase == 0:
         backward_units_pointwise(s, dout, out_col, lengths, reverse, h_seq, c_seq, acts, dgx,
                                  dgh, dh, dc, dh_direct, dc_prev, U)
@@ -647,7 +664,7 @@ def forward_tiles(first, count, persistent, x_proj, w_t, h_flat, b_ih, b_hh, len
     per multiprocessor; otherwise one phase per launch (the simulator's path, which cannot
     cross a grid barrier)."""
     a_tile = cuda.shared.array((TILE, SPAN_PAD), DTYPE, alignment=ALIGN)
-    b_tile = cuda.shared.array((TILE, SPAN), DTYPE, alignment=ALIGN)
+    b_tile = cuda.shared.array((TILE, SPAN_PAD), DTYPE, alignment=ALIGN)
     acc = cuda.local.array((REG, REG), DTYPE)
     a_reg = cuda.local.array(REG, DTYPE)
     b_reg = cuda.local.array(REG, DTYPE)
@@ -702,7 +719,7 @@ def backward_tiles(first, count, persistent, dout, out_col, w_hh, lengths, rever
     """Phases first .. first + count - 1 of the tiled BPTT (phase p: part p % 2 of step
     p // 2, 0 the pointwise part, 1 the product); launched as forward_tiles."""
     a_tile = cuda.shared.array((TILE, SPAN_PAD), DTYPE, alignment=ALIGN)
-    b_tile = cuda.shared.array((TILE, SPAN), DTYPE, alignment=ALIGN)
+    b_tile = cuda.shared.array((TILE, SPAN_PAD), DTYPE, alignment=ALIGN)
     acc = cuda.local.array((REG, REG), DTYPE)
     a_reg = cuda.local.array(REG, DTYPE)
     b_reg = cuda.local.array(REG, DTYPE)
@@ -986,7 +1003,7 @@ def gemm(a, a_rs, a_cs, b, b_rs, b_cs, c, M, N, K, accumulate):
     """
     # SPAN = TILE * REG, SPAN_PAD = SPAN + 4: shapes must be literal constants in Numba-CUDA
     a_tile = cuda.shared.array((TILE, SPAN_PAD), DTYPE, alignment=ALIGN)
-    b_tile = cuda.shared.array((TILE, SPAN), DTYPE, alignment=ALIGN)
+    b_tile = cuda.shared.array((TILE, SPAN_PAD), DTYPE, alignment=ALIGN)
     acc = cuda.local.array((REG, REG), DTYPE)
     a_reg = cuda.local.array(REG, DTYPE)
     b_reg = cuda.local.array(REG, DTYPE)
@@ -1013,10 +1030,12 @@ def tile_product(a, a_off, a_rs, a_cs, b, b_off, b_rs, b_cs, M, N, K, row0, col0
     (it synchronises the block); thread (ty, tx) holds rows ty*REG + i and columns
     tx*REG + j (tile_row, tile_col) in registers, so every value read from shared memory
     feeds REG multiply-adds. Both tiles are k-major -- a_tile (TILE, SPAN_PAD) holds A's
-    tile transposed, b_tile (TILE, SPAN) B's -- so a thread's REG values of one k are
-    adjacent and 16-byte aligned (ALIGN): one wide load each (benchmarks/gpu_ptx_loops.py).
-    a_tile's rows are padded to SPAN_PAD so that staging a row-major A, whose threads
-    write down a column, spreads over the banks. Each output sums over k in increasing
+    tile transposed, b_tile (TILE, SPAN_PAD) B's -- so a thread's REG values of one k are
+    adjacent and 16-byte aligned (ALIGN): one wide load from each tile
+    (tests/test_gpu_compile.py). The rows are padded to SPAN_PAD (not a power of two) so
+    that staging an operand whose threads write down a column (a row-major A, a
+    transposed B such as W_ih^T) spreads over the banks (2 ways in float32, not 16), and so
+    that the compiler can prove the REG addresses adjacent. Each output sums over k in increasing
     order: deterministic (no atomics) and independent of the tile sizes and mapping."""
     tx = cuda.threadIdx.x
     ty = cuda.threadIdx.y
@@ -1271,8 +1290,8 @@ def _index_type():
 
 def _alignment():
     """ALIGN: 16-byte shared arrays for wide loads; None on the CUDA simulator, which
-    refuses the argument (and needs no alignment). Fixed for the process: the simulator is
-    chosen before Numba is imported."""
+    refuses any other value (and needs no alignment). Fixed for the process: the simulator
+    is chosen before Numba is imported."""
     from numba import config
     return None if config.ENABLE_CUDASIM else 16
 
@@ -1307,7 +1326,7 @@ def recurrence_kernels(cell_name, dtype):
     def build():
         bind = scalar_bindings(dtype)
         version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp, dot,
-                              forward_rows, backward_rows, slots.forward_step,
+                              dot_from, forward_rows, backward_rows, slots.forward_step,
                               slots.backward_step)
         suffix = f"{cell_name}_{dtype.name}_{version}"
         unit_forward = _device(spec.forward, suffix, **bind)
@@ -1320,6 +1339,7 @@ def recurrence_kernels(cell_name, dtype):
                       clamp=_device(clamp, suffix),
                       dot=_device(dot, suffix, ZERO=bind["ZERO"], IDX=_index_type()),
                       ZERO=bind["ZERO"], DTYPE=bind["DTYPE"])
+        common["dot_from"] = _device(dot_from, suffix, dot=common["dot"])
         return (_kernel(forward_rows, suffix, **common),
                 _kernel(backward_rows, suffix, **common))
     return _compiled(("recurrence", cell_name, dtype), build)
@@ -1340,7 +1360,8 @@ def unit_kernels(cell_name, dtype):
                  forward_units_step, backward_units_pointwise, backward_units_product)
         kernels = [globals()[name] for name in UNIT_KERNELS]
         version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp, dot,
-                              slots.forward_step, slots.backward_step, *parts, *kernels)
+                              dot_from, slots.forward_step, slots.backward_step, *parts,
+                              *kernels)
         suffix = f"{cell_name}_{dtype.name}_{version}"
         forward_step = _device(slots.forward_step, suffix)
         common = dict(cuda=_cuda_module(), ZERO=bind["ZERO"], DTYPE=bind["DTYPE"],
@@ -1356,6 +1377,7 @@ def unit_kernels(cell_name, dtype):
         common["pair_walk"] = _device(pair_walk, suffix, cuda=common["cuda"],
                                       **_fixed_width_types())
         common["pair_next"] = _device(pair_next, suffix)
+        common["dot_from"] = _device(dot_from, suffix, dot=common["dot"])
         for part in parts[4:]:
             common[part.__name__] = _device(part, suffix, **common)
         return {func.__name__: _kernel(func, suffix, **common) for func in kernels}
