@@ -649,7 +649,7 @@ class SequenceModel:
                     "the gradients' global norm overflows float64 (every gradient is finite)")
             raise NonFiniteError(f"training diverged at {where}: {what}")
         optim.clip_grad_value(grads, clip_value)
-        # The norm above is the clipped gradients' unless clip_value changed them.
+        # The norm above is still the gradients' norm unless clip_value changed them.
         optim.clip_grad_norm(grads, clip_norm, norm if clip_value is None else None)
         try:
             self.optimizer.step(params, grads)
