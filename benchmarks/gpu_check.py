@@ -214,13 +214,8 @@ def _register_extra(cell, shape):
     """Whether the table also times the register kernels for (cell, shape): they are not
     what RECURRENCE runs, and the layer fits them (fastrnn.gpu._register_plan)."""
     from fastrnn import cells, gpu
-    if gpu.RECURRENCE == "registers":
-        return False
-    default, gpu.RECURRENCE = gpu.RECURRENCE, "registers"
-    try:
-        return gpu._register_plan(cells.CELLS[cell], shape[3], np.dtype(np.float32)) is not None
-    finally:
-        gpu.RECURRENCE = default
+    return gpu.RECURRENCE != "registers" and gpu._register_plan(
+        cells.CELLS[cell], shape[3], np.dtype(np.float32)) is not None
 
 
 def benchmark(deadline, tf32_default_pass=True):

@@ -381,11 +381,8 @@ def update_elements(update, items, commit):
 
 def _zero_dummy(dtype):
     """(1,) zeros of dtype: the slot an optimizer does not have (its value must be finite)."""
-    key = ("zero_dummy", np.dtype(dtype).name)
-    store = _workspaces.__dict__.setdefault("zero_dummies", {})
-    if key not in store:
-        store[key] = zeros((1,), dtype)
-    return store[key]
+    dtype = np.dtype(dtype)
+    return _kept(("zero_dummy", dtype.name), None, lambda: zeros((1,), dtype))
 
 
 def sum_squares(arrays):
@@ -624,11 +621,9 @@ def _launch_units(kind, one, persistent_args, step_args_for):
 
 def _register_plan(cell, H, dtype):
     """(weights per thread, forward chunks, backward chunks, forward and backward shared
-    bytes) of the register kernels for a layer of hidden size H, or None when RECURRENCE does
-    not ask for them or the layer needs more than REG_THREADS threads or SHARED_BYTES of
-    shared memory (then the row kernels run: the general path)."""
-    if RECURRENCE != "registers":
-        return None
+    bytes) of the register kernels for a layer of hidden size H, or None when the layer
+    needs more than REG_THREADS threads or SHARED_BYTES of shared memory (then the row
+    kernels run: the general path)."""
     GH = cell.gates * H
     Hc = H if cell.has_cell_state else 0
     kc = REG_WEIGHTS or (64 if dtype.itemsize == 4 else 32)
@@ -695,7 +690,7 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     x_proj = _workspace(key + ("x_proj",), (T * B, GH), dtype)
     _gemm(_flat(x2d), I, 1, _flat(w_ih), 1, I, _flat(x_proj), T * B, GH, I, False)
     split = cell.summed_columns(H)
-    plan = _register_plan(cell, H, dtype)
+    plan = _register_plan(cell, H, dtype) if RECURRENCE == "registers" else None
     if plan:
         # W_hh as it is: each thread loads its weights once, so coalescing does not matter.
         kc, chunks, _, shared_bytes, _ = plan
@@ -792,7 +787,7 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
     dc_prev = _workspace(key + ("dc_prev",), (B, H), dtype) if Hc else _dummy(2, dtype)
     launched = False
-    plan = _register_plan(cell, H, dtype)
+    plan = _register_plan(cell, H, dtype) if RECURRENCE == "registers" else None
     if plan:
         kc, _, chunks, _, shared_bytes = plan
         _launch(_register_kernels(cell, dtype, kc)["backward_regs"], B, chunks * H,
