@@ -192,6 +192,35 @@ def test_gpu_weights_in_global_or_shared_memory(monkeypatch, cell, shared_bytes)
              _run(gpu_layer, x, h0, lengths, dout, dh_n), "float64")
 
 
+def _units_against_rows(monkeypatch, cell, shape, seed):
+    """Runs forward and backward (lengths, both directions, 2 layers, learned h0) with the
+    row kernels and with the unit-split ones; checks that the units give the CPU engine's
+    results and the rows' bits, and returns (w_shared, width) of every unit-split launch."""
+    placed = []
+    real = gpu._unit_shared
+    monkeypatch.setattr(gpu, "_unit_shared",
+                        lambda *a: placed.append(real(*a)[1:]) or real(*a))
+    results = {}
+    for path in ("rows", "units"):
+        monkeypatch.setattr(gpu, "RECURRENCE", path)
+        cpu_layer, gpu_layer, x, h0, lengths = _pair(
+            cell, "float64", seed, shape, num_layers=2, bidirectional=True, use_lengths=True,
+            h0_mode="learned")
+        dout, dh_n = _random_cotangents(np.random.default_rng(seed), cpu_layer, cell,
+                                        "float64", shape)
+        results[path] = _run(gpu_layer, x, h0, lengths, dout, dh_n)
+    _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n), results["units"], "float64")
+    rows, units = results["rows"], results["units"]
+    for name, a, b in (("out", rows[0], units[0]), ("dx", rows[2], units[2])):
+        assert np.array_equal(a, b), name
+    for part_rows, part_units in zip(state_parts(rows[1]) + state_parts(rows[3]),
+                                     state_parts(units[1]) + state_parts(units[3])):
+        assert np.array_equal(part_rows, part_units)
+    for name in rows[4]:
+        assert np.array_equal(rows[4][name], units[4][name]), name
+    return placed
+
+
 @needs_gpu
 @pytest.mark.parametrize("shared_bytes", [0, 800, 48 * 1024],
                          ids=["global", "slice-first", "shared"])
@@ -204,35 +233,37 @@ def test_gpu_unit_split_matches_rows_bitwise(monkeypatch, cell, shared_bytes):
     product (dot's tail). On a GPU they run as persistent cooperative kernels; on the
     simulator one launch per step. Shared memory holds nothing, everything (the weight
     slice and each step's staged h_prev or gate gradients), or, in 800 bytes, the weight
-    slice alone where the staged part does not fit after it (LSTM both ways, GRU backward;
-    float64: the LSTM's slice is 672 bytes)."""
+    slice alone where the staged part does not fit after it, even in chunks (LSTM both
+    ways, GRU backward; float64: the LSTM's slice is 672 bytes)."""
     monkeypatch.setattr(gpu, "UNITS_PER_BLOCK", 3)
     monkeypatch.setattr(gpu, "SHARED_BYTES", shared_bytes)
-    placed = []  # (weight slice, staged part) on chip, per unit-split launch
-    real = gpu._unit_shared
-    monkeypatch.setattr(gpu, "_unit_shared", lambda *a: placed.append(real(*a)[1]) or real(*a))
-    shape = dict(SHAPE, H=7)
-    seed = stable_seed("units", cell, shared_bytes)
-    results = {}
-    for path in ("rows", "units"):
-        monkeypatch.setattr(gpu, "RECURRENCE", path)
-        cpu_layer, gpu_layer, x, h0, lengths = _pair(
-            cell, "float64", seed, shape, num_layers=2, bidirectional=True, use_lengths=True,
-            h0_mode="learned")
-        dout, dh_n = _random_cotangents(np.random.default_rng(seed), cpu_layer, cell,
-                                        "float64", shape)
-        results[path] = _run(gpu_layer, x, h0, lengths, dout, dh_n)
-    _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n), results["units"], "float64")
-    fits = {0: [False, False], 800: [True, cell.startswith("rnn")], 48 * 1024: [True, True]}
-    assert fits[shared_bytes] in placed
-    rows, units = results["rows"], results["units"]
-    for name, a, b in (("out", rows[0], units[0]), ("dx", rows[2], units[2])):
-        assert np.array_equal(a, b), name
-    for part_rows, part_units in zip(state_parts(rows[1]) + state_parts(rows[3]),
-                                     state_parts(units[1]) + state_parts(units[3])):
-        assert np.array_equal(part_rows, part_units)
-    for name in rows[4]:
-        assert np.array_equal(rows[4][name], units[4][name]), name
+    placed = _units_against_rows(monkeypatch, cell, dict(SHAPE, H=7),
+                                 stable_seed("units", cell, shared_bytes))
+    fits = {0: (False, False), 800: (True, cell.startswith("rnn")), 48 * 1024: (True, True)}
+    assert fits[shared_bytes] in [(w_shared, width > 0) for w_shared, width in placed]
+
+
+@needs_gpu
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_unit_split_stages_in_chunks(monkeypatch, cell):
+    """Where the staged operand does not fit whole beside the weight slice, the unit
+    kernels stage it 4 columns at a time, handing each pair's four chain sums from chunk to
+    chunk in shared memory, and still give the row kernels' bits: H=13 with 2 units per
+    block (a partial block) and room for the slice plus 41 elements (float64) chunks the
+    plain RNNs' forward (13 = 4+4+4+1 columns) and every backward (G*H: 13, 39 or 52)."""
+    H, U, B = 13, 2, SHAPE["B"]
+    gates = CELL_SPECS[cell].gates
+    monkeypatch.setattr(gpu, "UNITS_PER_BLOCK", U)
+    monkeypatch.setattr(gpu, "SHARED_BYTES", (gates * H * U + 41) * 8)
+    placed = _units_against_rows(monkeypatch, cell, dict(SHAPE, H=H),
+                                 stable_seed("chunks", cell))
+    backward_width = ((41 - 4 * B * U) // B - 1) // 4 * 4
+    assert backward_width == 4
+    assert (True, backward_width) in placed
+    if gates == 1:
+        assert placed.count((True, backward_width)) == len(placed)  # forward chunks too
+    else:  # the chain sums of G*U columns per row take too much room: not staged
+        assert (True, 0) in placed
 
 
 @needs_gpu
@@ -516,6 +547,32 @@ def test_unit_launch_shrinks_blocks_until_the_grid_fits_then_falls_back(monkeypa
     monkeypatch.setattr(gpu, "RECURRENCE", "units")
     with pytest.raises(OSError):
         gpu._launch_units(("no cudadevrt", 128, 256, 0), None, (), ())
+
+
+def test_unit_launch_sizes_blocks_by_the_compiled_kernel(monkeypatch):
+    """Before a cooperative launch the block is halved until the compiled kernel allows it
+    (registers per thread) and the whole grid is resident (occupancy query): here 448
+    threads at most, and 512 or 256 leave too few resident blocks for a grid of 100."""
+    monkeypatch.setattr(gpu, "_simulator_enabled", lambda: False)
+    seen = []
+
+    class Compiled:
+        max_threads_per_block = 448
+
+        @staticmethod
+        def max_cooperative_grid_blocks(threads, shared_bytes):
+            assert shared_bytes == 4096
+            return 132 if threads <= 128 else 66
+
+    class Kernel:
+        @staticmethod
+        def _compile_for_args(*args):
+            assert args == ("x",)
+            return Compiled
+
+    monkeypatch.setattr(gpu, "_launch", lambda kernel, grid, threads, *a: seen.append(threads))
+    assert gpu._launch_units((Kernel, 100, 512, 4096), None, ("x",), ())
+    assert seen == [128]
 
 
 def test_cuda_device_unavailable_raises_runtime_error(monkeypatch):

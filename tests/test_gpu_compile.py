@@ -119,10 +119,11 @@ def test_unit_kernels_compile(compile_ptx, cell, dtype):
     from fastrnn.gpu import kernels
     a1, a2, a3, i1, i64, boolean, _ = _arrays(dtype)
     k = kernels.unit_kernels(cell, dtype)
+    # ... w_shared, staging width, (forward: split,) U
     forward = [a2, a1, a1, a1, i1, boolean, boolean, a3, a3, i64, a3, a2, a3, i64, boolean,
-               boolean, i64, i64]
+               i64, i64, i64]
     backward = [a3, i64, a1, i1, boolean, a3, a3, i64, a3, a2, a2, a2, a2, a2, a2, boolean,
-                boolean, i64]
+                i64, i64]
     for name, argtypes in (("forward_units", forward), ("forward_units_one", [i64] + forward),
                            ("backward_units", backward),
                            ("backward_units_one", [i64, i64] + backward)):

@@ -565,15 +565,24 @@ def _unit_geometry(H, width):
     return U, blocks, _row_threads(width * U)
 
 
-def _unit_shared(kernel, args_for, sizes, itemsize):
-    """(bytes, flags) of a unit-split kernel's dynamic shared memory: its parts ``sizes``
-    (element counts: the block's weight slice, then what each step stages for the product),
-    each on chip while the parts so far fit its budget, as :func:`_launch_rows` does;
-    args_for(*flags) gives the kernel's arguments."""
-    flags = [False] * len(sizes)
-    budget = _shared_budget(kernel, args_for(*flags), True)
-    parts = _fitting_prefix(sizes, itemsize, budget)
-    return sum(parts) * itemsize, [len(parts) > i for i in range(len(sizes))]
+def _unit_shared(kernel, args_for, slice_len, B, K, pairs, itemsize):
+    """(bytes, w_shared, width) of a unit-split kernel's dynamic shared memory
+    (kernels.units_shared): the block's weight slice (slice_len elements) on chip if it fits
+    the budget; after it, each step's product operand (B, K) -- every row's h_prev forward,
+    gate gradients backward -- staged whole (width K) if it fits, else in chunks of the
+    widest multiple of 4 columns that fits beside the chain sums the chunks hand on (4 per
+    each of the block's ``pairs``), else not at all (width 0). A chunk costs a block barrier
+    and one pass over L2; unstaged, the product waits on L2 for every four terms.
+    args_for(w_shared, width) gives the kernel's arguments."""
+    budget = _shared_budget(kernel, args_for(False, 0), True) // itemsize
+    if slice_len > budget:
+        return 0, False, 0
+    left = budget - slice_len
+    if B * (K + 1) <= left:
+        return (slice_len + B * (K + 1)) * itemsize, True, K
+    width = max(0, ((left - 4 * pairs) // B - 1) // 4 * 4)
+    staged = B * (width + 1) + 4 * pairs if width else 0
+    return (slice_len + staged) * itemsize, True, width
 
 
 def _tile_blocks(B, N, H):
@@ -598,6 +607,7 @@ def _launch_units(kind, one, persistent_args, step_args_for):
             _launch(one, grid, threads, shared_bytes, *args)
         return True
     try:
+        threads = _resident_threads(kernel, grid, threads, shared_bytes, persistent_args)
         while True:
             try:
                 _launch(kernel, grid, threads, shared_bytes, *persistent_args)
@@ -617,6 +627,25 @@ def _launch_units(kind, one, persistent_args, step_args_for):
         warnings.warn(f"fastrnn: unit-split GPU kernels unavailable ({_units_broken[0]}); "
                       f"using the row kernels", RuntimeWarning, stacklevel=3)
         return False
+
+
+def _resident_threads(kernel, grid, threads, shared_bytes, args):
+    """``threads``, halved until the compiled kernel (for ``args``) may run blocks that
+    large (its registers per thread allow them) and all ``grid`` blocks fit on the GPU at
+    once, as a cooperative launch needs (numba-cuda's occupancy query). If the query
+    fails (numba-cuda's internals moved), ``threads``: the launch then halves on refusal.
+    2-D blocks (the tiled kernels') are kept as they are."""
+    if not isinstance(threads, int):
+        return threads
+    try:
+        compiled = kernel._compile_for_args(*args)
+        while threads > 32 and (threads > compiled.max_threads_per_block or
+                                compiled.max_cooperative_grid_blocks(threads, shared_bytes)
+                                < grid):
+            threads //= 2
+    except Exception:
+        pass
+    return threads
 
 
 def _register_plan(cell, H, dtype):
@@ -729,12 +758,12 @@ def _forward_recurrence(cell, dtype, key, x_proj, w_t, b_ih, b_hh, lengths, reve
         U, blocks, threads = _unit_geometry(H, B * (GH // H))
         kernels = _kernels().unit_kernels(cell.name, dtype)
 
-        def unit_args(w_shared, h_staged):
+        def unit_args(w_shared, width):
             return (x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train),
-                    h_seq, c_seq, Hc, acts, hg_ws, out, out_col, w_shared, h_staged, split, U)
-        shared_bytes, flags = _unit_shared(kernels["forward_units"], unit_args,
-                                           (GH * U, B * (H + 1)), dtype.itemsize)
-        args = unit_args(*flags)
+                    h_seq, c_seq, Hc, acts, hg_ws, out, out_col, w_shared, width, split, U)
+        shared_bytes, *placed = _unit_shared(kernels["forward_units"], unit_args, GH * U, B,
+                                             H, B * (GH // H) * U, dtype.itemsize)
+        args = unit_args(*placed)
         launched = _launch_units(
             (kernels["forward_units"], blocks, threads, shared_bytes),
             kernels["forward_units_one"], args, ((s,) + args for s in range(T)))
@@ -807,13 +836,13 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
         U, blocks, threads = _unit_geometry(H, B)
         kernels = _kernels().unit_kernels(cell.name, dtype)
 
-        def unit_args(w_shared, g_staged):
+        def unit_args(w_shared, width):
             return (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
                     saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev,
-                    w_shared, g_staged, U)
-        shared_bytes, flags = _unit_shared(kernels["backward_units"], unit_args,
-                                           (GH * U, B * (GH + 1)), dtype.itemsize)
-        args = unit_args(*flags)
+                    w_shared, width, U)
+        shared_bytes, *placed = _unit_shared(kernels["backward_units"], unit_args, GH * U, B,
+                                             GH, B * U, dtype.itemsize)
+        args = unit_args(*placed)
         launched = _launch_units(
             (kernels["backward_units"], blocks, threads, shared_bytes),
             kernels["backward_units_one"], args,

@@ -82,17 +82,21 @@ def sigmoid(x):
 def dot(w, offset, stride, v, n):
     """sum over k < n of w[offset + k*stride] * v[k], as four partial sums (k mod 4) added
     at the end: four independent multiply-add chains instead of one, so a small recurrent
-    product does not wait out each add's latency. A fixed order: deterministic.
+    product does not wait out each add's latency. A fixed order: deterministic."""
+    s0, s1, s2, s3 = dot_chains(w, offset, stride, v, n, ZERO, ZERO, ZERO, ZERO)
+    return (s0 + s1) + (s2 + s3)
+
+
+def dot_chains(w, offset, stride, v, n, s0, s1, s2, s3):
+    """dot's four chains (s_c sums the terms whose k mod 4 is c, in increasing k), continued
+    from s0..s3 over k < n: a product split into chunks of a multiple of 4 terms, each
+    continuing the chains the last one left, sums exactly as one dot call does.
 
     Indices are unsigned (IDX): with a signed index Numba emits Python's negative-index
     wrap-around on every access. In the PTX of forward_rows and forward_units
     (benchmarks/gpu_ptx_loops.py) this loop was 84-128 instructions per 4-8 multiply-adds
     with int64 ``range`` indices and is 20-26 per 4 now; the recurrence kernels are
     instruction-bound at small sizes (Nsight Compute, see the README)."""
-    s0 = ZERO
-    s1 = ZERO
-    s2 = ZERO
-    s3 = ZERO
     n4 = IDX(n - n % 4)
     st = IDX(stride)
     i = IDX(offset)
@@ -111,7 +115,7 @@ def dot(w, offset, stride, v, n):
         s1 += w[i + st] * v[k + IDX(1)]
     if k + IDX(2) < IDX(n):
         s2 += w[i + IDX(2) * st] * v[k + IDX(2)]
-    return (s0 + s1) + (s2 + s3)
+    return s0, s1, s2, s3
 
 
 def dot_from(w, offset, stride, v_chip, v_mem, on_chip, n):
@@ -354,13 +358,81 @@ def owned_column(gl, Ub, u0, H):
     return q * H + u0 + gl
 
 
-def units_shared(slice_len, w_shared, staged_len, staged):
-    """(ws, staged) views of a unit-split kernel's dynamic shared memory: [the block's slice
-    of the recurrent weights (slice_len)] if w_shared, then [what each step stages for the
-    product (staged_len): every row's h_prev forward, gate gradients backward] if staged."""
+def units_shared(slice_len, w_shared, B, K, width, pairs):
+    """(ws, staged, parts) views of a unit-split kernel's dynamic shared memory: [the block's
+    slice of the recurrent weights (slice_len)] if w_shared; then, if width > 0, [``width``
+    columns of each step's product operand (B, K) -- every row's h_prev forward, gate
+    gradients backward -- (B*(width+1), rows padded)]; and if width < K, so that the operand
+    comes in several chunks, [the four chain sums of each of the block's (row, column) pairs
+    between chunks (4*pairs)]. The host fills in this order (a part only after the one
+    before it)."""
     dyn = cuda.shared.array(0, DTYPE)
     w_len = slice_len if w_shared else 0
-    return dyn[0:w_len], dyn[w_len:w_len + (staged_len if staged else 0)]
+    s_len = B * (width + 1) if width > 0 else 0
+    p_len = 4 * pairs if 0 < width < K else 0
+    return (dyn[0:w_len], dyn[w_len:w_len + s_len],
+            dyn[w_len + s_len:w_len + s_len + p_len])
+
+
+def stage_rows(src, k0, kn, staged, width):
+    """staged[b*(width+1) + k] = src[b, k0 + k] for every row b of src (B, K) and k < kn,
+    then a block barrier. One coalesced pass with all its loads in flight, so that the
+    product reads the operand from shared memory, not from L2 at a load's full latency for
+    every four terms. Rows are width + 1 apart: a warp's rows read different banks."""
+    b, k, step_b, step_k = pair_walk(kn, cuda.threadIdx.x, cuda.blockDim.x)
+    while b < src.shape[0]:
+        staged[b * (width + 1) + k] = src[b, k0 + k]
+        b, k = pair_next(b, k, step_b, step_k, kn)
+    cuda.syncthreads()
+
+
+def chunk_sums(b, col, w, ncols, staged, width, k0, kn, parts, pairs):
+    """The four chain sums (dot_chains) of pair (b, col) of a unit product, continued over
+    the staged chunk of operand columns k0 .. k0 + kn from those the chunks before it left
+    in parts (none when k0 = 0). w is the block's weight slice, k-major with ncols columns
+    (w[k*ncols + col]); pairs = B*ncols. Chunk widths are multiples of 4, so every term
+    lands in the chain that dot would give it: the sum is dot's, bit for bit."""
+    p = b * ncols + col
+    s0 = ZERO
+    s1 = ZERO
+    s2 = ZERO
+    s3 = ZERO
+    if k0 > 0:
+        s0 = parts[p]
+        s1 = parts[pairs + p]
+        s2 = parts[2 * pairs + p]
+        s3 = parts[3 * pairs + p]
+    base = b * (width + 1)
+    return dot_chains(w, k0 * ncols + col, ncols, staged[base:base + kn], kn, s0, s1, s2, s3)
+
+
+def leading_chunks(src, lengths, t, w, ncols, staged, width, parts):
+    """Every chunk but the last of a unit product whose operand src (B, K) is staged
+    ``width`` columns at a time (chunk_sums; rows past their length skipped), the chain
+    sums left in parts; then stages the last chunk. Returns where it starts. Where the
+    whole operand fits (width >= K) it only stages it: one chunk, no partial sums."""
+    B = src.shape[0]
+    K = src.shape[1]
+    pairs = B * ncols
+    k0 = 0
+    while True:
+        kn = min(width, K - k0)
+        stage_rows(src, k0, kn, staged, width)
+        if k0 + kn >= K:
+            return k0
+        b, col, step_b, step_c = pair_walk(ncols, cuda.threadIdx.x, cuda.blockDim.x)
+        while b < B:
+            if t < lengths[b]:
+                s0, s1, s2, s3 = chunk_sums(b, col, w, ncols, staged, width, k0, width, parts,
+                                            pairs)
+                p = b * ncols + col
+                parts[p] = s0
+                parts[pairs + p] = s1
+                parts[2 * pairs + p] = s2
+                parts[3 * pairs + p] = s3
+            b, col = pair_next(b, col, step_b, step_c, ncols)
+        cuda.syncthreads()  # before the next chunk overwrites staged
+        k0 += width
 
 
 def stage_forward_slice(w_t, ws, H, GH, U):
@@ -386,11 +458,12 @@ def stage_backward_slice(w_hh, ws, H, GH, U):
     cuda.syncthreads()
 
 
-def forward_units_step(s, x_proj, w_t, ws, w_shared, hs, h_staged, b_ih, b_hh, lengths,
+def forward_units_step(s, x_proj, w_t, ws, w_shared, hs, parts, width, b_ih, b_hh, lengths,
                        reverse, train, h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, U):
     """Step s of forward for the block's units, every batch row (arrays as forward_rows; ws
-    the block's slice of W_hh^T when w_shared; hs (B*(H+1),) shared when h_staged). Ends with a
-    block barrier; the caller crosses the grid barrier before the next step."""
+    the block's slice of W_hh^T when w_shared; hs and parts as units_shared gives them for
+    the staging width ``width``, 0 for none). Ends with a block barrier; the caller crosses
+    the grid barrier before the next step."""
     T = out.shape[0]
     B = out.shape[1]
     H = h_seq.shape[2]
@@ -398,26 +471,25 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, hs, h_staged, b_ih, b_hh, l
     u0, Ub = units_of_block(H, U)
     GU = (GH // H) * Ub
     t, prev, nxt, a = forward_step(s, T, reverse, train)
-    if h_staged:
-        # Every row's h_prev, which other blocks wrote, copied on chip once (coalesced, all
-        # loads in flight at once): the product then reads each element GU times from
-        # shared memory, not from L2 at a load's full latency.
-        b, k, step_b, step_k = pair_walk(H, cuda.threadIdx.x, cuda.blockDim.x)
-        while b < B:
-            hs[b * (H + 1) + k] = h_seq[prev, b, k]
-            b, k = pair_next(b, k, step_b, step_k, H)
-        cuda.syncthreads()
+    k0 = 0
+    if width > 0:
+        # Every row's h_prev, which other blocks wrote, copied on chip (whole, or in chunks
+        # of width columns): the product then reads each element GU times from shared
+        # memory, not from L2 at a load's full latency.
+        k0 = leading_chunks(h_seq[prev], lengths, t, ws, GU, hs, width, parts)
     # Recurrent product for (row, owned gate column) pairs; consecutive threads take
     # consecutive columns of one row, so they share h_prev and read ws without conflicts.
     b, gl, step_b, step_i = pair_walk(GU, cuda.threadIdx.x, cuda.blockDim.x)
     while b < B:
         if t < lengths[b]:
             g = owned_column(gl, Ub, u0, H)
-            # Staged rows are H + 1 apart: a warp's rows then read k from different banks.
-            row = hs[b * (H + 1):b * (H + 1) + H]
-            if w_shared:
-                acc = dot_from(ws, gl, GU, row, h_seq[prev, b], h_staged, H)
-            else:  # nothing is staged without the weight slice (the host fills in order)
+            if width > 0:  # staged only after the weight slice (the host fills in order)
+                s0, s1, s2, s3 = chunk_sums(b, gl, ws, GU, hs, width, k0, H - k0, parts,
+                                            B * GU)
+                acc = (s0 + s1) + (s2 + s3)
+            elif w_shared:
+                acc = dot(ws, gl, GU, h_seq[prev, b], H)
+            else:
                 acc = dot(w_t, g, GH, h_seq[prev, b], H)
             if g < split:
                 x_proj[t * B + b, g] += acc
@@ -431,6 +503,14 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, hs, h_staged, b_ih, b_hh, l
                      Hc, acts, hg_ws, out, out_col)
         b, i = pair_next(b, i, step_b, step_i, Ub)
     cuda.syncthreads()
+
+
+def forward_units_shared(hg_ws, h_seq, w_shared, width, U):
+    """units_shared for forward: a W_hh^T slice of G*H*U, an operand h_prev (B, H), and
+    B*G*U pairs (hg_ws (B, G*H), h_seq (., B, H))."""
+    B, GH = hg_ws.shape
+    return units_shared(GH * U, w_shared, B, h_seq.shape[2], width,
+                        B * (GH // h_seq.shape[2]) * U)
 
 
 def forward_pair(b, j, t, prev, nxt, a, x_proj, b_ih, b_hh, lengths, h_seq, c_seq, Hc, acts,
@@ -458,30 +538,28 @@ def forward_pair(b, j, t, prev, nxt, a, x_proj, b_ih, b_hh, lengths, h_seq, c_se
 
 
 def forward_units(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc, acts,
-                  hg_ws, out, out_col, w_shared, h_staged, split, U):
+                  hg_ws, out, out_col, w_shared, width, split, U):
     """Whole-sequence forward, unit-split; cooperative launch with grid (ceil(H/U),).
-    Dynamic shared memory: [the block's W_hh^T slice (H*G*U)] if w_shared, then [every
-    row's h_prev (B*(H+1), rows padded)] if h_staged."""
-    H = h_seq.shape[2]
-    ws, hs = units_shared(hg_ws.shape[1] * U, w_shared, out.shape[1] * (H + 1), h_staged)
+    Dynamic shared memory (units_shared): [the block's W_hh^T slice (H*G*U)] if w_shared,
+    then every row's h_prev staged ``width`` columns at a time if width > 0."""
+    ws, hs, parts = forward_units_shared(hg_ws, h_seq, w_shared, width, U)
     if w_shared:
-        stage_forward_slice(w_t, ws, H, hg_ws.shape[1], U)
+        stage_forward_slice(w_t, ws, h_seq.shape[2], hg_ws.shape[1], U)
     grid = cuda.cg.this_grid()
     for s in range(out.shape[0]):
-        forward_units_step(s, x_proj, w_t, ws, w_shared, hs, h_staged, b_ih, b_hh, lengths,
+        forward_units_step(s, x_proj, w_t, ws, w_shared, hs, parts, width, b_ih, b_hh, lengths,
                            reverse, train, h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split,
                            U)
         grid.sync()
 
 
 def forward_units_one(s, x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq, Hc,
-                      acts, hg_ws, out, out_col, w_shared, h_staged, split, U):
+                      acts, hg_ws, out, out_col, w_shared, width, split, U):
     """Step s alone of forward_units (one launch per step: the simulator's path)."""
-    H = h_seq.shape[2]
-    ws, hs = units_shared(hg_ws.shape[1] * U, w_shared, out.shape[1] * (H + 1), h_staged)
+    ws, hs, parts = forward_units_shared(hg_ws, h_seq, w_shared, width, U)
     if w_shared:
-        stage_forward_slice(w_t, ws, H, hg_ws.shape[1], U)
-    forward_units_step(s, x_proj, w_t, ws, w_shared, hs, h_staged, b_ih, b_hh, lengths,
+        stage_forward_slice(w_t, ws, h_seq.shape[2], hg_ws.shape[1], U)
+    forward_units_step(s, x_proj, w_t, ws, w_shared, hs, parts, width, b_ih, b_hh, lengths,
                        reverse, train, h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, U)
 
 
@@ -524,32 +602,31 @@ def backward_pair(b, j, t, prev, nxt, dout, out_col, lengths, h_seq, c_seq, acts
     return False
 
 
-def backward_units_product(s, w_hh, ws, w_shared, gs, g_staged, lengths, reverse, Hc, dgh,
-                           dh, dc, dh_direct, dc_prev, U):
+def backward_units_product(s, w_hh, ws, w_shared, gs, parts, width, lengths, reverse, Hc,
+                           dgh, dh, dc, dh_direct, dc_prev, U):
     """Product part of BPTT step s: dh[b, k] = dh_direct[b, k] + dgh[t, b] . W_hh[:, k] for
     the block's units k, every row (needs every block's gate gradients: after the grid
-    barrier). ws is the block's slice of W_hh when w_shared; gs (B*(G*H+1),) shared when
-    g_staged."""
+    barrier). ws is the block's slice of W_hh when w_shared; gs and parts as units_shared
+    gives them for the staging width ``width``, 0 for none."""
     B = dh.shape[0]
     H = dh.shape[1]
     GH = dgh.shape[1]
     T = dgh.shape[0] // B
     u0, Ub = units_of_block(H, U)
     t = backward_step(s, T, reverse)[0]
-    if g_staged:
-        # Every row's gate gradients, copied on chip once (as forward stages h_prev).
-        b, g, step_b, step_g = pair_walk(GH, cuda.threadIdx.x, cuda.blockDim.x)
-        while b < B:
-            gs[b * (GH + 1) + g] = dgh[t * B + b, g]
-            b, g = pair_next(b, g, step_b, step_g, GH)
-        cuda.syncthreads()
+    k0 = 0
+    if width > 0:  # every row's gate gradients on chip, as forward stages h_prev
+        k0 = leading_chunks(dgh[t * B:t * B + B], lengths, t, ws, Ub, gs, width, parts)
     b, i, step_b, step_i = pair_walk(Ub, cuda.threadIdx.x, cuda.blockDim.x)
     while b < B:
         if t < lengths[b]:
-            row = gs[b * (GH + 1):b * (GH + 1) + GH]  # rows GH + 1 apart, as forward's
-            if w_shared:
-                acc = dot_from(ws, i, Ub, row, dgh[t * B + b], g_staged, GH)
-            else:  # nothing is staged without the weight slice
+            if width > 0:  # staged only after the weight slice
+                s0, s1, s2, s3 = chunk_sums(b, i, ws, Ub, gs, width, k0, GH - k0, parts,
+                                            B * Ub)
+                acc = (s0 + s1) + (s2 + s3)
+            elif w_shared:
+                acc = dot(ws, i, Ub, dgh[t * B + b], GH)
+            else:
                 acc = dot(w_hh, u0 + i, H, dgh[t * B + b], GH)
             dh[b, u0 + i] = dh_direct[b, u0 + i] + acc
             if Hc > 0:
@@ -558,15 +635,17 @@ def backward_units_product(s, w_hh, ws, w_shared, gs, g_staged, lengths, reverse
 
 
 def backward_units(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts, dgx, dgh,
-                   dh, dc, dh_direct, dc_prev, w_shared, g_staged, U):
+                   dh, dc, dh_direct, dc_prev, w_shared, width, U):
     """Whole-sequence BPTT, unit-split; cooperative launch with grid (ceil(H/U),).
-    Dynamic shared memory: [the block's W_hh slice (G*H*U)] if w_shared, then [every row's
-    gate gradients (B*(G*H+1), rows padded)] if g_staged. One grid barrier per step, between the pointwise
-    part (gate gradients) and the product (which reads every block's); the product's dh is
-    the block's own, read after a block barrier."""
+    Dynamic shared memory (units_shared): [the block's W_hh slice (G*H*U)] if w_shared,
+    then every row's gate gradients staged ``width`` columns at a time if width > 0. One
+    grid barrier per step, between the pointwise part (gate gradients) and the product
+    (which reads every block's); the product's dh is the block's own, read after a block
+    barrier."""
     H = h_seq.shape[2]
     GH = dgx.shape[1]
-    ws, gs = units_shared(GH * U, w_shared, dout.shape[1] * (GH + 1), g_staged)
+    B = dout.shape[1]
+    ws, gs, parts = units_shared(GH * U, w_shared, B, GH, width, B * U)
     if w_shared:
         stage_backward_slice(w_hh, ws, H, GH, U)
     grid = cuda.cg.this_grid()
@@ -574,24 +653,25 @@ def backward_units(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts
         backward_units_pointwise(s, dout, out_col, lengths, reverse, h_seq, c_seq, acts, dgx,
                                  dgh, dh, dc, dh_direct, dc_prev, U)
         grid.sync()
-        backward_units_product(s, w_hh, ws, w_shared, gs, g_staged, lengths, reverse, Hc,
+        backward_units_product(s, w_hh, ws, w_shared, gs, parts, width, lengths, reverse, Hc,
                                dgh, dh, dc, dh_direct, dc_prev, U)
         cuda.syncthreads()
 
 
 def backward_units_one(s, phase, dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc,
-                       acts, dgx, dgh, dh, dc, dh_direct, dc_prev, w_shared, g_staged, U):
+                       acts, dgx, dgh, dh, dc, dh_direct, dc_prev, w_shared, width, U):
     """One part (phase 0 pointwise, 1 product) of BPTT step s of backward_units (two
     launches per step: the simulator's path)."""
     GH = dgx.shape[1]
-    ws, gs = units_shared(GH * U, w_shared, dout.shape[1] * (GH + 1), g_staged)
+    B = dout.shape[1]
+    ws, gs, parts = units_shared(GH * U, w_shared, B, GH, width, B * U)
     if phase == 0:
         backward_units_pointwise(s, dout, out_col, lengths, reverse, h_seq, c_seq, acts, dgx,
                                  dgh, dh, dc, dh_direct, dc_prev, U)
     else:
         if w_shared:
             stage_backward_slice(w_hh, ws, h_seq.shape[2], GH, U)
-        backward_units_product(s, w_hh, ws, w_shared, gs, g_staged, lengths, reverse, Hc,
+        backward_units_product(s, w_hh, ws, w_shared, gs, parts, width, lengths, reverse, Hc,
                                dgh, dh, dc, dh_direct, dc_prev, U)
 
 
@@ -1303,6 +1383,12 @@ def _numba_type(dtype):
     return numba.from_dtype(dtype)
 
 
+def dot_bindings(suffix, zero):
+    """dot_chains and dot (which calls it) compiled for the kernels of ``suffix``."""
+    chains = _device(dot_chains, suffix, IDX=_index_type())
+    return dict(dot_chains=chains, dot=_device(dot, suffix, ZERO=zero, dot_chains=chains))
+
+
 def scalar_bindings(dtype):
     """ONE, ZERO, DTYPE, tanh, sigmoid for dtype (libdevice tanh/exp, exact enough for the
     float64 1e-9 bar against the CPU engine)."""
@@ -1326,7 +1412,7 @@ def recurrence_kernels(cell_name, dtype):
     def build():
         bind = scalar_bindings(dtype)
         version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp, dot,
-                              dot_from, forward_rows, backward_rows, slots.forward_step,
+                              dot_chains, dot_from, forward_rows, backward_rows, slots.forward_step,
                               slots.backward_step)
         suffix = f"{cell_name}_{dtype.name}_{version}"
         unit_forward = _device(spec.forward, suffix, **bind)
@@ -1337,8 +1423,8 @@ def recurrence_kernels(cell_name, dtype):
                       backward_step=_device(slots.backward_step, suffix,
                                             forward_step=forward_step),
                       clamp=_device(clamp, suffix),
-                      dot=_device(dot, suffix, ZERO=bind["ZERO"], IDX=_index_type()),
-                      ZERO=bind["ZERO"], DTYPE=bind["DTYPE"])
+                      ZERO=bind["ZERO"], DTYPE=bind["DTYPE"],
+                      **dot_bindings(suffix, bind["ZERO"]))
         common["dot_from"] = _device(dot_from, suffix, dot=common["dot"])
         return (_kernel(forward_rows, suffix, **common),
                 _kernel(backward_rows, suffix, **common))
@@ -1357,27 +1443,27 @@ def unit_kernels(cell_name, dtype):
         bind = scalar_bindings(dtype)
         parts = (units_of_block, owned_column, pair_walk, pair_next, units_shared,
                  forward_pair, backward_pair, stage_forward_slice, stage_backward_slice,
+                 stage_rows, chunk_sums, leading_chunks, forward_units_shared,
                  forward_units_step, backward_units_pointwise, backward_units_product)
         kernels = [globals()[name] for name in UNIT_KERNELS]
         version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp, dot,
-                              dot_from, slots.forward_step, slots.backward_step, *parts,
+                              dot_chains, slots.forward_step, slots.backward_step, *parts,
                               *kernels)
         suffix = f"{cell_name}_{dtype.name}_{version}"
         forward_step = _device(slots.forward_step, suffix)
         common = dict(cuda=_cuda_module(), ZERO=bind["ZERO"], DTYPE=bind["DTYPE"],
                       clamp=_device(clamp, suffix),
-                      dot=_device(dot, suffix, ZERO=bind["ZERO"], IDX=_index_type()),
                       forward_step=forward_step,
                       backward_step=_device(slots.backward_step, suffix,
                                             forward_step=forward_step),
                       cell_forward=_device(spec.forward, suffix, **bind),
-                      cell_backward=_device(spec.backward, suffix, **bind))
+                      cell_backward=_device(spec.backward, suffix, **bind),
+                      **dot_bindings(suffix, bind["ZERO"]))
         common["units_of_block"] = _device(units_of_block, suffix, cuda=common["cuda"])
         common["owned_column"] = _device(owned_column, suffix)
         common["pair_walk"] = _device(pair_walk, suffix, cuda=common["cuda"],
                                       **_fixed_width_types())
         common["pair_next"] = _device(pair_next, suffix)
-        common["dot_from"] = _device(dot_from, suffix, dot=common["dot"])
         for part in parts[4:]:
             common[part.__name__] = _device(part, suffix, **common)
         return {func.__name__: _kernel(func, suffix, **common) for func in kernels}
