@@ -103,7 +103,8 @@ def main(argv=None):
              (a2, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a3, i64, i64, i64)),
             ("backward_regs", regs["backward_regs"],
              (a3, i64, a1, i1, b, a3, a3, i64, a3, a2, a2, a2, a2, b, i64))):
-        ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=(9, 0))
+        ptx, _ = cuda.compile_ptx(kernel.py_func, argtypes, cc=(9, 0),
+                                  launch_bounds=kernel.targetoptions.get("launch_bounds"))
         divisions = len(re.findall(r"\b(?:div|rem)[.][su]64\b", ptx))
         print(f"{name} {cell} {dtype}: {instructions(ptx)} PTX instructions, "
               f"{divisions} 64-bit integer divisions; "

@@ -48,7 +48,8 @@ def compile_ptx(monkeypatch):
         monkeypatch.setattr(dispatcher, "get_current_device", lambda: fake)
 
     def compile_kernel(kernel, argtypes):
-        ptx, _ = cuda.compile_ptx(kernel.py_func, tuple(argtypes), cc=(9, 0))
+        ptx, _ = cuda.compile_ptx(kernel.py_func, tuple(argtypes), cc=(9, 0),
+                                  launch_bounds=kernel.targetoptions.get("launch_bounds"))
         return ptx
     return compile_kernel
 

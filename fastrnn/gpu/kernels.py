@@ -376,13 +376,32 @@ def units_shared(slice_len, w_shared, B, K, width, pairs):
 
 def stage_rows(src, k0, kn, staged, width):
     """staged[b*(width+1) + k] = src[b, k0 + k] for every row b of src (B, K) and k < kn,
-    then a block barrier. One coalesced pass with all its loads in flight, so that the
-    product reads the operand from shared memory, not from L2 at a load's full latency for
-    every four terms. Rows are width + 1 apart: a warp's rows read different banks."""
-    b, k, step_b, step_k = pair_walk(kn, cuda.threadIdx.x, cuda.blockDim.x)
-    while b < src.shape[0]:
-        staged[b * (width + 1) + k] = src[b, k0 + k]
-        b, k = pair_next(b, k, step_b, step_k, kn)
+    then a block barrier: one coalesced pass, so that the product reads the operand from
+    shared memory, not from L2 at a load's full latency for every four terms. Rows are
+    width + 1 apart: a warp's rows read different banks.
+
+    A thread takes four elements of its walk per round and loads all four before storing
+    any: a store waits for its load, and the GPU issues a warp's instructions in order, so
+    one element per round would wait out the L2 latency once per element. (Elements past
+    the last row load row B - 1, which exists, and are not stored.)"""
+    B = src.shape[0]
+    b0, i0, step_b, step_k = pair_walk(kn, cuda.threadIdx.x, cuda.blockDim.x)
+    while b0 < B:
+        b1, i1 = pair_next(b0, i0, step_b, step_k, kn)
+        b2, i2 = pair_next(b1, i1, step_b, step_k, kn)
+        b3, i3 = pair_next(b2, i2, step_b, step_k, kn)
+        v0 = src[b0, k0 + i0]
+        v1 = src[min(b1, B - 1), k0 + i1]
+        v2 = src[min(b2, B - 1), k0 + i2]
+        v3 = src[min(b3, B - 1), k0 + i3]
+        staged[b0 * (width + 1) + i0] = v0
+        if b1 < B:
+            staged[b1 * (width + 1) + i1] = v1
+        if b2 < B:
+            staged[b2 * (width + 1) + i2] = v2
+        if b3 < B:
+            staged[b3 * (width + 1) + i3] = v3
+        b0, i0 = pair_next(b3, i3, step_b, step_k, kn)
     cuda.syncthreads()
 
 
@@ -1125,21 +1144,24 @@ def tile_product(a, a_off, a_rs, a_cs, b, b_off, b_rs, b_cs, M, N, K, row0, col0
         for j in range(REG):
             acc[i, j] = ZERO
     for k0 in range(0, K, TILE):
-        # Stage the two tiles; consecutive threads take consecutive addresses along whichever
-        # axis has unit stride, so the loads coalesce for transposed operands as well.
-        for e in range(tid, span * TILE, TILE * TILE):
-            if a_cs == 1:
-                m, kk = e // TILE, e % TILE
-            else:
-                kk, m = e // span, e % span
+        # Stage the two tiles, REG elements of each per thread (SPAN*TILE = REG*TILE*TILE);
+        # consecutive threads take consecutive addresses along whichever axis has unit
+        # stride, so the loads coalesce for transposed operands as well. All 2*REG loads
+        # are issued before the first store: a store waits for its load and a warp issues
+        # in order, so storing each value as it came would wait out the memory latency
+        # REG times per tile.
+        for r in range(REG):
+            m, kk = tile_a_place(tid + r * TILE * TILE, a_cs)
             gm, gk = row0 + m, k0 + kk
-            a_tile[kk, m] = a[a_off + gm * a_rs + gk * a_cs] if gm < M and gk < K else ZERO
-            if b_cs == 1:
-                kk, n = e // span, e % span
-            else:
-                n, kk = e // TILE, e % TILE
+            a_reg[r] = a[a_off + gm * a_rs + gk * a_cs] if gm < M and gk < K else ZERO
+            kk, n = tile_b_place(tid + r * TILE * TILE, b_cs)
             gk, gn = k0 + kk, col0 + n
-            b_tile[kk, n] = b[b_off + gk * b_rs + gn * b_cs] if gk < K and gn < N else ZERO
+            b_reg[r] = b[b_off + gk * b_rs + gn * b_cs] if gk < K and gn < N else ZERO
+        for r in range(REG):
+            m, kk = tile_a_place(tid + r * TILE * TILE, a_cs)
+            a_tile[kk, m] = a_reg[r]
+            kk, n = tile_b_place(tid + r * TILE * TILE, b_cs)
+            b_tile[kk, n] = b_reg[r]
         cuda.syncthreads()
         for kk in range(TILE):
             for i in range(REG):
@@ -1150,6 +1172,21 @@ def tile_product(a, a_off, a_rs, a_cs, b, b_off, b_rs, b_cs, M, N, K, row0, col0
                 for j in range(REG):
                     acc[i, j] += a_reg[i] * b_reg[j]
         cuda.syncthreads()
+
+
+def tile_a_place(e, a_cs):
+    """(row, k) in A's tile of the e-th element a block stages: k fastest where A's rows
+    are contiguous (a_cs == 1), else rows fastest (tile_product). Selects, not branches:
+    a branch made the compiler duplicate every staging load."""
+    k_fast = a_cs == 1
+    return (e // TILE if k_fast else e % SPAN), (e % TILE if k_fast else e // SPAN)
+
+
+def tile_b_place(e, b_cs):
+    """(k, column) in B's tile of the e-th element a block stages: columns fastest where
+    B's rows are contiguous (b_cs == 1), else k fastest (tile_product)."""
+    n_fast = b_cs == 1
+    return (e // SPAN if n_fast else e % TILE), (e % SPAN if n_fast else e // TILE)
 
 
 def tile_row(row0, i):
@@ -1350,10 +1387,19 @@ def _cuda_module():
     return cuda
 
 
-def _kernel(func, suffix, **bindings):
+def _kernel(func, suffix, max_threads=None, **bindings):
+    """func compiled as a kernel. max_threads: the most threads per block it will be
+    launched with, passed to the compiler as launch bounds (so that ptxas keeps the
+    registers per thread within what that many threads may have: 128 for 512), where
+    numba-cuda takes them (0.30 does; the simulator and older releases do not)."""
+    import inspect
+
     from numba import cuda
     bindings.setdefault("cuda", cuda)
-    return cuda.jit(cache=True)(cells.specialize(func, suffix, **bindings))
+    options = dict(cache=True)
+    if max_threads and "launch_bounds" in inspect.signature(cuda.jit).parameters:
+        options["launch_bounds"] = (max_threads,)
+    return cuda.jit(**options)(cells.specialize(func, suffix, **bindings))
 
 
 def _fixed_width_types():
@@ -1432,6 +1478,11 @@ def recurrence_kernels(cell_name, dtype):
 
 
 UNIT_KERNELS = ("forward_units", "forward_units_one", "backward_units", "backward_units_one")
+# Their launch bounds: the host's blocks (fastrnn.gpu.ROW_THREADS) are at most this. Without
+# them ptxas gave forward_units 136 registers per thread (LSTM, float64), too many for 512
+# threads on one multiprocessor; with them 128 and 8 bytes of spills
+# (benchmarks/gpu_ptx_loops.py).
+UNIT_MAX_THREADS = 512
 
 
 def unit_kernels(cell_name, dtype):
@@ -1466,11 +1517,14 @@ def unit_kernels(cell_name, dtype):
         common["pair_next"] = _device(pair_next, suffix)
         for part in parts[4:]:
             common[part.__name__] = _device(part, suffix, **common)
-        return {func.__name__: _kernel(func, suffix, **common) for func in kernels}
+        return {func.__name__: _kernel(func, suffix, UNIT_MAX_THREADS, **common)
+                for func in kernels}
     return _compiled(("units", cell_name, dtype), build)
 
 
 TILE_KERNELS = ("forward_tiles", "backward_tiles")
+# tile_product and the device functions it and its callers use, in binding order.
+TILE_PARTS = (tile_a_place, tile_b_place, tile_product, tile_row, tile_col)
 
 
 def tile_kernels(cell_name, dtype, tile):
@@ -1481,9 +1535,8 @@ def tile_kernels(cell_name, dtype, tile):
 
     def build():
         bind = scalar_bindings(dtype)
-        parts = (tile_product, tile_row, tile_col, pair_walk, pair_next, tile_origin,
-                 grid_pairs, forward_pair, backward_pair, forward_tiles_step,
-                 backward_tiles_step)
+        parts = TILE_PARTS + (pair_walk, pair_next, tile_origin, grid_pairs, forward_pair,
+                              backward_pair, forward_tiles_step, backward_tiles_step)
         kernels = [globals()[name] for name in TILE_KERNELS]
         version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp,
                               slots.forward_step, slots.backward_step, *parts, *kernels)
@@ -1556,8 +1609,8 @@ def linalg_kernels(dtype, tile):
                     REG=GEMM_REG, SPAN=int(tile) * GEMM_REG,
                     SPAN_PAD=int(tile) * GEMM_REG + 4, ALIGN=_alignment())
         funcs = [globals()[name] for name in LINALG]
-        suffix = f"{dtype.name}_t{tile}_{source_hash(tile_product, tile_row, tile_col, *funcs)}"
-        for part in (tile_product, tile_row, tile_col):
+        suffix = f"{dtype.name}_t{tile}_{source_hash(*TILE_PARTS, *funcs)}"
+        for part in TILE_PARTS:
             bind[part.__name__] = _device(part, suffix, cuda=_cuda_module(), **bind)
         return {f.__name__: _kernel(f, suffix, **bind) for f in funcs}
     return _compiled(("linalg", dtype, int(tile)), build)
