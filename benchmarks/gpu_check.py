@@ -282,7 +282,8 @@ def breakdown(deadline):
     from fastrnn import cells, gpu
     print("== breakdown, LSTM float32: projection GEMM; us/step, eval fwd / fwd+bwd, by "
           "recurrence path, with and without the shared-memory opt-in")
-    defaults = gpu.RECURRENCE, gpu.SHARED_OPT_IN
+    defaults = gpu.RECURRENCE, gpu.SHARED_OPT_IN, gpu._unit_shared, gpu._resident_threads
+    launches = _record_unit_launches(gpu)
     rng = np.random.default_rng(0)
     for T, B, I, H in SHAPES:
         if time.perf_counter() > deadline:
@@ -309,6 +310,7 @@ def breakdown(deadline):
         for path, opt_in in (("rows", True), ("units", True), ("tiles", True),
                              ("registers", True), ("rows", False), ("units", False)):
             gpu.RECURRENCE, gpu.SHARED_OPT_IN = path, opt_in
+            launches.clear()
             label = path if opt_in else f"{path}/48k"
             if path == "registers" and not gpu._register_plan(cells.CELLS["lstm"], H,
                                                               np.dtype(np.float32)):
@@ -322,18 +324,42 @@ def breakdown(deadline):
                 train_step()
                 both = _median_time(train_step) / T * 1e6
                 cells_out.append(f"{label}: {fwd:.1f} / {both:.1f}")
+                if path == "units":  # where the staging went, and the blocks that ran
+                    cells_out[-1] += f" {sorted(set(launches))}"
             except Exception as exc:  # e.g. a launch that fails: say so, go on
                 cells_out.append(f"{label}: {type(exc).__name__}")
                 print(f"   {label}: {type(exc).__name__}: {exc}"[:300])
-        gpu.RECURRENCE, gpu.SHARED_OPT_IN = defaults
+        gpu.RECURRENCE, gpu.SHARED_OPT_IN = defaults[:2]
         print(f"   {str((T, B, I, H)):>19s} GEMM {t_gemm * 1e3:7.3f} ms "
               f"({2.0 * T * B * 4 * H * I / t_gemm / 1e12:5.2f} TFLOP/s); "
               + "; ".join(cells_out), flush=True)
+    gpu._unit_shared, gpu._resident_threads = defaults[2:]
     if gpu._opt_in_broken:
         print(f"   shared-memory opt-in FAILED: {gpu._opt_in_broken[0]}"[:300])
     else:
         print(f"   shared-memory opt-in: {len(gpu._opted_in)} kernels, up to "
               f"{max(gpu._opted_in.values(), default=0)} bytes")
+
+
+def _record_unit_launches(gpu):
+    """A list that each unit-split launch of fastrnn.gpu appends to until the caller puts
+    back gpu._unit_shared and gpu._resident_threads: ("w", weight slice on chip, staging
+    width: 0 none, K whole, else chunk columns), then ("threads", its threads per block
+    after _resident_threads; not on the simulator)."""
+    seen = []
+    unit_shared, resident_threads = gpu._unit_shared, gpu._resident_threads
+
+    def record_shared(*args):
+        placed = unit_shared(*args)
+        seen.append(("w", *placed[1:]))
+        return placed
+
+    def record_threads(*args):
+        threads = resident_threads(*args)
+        seen.append(("threads", threads))
+        return threads
+    gpu._unit_shared, gpu._resident_threads = record_shared, record_threads
+    return seen
 
 
 def fixed_cost():

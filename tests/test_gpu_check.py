@@ -73,7 +73,10 @@ def test_breakdown_times_every_recurrence_path(gpu_check, capsys):
     for label in ("rows", "units", "tiles", "registers", "rows/48k", "units/48k"):
         assert f" {label}: " in line and f"{label}: n/a" not in line, label
     assert "Error" not in line
+    # The unit launches say where the staging went: here (H=4, whole) in both directions.
+    assert "units: " in line and "('w', True, 4)" in line and "('w', True, 16)" in line
     assert gpu.RECURRENCE == "auto" and gpu.SHARED_OPT_IN
+    assert gpu._unit_shared.__name__ == "_unit_shared"  # put back
 
 
 def test_fixed_cost_and_training_steps_print_their_lines(gpu_check, monkeypatch, capsys):
