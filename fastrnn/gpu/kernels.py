@@ -1387,18 +1387,21 @@ def _cuda_module():
     return cuda
 
 
-def _kernel(func, suffix, max_threads=None, **bindings):
-    """func compiled as a kernel. max_threads: the most threads per block it will be
-    launched with, passed to the compiler as launch bounds (so that ptxas keeps the
-    registers per thread within what that many threads may have: 128 for 512), where
-    numba-cuda takes them (0.30 does; the simulator and older releases do not)."""
+def _kernel(func, suffix, bounds=None, **bindings):
+    """func compiled as a kernel. bounds: launch bounds for the compiler, (the most threads
+    per block it will be launched with[, the fewest blocks per multiprocessor wanted]), so
+    that ptxas keeps the registers per thread within what those threads may have (128 for
+    512, or for 2 blocks of 256), where numba-cuda takes them (0.30 does; the simulator and
+    older releases do not). They are part of the kernel's name, so that Numba's on-disk
+    cache, which does not key on them, never serves a kernel compiled with others."""
     import inspect
 
     from numba import cuda
     bindings.setdefault("cuda", cuda)
     options = dict(cache=True)
-    if max_threads and "launch_bounds" in inspect.signature(cuda.jit).parameters:
-        options["launch_bounds"] = (max_threads,)
+    if bounds and "launch_bounds" in inspect.signature(cuda.jit).parameters:
+        options["launch_bounds"] = tuple(bounds)
+        suffix = f"{suffix}_lb{'x'.join(map(str, bounds))}"
     return cuda.jit(**options)(cells.specialize(func, suffix, **bindings))
 
 
@@ -1481,7 +1484,9 @@ UNIT_KERNELS = ("forward_units", "forward_units_one", "backward_units", "backwar
 # Their launch bounds: the host's blocks (fastrnn.gpu.ROW_THREADS) are at most this. Without
 # them ptxas gave forward_units 136 registers per thread (LSTM, float64), too many for 512
 # threads on one multiprocessor; with them 128 and 8 bytes of spills
-# (benchmarks/gpu_ptx_loops.py).
+# (benchmarks/gpu_ptx_loops.py). ptxas then also takes up to 128 where it needs fewer
+# (backward_units 120 in float32, 72 without), which costs nothing: a unit grid has one
+# block per multiprocessor.
 UNIT_MAX_THREADS = 512
 
 
@@ -1517,7 +1522,7 @@ def unit_kernels(cell_name, dtype):
         common["pair_next"] = _device(pair_next, suffix)
         for part in parts[4:]:
             common[part.__name__] = _device(part, suffix, **common)
-        return {func.__name__: _kernel(func, suffix, UNIT_MAX_THREADS, **common)
+        return {func.__name__: _kernel(func, suffix, (UNIT_MAX_THREADS,), **common)
                 for func in kernels}
     return _compiled(("units", cell_name, dtype), build)
 
@@ -1612,7 +1617,12 @@ def linalg_kernels(dtype, tile):
         suffix = f"{dtype.name}_t{tile}_{source_hash(*TILE_PARTS, *funcs)}"
         for part in TILE_PARTS:
             bind[part.__name__] = _device(part, suffix, cuda=_cuda_module(), **bind)
-        return {f.__name__: _kernel(f, suffix, **bind) for f in funcs}
+        # gemm: at most 128 registers per thread, so that two of its blocks share a
+        # multiprocessor (staging a k-slice's loads ahead of its stores took float64 to 152
+        # registers, one block; float32 122). Its blocks are (tile, tile).
+        bounds = dict(gemm=(int(tile) * int(tile), 2))
+        return {f.__name__: _kernel(f, suffix, bounds.get(f.__name__), **bind)
+                for f in funcs}
     return _compiled(("linalg", dtype, int(tile)), build)
 
 
