@@ -192,8 +192,8 @@ def test_gpu_weights_in_global_or_shared_memory(monkeypatch, cell, shared_bytes)
              _run(gpu_layer, x, h0, lengths, dout, dh_n), "float64")
 
 
-def _units_against_rows(monkeypatch, cell, shape, seed):
-    """Runs forward and backward (lengths, both directions, 2 layers, learned h0) with the
+def _units_against_rows(monkeypatch, cell, shape, seed, num_layers=2):
+    """Runs forward and backward (lengths, both directions, num_layers, learned h0) with the
     row kernels and with the unit-split ones; checks that the units give the CPU engine's
     results and the rows' bits, and returns (w_shared, width) of every unit-split launch."""
     placed = []
@@ -204,8 +204,8 @@ def _units_against_rows(monkeypatch, cell, shape, seed):
     for path in ("rows", "units"):
         monkeypatch.setattr(gpu, "RECURRENCE", path)
         cpu_layer, gpu_layer, x, h0, lengths = _pair(
-            cell, "float64", seed, shape, num_layers=2, bidirectional=True, use_lengths=True,
-            h0_mode="learned")
+            cell, "float64", seed, shape, num_layers=num_layers, bidirectional=True,
+            use_lengths=True, h0_mode="learned")
         dout, dh_n = _random_cotangents(np.random.default_rng(seed), cpu_layer, cell,
                                         "float64", shape)
         results[path] = _run(gpu_layer, x, h0, lengths, dout, dh_n)
@@ -243,27 +243,27 @@ def test_gpu_unit_split_matches_rows_bitwise(monkeypatch, cell, shared_bytes):
     assert fits[shared_bytes] in [(w_shared, width > 0) for w_shared, width in placed]
 
 
+# cell -> (H, units per block, shared elements beyond the weight slice (float64), forward
+# and backward chunk widths that leaves): the widest multiple of 4 columns whose staging and
+# four chain sums per pair fit (gpu._unit_shared).
+CHUNK_CASES = {"rnn_tanh": (13, 2, 41, 4, 4), "rnn_relu": (13, 2, 41, 4, 4),
+               "gru": (17, 1, 52, 4, 12), "lstm": (21, 1, 64, 4, 16)}
+
+
 @needs_gpu
 @pytest.mark.parametrize("cell", CELLS)
 def test_gpu_unit_split_stages_in_chunks(monkeypatch, cell):
     """Where the staged operand does not fit whole beside the weight slice, the unit
-    kernels stage it 4 columns at a time, handing each pair's four chain sums from chunk to
-    chunk in shared memory, and still give the row kernels' bits: H=13 with 2 units per
-    block (a partial block) and room for the slice plus 41 elements (float64) chunks the
-    plain RNNs' forward (13 = 4+4+4+1 columns) and every backward (G*H: 13, 39 or 52)."""
-    H, U, B = 13, 2, SHAPE["B"]
-    gates = CELL_SPECS[cell].gates
+    kernels stage it a chunk of columns at a time, handing each pair's four chain sums from
+    chunk to chunk in shared memory, and still give the row kernels' bits. Both directions
+    chunk here, every chunk count leaves a tail of 1-3 columns but the LSTM backward's
+    (84 = 5*16 + 4), and the plain RNNs run a partial block (H=13, 2 units per block)."""
+    H, U, extra, forward_width, backward_width = CHUNK_CASES[cell]
     monkeypatch.setattr(gpu, "UNITS_PER_BLOCK", U)
-    monkeypatch.setattr(gpu, "SHARED_BYTES", (gates * H * U + 41) * 8)
+    monkeypatch.setattr(gpu, "SHARED_BYTES", (CELL_SPECS[cell].gates * H * U + extra) * 8)
     placed = _units_against_rows(monkeypatch, cell, dict(SHAPE, H=H),
-                                 stable_seed("chunks", cell))
-    backward_width = ((41 - 4 * B * U) // B - 1) // 4 * 4
-    assert backward_width == 4
-    assert (True, backward_width) in placed
-    if gates == 1:
-        assert placed.count((True, backward_width)) == len(placed)  # forward chunks too
-    else:  # the chain sums of G*U columns per row take too much room: not staged
-        assert (True, 0) in placed
+                                 stable_seed("chunks", cell), num_layers=1)
+    assert set(placed) == {(True, forward_width), (True, backward_width)}
 
 
 @needs_gpu
