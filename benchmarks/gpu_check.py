@@ -305,7 +305,7 @@ def breakdown(deadline):
 
         projection()
         t_gemm = _median_time(projection)
-        cells_out = []
+        cells_out, times = [], {}
         # The tiled kernels use no dynamic shared memory: no "48k" run of them.
         for path, opt_in in (("rows", True), ("units", True), ("tiles", True),
                              ("registers", True), ("rows", False), ("units", False)):
@@ -324,6 +324,7 @@ def breakdown(deadline):
                 train_step()
                 both = _median_time(train_step) / T * 1e6
                 cells_out.append(f"{label}: {fwd:.1f} / {both:.1f}")
+                times[label] = fwd, both
                 if path == "units":  # where the staging went, and the blocks that ran
                     cells_out[-1] += f" {sorted(set(launches))}"
             except Exception as exc:  # e.g. a launch that fails: say so, go on
@@ -333,6 +334,13 @@ def breakdown(deadline):
         print(f"   {str((T, B, I, H)):>19s} GEMM {t_gemm * 1e3:7.3f} ms "
               f"({2.0 * T * B * 4 * H * I / t_gemm / 1e12:5.2f} TFLOP/s); "
               + "; ".join(cells_out), flush=True)
+        if times:  # what the "auto" rule (fastrnn.gpu._use_units) should pick here
+            gpu.RECURRENCE = "auto"
+            auto = "units" if gpu._use_units(B, H) else "rows"
+            gpu.RECURRENCE = defaults[0]
+            print(f"   {'':>19s} fastest: eval fwd {min(times, key=lambda k: times[k][0])}, "
+                  f"fwd+bwd {min(times, key=lambda k: times[k][1])}; \"auto\" runs {auto}",
+                  flush=True)
     gpu._unit_shared, gpu._resident_threads = defaults[2:]
     if gpu._opt_in_broken:
         print(f"   shared-memory opt-in FAILED: {gpu._opt_in_broken[0]}"[:300])

@@ -77,6 +77,8 @@ def test_breakdown_times_every_recurrence_path(gpu_check, capsys):
     assert "units: " in line and "('w', True, 4)" in line and "('w', True, 16)" in line
     assert gpu.RECURRENCE == "auto" and gpu.SHARED_OPT_IN
     assert gpu._unit_shared.__name__ == "_unit_shared"  # put back
+    fastest = out.splitlines()[out.splitlines().index(line) + 1]
+    assert "fastest: eval fwd " in fastest and '"auto" runs rows' in fastest
 
 
 def test_fixed_cost_and_training_steps_print_their_lines(gpu_check, monkeypatch, capsys):
