@@ -277,12 +277,14 @@ def breakdown(deadline):
     the eval forward, and the eval forward and forward+backward per step with each
     recurrence path (fastrnn.gpu.RECURRENCE rows / units / tiles / registers, the last
     where the layer fits it), with shared memory beyond 48 KB (fastrnn.gpu.SHARED_OPT_IN)
-    and, for rows and units, without ("48k")."""
+    and, for rows and units, without ("48k"); units also with their staged products by
+    pair groups (fastrnn.gpu.UNIT_PAIR_GROUPS, "units/groups")."""
     from numba import cuda
     from fastrnn import cells, gpu
     print("== breakdown, LSTM float32: projection GEMM; us/step, eval fwd / fwd+bwd, by "
           "recurrence path, with and without the shared-memory opt-in")
-    defaults = gpu.RECURRENCE, gpu.SHARED_OPT_IN, gpu._unit_shared, gpu._resident_threads
+    defaults = (gpu.RECURRENCE, gpu.SHARED_OPT_IN, gpu.UNIT_PAIR_GROUPS, gpu._unit_shared,
+                gpu._resident_threads)
     launches = _record_unit_launches(gpu)
     rng = np.random.default_rng(0)
     for T, B, I, H in SHAPES:
@@ -307,11 +309,13 @@ def breakdown(deadline):
         t_gemm = _median_time(projection)
         cells_out, times = [], {}
         # The tiled kernels use no dynamic shared memory: no "48k" run of them.
-        for path, opt_in in (("rows", True), ("units", True), ("tiles", True),
-                             ("registers", True), ("rows", False), ("units", False)):
-            gpu.RECURRENCE, gpu.SHARED_OPT_IN = path, opt_in
+        for path, opt_in, groups in (
+                ("rows", True, False), ("units", True, False), ("units", True, True),
+                ("tiles", True, False), ("registers", True, False), ("rows", False, False),
+                ("units", False, False)):
+            gpu.RECURRENCE, gpu.SHARED_OPT_IN, gpu.UNIT_PAIR_GROUPS = path, opt_in, groups
             launches.clear()
-            label = path if opt_in else f"{path}/48k"
+            label = path + ("" if opt_in else "/48k") + ("/groups" if groups else "")
             if path == "registers" and not gpu._register_plan(cells.CELLS["lstm"], H,
                                                               np.dtype(np.float32)):
                 cells_out.append(f"{label}: n/a")  # too large: the row kernels would run
@@ -330,7 +334,7 @@ def breakdown(deadline):
             except Exception as exc:  # e.g. a launch that fails: say so, go on
                 cells_out.append(f"{label}: {type(exc).__name__}")
                 print(f"   {label}: {type(exc).__name__}: {exc}"[:300])
-        gpu.RECURRENCE, gpu.SHARED_OPT_IN = defaults[:2]
+        gpu.RECURRENCE, gpu.SHARED_OPT_IN, gpu.UNIT_PAIR_GROUPS = defaults[:3]
         print(f"   {str((T, B, I, H)):>19s} GEMM {t_gemm * 1e3:7.3f} ms "
               f"({2.0 * T * B * 4 * H * I / t_gemm / 1e12:5.2f} TFLOP/s); "
               + "; ".join(cells_out), flush=True)
@@ -341,7 +345,7 @@ def breakdown(deadline):
             print(f"   {'':>19s} fastest: eval fwd {min(times, key=lambda k: times[k][0])}, "
                   f"fwd+bwd {min(times, key=lambda k: times[k][1])}; \"auto\" runs {auto}",
                   flush=True)
-    gpu._unit_shared, gpu._resident_threads = defaults[2:]
+    gpu._unit_shared, gpu._resident_threads = defaults[3:]
     if gpu._opt_in_broken:
         print(f"   shared-memory opt-in FAILED: {gpu._opt_in_broken[0]}"[:300])
     else:

@@ -2,8 +2,8 @@
 
     python benchmarks/gpu_ptx_loops.py [CELL] [DTYPE]      # default: lstm float32
 
-Prints, for the persistent recurrence kernels (rows, units, tiles and registers, forward and
-backward),
+Prints, for the persistent recurrence kernels (rows, units -- also with their staged products
+by pair groups -- tiles and registers, forward and backward),
 their PTX instruction count, their 64-bit integer divisions (each a long instruction
 sequence on the GPU) and (instructions, multiply-adds) of every loop that does at least four
 float multiply-adds: a loop is the code between a label and the branch back to it. The
@@ -83,6 +83,7 @@ def main(argv=None):
     fma = r"\bfma\.rn\.f32" if dtype == "float32" else r"\bfma\.rn\.f64"
     forward_rows, backward_rows = kernels.recurrence_kernels(cell, dtype)
     units = kernels.unit_kernels(cell, dtype)
+    groups = kernels.unit_kernels(cell, dtype, grouped=True)
     tiles = kernels.tile_kernels(cell, dtype, 16)
     regs = kernels.register_kernels(cell, dtype, 64 if dtype == "float32" else 32)
     for name, kernel, argtypes in (
@@ -93,6 +94,10 @@ def main(argv=None):
             ("forward_units", units["forward_units"],
              (a2, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, b, i64, i64, i64)),
             ("backward_units", units["backward_units"],
+             (a3, i64, a1, i1, b, a3, a3, i64, a3, a2, a2, a2, a2, a2, a2, b, i64, i64)),
+            ("forward_units/groups", groups["forward_units"],
+             (a2, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, b, i64, i64, i64)),
+            ("backward_units/groups", groups["backward_units"],
              (a3, i64, a1, i1, b, a3, a3, i64, a3, a2, a2, a2, a2, a2, a2, b, i64, i64)),
             ("forward_tiles", tiles["forward_tiles"],
              (i64, i64, b, a2, a1, a1, a1, a1, i1, b, b, a3, a3, i64, a3, a2, a3, i64, i64)),

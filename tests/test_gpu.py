@@ -222,10 +222,11 @@ def _units_against_rows(monkeypatch, cell, shape, seed, num_layers=2):
 
 
 @needs_gpu
-@pytest.mark.parametrize("shared_bytes", [0, 800, 48 * 1024],
-                         ids=["global", "slice-first", "shared"])
+@pytest.mark.parametrize("shared_bytes, grouped",
+                         [(0, False), (800, False), (48 * 1024, False), (48 * 1024, True)],
+                         ids=["global", "slice-first", "shared", "shared-groups"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_gpu_unit_split_matches_rows_bitwise(monkeypatch, cell, shared_bytes):
+def test_gpu_unit_split_matches_rows_bitwise(monkeypatch, cell, shared_bytes, grouped):
     """The unit-split kernels (a block per slice of hidden units: here 3 units per block,
     so H=7 takes two full blocks and a partial one) give the row kernels' bits, forward and
     backward, with lengths, both directions, 2 layers and a learned h0 -- and so the CPU
@@ -234,7 +235,10 @@ def test_gpu_unit_split_matches_rows_bitwise(monkeypatch, cell, shared_bytes):
     simulator one launch per step. Shared memory holds nothing, everything (the weight
     slice and each step's staged h_prev or gate gradients), or, in 800 bytes, the weight
     slice alone where the staged part does not fit after it, even in chunks (LSTM both
-    ways, GRU backward; float64: the LSTM's slice is 672 bytes)."""
+    ways, GRU backward; float64: the LSTM's slice is 672 bytes). Grouped, a thread computes
+    the staged products of four pairs at once (B=3 and 3 units per block: the groups'
+    second rows and columns run past the end)."""
+    monkeypatch.setattr(gpu, "UNIT_PAIR_GROUPS", grouped)
     monkeypatch.setattr(gpu, "UNITS_PER_BLOCK", 3)
     monkeypatch.setattr(gpu, "SHARED_BYTES", shared_bytes)
     placed = _units_against_rows(monkeypatch, cell, dict(SHAPE, H=7),
@@ -251,14 +255,17 @@ CHUNK_CASES = {"rnn_tanh": (13, 2, 41, 4, 4), "rnn_relu": (13, 2, 41, 4, 4),
 
 
 @needs_gpu
+@pytest.mark.parametrize("grouped", [False, True], ids=["pairs", "groups"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_gpu_unit_split_stages_in_chunks(monkeypatch, cell):
+def test_gpu_unit_split_stages_in_chunks(monkeypatch, cell, grouped):
     """Where the staged operand does not fit whole beside the weight slice, the unit
     kernels stage it a chunk of columns at a time, handing each pair's four chain sums from
     chunk to chunk in shared memory, and still give the row kernels' bits. Both directions
     chunk here, every chunk count leaves a tail of 1-3 columns but the LSTM backward's
-    (84 = 5*16 + 4), and the plain RNNs run a partial block (H=13, 2 units per block)."""
+    (84 = 5*16 + 4), and the plain RNNs run a partial block (H=13, 2 units per block).
+    Grouped, each thread carries four pairs' chain sums from chunk to chunk."""
     H, U, extra, forward_width, backward_width = CHUNK_CASES[cell]
+    monkeypatch.setattr(gpu, "UNIT_PAIR_GROUPS", grouped)
     monkeypatch.setattr(gpu, "UNITS_PER_BLOCK", U)
     monkeypatch.setattr(gpu, "SHARED_BYTES", (CELL_SPECS[cell].gates * H * U + extra) * 8)
     placed = _units_against_rows(monkeypatch, cell, dict(SHAPE, H=H),

@@ -70,12 +70,13 @@ def test_breakdown_times_every_recurrence_path(gpu_check, capsys):
     gpu_check.breakdown(deadline=float("inf"))
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if "(2, 1, 2, 4)" in line)
-    for label in ("rows", "units", "tiles", "registers", "rows/48k", "units/48k"):
+    for label in ("rows", "units", "units/groups", "tiles", "registers", "rows/48k",
+                  "units/48k"):
         assert f" {label}: " in line and f"{label}: n/a" not in line, label
     assert "Error" not in line
     # The unit launches say where the staging went: here (H=4, whole) in both directions.
     assert "units: " in line and "('w', True, 4)" in line and "('w', True, 16)" in line
-    assert gpu.RECURRENCE == "auto" and gpu.SHARED_OPT_IN
+    assert gpu.RECURRENCE == "auto" and gpu.SHARED_OPT_IN and not gpu.UNIT_PAIR_GROUPS
     assert gpu._unit_shared.__name__ == "_unit_shared"  # put back
     fastest = out.splitlines()[out.splitlines().index(line) + 1]
     assert "fastest: eval fwd " in fastest and '"auto" runs rows' in fastest

@@ -112,14 +112,16 @@ def test_linalg_kernels_compile(compile_ptx, dtype):
             assert not re.findall(rf"ld\.shared\.{kind}\b", ptx), "scalar tile reads"
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["pairs", "groups"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("cell", sorted(cells.CELLS))
-def test_unit_kernels_compile(compile_ptx, cell, dtype):
-    """The unit-split kernels: the persistent ones (grid barrier) only ever run on a GPU, so
-    this is the one check of their typing that runs without one."""
+def test_unit_kernels_compile(compile_ptx, cell, dtype, grouped):
+    """The unit-split kernels, with staged products by single pairs and by pair groups:
+    the persistent ones (grid barrier) only ever run on a GPU, so this is the one check of
+    their typing that runs without one."""
     from fastrnn.gpu import kernels
     a1, a2, a3, i1, i64, boolean, _ = _arrays(dtype)
-    k = kernels.unit_kernels(cell, dtype)
+    k = kernels.unit_kernels(cell, dtype, grouped)
     # ... w_shared, staging width, (forward: split,) U
     forward = [a2, a1, a1, a1, i1, boolean, boolean, a3, a3, i64, a3, a2, a3, i64, boolean,
                i64, i64, i64]

@@ -55,6 +55,11 @@ TILE_BLOCKS = None       # blocks of a "tiles" launch; None: as many as useful, 
                          # per multiprocessor (tests set it to get several tiles per block)
 UNITS_PER_BLOCK = None   # None: as few as fill at most one block per multiprocessor
 UNITS_MIN_HIDDEN = 128   # "auto" keeps the row kernels below this hidden size (_use_units)
+# The unit kernels' staged products by groups of four (row, column) pairs per thread, each
+# operand and weight element loaded feeding two multiply-adds (kernels.dot_chains_group):
+# the same bits, half the shared-memory loads, a quarter of the threads busy. Off until
+# timed on a GPU (benchmarks/gpu_check.py's breakdown times both).
+UNIT_PAIR_GROUPS = False
 
 _workspaces = threading.local()  # per thread, like the CPU backend
 
@@ -756,7 +761,7 @@ def _forward_recurrence(cell, dtype, key, x_proj, w_t, b_ih, b_hh, lengths, reve
             ((phase, 1, False) + args for phase in range(2 * T)))
     elif _use_units(B, H):
         U, blocks, threads = _unit_geometry(H, B * (GH // H))
-        kernels = _kernels().unit_kernels(cell.name, dtype)
+        kernels = _kernels().unit_kernels(cell.name, dtype, UNIT_PAIR_GROUPS)
 
         def unit_args(w_shared, width):
             return (x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train),
@@ -834,7 +839,7 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
             ((phase, 1, False) + args for phase in range(2 * T)))
     elif _use_units(B, H):
         U, blocks, threads = _unit_geometry(H, B)
-        kernels = _kernels().unit_kernels(cell.name, dtype)
+        kernels = _kernels().unit_kernels(cell.name, dtype, UNIT_PAIR_GROUPS)
 
         def unit_args(w_shared, width):
             return (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,

@@ -45,6 +45,7 @@ SPAN_PAD = 68  # SPAN + 4: the shared tiles' padded rows (tile_product)
 KC = 4       # recurrent weights per thread of the register kernels (bound per specialisation)
 SAVED_SLOTS = 1  # activations the cell saves per unit (at least 1; bound per cell)
 ALIGN = None  # byte alignment of their shared arrays: 16 on a GPU, None on the simulator
+GROUPED = False  # the unit kernels' staged products by pair groups (bound per specialisation)
 IDX = int
 U32 = int  # bound: numba.uint32 (see _fixed_width_types)
 I64 = int  # bound: numba.int64
@@ -116,6 +117,43 @@ def dot_chains(w, offset, stride, v, n, s0, s1, s2, s3):
     if k + IDX(2) < IDX(n):
         s2 += w[i + IDX(2) * st] * v[k + IDX(2)]
     return s0, s1, s2, s3
+
+
+def fma_pairs(h0, h1, w0, w1, sums):
+    """One term added to each of a pair group's four sums (pairs (h0, w0), (h0, w1),
+    (h1, w0), (h1, w1)), each as dot adds it: sum + operand * weight, one multiply-add."""
+    return (sums[0] + h0 * w0, sums[1] + h0 * w1, sums[2] + h1 * w0, sums[3] + h1 * w1)
+
+
+def dot_chains_group(w, offset, col_step, stride, v0, v1, n, c0, c1, c2, c3):
+    """dot_chains for a group of four (row, column) pairs at once: operand rows v0 and v1
+    times the weight columns at offset and offset + col_step (w[offset + k*stride] is the
+    first column's k-th weight). c_j holds chain j's sums of the pairs (v0, first),
+    (v0, second), (v1, first), (v1, second). Each operand and weight element loaded feeds
+    two multiply-adds where dot_chains loads one of each per multiply-add, and every pair's
+    sums are dot_chains' bit for bit (the same terms, chains and order)."""
+    n4 = IDX(n - n % 4)
+    st = IDX(stride)
+    dc = IDX(col_step)
+    i = IDX(offset)
+    k = IDX(0)
+    while k < n4:
+        c0 = fma_pairs(v0[k], v1[k], w[i], w[i + dc], c0)
+        c1 = fma_pairs(v0[k + IDX(1)], v1[k + IDX(1)], w[i + st], w[i + st + dc], c1)
+        c2 = fma_pairs(v0[k + IDX(2)], v1[k + IDX(2)], w[i + IDX(2) * st],
+                       w[i + IDX(2) * st + dc], c2)
+        c3 = fma_pairs(v0[k + IDX(3)], v1[k + IDX(3)], w[i + IDX(3) * st],
+                       w[i + IDX(3) * st + dc], c3)
+        i += IDX(4) * st
+        k += IDX(4)
+    if k < IDX(n):  # the tail, to the chains k mod 4 names (as dot_chains)
+        c0 = fma_pairs(v0[k], v1[k], w[i], w[i + dc], c0)
+    if k + IDX(1) < IDX(n):
+        c1 = fma_pairs(v0[k + IDX(1)], v1[k + IDX(1)], w[i + st], w[i + st + dc], c1)
+    if k + IDX(2) < IDX(n):
+        c2 = fma_pairs(v0[k + IDX(2)], v1[k + IDX(2)], w[i + IDX(2) * st],
+                       w[i + IDX(2) * st + dc], c2)
+    return c0, c1, c2, c3
 
 
 def dot_from(w, offset, stride, v_chip, v_mem, on_chip, n):
@@ -425,31 +463,106 @@ def chunk_sums(b, col, w, ncols, staged, width, k0, kn, parts, pairs):
     return dot_chains(w, k0 * ncols + col, ncols, staged[base:base + kn], kn, s0, s1, s2, s3)
 
 
+def group_partner(first, half, n):
+    """The second row (column) of a pair group whose first is ``first``: first + half, or
+    ``first`` itself past the end n (that pair is then computed twice, kept once)."""
+    second = first + half
+    return second if second < n else first
+
+
+def group_sums(rb, r1, cc, c1, w, ncols, staged, width, k0, kn, parts, pairs):
+    """chunk_sums for the four pairs of rows (rb, r1) x columns (cc, c1) at once
+    (dot_chains_group): four tuples, chain j's sums of (rb, cc), (rb, c1), (r1, cc),
+    (r1, c1)."""
+    p00 = rb * ncols + cc
+    p01 = rb * ncols + c1
+    p10 = r1 * ncols + cc
+    p11 = r1 * ncols + c1
+    c0 = (ZERO, ZERO, ZERO, ZERO)
+    c1s = c0
+    c2 = c0
+    c3 = c0
+    if k0 > 0:
+        c0 = (parts[p00], parts[p01], parts[p10], parts[p11])
+        c1s = (parts[pairs + p00], parts[pairs + p01], parts[pairs + p10], parts[pairs + p11])
+        c2 = (parts[2 * pairs + p00], parts[2 * pairs + p01], parts[2 * pairs + p10],
+              parts[2 * pairs + p11])
+        c3 = (parts[3 * pairs + p00], parts[3 * pairs + p01], parts[3 * pairs + p10],
+              parts[3 * pairs + p11])
+    base0 = rb * (width + 1)
+    base1 = r1 * (width + 1)
+    return dot_chains_group(w, k0 * ncols + cc, c1 - cc, ncols, staged[base0:base0 + kn],
+                            staged[base1:base1 + kn], kn, c0, c1s, c2, c3)
+
+
+def keep_group_sums(rb, r1, cc, c1, ncols, parts, pairs, chains):
+    """parts = the group's chain sums for the next chunk. A pair computed twice (a partner
+    past the end) is stored twice, with the same value, by the same thread."""
+    p00 = rb * ncols + cc
+    p01 = rb * ncols + c1
+    p10 = r1 * ncols + cc
+    p11 = r1 * ncols + c1
+    keep_chain_sums(p00, p01, p10, p11, parts, 0, chains[0])
+    keep_chain_sums(p00, p01, p10, p11, parts, pairs, chains[1])
+    keep_chain_sums(p00, p01, p10, p11, parts, 2 * pairs, chains[2])
+    keep_chain_sums(p00, p01, p10, p11, parts, 3 * pairs, chains[3])
+
+
+def keep_chain_sums(p00, p01, p10, p11, parts, base, sums):
+    """parts[base + p] = one chain's sums of a group's pairs p00, p01, p10, p11."""
+    parts[base + p00] = sums[0]
+    parts[base + p01] = sums[1]
+    parts[base + p10] = sums[2]
+    parts[base + p11] = sums[3]
+
+
+def group_totals(chains):
+    """The four pairs' products from their chain sums, each added as dot adds them."""
+    c0, c1, c2, c3 = chains
+    return ((c0[0] + c1[0]) + (c2[0] + c3[0]), (c0[1] + c1[1]) + (c2[1] + c3[1]),
+            (c0[2] + c1[2]) + (c2[2] + c3[2]), (c0[3] + c1[3]) + (c2[3] + c3[3]))
+
+
 def leading_chunks(src, lengths, t, w, ncols, staged, width, parts):
     """Every chunk but the last of a unit product whose operand src (B, K) is staged
     ``width`` columns at a time (chunk_sums; rows past their length skipped), the chain
     sums left in parts; then stages the last chunk. Returns where it starts. Where the
-    whole operand fits (width >= K) it only stages it: one chunk, no partial sums."""
+    whole operand fits (width >= K) it only stages it: one chunk, no partial sums.
+    GROUPED (bound per specialisation): a thread takes pair groups (group_sums; rows b and
+    b + ceil(B/2), columns c and c + ceil(ncols/2)), computing finished rows too, not
+    single pairs."""
     B = src.shape[0]
     K = src.shape[1]
     pairs = B * ncols
+    half_b = (B + 1) >> 1
+    half_c = (ncols + 1) >> 1
     k0 = 0
     while True:
         kn = min(width, K - k0)
         stage_rows(src, k0, kn, staged, width)
         if k0 + kn >= K:
             return k0
-        b, col, step_b, step_c = pair_walk(ncols, cuda.threadIdx.x, cuda.blockDim.x)
-        while b < B:
-            if t < lengths[b]:
-                s0, s1, s2, s3 = chunk_sums(b, col, w, ncols, staged, width, k0, width, parts,
-                                            pairs)
-                p = b * ncols + col
-                parts[p] = s0
-                parts[pairs + p] = s1
-                parts[2 * pairs + p] = s2
-                parts[3 * pairs + p] = s3
-            b, col = pair_next(b, col, step_b, step_c, ncols)
+        if GROUPED:
+            rb, cc, step_r, step_c = pair_walk(half_c, cuda.threadIdx.x, cuda.blockDim.x)
+            while rb < half_b:
+                r1 = group_partner(rb, half_b, B)
+                c1 = group_partner(cc, half_c, ncols)
+                keep_group_sums(rb, r1, cc, c1, ncols, parts, pairs,
+                                group_sums(rb, r1, cc, c1, w, ncols, staged, width, k0,
+                                           width, parts, pairs))
+                rb, cc = pair_next(rb, cc, step_r, step_c, half_c)
+        else:
+            b, col, step_b, step_c = pair_walk(ncols, cuda.threadIdx.x, cuda.blockDim.x)
+            while b < B:
+                if t < lengths[b]:
+                    s0, s1, s2, s3 = chunk_sums(b, col, w, ncols, staged, width, k0, width,
+                                                parts, pairs)
+                    p = b * ncols + col
+                    parts[p] = s0
+                    parts[pairs + p] = s1
+                    parts[2 * pairs + p] = s2
+                    parts[3 * pairs + p] = s3
+                b, col = pair_next(b, col, step_b, step_c, ncols)
         cuda.syncthreads()  # before the next chunk overwrites staged
         k0 += width
 
@@ -481,8 +594,9 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, hs, parts, width, b_ih, b_h
                        reverse, train, h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split, U):
     """Step s of forward for the block's units, every batch row (arrays as forward_rows; ws
     the block's slice of W_hh^T when w_shared; hs and parts as units_shared gives them for
-    the staging width ``width``, 0 for none). Ends with a block barrier; the caller crosses
-    the grid barrier before the next step."""
+    the staging width ``width``, 0 for none; a staged product by pair groups if GROUPED,
+    as leading_chunks). Ends with a block barrier; the caller crosses the grid barrier
+    before the next step."""
     T = out.shape[0]
     B = out.shape[1]
     H = h_seq.shape[2]
@@ -496,25 +610,41 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, hs, parts, width, b_ih, b_h
         # of width columns): the product then reads each element GU times from shared
         # memory, not from L2 at a load's full latency.
         k0 = leading_chunks(h_seq[prev], lengths, t, ws, GU, hs, width, parts)
-    # Recurrent product for (row, owned gate column) pairs; consecutive threads take
-    # consecutive columns of one row, so they share h_prev and read ws without conflicts.
-    b, gl, step_b, step_i = pair_walk(GU, cuda.threadIdx.x, cuda.blockDim.x)
-    while b < B:
-        if t < lengths[b]:
-            g = owned_column(gl, Ub, u0, H)
-            if width > 0:  # staged only after the weight slice (the host fills in order)
-                s0, s1, s2, s3 = chunk_sums(b, gl, ws, GU, hs, width, k0, H - k0, parts,
-                                            B * GU)
-                acc = (s0 + s1) + (s2 + s3)
-            elif w_shared:
-                acc = dot(ws, gl, GU, h_seq[prev, b], H)
-            else:
-                acc = dot(w_t, g, GH, h_seq[prev, b], H)
-            if g < split:
-                x_proj[t * B + b, g] += acc
-            else:
-                hg_ws[b, g] = acc
-        b, gl = pair_next(b, gl, step_b, step_i, GU)
+    if width > 0 and GROUPED:
+        half_b = (B + 1) >> 1
+        half_c = (GU + 1) >> 1
+        rb, cc, step_r, step_c = pair_walk(half_c, cuda.threadIdx.x, cuda.blockDim.x)
+        while rb < half_b:
+            r1 = group_partner(rb, half_b, B)
+            c1 = group_partner(cc, half_c, GU)
+            a00, a01, a10, a11 = group_totals(group_sums(rb, r1, cc, c1, ws, GU, hs, width,
+                                                         k0, H - k0, parts, B * GU))
+            forward_product_out(rb, cc, a00, t, lengths, x_proj, hg_ws, split, Ub, u0, H)
+            if c1 != cc:
+                forward_product_out(rb, c1, a01, t, lengths, x_proj, hg_ws, split, Ub, u0, H)
+            if r1 != rb:
+                forward_product_out(r1, cc, a10, t, lengths, x_proj, hg_ws, split, Ub, u0, H)
+                if c1 != cc:
+                    forward_product_out(r1, c1, a11, t, lengths, x_proj, hg_ws, split, Ub,
+                                        u0, H)
+            rb, cc = pair_next(rb, cc, step_r, step_c, half_c)
+    else:
+        # Recurrent product for (row, owned gate column) pairs; consecutive threads take
+        # consecutive columns of one row, so they share h_prev and read ws without
+        # conflicts.
+        b, gl, step_b, step_i = pair_walk(GU, cuda.threadIdx.x, cuda.blockDim.x)
+        while b < B:
+            if t < lengths[b]:
+                if width > 0:  # staged only after the weight slice (the host fills in order)
+                    s0, s1, s2, s3 = chunk_sums(b, gl, ws, GU, hs, width, k0, H - k0, parts,
+                                                B * GU)
+                    acc = (s0 + s1) + (s2 + s3)
+                elif w_shared:
+                    acc = dot(ws, gl, GU, h_seq[prev, b], H)
+                else:
+                    acc = dot(w_t, owned_column(gl, Ub, u0, H), GH, h_seq[prev, b], H)
+                forward_product_out(b, gl, acc, t, lengths, x_proj, hg_ws, split, Ub, u0, H)
+            b, gl = pair_next(b, gl, step_b, step_i, GU)
     cuda.syncthreads()
     b, i, step_b, step_i = pair_walk(Ub, cuda.threadIdx.x, cuda.blockDim.x)
     while b < B:
@@ -522,6 +652,19 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, hs, parts, width, b_ih, b_h
                      Hc, acts, hg_ws, out, out_col)
         b, i = pair_next(b, i, step_b, step_i, Ub)
     cuda.syncthreads()
+
+
+def forward_product_out(b, gl, acc, t, lengths, x_proj, hg_ws, split, Ub, u0, H):
+    """Puts the recurrent product acc of row b and the block's gate column gl where the
+    pointwise part reads it: added into x_proj's summed gates, or hg_ws's separate ones
+    (columns from ``split``); nothing for a row past its length."""
+    if t < lengths[b]:
+        B = hg_ws.shape[0]
+        g = owned_column(gl, Ub, u0, H)
+        if g < split:
+            x_proj[t * B + b, g] += acc
+        else:
+            hg_ws[b, g] = acc
 
 
 def forward_units_shared(hg_ws, h_seq, w_shared, width, U):
@@ -566,9 +709,9 @@ def forward_units(x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq, c_seq
         stage_forward_slice(w_t, ws, h_seq.shape[2], hg_ws.shape[1], U)
     grid = cuda.cg.this_grid()
     for s in range(out.shape[0]):
-        forward_units_step(s, x_proj, w_t, ws, w_shared, hs, parts, width, b_ih, b_hh, lengths,
-                           reverse, train, h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split,
-                           U)
+        forward_units_step(s, x_proj, w_t, ws, w_shared, hs, parts, width, b_ih, b_hh,
+                           lengths, reverse, train, h_seq, c_seq, Hc, acts, hg_ws, out,
+                           out_col, split, U)
         grid.sync()
 
 
@@ -626,7 +769,7 @@ def backward_units_product(s, w_hh, ws, w_shared, gs, parts, width, lengths, rev
     """Product part of BPTT step s: dh[b, k] = dh_direct[b, k] + dgh[t, b] . W_hh[:, k] for
     the block's units k, every row (needs every block's gate gradients: after the grid
     barrier). ws is the block's slice of W_hh when w_shared; gs and parts as units_shared
-    gives them for the staging width ``width``, 0 for none."""
+    gives them for the staging width ``width``, 0 for none; GROUPED as leading_chunks."""
     B = dh.shape[0]
     H = dh.shape[1]
     GH = dgh.shape[1]
@@ -636,6 +779,27 @@ def backward_units_product(s, w_hh, ws, w_shared, gs, parts, width, lengths, rev
     k0 = 0
     if width > 0:  # every row's gate gradients on chip, as forward stages h_prev
         k0 = leading_chunks(dgh[t * B:t * B + B], lengths, t, ws, Ub, gs, width, parts)
+    if width > 0 and GROUPED:
+        half_b = (B + 1) >> 1
+        half_c = (Ub + 1) >> 1
+        rb, cc, step_r, step_c = pair_walk(half_c, cuda.threadIdx.x, cuda.blockDim.x)
+        while rb < half_b:
+            r1 = group_partner(rb, half_b, B)
+            c1 = group_partner(cc, half_c, Ub)
+            a00, a01, a10, a11 = group_totals(group_sums(rb, r1, cc, c1, ws, Ub, gs, width,
+                                                         k0, GH - k0, parts, B * Ub))
+            backward_product_out(rb, u0 + cc, a00, t, lengths, Hc, dh, dc, dh_direct, dc_prev)
+            if c1 != cc:
+                backward_product_out(rb, u0 + c1, a01, t, lengths, Hc, dh, dc, dh_direct,
+                                     dc_prev)
+            if r1 != rb:
+                backward_product_out(r1, u0 + cc, a10, t, lengths, Hc, dh, dc, dh_direct,
+                                     dc_prev)
+                if c1 != cc:
+                    backward_product_out(r1, u0 + c1, a11, t, lengths, Hc, dh, dc,
+                                         dh_direct, dc_prev)
+            rb, cc = pair_next(rb, cc, step_r, step_c, half_c)
+        return
     b, i, step_b, step_i = pair_walk(Ub, cuda.threadIdx.x, cuda.blockDim.x)
     while b < B:
         if t < lengths[b]:
@@ -647,10 +811,18 @@ def backward_units_product(s, w_hh, ws, w_shared, gs, parts, width, lengths, rev
                 acc = dot(ws, i, Ub, dgh[t * B + b], GH)
             else:
                 acc = dot(w_hh, u0 + i, H, dgh[t * B + b], GH)
-            dh[b, u0 + i] = dh_direct[b, u0 + i] + acc
-            if Hc > 0:
-                dc[b, u0 + i] = dc_prev[b, u0 + i]
+            backward_product_out(b, u0 + i, acc, t, lengths, Hc, dh, dc, dh_direct, dc_prev)
         b, i = pair_next(b, i, step_b, step_i, Ub)
+
+
+def backward_product_out(b, k, acc, t, lengths, Hc, dh, dc, dh_direct, dc_prev):
+    """dh[b, k] = dh_direct[b, k] + acc, the state gradient of unit k after the recurrent
+    product acc (dc[b, k] = dc_prev[b, k] for the LSTM); nothing for a row past its
+    length."""
+    if t < lengths[b]:
+        dh[b, k] = dh_direct[b, k] + acc
+        if Hc > 0:
+            dc[b, k] = dc_prev[b, k]
 
 
 def backward_units(dout, out_col, w_hh, lengths, reverse, h_seq, c_seq, Hc, acts, dgx, dgh,
@@ -1490,8 +1662,10 @@ UNIT_KERNELS = ("forward_units", "forward_units_one", "backward_units", "backwar
 UNIT_MAX_THREADS = 512
 
 
-def unit_kernels(cell_name, dtype):
-    """dict name -> the unit-split kernels (UNIT_KERNELS) compiled for cell_name and dtype."""
+def unit_kernels(cell_name, dtype, grouped=False):
+    """dict name -> the unit-split kernels (UNIT_KERNELS) compiled for cell_name and dtype;
+    grouped: their staged products by groups of four pairs (GROUPED, dot_chains_group), a
+    specialisation of its own so that the other keeps its registers."""
     dtype = np.dtype(dtype)
     spec = cells.CELLS[cell_name]
 
@@ -1499,22 +1673,24 @@ def unit_kernels(cell_name, dtype):
         bind = scalar_bindings(dtype)
         parts = (units_of_block, owned_column, pair_walk, pair_next, units_shared,
                  forward_pair, backward_pair, stage_forward_slice, stage_backward_slice,
-                 stage_rows, chunk_sums, leading_chunks, forward_units_shared,
-                 forward_units_step, backward_units_pointwise, backward_units_product)
+                 stage_rows, chunk_sums, fma_pairs, dot_chains_group, group_partner,
+                 group_sums, keep_chain_sums, keep_group_sums, group_totals, leading_chunks,
+                 forward_units_shared, forward_product_out, forward_units_step,
+                 backward_product_out, backward_units_pointwise, backward_units_product)
         kernels = [globals()[name] for name in UNIT_KERNELS]
         version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp, dot,
                               dot_chains, slots.forward_step, slots.backward_step, *parts,
                               *kernels)
-        suffix = f"{cell_name}_{dtype.name}_{version}"
+        suffix = f"{cell_name}_{dtype.name}_{version}" + ("_groups" if grouped else "")
         forward_step = _device(slots.forward_step, suffix)
         common = dict(cuda=_cuda_module(), ZERO=bind["ZERO"], DTYPE=bind["DTYPE"],
-                      clamp=_device(clamp, suffix),
+                      GROUPED=bool(grouped), clamp=_device(clamp, suffix),
                       forward_step=forward_step,
                       backward_step=_device(slots.backward_step, suffix,
                                             forward_step=forward_step),
                       cell_forward=_device(spec.forward, suffix, **bind),
                       cell_backward=_device(spec.backward, suffix, **bind),
-                      **dot_bindings(suffix, bind["ZERO"]))
+                      IDX=_index_type(), **dot_bindings(suffix, bind["ZERO"]))
         common["units_of_block"] = _device(units_of_block, suffix, cuda=common["cuda"])
         common["owned_column"] = _device(owned_column, suffix)
         common["pair_walk"] = _device(pair_walk, suffix, cuda=common["cuda"],
@@ -1524,7 +1700,7 @@ def unit_kernels(cell_name, dtype):
             common[part.__name__] = _device(part, suffix, **common)
         return {func.__name__: _kernel(func, suffix, (UNIT_MAX_THREADS,), **common)
                 for func in kernels}
-    return _compiled(("units", cell_name, dtype), build)
+    return _compiled(("units", cell_name, dtype, bool(grouped)), build)
 
 
 TILE_KERNELS = ("forward_tiles", "backward_tiles")
