@@ -516,6 +516,17 @@ def keep_chain_sums(p00, p01, p10, p11, parts, base, sums):
     parts[base + p11] = sums[3]
 
 
+def group_member(q, rb, r1, cc, c1):
+    """(row, column, own) of member q of the pair group rows (rb, r1) x columns (cc, c1):
+    0 (rb, cc), 1 (rb, c1), 2 (r1, cc), 3 (r1, c1). A member whose partner row or column
+    was clamped onto the first repeats an earlier member: own is False, and its product
+    must not be written twice (x_proj adds it)."""
+    second_row = q >= 2
+    second_col = q % 2 == 1
+    own = (not second_row or r1 != rb) and (not second_col or c1 != cc)
+    return (r1 if second_row else rb), (c1 if second_col else cc), own
+
+
 def group_totals(chains):
     """The four pairs' products from their chain sums, each added as dot adds them."""
     c0, c1, c2, c3 = chains
@@ -617,16 +628,13 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, hs, parts, width, b_ih, b_h
         while rb < half_b:
             r1 = group_partner(rb, half_b, B)
             c1 = group_partner(cc, half_c, GU)
-            a00, a01, a10, a11 = group_totals(group_sums(rb, r1, cc, c1, ws, GU, hs, width,
-                                                         k0, H - k0, parts, B * GU))
-            forward_product_out(rb, cc, a00, t, lengths, x_proj, hg_ws, split, Ub, u0, H)
-            if c1 != cc:
-                forward_product_out(rb, c1, a01, t, lengths, x_proj, hg_ws, split, Ub, u0, H)
-            if r1 != rb:
-                forward_product_out(r1, cc, a10, t, lengths, x_proj, hg_ws, split, Ub, u0, H)
-                if c1 != cc:
-                    forward_product_out(r1, c1, a11, t, lengths, x_proj, hg_ws, split, Ub,
-                                        u0, H)
+            totals = group_totals(group_sums(rb, r1, cc, c1, ws, GU, hs, width, k0, H - k0,
+                                             parts, B * GU))
+            for q in range(4):
+                b, gl, own = group_member(q, rb, r1, cc, c1)
+                if own:
+                    forward_product_out(b, gl, totals[q], t, lengths, x_proj, hg_ws, split,
+                                        Ub, u0, H)
             rb, cc = pair_next(rb, cc, step_r, step_c, half_c)
     else:
         # Recurrent product for (row, owned gate column) pairs; consecutive threads take
@@ -786,17 +794,12 @@ def backward_units_product(s, w_hh, ws, w_shared, gs, parts, width, lengths, rev
         while rb < half_b:
             r1 = group_partner(rb, half_b, B)
             c1 = group_partner(cc, half_c, Ub)
-            a00, a01, a10, a11 = group_totals(group_sums(rb, r1, cc, c1, ws, Ub, gs, width,
-                                                         k0, GH - k0, parts, B * Ub))
-            backward_product_out(rb, u0 + cc, a00, t, lengths, Hc, dh, dc, dh_direct, dc_prev)
-            if c1 != cc:
-                backward_product_out(rb, u0 + c1, a01, t, lengths, Hc, dh, dc, dh_direct,
-                                     dc_prev)
-            if r1 != rb:
-                backward_product_out(r1, u0 + cc, a10, t, lengths, Hc, dh, dc, dh_direct,
-                                     dc_prev)
-                if c1 != cc:
-                    backward_product_out(r1, u0 + c1, a11, t, lengths, Hc, dh, dc,
+            totals = group_totals(group_sums(rb, r1, cc, c1, ws, Ub, gs, width, k0, GH - k0,
+                                             parts, B * Ub))
+            for q in range(4):
+                b, i, own = group_member(q, rb, r1, cc, c1)
+                if own:
+                    backward_product_out(b, u0 + i, totals[q], t, lengths, Hc, dh, dc,
                                          dh_direct, dc_prev)
             rb, cc = pair_next(rb, cc, step_r, step_c, half_c)
         return
@@ -1674,7 +1677,8 @@ def unit_kernels(cell_name, dtype, grouped=False):
         parts = (units_of_block, owned_column, pair_walk, pair_next, units_shared,
                  forward_pair, backward_pair, stage_forward_slice, stage_backward_slice,
                  stage_rows, chunk_sums, fma_pairs, dot_chains_group, group_partner,
-                 group_sums, keep_chain_sums, keep_group_sums, group_totals, leading_chunks,
+                 group_sums, keep_chain_sums, keep_group_sums, group_member, group_totals,
+                 leading_chunks,
                  forward_units_shared, forward_product_out, forward_units_step,
                  backward_product_out, backward_units_pointwise, backward_units_product)
         kernels = [globals()[name] for name in UNIT_KERNELS]
