@@ -278,14 +278,30 @@ def breakdown(deadline):
     recurrence path (fastrnn.gpu.RECURRENCE rows / units / tiles / registers, the last
     where the layer fits it), with shared memory beyond 48 KB (fastrnn.gpu.SHARED_OPT_IN)
     and, for rows and units, without ("48k"); units also with their staged products by
-    pair groups (fastrnn.gpu.UNIT_PAIR_GROUPS, "units/groups")."""
-    from numba import cuda
-    from fastrnn import cells, gpu
+    pair groups (fastrnn.gpu.UNIT_PAIR_GROUPS, "units/groups"). fastrnn.gpu's settings are
+    put back however it ends."""
+    from fastrnn import gpu
     print("== breakdown, LSTM float32: projection GEMM; us/step, eval fwd / fwd+bwd, by "
           "recurrence path, with and without the shared-memory opt-in")
     defaults = (gpu.RECURRENCE, gpu.SHARED_OPT_IN, gpu.UNIT_PAIR_GROUPS, gpu._unit_shared,
                 gpu._resident_threads)
-    launches = _record_unit_launches(gpu)
+    try:
+        _breakdown_shapes(gpu, deadline, _record_unit_launches(gpu))
+    finally:
+        (gpu.RECURRENCE, gpu.SHARED_OPT_IN, gpu.UNIT_PAIR_GROUPS, gpu._unit_shared,
+         gpu._resident_threads) = defaults
+    if gpu._opt_in_broken:
+        print(f"   shared-memory opt-in FAILED: {gpu._opt_in_broken[0]}"[:300])
+    else:
+        print(f"   shared-memory opt-in: {len(gpu._opted_in)} kernels, up to "
+              f"{max(gpu._opted_in.values(), default=0)} bytes")
+
+
+def _breakdown_shapes(gpu, deadline, launches):
+    """breakdown's lines, one per shape (and the fastest path's), leaving fastrnn.gpu's
+    settings to the caller to put back; launches is _record_unit_launches' list."""
+    from numba import cuda
+    from fastrnn import cells
     rng = np.random.default_rng(0)
     for T, B, I, H in SHAPES:
         if time.perf_counter() > deadline:
@@ -334,23 +350,15 @@ def breakdown(deadline):
             except Exception as exc:  # e.g. a launch that fails: say so, go on
                 cells_out.append(f"{label}: {type(exc).__name__}")
                 print(f"   {label}: {type(exc).__name__}: {exc}"[:300])
-        gpu.RECURRENCE, gpu.SHARED_OPT_IN, gpu.UNIT_PAIR_GROUPS = defaults[:3]
         print(f"   {str((T, B, I, H)):>19s} GEMM {t_gemm * 1e3:7.3f} ms "
               f"({2.0 * T * B * 4 * H * I / t_gemm / 1e12:5.2f} TFLOP/s); "
               + "; ".join(cells_out), flush=True)
         if times:  # what the "auto" rule (fastrnn.gpu._use_units) should pick here
             gpu.RECURRENCE = "auto"
             auto = "units" if gpu._use_units(B, H) else "rows"
-            gpu.RECURRENCE = defaults[0]
             print(f"   {'':>19s} fastest: eval fwd {min(times, key=lambda k: times[k][0])}, "
                   f"fwd+bwd {min(times, key=lambda k: times[k][1])}; \"auto\" runs {auto}",
                   flush=True)
-    gpu._unit_shared, gpu._resident_threads = defaults[3:]
-    if gpu._opt_in_broken:
-        print(f"   shared-memory opt-in FAILED: {gpu._opt_in_broken[0]}"[:300])
-    else:
-        print(f"   shared-memory opt-in: {len(gpu._opted_in)} kernels, up to "
-              f"{max(gpu._opted_in.values(), default=0)} bytes")
 
 
 def _record_unit_launches(gpu):

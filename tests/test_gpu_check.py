@@ -82,6 +82,23 @@ def test_breakdown_times_every_recurrence_path(gpu_check, capsys):
     assert "fastest: eval fwd " in fastest and '"auto" runs rows' in fastest
 
 
+def test_breakdown_puts_the_settings_back_when_it_fails(gpu_check, monkeypatch, capsys):
+    """An exception out of the breakdown (here Ctrl-C in the first unit-split timing)
+    leaves fastrnn.gpu's recurrence settings and functions as they were."""
+    before = (gpu.RECURRENCE, gpu.SHARED_OPT_IN, gpu.UNIT_PAIR_GROUPS, gpu._unit_shared,
+              gpu._resident_threads)
+
+    def interrupted(fn, rounds=None):
+        if gpu.RECURRENCE == "units":
+            raise KeyboardInterrupt
+        return 1.0
+    monkeypatch.setattr(gpu_check, "_median_time", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.breakdown(deadline=float("inf"))
+    assert (gpu.RECURRENCE, gpu.SHARED_OPT_IN, gpu.UNIT_PAIR_GROUPS, gpu._unit_shared,
+            gpu._resident_threads) == before
+
+
 def test_fixed_cost_and_training_steps_print_their_lines(gpu_check, monkeypatch, capsys):
     gpu_check.fixed_cost()
 
