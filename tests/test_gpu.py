@@ -255,15 +255,18 @@ CHUNK_CASES = {"rnn_tanh": (13, 2, 41, 4, 4), "rnn_relu": (13, 2, 41, 4, 4),
 
 
 @needs_gpu
-@pytest.mark.parametrize("grouped", [False, True], ids=["pairs", "groups"])
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell, grouped",
+                         [(cell, False) for cell in CELLS] + [("rnn_tanh", True), ("gru", True)],
+                         ids=[*CELLS, "rnn_tanh-groups", "gru-groups"])
 def test_gpu_unit_split_stages_in_chunks(monkeypatch, cell, grouped):
     """Where the staged operand does not fit whole beside the weight slice, the unit
     kernels stage it a chunk of columns at a time, handing each pair's four chain sums from
     chunk to chunk in shared memory, and still give the row kernels' bits. Both directions
     chunk here, every chunk count leaves a tail of 1-3 columns but the LSTM backward's
     (84 = 5*16 + 4), and the plain RNNs run a partial block (H=13, 2 units per block).
-    Grouped, each thread carries four pairs' chain sums from chunk to chunk."""
+    Grouped (the RNN's partial block, and the GRU, which chunks 4 and 12 columns), each
+    thread carries four pairs' chain sums from chunk to chunk; the LSTM's groups run in
+    test_gpu_unit_split_matches_rows_bitwise (kept short: the simulator is slow)."""
     H, U, extra, forward_width, backward_width = CHUNK_CASES[cell]
     monkeypatch.setattr(gpu, "UNIT_PAIR_GROUPS", grouped)
     monkeypatch.setattr(gpu, "UNITS_PER_BLOCK", U)
