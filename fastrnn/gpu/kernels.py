@@ -463,11 +463,25 @@ def chunk_sums(b, col, w, ncols, staged, width, k0, kn, parts, pairs):
     return dot_chains(w, k0 * ncols + col, ncols, staged[base:base + kn], kn, s0, s1, s2, s3)
 
 
-def group_partner(first, half, n):
-    """The second row (column) of a pair group whose first is ``first``: first + half, or
-    ``first`` itself past the end n (that pair is then computed twice, kept once)."""
-    second = first + half
-    return second if second < n else first
+def group_walk(ncols):
+    """Where this thread starts its walk over the pair groups of a product with ncols
+    columns: (first row, first column, row step, column step), for group_next. The groups'
+    first rows are the first ceil(B/2), their first columns the first ceil(ncols/2)."""
+    return pair_walk((ncols + 1) >> 1, cuda.threadIdx.x, cuda.blockDim.x)
+
+
+def group_next(rb, cc, step_r, step_c, ncols):
+    """The walk's next group (group_walk)."""
+    return pair_next(rb, cc, step_r, step_c, (ncols + 1) >> 1)
+
+
+def group_partners(rb, cc, B, ncols):
+    """(second row, second column) of the pair group whose first are (rb, cc): each
+    ceil(n/2) further on, or the first itself past the end (that pair is then computed
+    twice, kept once)."""
+    r1 = rb + ((B + 1) >> 1)
+    c1 = cc + ((ncols + 1) >> 1)
+    return (r1 if r1 < B else rb), (c1 if c1 < ncols else cc)
 
 
 def group_sums(rb, r1, cc, c1, w, ncols, staged, width, k0, kn, parts, pairs):
@@ -539,14 +553,12 @@ def leading_chunks(src, lengths, t, w, ncols, staged, width, parts):
     ``width`` columns at a time (chunk_sums; rows past their length skipped), the chain
     sums left in parts; then stages the last chunk. Returns where it starts. Where the
     whole operand fits (width >= K) it only stages it: one chunk, no partial sums.
-    GROUPED (bound per specialisation): a thread takes pair groups (group_sums; rows b and
-    b + ceil(B/2), columns c and c + ceil(ncols/2)), computing finished rows too, not
-    single pairs."""
+    GROUPED (bound per specialisation): a thread takes pair groups (group_walk,
+    group_sums: rows b and b + ceil(B/2), columns c and c + ceil(ncols/2)), computing
+    finished rows too, not single pairs."""
     B = src.shape[0]
     K = src.shape[1]
     pairs = B * ncols
-    half_b = (B + 1) >> 1
-    half_c = (ncols + 1) >> 1
     k0 = 0
     while True:
         kn = min(width, K - k0)
@@ -554,14 +566,13 @@ def leading_chunks(src, lengths, t, w, ncols, staged, width, parts):
         if k0 + kn >= K:
             return k0
         if GROUPED:
-            rb, cc, step_r, step_c = pair_walk(half_c, cuda.threadIdx.x, cuda.blockDim.x)
-            while rb < half_b:
-                r1 = group_partner(rb, half_b, B)
-                c1 = group_partner(cc, half_c, ncols)
+            rb, cc, step_r, step_c = group_walk(ncols)
+            while rb < (B + 1) >> 1:
+                r1, c1 = group_partners(rb, cc, B, ncols)
                 keep_group_sums(rb, r1, cc, c1, ncols, parts, pairs,
                                 group_sums(rb, r1, cc, c1, w, ncols, staged, width, k0,
                                            width, parts, pairs))
-                rb, cc = pair_next(rb, cc, step_r, step_c, half_c)
+                rb, cc = group_next(rb, cc, step_r, step_c, ncols)
         else:
             b, col, step_b, step_c = pair_walk(ncols, cuda.threadIdx.x, cuda.blockDim.x)
             while b < B:
@@ -622,12 +633,9 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, hs, parts, width, b_ih, b_h
         # memory, not from L2 at a load's full latency.
         k0 = leading_chunks(h_seq[prev], lengths, t, ws, GU, hs, width, parts)
     if width > 0 and GROUPED:
-        half_b = (B + 1) >> 1
-        half_c = (GU + 1) >> 1
-        rb, cc, step_r, step_c = pair_walk(half_c, cuda.threadIdx.x, cuda.blockDim.x)
-        while rb < half_b:
-            r1 = group_partner(rb, half_b, B)
-            c1 = group_partner(cc, half_c, GU)
+        rb, cc, step_r, step_c = group_walk(GU)
+        while rb < (B + 1) >> 1:
+            r1, c1 = group_partners(rb, cc, B, GU)
             totals = group_totals(group_sums(rb, r1, cc, c1, ws, GU, hs, width, k0, H - k0,
                                              parts, B * GU))
             for q in range(4):
@@ -635,7 +643,7 @@ def forward_units_step(s, x_proj, w_t, ws, w_shared, hs, parts, width, b_ih, b_h
                 if own:
                     forward_product_out(b, gl, totals[q], t, lengths, x_proj, hg_ws, split,
                                         Ub, u0, H)
-            rb, cc = pair_next(rb, cc, step_r, step_c, half_c)
+            rb, cc = group_next(rb, cc, step_r, step_c, GU)
     else:
         # Recurrent product for (row, owned gate column) pairs; consecutive threads take
         # consecutive columns of one row, so they share h_prev and read ws without
@@ -788,12 +796,9 @@ def backward_units_product(s, w_hh, ws, w_shared, gs, parts, width, lengths, rev
     if width > 0:  # every row's gate gradients on chip, as forward stages h_prev
         k0 = leading_chunks(dgh[t * B:t * B + B], lengths, t, ws, Ub, gs, width, parts)
     if width > 0 and GROUPED:
-        half_b = (B + 1) >> 1
-        half_c = (Ub + 1) >> 1
-        rb, cc, step_r, step_c = pair_walk(half_c, cuda.threadIdx.x, cuda.blockDim.x)
-        while rb < half_b:
-            r1 = group_partner(rb, half_b, B)
-            c1 = group_partner(cc, half_c, Ub)
+        rb, cc, step_r, step_c = group_walk(Ub)
+        while rb < (B + 1) >> 1:
+            r1, c1 = group_partners(rb, cc, B, Ub)
             totals = group_totals(group_sums(rb, r1, cc, c1, ws, Ub, gs, width, k0, GH - k0,
                                              parts, B * Ub))
             for q in range(4):
@@ -801,7 +806,7 @@ def backward_units_product(s, w_hh, ws, w_shared, gs, parts, width, lengths, rev
                 if own:
                     backward_product_out(b, u0 + i, totals[q], t, lengths, Hc, dh, dc,
                                          dh_direct, dc_prev)
-            rb, cc = pair_next(rb, cc, step_r, step_c, half_c)
+            rb, cc = group_next(rb, cc, step_r, step_c, Ub)
         return
     b, i, step_b, step_i = pair_walk(Ub, cuda.threadIdx.x, cuda.blockDim.x)
     while b < B:
@@ -1636,8 +1641,8 @@ def recurrence_kernels(cell_name, dtype):
     def build():
         bind = scalar_bindings(dtype)
         version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp, dot,
-                              dot_chains, dot_from, forward_rows, backward_rows, slots.forward_step,
-                              slots.backward_step)
+                              dot_chains, dot_from, forward_rows, backward_rows,
+                              slots.forward_step, slots.backward_step)
         suffix = f"{cell_name}_{dtype.name}_{version}"
         unit_forward = _device(spec.forward, suffix, **bind)
         unit_backward = _device(spec.backward, suffix, **bind)
@@ -1658,7 +1663,7 @@ def recurrence_kernels(cell_name, dtype):
 UNIT_KERNELS = ("forward_units", "forward_units_one", "backward_units", "backward_units_one")
 # Their launch bounds: the host's blocks (fastrnn.gpu.ROW_THREADS) are at most this. Without
 # them ptxas gave forward_units 136 registers per thread (LSTM, float64), too many for 512
-# threads on one multiprocessor; with them 128 and 8 bytes of spills
+# threads on one multiprocessor; with them 128 and 12 bytes of spills
 # (benchmarks/gpu_ptx_loops.py). ptxas then also takes up to 128 where it needs fewer
 # (backward_units 120 in float32, 72 without), which costs nothing: a unit grid has one
 # block per multiprocessor.
@@ -1676,11 +1681,11 @@ def unit_kernels(cell_name, dtype, grouped=False):
         bind = scalar_bindings(dtype)
         parts = (units_of_block, owned_column, pair_walk, pair_next, units_shared,
                  forward_pair, backward_pair, stage_forward_slice, stage_backward_slice,
-                 stage_rows, chunk_sums, fma_pairs, dot_chains_group, group_partner,
-                 group_sums, keep_chain_sums, keep_group_sums, group_member, group_totals,
-                 leading_chunks,
-                 forward_units_shared, forward_product_out, forward_units_step,
-                 backward_product_out, backward_units_pointwise, backward_units_product)
+                 stage_rows, chunk_sums, fma_pairs, dot_chains_group, group_walk, group_next,
+                 group_partners, group_sums, keep_chain_sums, keep_group_sums, group_member,
+                 group_totals, leading_chunks, forward_units_shared, forward_product_out,
+                 forward_units_step, backward_product_out, backward_units_pointwise,
+                 backward_units_product)
         kernels = [globals()[name] for name in UNIT_KERNELS]
         version = source_hash(spec.forward, spec.backward, sigmoid, _math.save, clamp, dot,
                               dot_chains, slots.forward_step, slots.backward_step, *parts,
