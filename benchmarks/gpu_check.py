@@ -7,7 +7,8 @@ Steps: (1) the GPU tests (tests/test_gpu.py, simulator off) in a subprocess; (2)
 bit-identical across two runs for every cell; (3) float32 timings of forward (eval) and
 forward+backward of every cell against torch.nn with cuDNN, with
 ``torch.backends.cudnn.allow_tf32`` False and at its default (True), at the issue's
-(T, B, I, H) shapes, with the recurrence kernels ``--recurrence`` picks (default "auto").
+(T, B, I, H) shapes, with the recurrence kernels ``--recurrence`` picks (default "auto";
+"benchmark" also lists the path it chose for each shape).
 Each measurement alternates fastrnn and cuDNN samples (A B A B ...), synchronising both
 Numba and torch around every sample, and reports the median of the
 per-round ratios, so clock drift and neighbours on the machine cancel. ratio = cuDNN time /
@@ -278,8 +279,9 @@ def breakdown(deadline):
     recurrence path (fastrnn.gpu.RECURRENCE rows / units / tiles / registers, the last
     where the layer fits it), with shared memory beyond 48 KB (fastrnn.gpu.SHARED_OPT_IN)
     and, for rows and units, without ("48k"); units also with their staged products by
-    pair groups (fastrnn.gpu.UNIT_PAIR_GROUPS, "units/groups"). fastrnn.gpu's settings are
-    put back however it ends."""
+    pair groups (fastrnn.gpu.UNIT_PAIR_GROUPS, "units/groups"); then the fastest of them,
+    what "auto" runs, and what RECURRENCE "benchmark" chooses (afresh: it forgets earlier
+    choices). fastrnn.gpu's settings are put back however it ends."""
     from fastrnn import gpu
     print("== breakdown, LSTM float32: projection GEMM; us/step, eval fwd / fwd+bwd, by "
           "recurrence path, with and without the shared-memory opt-in")
@@ -354,11 +356,41 @@ def _breakdown_shapes(gpu, deadline, launches):
               f"({2.0 * T * B * 4 * H * I / t_gemm / 1e12:5.2f} TFLOP/s); "
               + "; ".join(cells_out), flush=True)
         if times:  # what the "auto" rule (fastrnn.gpu._use_units) should pick here
-            gpu.RECURRENCE = "auto"
+            gpu.RECURRENCE, gpu.SHARED_OPT_IN, gpu.UNIT_PAIR_GROUPS = "auto", True, False
             auto = "units" if gpu._use_units(B, H) else "rows"
             print(f"   {'':>19s} fastest: eval fwd {min(times, key=lambda k: times[k][0])}, "
-                  f"fwd+bwd {min(times, key=lambda k: times[k][1])}; \"auto\" runs {auto}",
+                  f"fwd+bwd {min(times, key=lambda k: times[k][1])}; \"auto\" runs {auto}; "
+                  f"\"benchmark\" chose {_benchmark_choice(gpu, layer, x, train_step)}",
                   flush=True)
+
+
+def _benchmark_choice(gpu, layer, x, train_step):
+    """What RECURRENCE "benchmark" picks for ``layer`` (LSTM float32) at x's shape: the
+    eval forward, then a training step (its forward and backward), each choosing afresh."""
+    T, B, _ = x.shape
+    H = layer.hidden_size
+    gpu.RECURRENCE = "benchmark"
+    gpu._benchmarked.clear()
+    try:
+        layer.eval()
+        layer(x)
+        layer.train()
+        train_step()
+    except Exception as exc:  # a diagnosis: say so, go on
+        return f"{type(exc).__name__}: {exc}"[:200]
+    chosen = gpu.benchmarked_paths()
+    return ", ".join(f"{label} {chosen.get((direction, 'lstm', 'float32', B, H, train))}"
+                     for label, direction, train in (("eval fwd", "fwd", False),
+                                                     ("train fwd", "fwd", True),
+                                                     ("bwd", "bwd", True)))
+
+
+def benchmark_choices():
+    """The paths RECURRENCE "benchmark" chose while the table ran, one line each."""
+    from fastrnn import gpu
+    print("== \"benchmark\" chose (direction, cell, dtype, B, H, train): path")
+    for key, path in sorted(gpu.benchmarked_paths().items()):
+        print(f"   {key}: {path}")
 
 
 def _record_unit_launches(gpu):
@@ -446,8 +478,8 @@ def main(argv=None):
     parser.add_argument("--skip-tests", action="store_true", help="skip the pytest step")
     parser.add_argument("--tf32-off-only", action="store_true",
                         help="time cuDNN with TF32 off only (skip the pass at its default)")
-    parser.add_argument("--recurrence", default="auto",
-                        choices=["auto", "rows", "units", "tiles", "registers"],
+    from fastrnn import gpu
+    parser.add_argument("--recurrence", default="auto", choices=gpu.RECURRENCE_KINDS,
                         help="fastrnn.gpu.RECURRENCE for the bit-identity check and the table "
                              "(the breakdown times every path)")
     args = parser.parse_args(argv)
@@ -457,7 +489,6 @@ def main(argv=None):
     if os.environ.get("NUMBA_ENABLE_CUDASIM"):
         print("gpu_check measures a real GPU: unset NUMBA_ENABLE_CUDASIM")
         return 2
-    from fastrnn import gpu
     gpu.RECURRENCE = args.recurrence
     reason = gpu.unavailable_reason()
     if reason is not None:
@@ -473,6 +504,8 @@ def main(argv=None):
                             os.environ.get("OUT"))
     ok &= check_determinism()
     summarize(benchmark(deadline, not args.tf32_off_only))
+    if args.recurrence == "benchmark":
+        benchmark_choices()
     breakdown(deadline + BREAKDOWN_BUDGET_S)
     try:
         fixed_cost()

@@ -531,6 +531,129 @@ def test_gpu_foreign_device_arrays_used_in_place(library):
     assert _foreign_pointer(library, module, out) == pointer
 
 
+@needs_gpu
+@pytest.mark.parametrize("cell", ["lstm", "rnn_tanh"])
+def test_benchmark_runs_the_fastest_path_with_autos_bits(monkeypatch, cell):
+    """RECURRENCE "benchmark" times every path that gives auto's bits at the first call of
+    a shape (here with made-up times: the register kernels fastest, then the unit kernels
+    by pair groups) and runs the fastest: the register kernels forward (H=6 fits one chunk
+    of 12 weights, padded), and backward, where the LSTM's 24 gate columns take two
+    chunks, the pair groups; the RNN's 6 take one. The results are auto's bits, the CPU
+    engine's values; each path was timed BENCHMARK_ROUNDS times after one untimed run, and
+    the next call times nothing."""
+    monkeypatch.setattr(gpu, "_benchmarked", {})
+    monkeypatch.setattr(gpu, "BENCHMARK_ROUNDS", 2)
+    monkeypatch.setattr(gpu, "REG_WEIGHTS", 12)
+    monkeypatch.setattr(gpu, "UNITS_PER_BLOCK", 4)
+    shape = dict(SHAPE, H=6)
+    fake_ms = {"registers": 1.0, "units/groups": 2.0, "units": 3.0, "rows": 4.0}
+    timed = []
+
+    def elapsed_ms(run, path):
+        timed.append(path)
+        run(path)
+        return fake_ms[path]
+    monkeypatch.setattr(gpu, "_elapsed_ms", elapsed_ms)
+    seed = stable_seed("benchmark", cell)
+    results = {}
+    for mode in ("auto", "benchmark"):
+        monkeypatch.setattr(gpu, "RECURRENCE", mode)
+        cpu_layer, gpu_layer, x, h0, lengths = _pair(
+            cell, "float64", seed, shape, num_layers=2, bidirectional=True,
+            use_lengths=True, h0_mode="learned")
+        dout, dh_n = _random_cotangents(np.random.default_rng(seed), cpu_layer, cell,
+                                        "float64", shape)
+        results[mode] = _run(gpu_layer, x, h0, lengths, dout, dh_n)
+    backward = "registers" if cell == "rnn_tanh" else "units/groups"
+    assert gpu.benchmarked_paths() == {("fwd", cell, "float64", 3, 6, True): "registers",
+                                       ("bwd", cell, "float64", 3, 6, True): backward}
+    forward_paths = ["rows", "units", "units/groups", "registers"]
+    backward_paths = forward_paths if cell == "rnn_tanh" else forward_paths[:3]
+    assert timed == 2 * forward_paths + 2 * backward_paths
+    _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n), results["benchmark"], "float64")
+    auto, chosen = results["auto"], results["benchmark"]
+    for name, a, b in (("out", auto[0], chosen[0]), ("dx", auto[2], chosen[2])):
+        assert np.array_equal(a, b), name
+    for part_auto, part_chosen in zip(state_parts(auto[1]) + state_parts(auto[3]),
+                                      state_parts(chosen[1]) + state_parts(chosen[3])):
+        assert np.array_equal(part_auto, part_chosen)
+    for name in auto[4]:
+        assert np.array_equal(auto[4][name], chosen[4][name]), name
+    _run(gpu_layer, x, h0, lengths, dout, dh_n)
+    assert len(timed) == 2 * (len(forward_paths) + len(backward_paths))
+
+
+def test_benchmark_races_only_paths_with_autos_bits(monkeypatch):
+    """Under "benchmark" the candidates are auto's pick first, the other row and unit-split
+    kinds, and the register kernels only where the direction's product fits one chunk of
+    weights; never the tiles; no unit kinds once a cooperative launch has failed. Every
+    other kind is one path. Runs everywhere: the device is faked."""
+    monkeypatch.setattr(gpu, "_simulator_enabled", lambda: False)
+    monkeypatch.setattr(gpu, "_multiprocessors", lambda: 132)
+    monkeypatch.setattr(gpu, "_units_broken", [])
+    monkeypatch.setattr(gpu, "RECURRENCE", "benchmark")
+    lstm, rnn, f32 = CELL_SPECS["lstm"], CELL_SPECS["rnn_tanh"], np.dtype(np.float32)
+    # H=64: forward 64 weights per thread, one chunk; backward 256 gate columns, four.
+    assert gpu._paths("fwd", lstm, 1, 64, f32) == ["rows", "units", "units/groups",
+                                                    "registers"]
+    assert gpu._paths("bwd", lstm, 1, 64, f32) == ["rows", "units", "units/groups"]
+    # H=128 at B=8: auto runs the unit kernels; the LSTM does not fit the register kernels,
+    # the RNN does in two chunks each way.
+    assert gpu._paths("fwd", lstm, 8, 128, f32) == ["units", "rows", "units/groups"]
+    assert gpu._paths("bwd", rnn, 8, 128, f32) == ["units", "rows", "units/groups"]
+    monkeypatch.setattr(gpu, "UNIT_PAIR_GROUPS", True)
+    assert gpu._paths("fwd", lstm, 8, 128, f32) == ["units/groups", "rows", "units"]
+    monkeypatch.setattr(gpu, "_units_broken", ["no cudadevrt"])
+    assert gpu._paths("fwd", lstm, 8, 128, f32) == ["rows"]
+    assert gpu._paths("fwd", lstm, 1, 64, f32) == ["rows", "registers"]
+    monkeypatch.setattr(gpu, "_units_broken", [])
+    for kind, path in (("auto", "units/groups"), ("rows", "rows"), ("units", "units/groups"),
+                       ("tiles", "tiles"), ("registers", "rows")):
+        monkeypatch.setattr(gpu, "RECURRENCE", kind)
+        assert gpu._paths("fwd", lstm, 8, 128, f32) == [path], kind
+
+
+def test_benchmark_times_launchable_paths_once_per_shape_and_settings(monkeypatch):
+    """_run_recurrence under "benchmark": every path runs once untimed (a path whose
+    launch fails drops out), then each is timed in turn for BENCHMARK_ROUNDS rounds, each
+    run after restart(); the lowest median wins, ties to the earlier path, and the chosen
+    path runs last, for the call's result. The same key times nothing again until a
+    setting changes. Runs everywhere: runs and times are faked."""
+    monkeypatch.setattr(gpu, "_benchmarked", {})
+    monkeypatch.setattr(gpu, "BENCHMARK_ROUNDS", 3)
+    monkeypatch.setattr(gpu, "_settings", lambda: (gpu.ROW_THREADS,))
+    events = []
+    fake_ms = {"rows": [5.0, 1.0, 5.0], "units/groups": [2.0, 2.0, 9.0]}
+
+    def run(path):
+        events.append(path)
+        return path != "units"  # a cooperative launch that fails
+
+    def elapsed_ms(run, path):
+        run(path)
+        return fake_ms[path].pop(0)
+    monkeypatch.setattr(gpu, "_elapsed_ms", elapsed_ms)
+    paths = ["units", "rows", "units/groups"]
+    key = ("fwd", "lstm", "float32", 8, 128, False)
+    gpu._run_recurrence(key, paths, run, lambda: events.append("restart"))
+    warm_up = ["restart", "units", "restart", "rows", "restart", "units/groups"]
+    timed = 3 * ["restart", "rows", "restart", "units/groups"]
+    assert events == warm_up + timed + ["restart", "units/groups"]  # medians 5 and 2
+    assert gpu.benchmarked_paths() == {key: "units/groups"}
+    events.clear()
+    gpu._run_recurrence(key, paths, run, lambda: events.append("restart"))
+    assert events == ["units/groups"]
+    monkeypatch.setattr(gpu, "ROW_THREADS", 64)  # another setting: choose again
+    fake_ms.update(rows=[3.0] * 3, **{"units/groups": [3.0] * 3})
+    events.clear()
+    gpu._run_recurrence(key, paths, run, lambda: None)
+    assert events[-1] == "rows"  # a tie: the earlier path
+    # A single path (any other RECURRENCE) just runs, falling back to the rows.
+    events.clear()
+    gpu._run_recurrence(key, ["units"], run, None)
+    assert events == ["units", "rows"]
+
+
 def test_unit_launch_shrinks_blocks_until_the_grid_fits_then_falls_back(monkeypatch):
     """A cooperative grid must be resident at once: when the block size does not allow it,
     the launch retries with half the threads; any other failure under "auto" is reported

@@ -35,6 +35,7 @@ def gpu_check(monkeypatch):
     monkeypatch.setattr(gpu_check, "GOALS", {SHAPE: 3.0})
     monkeypatch.setattr(gpu_check, "ROUNDS", 1)
     monkeypatch.setattr(gpu_check, "_sync", cuda.synchronize)  # no torch CUDA here
+    monkeypatch.setattr(gpu, "_benchmarked", {})
     calls = []
 
     def measure(cell, shape, backward):  # fastrnn's call is real, cuDNN's a stand-in
@@ -80,6 +81,21 @@ def test_breakdown_times_every_recurrence_path(gpu_check, capsys):
     assert gpu._unit_shared.__name__ == "_unit_shared"  # put back
     fastest = out.splitlines()[out.splitlines().index(line) + 1]
     assert "fastest: eval fwd " in fastest and '"auto" runs rows' in fastest
+    # The simulator's events time every path alike: "benchmark" keeps auto's.
+    assert '"benchmark" chose eval fwd rows, train fwd rows, bwd rows' in fastest
+
+
+def test_the_table_under_benchmark_lists_the_chosen_paths(gpu_check, monkeypatch, capsys):
+    pytest.importorskip("torch")  # benchmark() sets torch.backends.cudnn flags
+    monkeypatch.setattr(gpu, "RECURRENCE", "benchmark")
+    monkeypatch.setattr(gpu_check, "CELLS", ("gru",))
+    gpu_check.benchmark(deadline=float("inf"), tf32_default_pass=False)
+    gpu_check.benchmark_choices()
+    out = capsys.readouterr().out
+    chosen = out[out.index('== "benchmark" chose'):].splitlines()[1:]
+    assert chosen == [f"   ({direction!r}, 'gru', 'float32', 1, 4, {train}): rows"
+                      for direction, train in (("bwd", True), ("fwd", False), ("fwd", True))]
+    assert {call[3] for call in gpu_check.calls} == {"benchmark", "registers"}
 
 
 def test_breakdown_puts_the_settings_back_when_it_fails(gpu_check, monkeypatch, capsys):

@@ -16,6 +16,7 @@ All on the default stream, so their order is the program order.
 """
 import importlib
 import importlib.util
+import statistics
 import threading
 
 import numpy as np
@@ -41,10 +42,14 @@ SHARED_OPT_IN = True
 # "tiles" (each step's product as register-tiled GEMM tiles, two grid barriers per step,
 # kernels.forward_tiles; only when asked for: not yet timed on a GPU), "registers" (a block
 # per batch row with the recurrent weights in registers, kernels.forward_regs, for small
-# layers, see _register_plan; only when asked for: not yet timed on a GPU), or "auto" (units
-# where a cooperative launch is possible, see _use_units, else rows).
+# layers, see _register_plan; only when asked for: not yet timed on a GPU), "auto" (units
+# where a cooperative launch is possible, see _use_units, else rows), or "benchmark" (like
+# torch.backends.cudnn.benchmark: the first call of each shape times every path that gives
+# auto's bits, and that shape keeps the fastest; see _run_recurrence).
 RECURRENCE = "auto"
-RECURRENCE_KINDS = ("auto", "rows", "units", "tiles", "registers")
+RECURRENCE_KINDS = ("auto", "benchmark", "rows", "units", "tiles", "registers")
+# Timed runs of each path when "benchmark" chooses (after one untimed run that compiles it).
+BENCHMARK_ROUNDS = 3
 # Recurrent weights per thread of the register kernels (a multiple of 4); None: 64 for
 # float32, 32 for float64 (two registers each). Tests set it small to get several chunks.
 REG_WEIGHTS = None
@@ -545,16 +550,14 @@ def _multiprocessors():
 
 
 def _use_units(B, H):
-    """Whether this call runs the unit-split kernels (see RECURRENCE). "auto" takes them
-    where a grid barrier is possible, the batch leaves multiprocessors idle under the row
-    kernels (B below their number), and H >= UNITS_MIN_HIDDEN. Measured on an H200 (LSTM,
+    """Whether RECURRENCE "auto" runs the unit-split kernels: where a grid barrier is
+    possible, the batch leaves multiprocessors idle under the row kernels (B below their
+    number), and H >= UNITS_MIN_HIDDEN. Measured on an H200 (LSTM,
     benchmarks/gpu_check.py breakdown, us per step, eval forward): units 53-62 against rows
     86-126 at (100,64,256,256), 334-565 against 823-1460 at (200,32,128,1024), even at
     (100,8,64,128); rows ahead at (1000,1,32,64) (6.0-6.3 against 8.8-9.9, where the
     barrier costs more than it spreads) and at (50,256,512,512), whose 256 rows already
     fill the GPU."""
-    if RECURRENCE != "auto":
-        return RECURRENCE == "units"
     if _simulator_enabled() or _units_broken:
         return False
     return B < _multiprocessors() and H >= UNITS_MIN_HIDDEN
@@ -603,9 +606,9 @@ def _tile_blocks(B, N, H):
 def _launch_units(kind, one, persistent_args, step_args_for):
     """Launch a unit-split or tiled recurrence: the persistent kernel on a GPU, or one
     launch per step (per part of a step) on the simulator, which cannot cross a grid
-    barrier. Under RECURRENCE "auto" a failed cooperative launch (no cudadevrt to link, say)
-    is reported once and the process falls back to the row kernels, which need no grid
-    barrier; a forced "units" or "tiles" raises."""
+    barrier. Under RECURRENCE "auto" or "benchmark" a failed cooperative launch (no
+    cudadevrt to link, say) is reported once and returns False: the process falls back to
+    the row kernels, which need no grid barrier. A forced "units" or "tiles" raises."""
     kernel, grid, threads, shared_bytes = kind
     if _simulator_enabled():
         for args in step_args_for:
@@ -625,7 +628,7 @@ def _launch_units(kind, one, persistent_args, step_args_for):
                     raise
                 threads //= 2
     except Exception as exc:  # numba raises several types for link and launch failures
-        if RECURRENCE != "auto":
+        if RECURRENCE not in ("auto", "benchmark"):
             raise
         import warnings
         _units_broken.append(f"{type(exc).__name__}: {exc}")
@@ -685,6 +688,113 @@ def _check_recurrence():
                          f"{', '.join(map(repr, RECURRENCE_KINDS))}, got {RECURRENCE!r}")
 
 
+# ---------------------------------------------------------------------------- path choice
+
+_benchmarked = {}  # _run_recurrence's key + _settings() -> the path "benchmark" chose
+
+
+def _units_path():
+    """The unit-split path the switches pick: by pair groups or by single pairs."""
+    return "units/groups" if UNIT_PAIR_GROUPS else "units"
+
+
+def _paths(direction, cell, B, H, dtype):
+    """The recurrence paths a call of ``direction`` ("fwd" or "bwd") may run: RECURRENCE's
+    one, or under "benchmark" every path that gives "auto"'s bits, auto's own first.
+
+    Paths: "rows", "units", "units/groups", "tiles", "registers". Candidates are the rows,
+    both unit-split kinds (unless a cooperative launch has failed in this process), and the
+    register kernels where this direction's product fits one chunk of weights per thread
+    (more chunks sum in another order: other bits). Not the tiles, which sum in the GEMM's
+    order. Only paths with the same bits may race, so a choice that timing noise tips one
+    way in one process and the other way in the next still gives the same results."""
+    auto = _units_path() if _use_units(B, H) else "rows"
+    if RECURRENCE == "auto":
+        return [auto]
+    if RECURRENCE == "units":
+        return [_units_path()]
+    if RECURRENCE == "registers":
+        return ["registers" if _register_plan(cell, H, dtype) else "rows"]
+    if RECURRENCE != "benchmark":
+        return [RECURRENCE]
+    paths = [auto] + [path for path in ("rows", "units", "units/groups")
+                      if path != auto and not (_units_broken and path != "rows")]
+    plan = _register_plan(cell, H, dtype)
+    if plan and plan[1 if direction == "fwd" else 2] == 1:
+        paths.append("registers")
+    return paths
+
+
+def _settings():
+    """The module settings a "benchmark" choice depends on (a new value chooses afresh),
+    and the current GPU."""
+    try:
+        device = int(_cuda().get_current_device().id)
+    except Exception:  # the simulator's fake device
+        device = 0
+    return (ROW_THREADS, SHARED_BYTES, SHARED_OPT_IN, UNITS_PER_BLOCK, UNITS_MIN_HIDDEN,
+            UNIT_PAIR_GROUPS, REG_WEIGHTS, REG_THREADS, GEMM_TILE, device)
+
+
+def benchmarked_paths():
+    """{(direction, cell, dtype, B, H, train): path} that RECURRENCE "benchmark" has chosen
+    in this process under the current settings (direction "fwd" or "bwd"; train is True
+    for "bwd")."""
+    current = _settings()
+    return {key[:6]: path for key, path in _benchmarked.items() if key[6:] == current}
+
+
+def _run_recurrence(key, paths, run, restart):
+    """Run one layer-direction's recurrence by the first of ``paths``, or, with several
+    (RECURRENCE "benchmark"), by the one found fastest for ``key`` (direction, cell, dtype,
+    B, H, train: not T, whose per-step cost barely moves the order), timing them all at
+    the first call (:func:`_benchmark`).
+
+    run(path) launches the recurrence and says whether it could: a cooperative launch
+    that fails under "auto" or "benchmark" runs nothing and returns False, and the row
+    kernels run instead. restart() puts back what a run overwrites of its own inputs
+    (forward: the input projection, which each step adds its recurrent product into, and
+    the initial state; backward: the carried state gradient), so every timed run computes
+    this call's result; after choosing, the chosen path runs once more for it."""
+    path = paths[0]
+    if len(paths) > 1:
+        full_key = tuple(key) + _settings()
+        path = _benchmarked.get(full_key)
+        if path is None:
+            path = _benchmarked[full_key] = _benchmark(paths, run, restart)
+            restart()
+    if not run(path):
+        run("rows")
+
+
+def _benchmark(paths, run, restart):
+    """The fastest of ``paths``: each runs once untimed (which compiles it; a path that
+    cannot launch drops out), then BENCHMARK_ROUNDS rounds time each in turn; the lowest
+    median wins, a tie going to the earlier path."""
+    timings = {}
+    for path in paths:
+        restart()
+        if run(path):
+            timings[path] = []
+    for _ in range(BENCHMARK_ROUNDS):
+        for path, times in timings.items():
+            restart()
+            times.append(_elapsed_ms(run, path))
+    return min(timings, key=lambda path: statistics.median(timings[path]))
+
+
+def _elapsed_ms(run, path):
+    """Milliseconds of GPU time between events recorded around run(path) (the simulator's
+    events all say -1: every path ties, and the first stays)."""
+    cuda = _cuda()
+    start, end = cuda.event(), cuda.event()
+    start.record()
+    run(path)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def _register_kernels(cell, dtype, kc):
     return _kernels().register_kernels(cell.name, dtype, kc)
 
@@ -722,46 +832,64 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
         c_seq[first].copy_to_device(c0)
     # Input projection for all steps at once: x_proj = x2d . W_ih^T, (T*B, I) x (I, G*H).
     x_proj = _workspace(key + ("x_proj",), (T * B, GH), dtype)
-    _gemm(_flat(x2d), I, 1, _flat(w_ih), 1, I, _flat(x_proj), T * B, GH, I, False)
+
+    def project():
+        _gemm(_flat(x2d), I, 1, _flat(w_ih), 1, I, _flat(x_proj), T * B, GH, I, False)
+    project()
     split = cell.summed_columns(H)
-    plan = _register_plan(cell, H, dtype) if RECURRENCE == "registers" else None
-    if plan:
-        # W_hh as it is: each thread loads its weights once, so coalescing does not matter.
-        kc, chunks, _, shared_bytes, _ = plan
-        _launch(_register_kernels(cell, dtype, kc)["forward_regs"], B, chunks * GH,
-                shared_bytes, x_proj, _flat(w_hh), b_ih, b_hh, lengths, bool(reverse),
-                bool(train), h_seq, c_seq, Hc, acts, out, out_col, split, chunks)
-    else:
+    paths = _paths("fwd", cell, B, H, dtype)
+    w_t = None
+    if paths != ["registers"]:  # the register kernels read W_hh as it is
         # W_hh^T so that the per-step product reads the weights coalesced
         # (kernels.forward_rows).
         w_t = _workspace(key + ("w_t",), (H, GH), dtype)
         _elementwise("transpose2d", dtype, GH * H, w_hh, w_t)
-        _forward_recurrence(cell, dtype, key, x_proj, w_t, b_ih, b_hh, lengths, reverse,
-                            train, h_seq, c_seq, Hc, acts, out, out_col, split)
+
+    def run(path):
+        return _forward_recurrence(path, cell, dtype, key, x_proj, w_hh, w_t, b_ih, b_hh,
+                                   lengths, reverse, train, h_seq, c_seq, Hc, acts, out,
+                                   out_col, split)
+
+    def restart():
+        # A run adds the recurrent products into x_proj, and an eval forward's two-step
+        # ring overwrites the initial state.
+        project()
+        h_seq[first].copy_to_device(h0)
+        if Hc:
+            c_seq[first].copy_to_device(c0)
+    _run_recurrence(("fwd", cell.name, dtype.name, B, H, bool(train)), paths, run, restart)
     h_n = copy(h_seq[last])
     c_n = copy(c_seq[last]) if Hc else None
     saved = Saved(x2d, lengths, bool(reverse), h_seq, c_seq, acts) if train else None
     return h_n, c_n, saved
 
 
-def _forward_recurrence(cell, dtype, key, x_proj, w_t, b_ih, b_hh, lengths, reverse, train,
-                        h_seq, c_seq, Hc, acts, out, out_col, split):
-    """The tiled, unit-split or row-owning forward kernel, as RECURRENCE and the shape pick
-    (arguments as kernels.forward_rows; key names the workspaces of this layer-direction)."""
+def _forward_recurrence(path, cell, dtype, key, x_proj, w_hh, w_t, b_ih, b_hh, lengths,
+                        reverse, train, h_seq, c_seq, Hc, acts, out, out_col, split):
+    """Launch the forward recurrence by ``path`` (see _paths; arguments as
+    kernels.forward_rows, with w_hh (G*H, H) for the register kernels and its transpose w_t
+    (H, G*H) for the others; key names the workspaces of this layer-direction). False if a
+    cooperative launch failed and ran nothing (see _launch_units)."""
     T, B = out.shape[0], out.shape[1]
-    H, GH = w_t.shape
+    GH, H = w_hh.shape
+    if path == "registers":
+        kc, chunks, _, shared_bytes, _ = _register_plan(cell, H, dtype)
+        _launch(_register_kernels(cell, dtype, kc)["forward_regs"], B, chunks * GH,
+                shared_bytes, x_proj, _flat(w_hh), b_ih, b_hh, lengths, bool(reverse),
+                bool(train), h_seq, c_seq, Hc, acts, out, out_col, split, chunks)
+        return True
     hg_ws = _workspace(key + ("hg",), (B, GH), dtype)
-    if RECURRENCE == "tiles":
+    if path == "tiles":
         kernels = _kernels().tile_kernels(cell.name, dtype, GEMM_TILE)
         args = (x_proj, _flat(w_t), _flat(h_seq), b_ih, b_hh, lengths, bool(reverse),
                 bool(train), h_seq, c_seq, Hc, acts, hg_ws, out, out_col, split)
-        launched = _launch_units(
+        return _launch_units(
             (kernels["forward_tiles"], _tile_blocks(B, GH, H), (GEMM_TILE, GEMM_TILE), 0),
             kernels["forward_tiles"], (0, 2 * T, True) + args,
             ((phase, 1, False) + args for phase in range(2 * T)))
-    elif _use_units(B, H):
+    if path in ("units", "units/groups"):
         U, blocks, threads = _unit_geometry(H, B * (GH // H))
-        kernels = _kernels().unit_kernels(cell.name, dtype, UNIT_PAIR_GROUPS)
+        kernels = _kernels().unit_kernels(cell.name, dtype, path == "units/groups")
 
         def unit_args(w_shared, width):
             return (x_proj, _flat(w_t), b_ih, b_hh, lengths, bool(reverse), bool(train),
@@ -769,14 +897,12 @@ def _forward_recurrence(cell, dtype, key, x_proj, w_t, b_ih, b_hh, lengths, reve
         shared_bytes, *placed = _unit_shared(kernels["forward_units"], unit_args, GH * U, B,
                                              H, B * (GH // H) * U, dtype.itemsize)
         args = unit_args(*placed)
-        launched = _launch_units(
+        return _launch_units(
             (kernels["forward_units"], blocks, threads, shared_bytes),
             kernels["forward_units_one"], args, ((s,) + args for s in range(T)))
-    else:
-        launched = False
-    if not launched:
-        _forward_rows(cell, dtype, x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq,
-                      c_seq, Hc, acts, hg_ws, out, out_col, split)
+    _forward_rows(cell, dtype, x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq,
+                  c_seq, Hc, acts, hg_ws, out, out_col, split)
+    return True
 
 
 def _forward_rows(cell, dtype, x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq,
@@ -820,47 +946,17 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     dc = copy(dc_n) if Hc else _dummy(2, dtype)
     dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
     dc_prev = _workspace(key + ("dc_prev",), (B, H), dtype) if Hc else _dummy(2, dtype)
-    launched = False
-    plan = _register_plan(cell, H, dtype) if RECURRENCE == "registers" else None
-    if plan:
-        kc, _, chunks, _, shared_bytes = plan
-        _launch(_register_kernels(cell, dtype, kc)["backward_regs"], B, chunks * H,
-                shared_bytes, dout, out_col, _flat(w_hh), saved.lengths, saved.reverse,
-                saved.h_seq, saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc,
-                cell.separate_recurrent_grad, chunks)
-        launched = True
-    elif RECURRENCE == "tiles":
-        kernels = _kernels().tile_kernels(cell.name, dtype, GEMM_TILE)
-        args = (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
-                saved.c_seq, Hc, saved.acts, dgx, dgh, _flat(dgh), dh, dc, dh_direct, dc_prev)
-        launched = _launch_units(
-            (kernels["backward_tiles"], _tile_blocks(B, H, H), (GEMM_TILE, GEMM_TILE), 0),
-            kernels["backward_tiles"], (0, 2 * T, True) + args,
-            ((phase, 1, False) + args for phase in range(2 * T)))
-    elif _use_units(B, H):
-        U, blocks, threads = _unit_geometry(H, B)
-        kernels = _kernels().unit_kernels(cell.name, dtype, UNIT_PAIR_GROUPS)
 
-        def unit_args(w_shared, width):
-            return (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
-                    saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev,
-                    w_shared, width, U)
-        shared_bytes, *placed = _unit_shared(kernels["backward_units"], unit_args, GH * U, B,
-                                             GH, B * U, dtype.itemsize)
-        args = unit_args(*placed)
-        launched = _launch_units(
-            (kernels["backward_units"], blocks, threads, shared_bytes),
-            kernels["backward_units_one"], args,
-            ((s, phase) + args for s in range(T) for phase in (0, 1)))
-    if not launched:
-        _, backward_rows = _kernels().recurrence_kernels(cell.name, dtype)
+    def run(path):
+        return _backward_recurrence(path, cell, dtype, saved, dout, out_col, w_hh, dgx, dgh,
+                                    dh, dc, dh_direct, dc_prev, Hc)
 
-        def row_args(gh_shared, w_shared):
-            return (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
-                    saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev,
-                    gh_shared, w_shared)
-        _launch_rows(backward_rows, B, _row_threads(H), (GH, GH * H), dtype.itemsize,
-                     row_args)
+    def restart():  # dh and dc carry the gradient from step to step
+        dh.copy_to_device(dh_n)
+        if Hc:
+            dc.copy_to_device(dc_n)
+    _run_recurrence(("bwd", cell.name, dtype.name, B, H, True),
+                    _paths("bwd", cell, B, H, dtype), run, restart)
     rows = T * B
     rev = int(saved.reverse)
     h_prev2d = _flat(saved.h_seq)[rev * B * H:(rev + T) * B * H]  # (T*B, H), time order
@@ -880,3 +976,49 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     # dx += dgx . W_ih: (T*B, G*H) x (G*H, I)
     _gemm(g_x, GH, 1, _flat(w_ih), I, 1, _flat(dx2d), rows, I, GH, True)
     return dh, (dc if Hc else None)
+
+
+def _backward_recurrence(path, cell, dtype, saved, dout, out_col, w_hh, dgx, dgh, dh, dc,
+                         dh_direct, dc_prev, Hc):
+    """Launch the BPTT recurrence by ``path`` (see _paths; arguments as
+    kernels.backward_rows). False if a cooperative launch failed and ran nothing."""
+    T, B = dout.shape[0], dout.shape[1]
+    GH, H = w_hh.shape
+    if path == "registers":
+        kc, _, chunks, _, shared_bytes = _register_plan(cell, H, dtype)
+        _launch(_register_kernels(cell, dtype, kc)["backward_regs"], B, chunks * H,
+                shared_bytes, dout, out_col, _flat(w_hh), saved.lengths, saved.reverse,
+                saved.h_seq, saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc,
+                cell.separate_recurrent_grad, chunks)
+        return True
+    if path == "tiles":
+        kernels = _kernels().tile_kernels(cell.name, dtype, GEMM_TILE)
+        args = (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
+                saved.c_seq, Hc, saved.acts, dgx, dgh, _flat(dgh), dh, dc, dh_direct, dc_prev)
+        return _launch_units(
+            (kernels["backward_tiles"], _tile_blocks(B, H, H), (GEMM_TILE, GEMM_TILE), 0),
+            kernels["backward_tiles"], (0, 2 * T, True) + args,
+            ((phase, 1, False) + args for phase in range(2 * T)))
+    if path in ("units", "units/groups"):
+        U, blocks, threads = _unit_geometry(H, B)
+        kernels = _kernels().unit_kernels(cell.name, dtype, path == "units/groups")
+
+        def unit_args(w_shared, width):
+            return (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
+                    saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev,
+                    w_shared, width, U)
+        shared_bytes, *placed = _unit_shared(kernels["backward_units"], unit_args, GH * U, B,
+                                             GH, B * U, dtype.itemsize)
+        args = unit_args(*placed)
+        return _launch_units(
+            (kernels["backward_units"], blocks, threads, shared_bytes),
+            kernels["backward_units_one"], args,
+            ((s, phase) + args for s in range(T) for phase in (0, 1)))
+    _, backward_rows = _kernels().recurrence_kernels(cell.name, dtype)
+
+    def row_args(gh_shared, w_shared):
+        return (dout, out_col, _flat(w_hh), saved.lengths, saved.reverse, saved.h_seq,
+                saved.c_seq, Hc, saved.acts, dgx, dgh, dh, dc, dh_direct, dc_prev,
+                gh_shared, w_shared)
+    _launch_rows(backward_rows, B, _row_threads(H), (GH, GH * H), dtype.itemsize, row_args)
+    return True
