@@ -557,7 +557,8 @@ def _use_units(B, H):
     86-126 at (100,64,256,256), 334-565 against 823-1460 at (200,32,128,1024), even at
     (100,8,64,128); rows ahead at (1000,1,32,64) (6.0-6.3 against 8.8-9.9, where the
     barrier costs more than it spreads) and at (50,256,512,512), whose 256 rows already
-    fill the GPU."""
+    fill the GPU (though the breakdown of the README's table run had units ahead there,
+    419 against 530: RECURRENCE "benchmark" settles such cases on the GPU at hand)."""
     if _simulator_enabled() or _units_broken:
         return False
     return B < _multiprocessors() and H >= UNITS_MIN_HIDDEN
