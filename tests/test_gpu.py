@@ -210,15 +210,20 @@ def _units_against_rows(monkeypatch, cell, shape, seed, num_layers=2):
                                         "float64", shape)
         results[path] = _run(gpu_layer, x, h0, lengths, dout, dh_n)
     _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n), results["units"], "float64")
-    rows, units = results["rows"], results["units"]
-    for name, a, b in (("out", rows[0], units[0]), ("dx", rows[2], units[2])):
-        assert np.array_equal(a, b), name
-    for part_rows, part_units in zip(state_parts(rows[1]) + state_parts(rows[3]),
-                                     state_parts(units[1]) + state_parts(units[3])):
-        assert np.array_equal(part_rows, part_units)
-    for name in rows[4]:
-        assert np.array_equal(rows[4][name], units[4][name]), name
+    _assert_same_bits(results["rows"], results["units"])
     return placed
+
+
+def _assert_same_bits(first, second):
+    """Two _run results are equal element for element: out, h_n, dx, dh0, gradients."""
+    for name, a, b in (("out", first[0], second[0]), ("dx", first[2], second[2])):
+        assert np.array_equal(a, b), name
+    for part_first, part_second in zip(state_parts(first[1]) + state_parts(first[3]),
+                                       state_parts(second[1]) + state_parts(second[3])):
+        assert np.array_equal(part_first, part_second)
+    assert first[4].keys() == second[4].keys()
+    for name in first[4]:
+        assert np.array_equal(first[4][name], second[4][name]), name
 
 
 @needs_gpu
@@ -325,10 +330,7 @@ def test_gpu_register_kernels_match_cpu(monkeypatch, cell, weights, dtype):
     assert plan[0] == weights  # the register kernels ran, with this many weights per thread
     _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n), results["registers"], dtype)
     if weights == 64:
-        rows, regs = results["rows"], results["registers"]
-        assert np.array_equal(rows[0], regs[0]) and np.array_equal(rows[2], regs[2])
-        for name in rows[4]:
-            assert np.array_equal(rows[4][name], regs[4][name]), name
+        _assert_same_bits(results["rows"], results["registers"])
 
 
 @needs_gpu
@@ -571,14 +573,7 @@ def test_benchmark_runs_the_fastest_path_with_autos_bits(monkeypatch, cell):
     backward_paths = forward_paths if cell == "rnn_tanh" else forward_paths[:3]
     assert timed == 2 * forward_paths + 2 * backward_paths
     _compare(_run(cpu_layer, x, h0, lengths, dout, dh_n), results["benchmark"], "float64")
-    auto, chosen = results["auto"], results["benchmark"]
-    for name, a, b in (("out", auto[0], chosen[0]), ("dx", auto[2], chosen[2])):
-        assert np.array_equal(a, b), name
-    for part_auto, part_chosen in zip(state_parts(auto[1]) + state_parts(auto[3]),
-                                      state_parts(chosen[1]) + state_parts(chosen[3])):
-        assert np.array_equal(part_auto, part_chosen)
-    for name in auto[4]:
-        assert np.array_equal(auto[4][name], chosen[4][name]), name
+    _assert_same_bits(results["auto"], results["benchmark"])
     _run(gpu_layer, x, h0, lengths, dout, dh_n)
     assert len(timed) == 2 * (len(forward_paths) + len(backward_paths))
 
