@@ -581,72 +581,121 @@ def test_benchmark_runs_the_fastest_path_with_autos_bits(monkeypatch, cell):
 def test_benchmark_races_only_paths_with_autos_bits(monkeypatch):
     """Under "benchmark" the candidates are auto's pick first, the other row and unit-split
     kinds, and the register kernels only where the direction's product fits one chunk of
-    weights; never the tiles; no unit kinds once a cooperative launch has failed. Every
-    other kind is one path. Runs everywhere: the device is faked."""
+    weights; never the tiles; no unit kinds once a cooperative launch has failed. A shape
+    with a choice runs it alone while it is still a candidate. Every other kind is one
+    path. Runs everywhere: the device is faked."""
     monkeypatch.setattr(gpu, "_simulator_enabled", lambda: False)
     monkeypatch.setattr(gpu, "_multiprocessors", lambda: 132)
     monkeypatch.setattr(gpu, "_units_broken", [])
+    monkeypatch.setattr(gpu, "_benchmarked", {})
     monkeypatch.setattr(gpu, "RECURRENCE", "benchmark")
     lstm, rnn, f32 = CELL_SPECS["lstm"], CELL_SPECS["rnn_tanh"], np.dtype(np.float32)
+
+    def paths(direction, cell, B, H):
+        key = gpu._benchmark_key(direction, cell, f32, B, H, direction == "bwd")
+        return gpu._paths(key, cell, B, H, f32)
     # H=64: forward 64 weights per thread, one chunk; backward 256 gate columns, four.
-    assert gpu._paths("fwd", lstm, 1, 64, f32) == ["rows", "units", "units/groups",
-                                                    "registers"]
-    assert gpu._paths("bwd", lstm, 1, 64, f32) == ["rows", "units", "units/groups"]
+    assert paths("fwd", lstm, 1, 64) == ["rows", "units", "units/groups", "registers"]
+    assert paths("bwd", lstm, 1, 64) == ["rows", "units", "units/groups"]
     # H=128 at B=8: auto runs the unit kernels; the LSTM does not fit the register kernels,
     # the RNN does in two chunks each way.
-    assert gpu._paths("fwd", lstm, 8, 128, f32) == ["units", "rows", "units/groups"]
-    assert gpu._paths("bwd", rnn, 8, 128, f32) == ["units", "rows", "units/groups"]
-    monkeypatch.setattr(gpu, "UNIT_PAIR_GROUPS", True)
-    assert gpu._paths("fwd", lstm, 8, 128, f32) == ["units/groups", "rows", "units"]
-    monkeypatch.setattr(gpu, "_units_broken", ["no cudadevrt"])
-    assert gpu._paths("fwd", lstm, 8, 128, f32) == ["rows"]
-    assert gpu._paths("fwd", lstm, 1, 64, f32) == ["rows", "registers"]
+    assert paths("fwd", lstm, 8, 128) == ["units", "rows", "units/groups"]
+    assert paths("bwd", rnn, 8, 128) == ["units", "rows", "units/groups"]
+    gpu._benchmarked[gpu._benchmark_key("fwd", lstm, f32, 1, 64, False)] = "units"
+    assert paths("fwd", lstm, 1, 64) == ["units"]
+    monkeypatch.setattr(gpu, "_units_broken", ["no cudadevrt"])  # "units" is out: choose again
+    assert paths("fwd", lstm, 1, 64) == ["rows", "registers"]
+    assert paths("fwd", lstm, 8, 128) == ["rows"]
     monkeypatch.setattr(gpu, "_units_broken", [])
+    monkeypatch.setattr(gpu, "UNIT_PAIR_GROUPS", True)  # another setting: nothing chosen yet
+    assert paths("fwd", lstm, 8, 128) == ["units/groups", "rows", "units"]
+    assert paths("fwd", lstm, 1, 64) == ["rows", "units", "units/groups", "registers"]
     for kind, path in (("auto", "units/groups"), ("rows", "rows"), ("units", "units/groups"),
                        ("tiles", "tiles"), ("registers", "rows")):
         monkeypatch.setattr(gpu, "RECURRENCE", kind)
-        assert gpu._paths("fwd", lstm, 8, 128, f32) == [path], kind
+        assert gpu._benchmark_key("fwd", lstm, f32, 8, 128, False) is None
+        assert paths("fwd", lstm, 8, 128) == [path], kind
 
 
-def test_benchmark_times_launchable_paths_once_per_shape_and_settings(monkeypatch):
-    """_run_recurrence under "benchmark": every path runs once untimed (a path whose
-    launch fails drops out), then each is timed in turn for BENCHMARK_ROUNDS rounds, each
-    run after restart(); the lowest median wins, ties to the earlier path, and the chosen
-    path runs last, for the call's result. The same key times nothing again until a
-    setting changes. Runs everywhere: runs and times are faked."""
+def test_benchmark_times_the_paths_that_run_with_the_same_bits(monkeypatch):
+    """_run_recurrence under "benchmark": every path runs once untimed, after restart();
+    one whose launch fails, that raises, or whose results differ from the first's drops
+    out (warning for the last two). Then each is timed in turn for BENCHMARK_ROUNDS rounds;
+    the lowest median wins, ties to the earlier path, and the chosen path runs last, for
+    the call's result. A single path just runs, falling back to the rows. Runs everywhere:
+    runs and times are faked."""
     monkeypatch.setattr(gpu, "_benchmarked", {})
     monkeypatch.setattr(gpu, "BENCHMARK_ROUNDS", 3)
-    monkeypatch.setattr(gpu, "_settings", lambda: (gpu.ROW_THREADS,))
-    events = []
+    events, result = [], np.zeros(1)
     fake_ms = {"rows": [5.0, 1.0, 5.0], "units/groups": [2.0, 2.0, 9.0]}
 
     def run(path):
         events.append(path)
+        if path == "registers":
+            raise RuntimeError("no kernel image")
+        result[0] = 2.0 if path == "tiles" else 1.0  # "tiles": other bits
         return path != "units"  # a cooperative launch that fails
 
     def elapsed_ms(run, path):
         run(path)
         return fake_ms[path].pop(0)
     monkeypatch.setattr(gpu, "_elapsed_ms", elapsed_ms)
-    paths = ["units", "rows", "units/groups"]
-    key = ("fwd", "lstm", "float32", 8, 128, False)
-    gpu._run_recurrence(key, paths, run, lambda: events.append("restart"))
-    warm_up = ["restart", "units", "restart", "rows", "restart", "units/groups"]
+    paths = ["units", "rows", "units/groups", "tiles", "registers"]
+    key = (("fwd", "lstm", "float32", 8, 128, False), ())
+    with pytest.warns(RuntimeWarning) as warned:
+        gpu._run_recurrence(key, paths, run, lambda: events.append("restart"), [result])
+    assert [str(w.message) for w in warned] == [
+        'fastrnn: RECURRENCE "benchmark" leaves the tiles path out of this choice (its '
+        "results differ in the last bits from the other paths')",
+        'fastrnn: RECURRENCE "benchmark" leaves the registers path out of this choice '
+        "(RuntimeError: no kernel image)"]
+    warm_up = ["restart", "units", "restart", "rows", "restart", "units/groups", "restart",
+               "tiles", "restart", "registers"]
     timed = 3 * ["restart", "rows", "restart", "units/groups"]
     assert events == warm_up + timed + ["restart", "units/groups"]  # medians 5 and 2
-    assert gpu.benchmarked_paths() == {key: "units/groups"}
-    events.clear()
-    gpu._run_recurrence(key, paths, run, lambda: events.append("restart"))
-    assert events == ["units/groups"]
-    monkeypatch.setattr(gpu, "ROW_THREADS", 64)  # another setting: choose again
+    assert gpu._benchmarked == {key: "units/groups"}
     fake_ms.update(rows=[3.0] * 3, **{"units/groups": [3.0] * 3})
     events.clear()
-    gpu._run_recurrence(key, paths, run, lambda: None)
+    gpu._run_recurrence(key, paths[1:3], run, lambda: None, [result])
     assert events[-1] == "rows"  # a tie: the earlier path
-    # A single path (any other RECURRENCE) just runs, falling back to the rows.
     events.clear()
-    gpu._run_recurrence(key, ["units"], run, None)
+    gpu._run_recurrence(key, ["units"], run, None, [result])
     assert events == ["units", "rows"]
+    with pytest.raises(RuntimeError, match="no kernel image"):  # auto's own path: raised
+        gpu._run_recurrence(key, ["registers", "rows"], run, lambda: None, [result])
+
+
+@needs_gpu
+def test_a_chosen_register_path_costs_the_launches_of_the_forced_one(monkeypatch):
+    """Once "benchmark" has chosen the register kernels for a shape, an eval forward
+    launches what RECURRENCE "registers" does: no transpose of W_hh for the others."""
+    monkeypatch.setattr(gpu, "_benchmarked", {})
+    monkeypatch.setattr(gpu, "_elapsed_ms",
+                        lambda run, path: run(path) and (0.0 if path == "registers" else 1.0))
+    layer = fr.RNN(2, 3, device="cuda", seed=0).eval()
+    x = np.ones((2, 1, 2))
+    launches = {}
+    for kind in ("benchmark", "registers", "benchmark"):  # the first chooses
+        monkeypatch.setattr(gpu, "RECURRENCE", kind)
+        names = launches[kind] = []
+        real = gpu._launch
+        monkeypatch.setattr(gpu, "_launch", lambda kernel, *a: names.append(
+            getattr(kernel, "__name__", str(kernel))) or real(kernel, *a))
+        layer(x)
+        monkeypatch.setattr(gpu, "_launch", real)
+    assert gpu.benchmarked_paths() == {("fwd", "rnn_tanh", "float32", 1, 3, False):
+                                       "registers"}
+    assert launches["benchmark"] == launches["registers"]
+    assert not any("transpose" in name for name in launches["registers"])
+
+
+def test_benchmark_rounds_must_be_a_positive_integer(monkeypatch):
+    monkeypatch.setattr(gpu, "RECURRENCE", "benchmark")
+    for rounds in (0, -1, 2.0, None):
+        monkeypatch.setattr(gpu, "BENCHMARK_ROUNDS", rounds)
+        with pytest.raises(ValueError, match=rf"BENCHMARK_ROUNDS must be a positive integer, "
+                                             rf"got {rounds}"):
+            gpu._check_recurrence()
 
 
 def test_unit_launch_shrinks_blocks_until_the_grid_fits_then_falls_back(monkeypatch):

@@ -687,11 +687,15 @@ def _check_recurrence():
     if RECURRENCE not in RECURRENCE_KINDS:
         raise ValueError(f"fastrnn.gpu.RECURRENCE must be one of "
                          f"{', '.join(map(repr, RECURRENCE_KINDS))}, got {RECURRENCE!r}")
+    if RECURRENCE == "benchmark" and not (
+            isinstance(BENCHMARK_ROUNDS, (int, np.integer)) and BENCHMARK_ROUNDS > 0):
+        raise ValueError(f"fastrnn.gpu.BENCHMARK_ROUNDS must be a positive integer, got "
+                         f"{BENCHMARK_ROUNDS!r}")
 
 
 # ---------------------------------------------------------------------------- path choice
 
-_benchmarked = {}  # _run_recurrence's key + _settings() -> the path "benchmark" chose
+_benchmarked = {}  # _benchmark_key(...) -> the path "benchmark" chose
 
 
 def _units_path():
@@ -699,16 +703,39 @@ def _units_path():
     return "units/groups" if UNIT_PAIR_GROUPS else "units"
 
 
-def _paths(direction, cell, B, H, dtype):
-    """The recurrence paths a call of ``direction`` ("fwd" or "bwd") may run: RECURRENCE's
-    one, or under "benchmark" every path that gives "auto"'s bits, auto's own first.
+def _benchmark_key(direction, cell, dtype, B, H, train):
+    """What a "benchmark" choice is kept under: (the call's direction ("fwd" or "bwd"),
+    cell name, dtype name, B, H, training mode; not T, whose per-step cost barely moves
+    the order), then :func:`_settings` (a new value chooses afresh). None unless
+    RECURRENCE is "benchmark" (no choice to keep, and no query of the current GPU)."""
+    if RECURRENCE != "benchmark":
+        return None
+    return ((direction, cell.name, np.dtype(dtype).name, int(B), int(H), bool(train)),
+            _settings())
 
-    Paths: "rows", "units", "units/groups", "tiles", "registers". Candidates are the rows,
-    both unit-split kinds (unless a cooperative launch has failed in this process), and the
-    register kernels where this direction's product fits one chunk of weights per thread
-    (more chunks sum in another order: other bits). Not the tiles, which sum in the GEMM's
-    order. Only paths with the same bits may race, so a choice that timing noise tips one
-    way in one process and the other way in the next still gives the same results."""
+
+def _settings():
+    """The module settings a "benchmark" choice depends on, and the current GPU."""
+    try:
+        device = int(_cuda().get_current_device().id)
+    except Exception:  # the simulator's fake device
+        device = 0
+    return (ROW_THREADS, SHARED_BYTES, SHARED_OPT_IN, UNITS_PER_BLOCK, UNITS_MIN_HIDDEN,
+            UNIT_PAIR_GROUPS, REG_WEIGHTS, REG_THREADS, GEMM_TILE, device)
+
+
+def _paths(key, cell, B, H, dtype):
+    """The recurrence paths a call (_benchmark_key ``key``) may run: RECURRENCE's one, or
+    under "benchmark" the path chosen for ``key`` if it is still a candidate, else every
+    candidate, auto's own first.
+
+    Paths: "rows", "units", "units/groups", "tiles", "registers". Candidates are the paths
+    meant to give "auto"'s bits: the rows, both unit-split kinds (unless a cooperative
+    launch has failed in this process), and the register kernels where this direction's
+    product fits one chunk of weights per thread (more chunks sum in another order). Not
+    the tiles, which sum in the GEMM's order. _benchmark also checks the bits, so a choice
+    that timing noise tips one way in one process and the other way in the next still
+    gives the same results."""
     auto = _units_path() if _use_units(B, H) else "rows"
     if RECURRENCE == "auto":
         return [auto]
@@ -721,20 +748,10 @@ def _paths(direction, cell, B, H, dtype):
     paths = [auto] + [path for path in ("rows", "units", "units/groups")
                       if path != auto and not (_units_broken and path != "rows")]
     plan = _register_plan(cell, H, dtype)
-    if plan and plan[1 if direction == "fwd" else 2] == 1:
+    if plan and plan[1 if key[0][0] == "fwd" else 2] == 1:
         paths.append("registers")
-    return paths
-
-
-def _settings():
-    """The module settings a "benchmark" choice depends on (a new value chooses afresh),
-    and the current GPU."""
-    try:
-        device = int(_cuda().get_current_device().id)
-    except Exception:  # the simulator's fake device
-        device = 0
-    return (ROW_THREADS, SHARED_BYTES, SHARED_OPT_IN, UNITS_PER_BLOCK, UNITS_MIN_HIDDEN,
-            UNIT_PAIR_GROUPS, REG_WEIGHTS, REG_THREADS, GEMM_TILE, device)
+    chosen = _benchmarked.get(key)
+    return [chosen] if chosen in paths else paths
 
 
 def benchmarked_paths():
@@ -742,41 +759,54 @@ def benchmarked_paths():
     in this process under the current settings (direction "fwd" or "bwd"; train is True
     for "bwd")."""
     current = _settings()
-    return {key[:6]: path for key, path in _benchmarked.items() if key[6:] == current}
+    return {call: path for (call, settings), path in list(_benchmarked.items())
+            if settings == current}  # list(): a copy, as other threads may add choices
 
 
-def _run_recurrence(key, paths, run, restart):
+def _run_recurrence(key, paths, run, restart, results):
     """Run one layer-direction's recurrence by the first of ``paths``, or, with several
-    (RECURRENCE "benchmark"), by the one found fastest for ``key`` (direction, cell, dtype,
-    B, H, train: not T, whose per-step cost barely moves the order), timing them all at
-    the first call (:func:`_benchmark`).
+    (RECURRENCE "benchmark", nothing chosen yet), by the fastest, timing them all first
+    (:func:`_benchmark`) and keeping the choice under ``key``.
 
     run(path) launches the recurrence and says whether it could: a cooperative launch
     that fails under "auto" or "benchmark" runs nothing and returns False, and the row
     kernels run instead. restart() puts back what a run overwrites of its own inputs
     (forward: the input projection, which each step adds its recurrent product into, and
-    the initial state; backward: the carried state gradient), so every timed run computes
-    this call's result; after choosing, the chosen path runs once more for it."""
+    the initial state; backward: the carried state gradient), so every run computes this
+    call's result; after choosing, the chosen path runs once more for it. results: the
+    device arrays a run writes, which _benchmark compares between paths."""
     path = paths[0]
     if len(paths) > 1:
-        full_key = tuple(key) + _settings()
-        path = _benchmarked.get(full_key)
-        if path is None:
-            path = _benchmarked[full_key] = _benchmark(paths, run, restart)
-            restart()
+        path = _benchmarked[key] = _benchmark(paths, run, restart, results)
+        restart()
     if not run(path):
         run("rows")
 
 
-def _benchmark(paths, run, restart):
-    """The fastest of ``paths``: each runs once untimed (which compiles it; a path that
-    cannot launch drops out), then BENCHMARK_ROUNDS rounds time each in turn; the lowest
-    median wins, a tie going to the earlier path."""
-    timings = {}
+def _benchmark(paths, run, restart, results):
+    """The fastest of ``paths``: each runs once untimed, which compiles it, and a path that
+    cannot launch, fails, or writes other bits than the first that ran drops out (with a
+    RuntimeWarning, but for the first path: its failure is raised, as "auto" would). Then
+    BENCHMARK_ROUNDS rounds time each in turn; the lowest median wins, a tie going to the
+    earlier path."""
+    timings, reference = {}, None
     for path in paths:
         restart()
-        if run(path):
-            timings[path] = []
+        try:
+            if not run(path):
+                continue
+        except Exception as exc:  # a kernel that fails to compile or launch here
+            if path == paths[0]:
+                raise
+            _leave_out(path, f"{type(exc).__name__}: {exc}")
+            continue
+        bits = [to_host(array).tobytes() for array in results]
+        if reference is None:
+            reference = bits
+        elif bits != reference:
+            _leave_out(path, "its results differ in the last bits from the other paths'")
+            continue
+        timings[path] = []
     for _ in range(BENCHMARK_ROUNDS):
         for path, times in timings.items():
             restart()
@@ -784,9 +814,16 @@ def _benchmark(paths, run, restart):
     return min(timings, key=lambda path: statistics.median(timings[path]))
 
 
+def _leave_out(path, reason):
+    import warnings
+    warnings.warn(f"fastrnn: RECURRENCE \"benchmark\" leaves the {path} path out of this "
+                  f"choice ({reason})"[:500], RuntimeWarning, stacklevel=5)
+
+
 def _elapsed_ms(run, path):
-    """Milliseconds of GPU time between events recorded around run(path) (the simulator's
-    events all say -1: every path ties, and the first stays)."""
+    """Milliseconds between CUDA events recorded around run(path): the GPU's time, and the
+    host's work to launch the kernel where the GPU waits for it (each call pays that too).
+    The simulator's events all say -1: every path ties, and the first stays."""
     cuda = _cuda()
     start, end = cuda.event(), cuda.event()
     start.record()
@@ -838,7 +875,8 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
         _gemm(_flat(x2d), I, 1, _flat(w_ih), 1, I, _flat(x_proj), T * B, GH, I, False)
     project()
     split = cell.summed_columns(H)
-    paths = _paths("fwd", cell, B, H, dtype)
+    choice = _benchmark_key("fwd", cell, dtype, B, H, train)
+    paths = _paths(choice, cell, B, H, dtype)
     w_t = None
     if paths != ["registers"]:  # the register kernels read W_hh as it is
         # W_hh^T so that the per-step product reads the weights coalesced
@@ -858,7 +896,8 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
         h_seq[first].copy_to_device(h0)
         if Hc:
             c_seq[first].copy_to_device(c0)
-    _run_recurrence(("fwd", cell.name, dtype.name, B, H, bool(train)), paths, run, restart)
+    _run_recurrence(choice, paths, run, restart,
+                    [out, h_seq] + ([c_seq] if Hc else []) + ([acts] if A else []))
     h_n = copy(h_seq[last])
     c_n = copy(c_seq[last]) if Hc else None
     saved = Saved(x2d, lengths, bool(reverse), h_seq, c_seq, acts) if train else None
@@ -956,8 +995,10 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
         dh.copy_to_device(dh_n)
         if Hc:
             dc.copy_to_device(dc_n)
-    _run_recurrence(("bwd", cell.name, dtype.name, B, H, True),
-                    _paths("bwd", cell, B, H, dtype), run, restart)
+    choice = _benchmark_key("bwd", cell, dtype, B, H, True)
+    _run_recurrence(choice, _paths(choice, cell, B, H, dtype), run, restart,
+                    [dgx, dh] + ([dgh] if cell.separate_recurrent_grad else [])
+                    + ([dc] if Hc else []))
     rows = T * B
     rev = int(saved.reverse)
     h_prev2d = _flat(saved.h_seq)[rev * B * H:(rev + T) * B * H]  # (T*B, H), time order
