@@ -6,6 +6,7 @@ geometry is shrunk (fixture ``small_blocks``) so that several blocks, partial bl
 partial thread loops all run. On a real GPU the same tests run unchanged.
 """
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -687,6 +688,48 @@ def test_a_chosen_register_path_costs_the_launches_of_the_forced_one(monkeypatch
                                        "registers"}
     assert launches["benchmark"] == launches["registers"]
     assert not any("transpose" in name for name in launches["registers"])
+
+
+@needs_gpu
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_benchmark_leaves_out_a_path_whose_cell_state_differs(monkeypatch, direction):
+    """The bits _benchmark compares include the LSTM's cell states: a unit-split run made
+    to leave a different last c (forward) or dc (backward) drops out with a warning, and
+    the call gives the row kernels' results."""
+    monkeypatch.setattr(gpu, "_benchmarked", {})
+    monkeypatch.setattr(gpu, "BENCHMARK_ROUNDS", 1)
+    monkeypatch.setattr(gpu, "_elapsed_ms", lambda run, path: run(path) and
+                        (0.0 if path.startswith("units") else 1.0))
+    name = "_forward_recurrence" if direction == "fwd" else "_backward_recurrence"
+    real = getattr(gpu, name)
+
+    def skewed(path, *args):
+        launched = real(path, *args)
+        if path.startswith("units"):
+            state = args[12] if direction == "fwd" else args[9]  # c_seq / dc
+            host = gpu.to_host(state)
+            host.reshape(-1)[-1] += 1.0
+            state.copy_to_device(host)
+        return launched
+    monkeypatch.setattr(gpu, name, skewed)
+    x = np.random.default_rng(0).standard_normal((3, 2, 2))
+    results = {}
+    for kind in ("rows", "benchmark"):
+        monkeypatch.setattr(gpu, "RECURRENCE", kind)
+        layer = fr.LSTM(2, 3, device="cuda", seed=0, dtype="float64")
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            out, (h, c) = layer(x)
+            dx, _ = layer.backward(np.ones_like(out), (np.ones_like(h), np.ones_like(c)))
+        results[kind] = (out, c, dx)
+    messages = [str(w.message) for w in warned]
+    for path in ("units", "units/groups"):
+        assert any(f"leaves the {path} path out of this choice (its results differ" in message
+                   for message in messages), (path, messages)
+    chosen = gpu.benchmarked_paths()[(direction, "lstm", "float64", 2, 3, True)]
+    assert chosen == "rows"
+    for rows_part, chosen_part in zip(results["rows"], results["benchmark"]):
+        assert np.array_equal(rows_part, chosen_part)
 
 
 def test_benchmark_rounds_must_be_a_positive_integer(monkeypatch):
