@@ -274,12 +274,37 @@ def test_gpu_unit_split_stages_in_chunks(monkeypatch, cell, grouped):
     thread carries four pairs' chain sums from chunk to chunk; the LSTM's groups run in
     test_gpu_unit_split_matches_rows_bitwise (kept short: the simulator is slow)."""
     H, U, extra, forward_width, backward_width = CHUNK_CASES[cell]
+    monkeypatch.setattr(gpu, "UNIT_MIN_CHUNK", 4)
     monkeypatch.setattr(gpu, "UNIT_PAIR_GROUPS", grouped)
     monkeypatch.setattr(gpu, "UNITS_PER_BLOCK", U)
     monkeypatch.setattr(gpu, "SHARED_BYTES", (CELL_SPECS[cell].gates * H * U + extra) * 8)
     placed = _units_against_rows(monkeypatch, cell, dict(SHAPE, H=H),
                                  stable_seed("chunks", cell), num_layers=1)
     assert set(placed) == {(True, forward_width), (True, backward_width)}
+
+
+def test_unit_staging_takes_no_chunks_narrower_than_the_minimum(monkeypatch):
+    """_unit_shared stages the product operand in chunks only if at least UNIT_MIN_CHUNK
+    columns (or all K) fit beside the weight slice and the chain sums: narrower chunks would
+    cost a barrier and a handoff of four sums per pair every few terms. Runs everywhere:
+    the shared-memory budget is faked (in elements of 4 bytes)."""
+    budget = []
+    monkeypatch.setattr(gpu, "_shared_budget", lambda kernel, args, one: budget[0] * 4)
+    monkeypatch.setattr(gpu, "UNIT_MIN_CHUNK", 32)
+
+    def placed(elements, K, B=32, slice_len=1000, pairs=100):
+        budget[:] = [elements]
+        return gpu._unit_shared(None, lambda *flags: (), slice_len, B, K, pairs, 4)[1:]
+    # Beside a slice of 1000 and 4 * 100 chain sums, B=32 rows of width + 1 columns.
+    assert placed(1000 + 400 + 32 * 37, K=1024) == (True, 36)
+    assert placed(1000 + 400 + 32 * 33, K=1024) == (True, 32)
+    assert placed(1000 + 400 + 32 * 29, K=1024) == (True, 0)   # 28 columns: too narrow
+    assert placed(1000 + 32 * 14, K=13) == (True, 13)          # whole
+    assert placed(1000 + 4 + 32 * 9, K=13, pairs=1) == (True, 0)  # 8 < min(K, 32)
+    assert placed(999, K=13) == (False, 0)                     # not even the slice
+    monkeypatch.setattr(gpu, "UNIT_MIN_CHUNK", 4)
+    assert placed(1000 + 400 + 32 * 29, K=1024) == (True, 28)
+    assert placed(1000 + 4 + 32 * 9, K=13, pairs=1) == (True, 8)
 
 
 @needs_gpu

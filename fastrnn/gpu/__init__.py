@@ -60,6 +60,11 @@ TILE_BLOCKS = None       # blocks of a "tiles" launch; None: as many as useful, 
                          # per multiprocessor (tests set it to get several tiles per block)
 UNITS_PER_BLOCK = None   # None: as few as fill at most one block per multiprocessor
 UNITS_MIN_HIDDEN = 128   # "auto" keeps the row kernels below this hidden size (_use_units)
+# Narrowest chunk (columns) the unit kernels stage their product operand in (_unit_shared).
+# Each chunk costs a block barrier and a handoff of four chain sums per pair (8 shared-memory
+# accesses): at 32 columns that is an eighth of the chunk's 64 operand loads; at 4 columns
+# as many as the product's, plus a barrier per 4 terms. A guess by that count, untimed.
+UNIT_MIN_CHUNK = 32
 # The unit kernels' staged products by groups of four (row, column) pairs per thread, each
 # operand and weight element loaded feeding two multiply-adds (kernels.dot_chains_group):
 # the same bits, half the shared-memory loads, a quarter of the threads busy. Off until
@@ -580,8 +585,9 @@ def _unit_shared(kernel, args_for, slice_len, B, K, pairs, itemsize):
     the budget; after it, each step's product operand (B, K) -- every row's h_prev forward,
     gate gradients backward -- staged whole (width K) if it fits, else in chunks of the
     widest multiple of 4 columns that fits beside the chain sums the chunks hand on (4 per
-    each of the block's ``pairs``), else not at all (width 0). A chunk costs a block barrier
-    and one pass over L2; unstaged, the product waits on L2 for every four terms.
+    each of the block's ``pairs``) if at least UNIT_MIN_CHUNK (or K) columns fit, else not
+    at all (width 0). A chunk costs a block barrier and one pass over L2; unstaged, the
+    product waits on L2 for every four terms.
     args_for(w_shared, width) gives the kernel's arguments."""
     budget = _shared_budget(kernel, args_for(False, 0), True) // itemsize
     if slice_len > budget:
@@ -590,6 +596,8 @@ def _unit_shared(kernel, args_for, slice_len, B, K, pairs, itemsize):
     if B * (K + 1) <= left:
         return (slice_len + B * (K + 1)) * itemsize, True, K
     width = max(0, ((left - 4 * pairs) // B - 1) // 4 * 4)
+    if width < min(K, UNIT_MIN_CHUNK):
+        width = 0
     staged = B * (width + 1) + 4 * pairs if width else 0
     return (slice_len + staged) * itemsize, True, width
 
@@ -721,7 +729,7 @@ def _settings():
     except Exception:  # the simulator's fake device
         device = 0
     return (ROW_THREADS, SHARED_BYTES, SHARED_OPT_IN, UNITS_PER_BLOCK, UNITS_MIN_HIDDEN,
-            UNIT_PAIR_GROUPS, REG_WEIGHTS, REG_THREADS, GEMM_TILE, device)
+            UNIT_MIN_CHUNK, UNIT_PAIR_GROUPS, REG_WEIGHTS, REG_THREADS, GEMM_TILE, device)
 
 
 def _paths(key, cell, B, H, dtype):
