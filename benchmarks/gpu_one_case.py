@@ -16,14 +16,13 @@ def main(argv=None):
     parser.add_argument("cell", choices=["rnn_tanh", "rnn_relu", "lstm", "gru"])
     for size in ("T", "B", "I", "H"):
         parser.add_argument(size, type=int)
-    parser.add_argument("--path", choices=["auto", "rows", "units", "tiles", "registers"],
-                        default="auto")
+    from fastrnn import gpu
+    parser.add_argument("--path", choices=gpu.RECURRENCE_KINDS, default="auto")
     parser.add_argument("--train", action="store_true")
     parser.add_argument("--calls", type=int, default=3)
     args = parser.parse_args(argv)
     args.shape = (args.T, args.B, args.I, args.H)
     import fastrnn as fr
-    from fastrnn import gpu
     from numba import cuda
     gpu.RECURRENCE = args.path
     T, B, I, H = args.shape
@@ -41,8 +40,9 @@ def main(argv=None):
         if args.train:
             layer.backward(dout)
     cuda.synchronize()
+    chosen = f" (chose {gpu.benchmarked_paths()})" if args.path == "benchmark" else ""
     print(f"{args.cell} {tuple(args.shape)} path={args.path} train={args.train}: "
-          f"{args.calls} calls done")
+          f"{args.calls} calls done{chosen}")
 
 
 if __name__ == "__main__":
