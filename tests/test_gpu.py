@@ -285,7 +285,7 @@ def test_gpu_unit_split_stages_in_chunks(monkeypatch, cell, grouped):
 
 def test_unit_staging_takes_no_chunks_narrower_than_the_minimum(monkeypatch):
     """_unit_shared stages the product operand in chunks only if at least UNIT_MIN_CHUNK
-    columns (or all K) fit beside the weight slice and the chain sums: narrower chunks would
+    columns fit beside the weight slice and the chain sums: narrower chunks would
     cost a barrier and a handoff of four sums per pair every few terms. Runs everywhere:
     the shared-memory budget is faked (in elements of 4 bytes)."""
     budget = []
@@ -300,7 +300,7 @@ def test_unit_staging_takes_no_chunks_narrower_than_the_minimum(monkeypatch):
     assert placed(1000 + 400 + 32 * 33, K=1024) == (True, 32)
     assert placed(1000 + 400 + 32 * 29, K=1024) == (True, 0)   # 28 columns: too narrow
     assert placed(1000 + 32 * 14, K=13) == (True, 13)          # whole
-    assert placed(1000 + 4 + 32 * 9, K=13, pairs=1) == (True, 0)  # 8 < min(K, 32)
+    assert placed(1000 + 4 + 32 * 9, K=13, pairs=1) == (True, 0)  # 8 < 32
     assert placed(999, K=13) == (False, 0)                     # not even the slice
     monkeypatch.setattr(gpu, "UNIT_MIN_CHUNK", 4)
     assert placed(1000 + 400 + 32 * 29, K=1024) == (True, 28)
@@ -607,12 +607,12 @@ def test_benchmark_runs_the_fastest_path_with_autos_bits(monkeypatch, cell):
 def test_benchmark_races_only_paths_with_autos_bits(monkeypatch):
     """Under "benchmark" the candidates are auto's pick first, the other row and unit-split
     kinds, and the register kernels only where the direction's product fits one chunk of
-    weights; never the tiles; no unit kinds once a cooperative launch has failed. A shape
+    weights; never the tiles; no unit kind whose cooperative launch has failed. A shape
     with a choice runs it alone while it is still a candidate. Every other kind is one
     path. Runs everywhere: the device is faked."""
     monkeypatch.setattr(gpu, "_simulator_enabled", lambda: False)
     monkeypatch.setattr(gpu, "_multiprocessors", lambda: 132)
-    monkeypatch.setattr(gpu, "_units_broken", [])
+    monkeypatch.setattr(gpu, "_broken_paths", {})
     monkeypatch.setattr(gpu, "_benchmarked", {})
     monkeypatch.setattr(gpu, "RECURRENCE", "benchmark")
     lstm, rnn, f32 = CELL_SPECS["lstm"], CELL_SPECS["rnn_tanh"], np.dtype(np.float32)
@@ -629,10 +629,10 @@ def test_benchmark_races_only_paths_with_autos_bits(monkeypatch):
     assert paths("bwd", rnn, 8, 128) == ["units", "rows", "units/groups"]
     gpu._benchmarked[gpu._benchmark_key("fwd", lstm, f32, 1, 64, False)] = "units"
     assert paths("fwd", lstm, 1, 64) == ["units"]
-    monkeypatch.setattr(gpu, "_units_broken", ["no cudadevrt"])  # "units" is out: choose again
-    assert paths("fwd", lstm, 1, 64) == ["rows", "registers"]
-    assert paths("fwd", lstm, 8, 128) == ["rows"]
-    monkeypatch.setattr(gpu, "_units_broken", [])
+    monkeypatch.setattr(gpu, "_broken_paths", {"units": "no cudadevrt"})  # out: choose again
+    assert paths("fwd", lstm, 1, 64) == ["rows", "units/groups", "registers"]
+    assert paths("fwd", lstm, 8, 128) == ["rows", "units/groups"]
+    monkeypatch.setattr(gpu, "_broken_paths", {})
     monkeypatch.setattr(gpu, "UNIT_PAIR_GROUPS", True)  # another setting: nothing chosen yet
     assert paths("fwd", lstm, 8, 128) == ["units/groups", "rows", "units"]
     assert paths("fwd", lstm, 1, 64) == ["rows", "units", "units/groups", "registers"]
@@ -648,8 +648,9 @@ def test_benchmark_times_the_paths_that_run_with_the_same_bits(monkeypatch):
     one whose launch fails, that raises, or whose results differ from the first's drops
     out (warning for the last two). Then each is timed in turn for BENCHMARK_ROUNDS rounds;
     the lowest median wins, ties to the earlier path, and the chosen path runs last, for
-    the call's result. A single path just runs, falling back to the rows. Runs everywhere:
-    runs and times are faked."""
+    the call's result. A single path just runs, falling back to the rows (and then the
+    shape has no choice kept: the next call chooses again). Runs everywhere: runs and
+    times are faked."""
     monkeypatch.setattr(gpu, "_benchmarked", {})
     monkeypatch.setattr(gpu, "BENCHMARK_ROUNDS", 3)
     events, result = [], np.zeros(1)
@@ -672,7 +673,7 @@ def test_benchmark_times_the_paths_that_run_with_the_same_bits(monkeypatch):
         gpu._run_recurrence(key, paths, run, lambda: events.append("restart"), [result])
     assert [str(w.message) for w in warned] == [
         'fastrnn: RECURRENCE "benchmark" leaves the tiles path out of this choice (its '
-        "results differ in the last bits from the other paths')",
+        "results differ from the rows path's)",
         'fastrnn: RECURRENCE "benchmark" leaves the registers path out of this choice '
         "(RuntimeError: no kernel image)"]
     warm_up = ["restart", "units", "restart", "rows", "restart", "units/groups", "restart",
@@ -686,9 +687,20 @@ def test_benchmark_times_the_paths_that_run_with_the_same_bits(monkeypatch):
     assert events[-1] == "rows"  # a tie: the earlier path
     events.clear()
     gpu._run_recurrence(key, ["units"], run, None, [result])
-    assert events == ["units", "rows"]
+    assert events == ["units", "rows"] and key not in gpu._benchmarked  # choose again
+    gpu._run_recurrence(key, ["rows"], run, None, [result])  # one path: kept as it is
+    assert gpu._benchmarked == {key: "rows"}
+    gpu._run_recurrence(None, ["units"], run, None, [result])  # not "benchmark": nothing kept
+    assert gpu._benchmarked == {key: "rows"}
     with pytest.raises(RuntimeError, match="no kernel image"):  # auto's own path: raised
         gpu._run_recurrence(key, ["registers", "rows"], run, lambda: None, [result])
+    events.clear()
+    with pytest.warns(RuntimeWarning, match="tiles path out"):  # one left: not timed
+        gpu._run_recurrence(key, ["units", "rows", "tiles"], run, lambda: None, [result])
+    assert events == ["units", "rows", "tiles", "rows"]
+    with pytest.warns(RuntimeWarning, match="registers path out"), \
+            pytest.raises(RuntimeError, match="no kernel image"):  # none left: its error
+        gpu._run_recurrence(key, ["units", "registers"], run, lambda: None, [result])
 
 
 @needs_gpu
@@ -748,6 +760,7 @@ def test_benchmark_leaves_out_a_path_whose_cell_state_differs(monkeypatch, direc
             dx, _ = layer.backward(np.ones_like(out), (np.ones_like(h), np.ones_like(c)))
         results[kind] = (out, c, dx)
     messages = [str(w.message) for w in warned]
+    assert {w.filename for w in warned} == {__file__}  # the caller's line, here
     for path in ("units", "units/groups"):
         assert any(f"leaves the {path} path out of this choice (its results differ" in message
                    for message in messages), (path, messages)
@@ -768,11 +781,14 @@ def test_benchmark_rounds_must_be_a_positive_integer(monkeypatch):
 
 def test_unit_launch_shrinks_blocks_until_the_grid_fits_then_falls_back(monkeypatch):
     """A cooperative grid must be resident at once: when the block size does not allow it,
-    the launch retries with half the threads; any other failure under "auto" is reported
-    (RuntimeWarning) and the row kernels take over, while a forced "units" raises. Runs
+    the launch retries with half the threads; any other failure under "auto" or
+    "benchmark" is reported (RuntimeWarning) and the row kernels take over, while a forced
+    "units" raises. A failed path is not run again in the process, and only that path:
+    the pair groups failing under "benchmark" leaves auto's unit kernels alone. Runs
     everywhere: the launches are faked."""
     monkeypatch.setattr(gpu, "_simulator_enabled", lambda: False)
-    monkeypatch.setattr(gpu, "_units_broken", [])
+    monkeypatch.setattr(gpu, "_multiprocessors", lambda: 132)
+    monkeypatch.setattr(gpu, "_broken_paths", {})
     monkeypatch.setattr(gpu, "RECURRENCE", "auto")
     seen = []
 
@@ -784,14 +800,23 @@ def test_unit_launch_shrinks_blocks_until_the_grid_fits_then_falls_back(monkeypa
             raise OSError("cannot link cudadevrt")
 
     monkeypatch.setattr(gpu, "_launch", fake_launch)
-    assert gpu._launch_units(("too big", 128, 512, 0), None, (), ())
+    assert gpu._launch_units(("too big", 128, 512, 0), None, (), (), "units")
     assert seen == [512, 256, 128]
+    monkeypatch.setattr(gpu, "RECURRENCE", "benchmark")
+    with pytest.warns(RuntimeWarning, match="the units/groups GPU kernels cannot launch here "
+                                            r"\(OSError: cannot link cudadevrt\)") as warned:
+        assert not gpu._launch_units(("no cudadevrt", 128, 256, 0), None, (), (),
+                                     "units/groups")
+    assert warned[0].filename == __file__  # the caller's line, outside the package
+    assert gpu._use_units(1, 4096)
+    monkeypatch.setattr(gpu, "RECURRENCE", "auto")
     with pytest.warns(RuntimeWarning, match="cannot link cudadevrt"):
-        assert not gpu._launch_units(("no cudadevrt", 128, 256, 0), None, (), ())
+        assert not gpu._launch_units(("no cudadevrt", 128, 256, 0), None, (), (), "units")
     assert not gpu._use_units(1, 4096)  # the process stays on the row kernels
+    assert set(gpu._broken_paths) == {"units", "units/groups"}
     monkeypatch.setattr(gpu, "RECURRENCE", "units")
     with pytest.raises(OSError):
-        gpu._launch_units(("no cudadevrt", 128, 256, 0), None, (), ())
+        gpu._launch_units(("no cudadevrt", 128, 256, 0), None, (), (), "units")
 
 
 def test_unit_launch_sizes_blocks_by_the_compiled_kernel(monkeypatch):
@@ -816,7 +841,7 @@ def test_unit_launch_sizes_blocks_by_the_compiled_kernel(monkeypatch):
             return Compiled
 
     monkeypatch.setattr(gpu, "_launch", lambda kernel, grid, threads, *a: seen.append(threads))
-    assert gpu._launch_units((Kernel, 100, 512, 4096), None, ("x",), ())
+    assert gpu._launch_units((Kernel, 100, 512, 4096), None, ("x",), (), "units")
     assert seen == [128]
 
 

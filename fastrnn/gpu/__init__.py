@@ -544,7 +544,7 @@ def _opt_in_limit(kernel, args):
 
 # ---------------------------------------------------------------------------- unit split
 
-_units_broken = []  # the reason, once a cooperative launch has failed in this process
+_broken_paths = {}  # path -> why its cooperative launch failed in this process
 
 
 def _multiprocessors():
@@ -564,7 +564,7 @@ def _use_units(B, H):
     barrier costs more than it spreads) and at (50,256,512,512), whose 256 rows already
     fill the GPU (though the breakdown of the README's table run had units ahead there,
     419 against 530: RECURRENCE "benchmark" settles such cases on the GPU at hand)."""
-    if _simulator_enabled() or _units_broken:
+    if _simulator_enabled() or _units_path() in _broken_paths:
         return False
     return B < _multiprocessors() and H >= UNITS_MIN_HIDDEN
 
@@ -585,8 +585,8 @@ def _unit_shared(kernel, args_for, slice_len, B, K, pairs, itemsize):
     the budget; after it, each step's product operand (B, K) -- every row's h_prev forward,
     gate gradients backward -- staged whole (width K) if it fits, else in chunks of the
     widest multiple of 4 columns that fits beside the chain sums the chunks hand on (4 per
-    each of the block's ``pairs``) if at least UNIT_MIN_CHUNK (or K) columns fit, else not
-    at all (width 0). A chunk costs a block barrier and one pass over L2; unstaged, the
+    each of the block's ``pairs``) if at least UNIT_MIN_CHUNK columns fit, else not at
+    all (width 0). A chunk costs a block barrier and one pass over L2; unstaged, the
     product waits on L2 for every four terms.
     args_for(w_shared, width) gives the kernel's arguments."""
     budget = _shared_budget(kernel, args_for(False, 0), True) // itemsize
@@ -596,7 +596,7 @@ def _unit_shared(kernel, args_for, slice_len, B, K, pairs, itemsize):
     if B * (K + 1) <= left:
         return (slice_len + B * (K + 1)) * itemsize, True, K
     width = max(0, ((left - 4 * pairs) // B - 1) // 4 * 4)
-    if width < min(K, UNIT_MIN_CHUNK):
+    if width < UNIT_MIN_CHUNK:  # (narrower than K: K whole did not fit)
         width = 0
     staged = B * (width + 1) + 4 * pairs if width else 0
     return (slice_len + staged) * itemsize, True, width
@@ -612,11 +612,12 @@ def _tile_blocks(B, N, H):
     return max(1, min(useful, TILE_BLOCKS or _multiprocessors()))
 
 
-def _launch_units(kind, one, persistent_args, step_args_for):
-    """Launch a unit-split or tiled recurrence: the persistent kernel on a GPU, or one
-    launch per step (per part of a step) on the simulator, which cannot cross a grid
-    barrier. Under RECURRENCE "auto" or "benchmark" a failed cooperative launch (no
-    cudadevrt to link, say) is reported once and returns False: the process falls back to
+def _launch_units(kind, one, persistent_args, step_args_for, path):
+    """Launch a unit-split or tiled recurrence (``path``, see _paths): the persistent kernel
+    on a GPU, or one launch per step (per part of a step) on the simulator, which cannot
+    cross a grid barrier. Under RECURRENCE "auto" or "benchmark" a failed cooperative
+    launch (no cudadevrt to link, say) runs nothing, is reported once, and returns False;
+    the process then no longer takes that path (_broken_paths), and the caller falls back to
     the row kernels, which need no grid barrier. A forced "units" or "tiles" raises."""
     kernel, grid, threads, shared_bytes = kind
     if _simulator_enabled():
@@ -640,10 +641,23 @@ def _launch_units(kind, one, persistent_args, step_args_for):
         if RECURRENCE not in ("auto", "benchmark"):
             raise
         import warnings
-        _units_broken.append(f"{type(exc).__name__}: {exc}")
-        warnings.warn(f"fastrnn: unit-split GPU kernels unavailable ({_units_broken[0]}); "
-                      f"using the row kernels", RuntimeWarning, stacklevel=3)
+        _broken_paths[path] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"fastrnn: the {path} GPU kernels cannot launch here "
+                      f"({_broken_paths[path]}); this process no longer runs them",
+                      RuntimeWarning, stacklevel=_outside_package())
         return False
+
+
+def _outside_package():
+    """The stacklevel for warnings.warn, called in the caller of this function, that names
+    the first frame outside the fastrnn package: the user's line, however deep the call."""
+    import os
+    import sys
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    level, frame = 1, sys._getframe(1)  # level 1: the caller, which calls warnings.warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def _resident_threads(kernel, grid, threads, shared_bytes, args):
@@ -713,8 +727,8 @@ def _units_path():
 
 def _benchmark_key(direction, cell, dtype, B, H, train):
     """What a "benchmark" choice is kept under: (the call's direction ("fwd" or "bwd"),
-    cell name, dtype name, B, H, training mode; not T, whose per-step cost barely moves
-    the order), then :func:`_settings` (a new value chooses afresh). None unless
+    cell name, dtype name, B, H, training mode; not T: one choice serves every sequence
+    length, though a first call with a short T times mostly fixed costs), then :func:`_settings` (a new value chooses afresh). None unless
     RECURRENCE is "benchmark" (no choice to keep, and no query of the current GPU)."""
     if RECURRENCE != "benchmark":
         return None
@@ -738,8 +752,8 @@ def _paths(key, cell, B, H, dtype):
     candidate, auto's own first.
 
     Paths: "rows", "units", "units/groups", "tiles", "registers". Candidates are the paths
-    meant to give "auto"'s bits: the rows, both unit-split kinds (unless a cooperative
-    launch has failed in this process), and the register kernels where this direction's
+    meant to give "auto"'s bits: the rows, both unit-split kinds (each unless its
+    cooperative launch has failed in this process), and the register kernels where this direction's
     product fits one chunk of weights per thread (more chunks sum in another order). Not
     the tiles, which sum in the GEMM's order. _benchmark also checks the bits, so a choice
     that timing noise tips one way in one process and the other way in the next still
@@ -754,7 +768,7 @@ def _paths(key, cell, B, H, dtype):
     if RECURRENCE != "benchmark":
         return [RECURRENCE]
     paths = [auto] + [path for path in ("rows", "units", "units/groups")
-                      if path != auto and not (_units_broken and path != "rows")]
+                      if path != auto and path not in _broken_paths]
     plan = _register_plan(cell, H, dtype)
     if plan and plan[1 if key[0][0] == "fwd" else 2] == 1:
         paths.append("registers")
@@ -782,22 +796,29 @@ def _run_recurrence(key, paths, run, restart, results):
     (forward: the input projection, which each step adds its recurrent product into, and
     the initial state; backward: the carried state gradient), so every run computes this
     call's result; after choosing, the chosen path runs once more for it. results: the
-    device arrays a run writes, which _benchmark compares between paths."""
+    device arrays a run writes, which _benchmark compares between paths. Under
+    "benchmark" (``key`` not None) the path that ran is kept as the choice, unless it
+    could not launch: then the next call chooses again, without it."""
     path = paths[0]
     if len(paths) > 1:
-        path = _benchmarked[key] = _benchmark(paths, run, restart, results)
+        path = _benchmark(paths, run, restart, results)
         restart()
-    if not run(path):
+    if run(path):
+        if key is not None:
+            _benchmarked[key] = path
+    else:
+        if key is not None:
+            _benchmarked.pop(key, None)
         run("rows")
 
 
 def _benchmark(paths, run, restart, results):
     """The fastest of ``paths``: each runs once untimed, which compiles it, and a path that
-    cannot launch, fails, or writes other bits than the first that ran drops out (with a
-    RuntimeWarning, but for the first path: its failure is raised, as "auto" would). Then
-    BENCHMARK_ROUNDS rounds time each in turn; the lowest median wins, a tie going to the
-    earlier path."""
-    timings, reference = {}, None
+    cannot launch, raises, or writes other bits than the first that ran drops out (with a
+    RuntimeWarning; the first path's error is raised, as "auto" would raise it, and so is
+    the first error when no path is left). Then, if several are left, BENCHMARK_ROUNDS
+    rounds time each in turn; the lowest median wins, a tie going to the earlier path."""
+    timings, reference, error = {}, None, None
     for path in paths:
         restart()
         try:
@@ -806,26 +827,30 @@ def _benchmark(paths, run, restart, results):
         except Exception as exc:  # a kernel that fails to compile or launch here
             if path == paths[0]:
                 raise
+            error = error or exc
             _leave_out(path, f"{type(exc).__name__}: {exc}")
             continue
         bits = [to_host(array).tobytes() for array in results]
         if reference is None:
-            reference = bits
-        elif bits != reference:
-            _leave_out(path, "its results differ in the last bits from the other paths'")
+            reference = path, bits
+        elif bits != reference[1]:
+            _leave_out(path, f"its results differ from the {reference[0]} path's")
             continue
         timings[path] = []
-    for _ in range(BENCHMARK_ROUNDS):
-        for path, times in timings.items():
-            restart()
-            times.append(_elapsed_ms(run, path))
-    return min(timings, key=lambda path: statistics.median(timings[path]))
+    if not timings:
+        raise error if error is not None else RuntimeError("no recurrence path could run")
+    if len(timings) > 1:
+        for _ in range(BENCHMARK_ROUNDS):
+            for path, times in timings.items():
+                restart()
+                times.append(_elapsed_ms(run, path))
+    return min(timings, key=lambda path: statistics.median(timings[path] or [0.0]))
 
 
 def _leave_out(path, reason):
     import warnings
     warnings.warn(f"fastrnn: RECURRENCE \"benchmark\" leaves the {path} path out of this "
-                  f"choice ({reason})"[:500], RuntimeWarning, stacklevel=5)
+                  f"choice ({reason})"[:500], RuntimeWarning, stacklevel=_outside_package())
 
 
 def _elapsed_ms(run, path):
@@ -934,7 +959,7 @@ def _forward_recurrence(path, cell, dtype, key, x_proj, w_hh, w_t, b_ih, b_hh, l
         return _launch_units(
             (kernels["forward_tiles"], _tile_blocks(B, GH, H), (GEMM_TILE, GEMM_TILE), 0),
             kernels["forward_tiles"], (0, 2 * T, True) + args,
-            ((phase, 1, False) + args for phase in range(2 * T)))
+            ((phase, 1, False) + args for phase in range(2 * T)), path)
     if path in ("units", "units/groups"):
         U, blocks, threads = _unit_geometry(H, B * (GH // H))
         kernels = _kernels().unit_kernels(cell.name, dtype, path == "units/groups")
@@ -947,7 +972,7 @@ def _forward_recurrence(path, cell, dtype, key, x_proj, w_hh, w_t, b_ih, b_hh, l
         args = unit_args(*placed)
         return _launch_units(
             (kernels["forward_units"], blocks, threads, shared_bytes),
-            kernels["forward_units_one"], args, ((s,) + args for s in range(T)))
+            kernels["forward_units_one"], args, ((s,) + args for s in range(T)), path)
     _forward_rows(cell, dtype, x_proj, w_t, b_ih, b_hh, lengths, reverse, train, h_seq,
                   c_seq, Hc, acts, hg_ws, out, out_col, split)
     return True
@@ -1048,7 +1073,7 @@ def _backward_recurrence(path, cell, dtype, saved, dout, out_col, w_hh, dgx, dgh
         return _launch_units(
             (kernels["backward_tiles"], _tile_blocks(B, H, H), (GEMM_TILE, GEMM_TILE), 0),
             kernels["backward_tiles"], (0, 2 * T, True) + args,
-            ((phase, 1, False) + args for phase in range(2 * T)))
+            ((phase, 1, False) + args for phase in range(2 * T)), path)
     if path in ("units", "units/groups"):
         U, blocks, threads = _unit_geometry(H, B)
         kernels = _kernels().unit_kernels(cell.name, dtype, path == "units/groups")
@@ -1063,7 +1088,7 @@ def _backward_recurrence(path, cell, dtype, saved, dout, out_col, w_hh, dgx, dgh
         return _launch_units(
             (kernels["backward_units"], blocks, threads, shared_bytes),
             kernels["backward_units_one"], args,
-            ((s, phase) + args for s in range(T) for phase in (0, 1)))
+            ((s, phase) + args for s in range(T) for phase in (0, 1)), path)
     _, backward_rows = _kernels().recurrence_kernels(cell.name, dtype)
 
     def row_args(gh_shared, w_shared):
