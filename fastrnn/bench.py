@@ -47,6 +47,7 @@ import time
 import numpy as np
 
 from ._args import IMAGE_FILE, NON_NEGATIVE, OUTPUT_FILE, POSITIVE_INT
+from ._files import save_figure, write_atomically
 
 CELLS = ("rnn", "lstm", "gru")          # "rnn" is the Elman RNN with tanh
 GATES = {"rnn": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
@@ -519,7 +520,7 @@ def write_png(results, path):
         ax.set_xlabel("fastrnn GFLOP/s")
     ax.set_title("fastrnn vs PyTorch CPU" if rated else "fastrnn (no PyTorch)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -679,8 +680,8 @@ def main(argv=None):
     report = run(args)
     print_report(report, memory=args.memory)
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report, out, indent=1)
+        text = json.dumps(report, indent=1).encode()
+        write_atomically(args.json, lambda f: f.write(text), "write the report")
     if args.png:
         write_png(report["results"], args.png)
     return 0

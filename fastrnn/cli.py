@@ -17,6 +17,7 @@ import numpy as np
 
 from ._args import (FRACTION, IMAGE_FILE, NON_NEGATIVE, NON_NEGATIVE_INT, OUTPUT_FILE,
                     POSITIVE, POSITIVE_INT)
+from ._files import save_figure
 
 PLOT_HINT = "install matplotlib (pip install 'fastrnn[plot]') for the PNG"
 
@@ -159,7 +160,7 @@ def write_plot(path, model, diag_X=None, diag_Y=None, title="", diag_lengths=Non
         ax.set_title("gradient norm through time")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 

@@ -16,7 +16,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import time
 import warnings
 import zipfile
@@ -26,6 +25,7 @@ import numpy as np
 
 from . import losses, optim
 from ._args import output_path_problem
+from ._files import write_atomically
 from .data import batch_indices, one_hot
 from .layers import GRU, LSTM, RNN, _check_bool, _check_positive_int
 from .optim import NonFiniteError
@@ -150,31 +150,6 @@ class Checkpoint(Callback):
             self.model.save(self.path)
             self.last_saved = epoch
         return False
-
-
-def _new_file_mode():
-    """The mode open() gives a new file: 0666 less the umask (which can only be read by
-    setting it, so this runs once, at import, not while other threads may create files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_NEW_FILE_MODE = _new_file_mode()
-
-
-def _fsync_folder(folder):
-    """Flush a folder's entries to disk (where the OS allows opening a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check_verbose(value):
@@ -1142,29 +1117,7 @@ class SequenceModel:
         arrays["version"] = np.array(FILE_VERSION)
         arrays["digest"] = np.array(_digest(arrays))
         path = check_output_path(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        try:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                                       suffix=".tmp")
-        except OSError as exc:  # name the caller's path, not the temporary file's
-            raise type(exc)(exc.errno, f"cannot save the model to {path}: {exc.strerror}",
-                            path) from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, _NEW_FILE_MODE)  # mkstemp creates it 0600
-            os.replace(tmp, path)
-            _fsync_folder(folder)  # the rename itself survives a crash
-        except BaseException as exc:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            if isinstance(exc, OSError) and exc.errno is not None:  # a full disk, say
-                raise type(exc)(exc.errno, f"cannot save the model to {path}: "
-                                f"{exc.strerror}", path) from None
-            raise
-        return path
+        return write_atomically(path, lambda f: np.savez(f, **arrays), "save the model")
 
 
 def load(path, device=None):

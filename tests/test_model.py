@@ -510,6 +510,27 @@ def test_save_into_a_missing_folder_names_the_path_given(tmp_path):
     assert str(target) in str(info.value) and ".tmp" not in str(info.value)
 
 
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    """Files (checkpoints, benchmark reports, plots) are written through one helper: a
+    writer that fails halfway leaves the file as it was; one that finishes replaces it."""
+    from fastrnn._files import write_atomically
+    path = tmp_path / "report.json"
+    path.write_bytes(b"old")
+
+    def half_then_fail(f):
+        f.write(b"new, half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match=f"cannot write the report to {path}") as info:
+        write_atomically(path, half_then_fail, "write the report")
+    assert ".tmp" not in str(info.value)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(path, lambda f: (f.write(b"x"), (_ for _ in ()).throw(
+            KeyboardInterrupt())), "write the report")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["report.json"]
+    write_atomically(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["report.json"]
+
+
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     X, Y = fr.data.adding_problem(96, steps=6, seed=0)
     Xv, Yv = fr.data.adding_problem(32, steps=6, seed=1)

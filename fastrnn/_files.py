@@ -1,0 +1,70 @@
+"""Files written atomically: a crash, a full disk or Ctrl-C never leaves a half-written file
+at the destination (model checkpoints, benchmark reports, plots)."""
+import os
+import tempfile
+
+
+def _new_file_mode():
+    """The mode open() gives a new file: 0666 less the umask (which can only be read by
+    setting it, so this runs once, at import, not while other threads may create files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_NEW_FILE_MODE = _new_file_mode()
+
+
+def _fsync_folder(folder):
+    """Flush a folder's entries to disk (where the OS allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path, write, what="write"):
+    """Call ``write(f)`` on a binary file object, then put what it wrote at ``path``.
+
+    Written to a temporary file in the same folder, flushed, then renamed over ``path``, so
+    ``path`` holds either its old content or the complete new one. The new file gets the mode
+    open() would give it. An OSError names ``path`` (not the temporary file) and says
+    "cannot {what} to {path}"; on any failure the temporary file is removed.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                   suffix=".tmp")
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"cannot {what} to {path}: {exc.strerror}", path) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _NEW_FILE_MODE)  # mkstemp creates it 0600
+        os.replace(tmp, path)
+        _fsync_folder(folder)  # the rename itself survives a crash
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None:  # a full disk, say
+            raise type(exc)(exc.errno, f"cannot {what} to {path}: {exc.strerror}",
+                            path) from None
+        raise
+    return path
+
+
+def save_figure(fig, path, **options):
+    """``fig.savefig`` to ``path`` atomically, in the format its extension names
+    (matplotlib cannot tell the format from a file object)."""
+    extension = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    return write_atomically(path, lambda f: fig.savefig(f, format=extension, **options),
+                            "save the figure")
