@@ -35,10 +35,11 @@ import time
 
 import numpy as np
 
-SHAPES = [(1000, 1, 32, 64), (100, 8, 64, 128), (100, 64, 256, 256), (50, 256, 512, 512),
-          (200, 32, 128, 1024)]
+from fastrnn.bench import GPU_GRID, Case
+
+SHAPES = list(GPU_GRID)  # issue 3's (T, B, I, H), also `fastrnn bench --device cuda`'s
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+BENCH_CELLS = {"rnn_tanh": "rnn", "rnn_relu": "rnn_relu", "lstm": "lstm", "gru": "gru"}
 # Issue 3's goals: fastrnn speed relative to cuDNN (ratio = cuDNN time / fastrnn time).
 GOALS = {(1000, 1, 32, 64): 3.0, (100, 8, 64, 128): 3.0, (100, 64, 256, 256): 1.0,
          (50, 256, 512, 512): 0.7, (200, 32, 128, 1024): 0.7}
@@ -53,10 +54,9 @@ FIT_BATCHES = 8
 
 
 def flops(cell, T, B, I, H, backward):
-    """Multiply-add FLOPs (2 per MAC) of the GEMM work: forward 2*T*B*G*H*(I+H); backward
-    does three products of the same size (dx, dW_ih + dW_hh, dh), so forward+backward = 3x."""
-    forward = 2.0 * T * B * GATES[cell] * H * (I + H)
-    return 3.0 * forward if backward else forward
+    """Multiply-add FLOPs (2 per MAC) of the GEMM work, as ``fastrnn bench`` counts them:
+    forward 2*T*B*G*H*(I+H); forward+backward 3x that (dx, dW_ih + dW_hh, dh)."""
+    return float(Case(BENCH_CELLS[cell], T, B, I, H).flops("train" if backward else "infer"))
 
 
 def plan():
@@ -169,46 +169,14 @@ def _reps_for(fn):
 
 
 def measure(cell, shape, backward):
-    """(fastrnn seconds per call, cuDNN seconds per call, median per-round ratio)."""
-    import torch
-    T, B, I, H = shape
-    layer = make_fastrnn(cell, I, H)
-    module = make_torch(cell, I, H, layer)
-    x = torch.randn(T, B, I, device="cuda")
-    dout = torch.randn(T, B, H, device="cuda")
-    if backward:
-        layer.train()
-        module.train()
-        x_grad = x.clone().requires_grad_()
-
-        def run_fastrnn():
-            out, _ = layer(x)
-            layer.backward(dout)
-
-        def run_cudnn():
-            out, _ = module(x_grad)
-            out.backward(dout)
-    else:
-        layer.eval()
-        module.eval()
-
-        def run_fastrnn():
-            layer(x)
-
-        def run_cudnn():
-            with torch.no_grad():
-                module(x)
-    run_fastrnn()  # compile / autotune outside the timing
-    run_cudnn()
-    reps_a, reps_b = _reps_for(run_fastrnn), _reps_for(run_cudnn)
-    times_a, times_b, ratios = [], [], []
-    for _ in range(ROUNDS):
-        a = _sample(run_fastrnn, reps_a)
-        b = _sample(run_cudnn, reps_b)
-        times_a.append(a)
-        times_b.append(b)
-        ratios.append(b / a)
-    return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
+    """(fastrnn seconds per call, cuDNN seconds per call, median per-round ratio):
+    fastrnn.bench.compare on the GPU (``fastrnn bench --device cuda``), ROUNDS interleaved
+    rounds of about SAMPLE_S seconds each, fastrnn's inputs Numba device arrays and cuDNN's
+    torch CUDA tensors, a training step with zero_grad and dx on both sides."""
+    from fastrnn.bench import compare
+    result = compare(Case(BENCH_CELLS[cell], *shape, device="cuda"),
+                     "train" if backward else "infer", rounds=ROUNDS, min_time=SAMPLE_S)
+    return result["fastrnn_ms"] / 1e3, result["torch_ms"] / 1e3, result["ratio"]
 
 
 def _register_extra(cell, shape):

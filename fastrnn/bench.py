@@ -1,9 +1,11 @@
-"""Benchmark fastrnn against PyTorch on the CPU, one process, interleaved (README, Benchmarks).
+"""Benchmark fastrnn against PyTorch, one process, interleaved (README, Benchmarks).
 
 ``python -m fastrnn.bench`` (or ``fastrnn bench``) runs, for each cell and shape, fastrnn and
 PyTorch CPU (when importable) in ONE process, interleaved A B A B, with the same number of
 threads, and reports the median of the per-round time ratios (torch time / fastrnn time, so
 > 1 means fastrnn is faster). Absolute times on shared machines are noise; ratios are not.
+With ``--device cuda`` both run on the GPU (fastrnn's GPU backend against cuDNN), inputs
+already on the device, each timing from an idle GPU to an idle GPU.
 
 FLOP count (what the GFLOP/s column means)
 ------------------------------------------
@@ -52,7 +54,11 @@ from ._files import save_figure, write_atomically
 CELLS = ("rnn", "lstm", "gru")          # "rnn" is the Elman RNN with tanh
 GATES = {"rnn": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 GRID = ((200, 1, 32, 64), (100, 32, 32, 64), (100, 64, 128, 256), (50, 128, 512, 512))
+# The GPU backend's (T, B, I, H) grid: issue 3's, also benchmarks/gpu_check.py's table.
+GPU_GRID = ((1000, 1, 32, 64), (100, 8, 64, 128), (100, 64, 256, 256), (50, 256, 512, 512),
+            (200, 32, 128, 1024))
 MODES = ("infer", "train")
+DEVICES = ("cpu", "cuda")
 
 
 # ----------------------------------------------------------------------------- cases
@@ -61,9 +67,12 @@ class Case:
     """One benchmark configuration: cell, shape (T, B, I, H) and layer options."""
 
     def __init__(self, cell, T, B, I, H, num_layers=1, bidirectional=False, varlen=False,
-                 dtype="float32"):
+                 dtype="float32", device="cpu"):
         if cell not in GATES:
             raise ValueError(f"cell must be one of {sorted(GATES)}, got {cell!r}")
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        self.device = device
         self.cell, self.T, self.B, self.I, self.H = cell, int(T), int(B), int(I), int(H)
         self.num_layers, self.bidirectional, self.varlen = int(num_layers), bool(bidirectional), \
             bool(varlen)
@@ -87,7 +96,7 @@ class Case:
     def as_dict(self):
         return dict(cell=self.cell, T=self.T, B=self.B, I=self.I, H=self.H,
                     num_layers=self.num_layers, bidirectional=self.bidirectional,
-                    varlen=self.varlen, dtype=self.dtype)
+                    varlen=self.varlen, dtype=self.dtype, device=self.device)
 
     def lengths(self):
         """None, or B lengths spread evenly from T down to T//4 (mean about 0.63 T)."""
@@ -142,7 +151,7 @@ def make_inputs(case, seed=0):
 def make_fastrnn(case, seed=0):
     import fastrnn as fr
     options = dict(num_layers=case.num_layers, bidirectional=case.bidirectional,
-                   dtype=case.dtype, seed=seed)
+                   dtype=case.dtype, seed=seed, device=case.device)
     if case.cell in ("rnn", "rnn_relu"):
         nonlinearity = "relu" if case.cell == "rnn_relu" else "tanh"
         return fr.RNN(case.I, case.H, nonlinearity=nonlinearity, **options)
@@ -150,9 +159,14 @@ def make_fastrnn(case, seed=0):
 
 
 def fastrnn_step(case, mode, seed=0):
-    """A no-argument callable running one fastrnn forward (eval) or training step."""
+    """A no-argument callable running one fastrnn forward (eval) or training step. On
+    device "cuda" x and dout are device arrays, uploaded once, and the step returns with
+    its kernels queued: time it with :func:`synchronizer`'s function around the calls."""
     layer = make_fastrnn(case, seed)
     x, dout, lengths = make_inputs(case, seed)
+    if case.device == "cuda":
+        from numba import cuda
+        x, dout = cuda.to_device(x), cuda.to_device(dout)
     if mode == "infer":
         layer.eval()
 
@@ -169,12 +183,13 @@ def fastrnn_step(case, mode, seed=0):
     return step
 
 
-def torch_available():
+def torch_available(device="cpu"):
+    """Whether torch imports (and, for device "cuda", has a usable CUDA device)."""
     try:
-        import torch  # noqa: F401
+        import torch
     except Exception:
         return False
-    return True
+    return device == "cpu" or bool(torch.cuda.is_available())
 
 
 def make_torch(case, layer=None):
@@ -189,22 +204,23 @@ def make_torch(case, layer=None):
         module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[case.cell](case.I, case.H,
                                                                          **options)
     module = module.to(getattr(torch, case.dtype))
-    if layer is None:
-        return module
-    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
-                            layer.state_dict().items()})
-    return module
+    if layer is not None:
+        module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
+                                layer.state_dict().items()})
+    return module.to(case.device)
 
 
 def torch_step(case, mode, seed=0, same_weights=True):
     """The same step in PyTorch: eval forward under inference_mode, or zero_grad + forward +
     backward with dx computed (fastrnn's backward always returns dx, so the work matches).
-    same_weights copies fastrnn's initial weights (same_weights=False: PyTorch's own)."""
+    same_weights copies fastrnn's initial weights (same_weights=False: PyTorch's own). On
+    device "cuda" the module and x, dout are on the GPU (cuDNN; lengths stay on the host,
+    as pack_padded_sequence wants them)."""
     import torch
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
     module = make_torch(case, make_fastrnn(case, seed) if same_weights else None)
     x, dout, lengths = make_inputs(case, seed)
-    xt, doutt = torch.from_numpy(x), torch.from_numpy(dout)
+    xt, doutt = torch.from_numpy(x).to(case.device), torch.from_numpy(dout).to(case.device)
     lengths_t = None if lengths is None else torch.from_numpy(lengths)
 
     def run(inp):
@@ -246,18 +262,38 @@ def match_torch_threads(n):
         torch.set_num_threads(n)
 
 
-def calibrate(fn, min_time):
+def _nothing():
+    pass
+
+
+def synchronizer(device):
+    """A function that returns once the work queued on ``device`` is done: nothing to wait
+    for on the CPU; on "cuda" Numba's and (when it is imported and has CUDA) torch's."""
+    if device == "cpu":
+        return _nothing
+    from numba import cuda
+
+    def sync():
+        cuda.synchronize()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return sync
+
+
+def calibrate(fn, min_time, sync=_nothing):
     """Calls per measurement so that one measurement lasts at least min_time seconds."""
-    start = time.perf_counter()
-    fn()
-    elapsed = time.perf_counter() - start
-    return max(1, int(math.ceil(min_time / max(elapsed, 1e-9))))
+    return max(1, int(math.ceil(min_time / max(time_calls(fn, 1, sync), 1e-9))))
 
 
-def time_calls(fn, number):
+def time_calls(fn, number, sync=_nothing):
+    """Seconds per call of ``number`` calls, from an idle device to an idle device
+    (``sync``: see :func:`synchronizer`)."""
+    sync()
     start = time.perf_counter()
     for _ in range(number):
         fn()
+    sync()
     return (time.perf_counter() - start) / number
 
 
@@ -275,24 +311,34 @@ def warm_up(fn, seconds):
         fn()
 
 
-def compare(case, mode, rounds=5, min_time=0.05, with_torch=True, seed=0, warmup=0.03):
-    """Interleaved A B A B timing of one case; returns a result dict (times in seconds)."""
+def compare(case, mode, rounds=5, min_time=0.05, with_torch=True, seed=0, warmup=None):
+    """Interleaved A B A B timing of one case; returns a result dict (times in seconds).
+
+    On device "cuda" the peer is torch.nn on the GPU (cuDNN, with whatever
+    ``torch.backends.cudnn.allow_tf32`` says), every timing runs from an idle GPU until it
+    is idle again, and ``warmup`` (None: 0.03 s on the CPU, none on the GPU, where no
+    spinning thread pool outlives a call) is the untimed run before each batch."""
+    sync = synchronizer(case.device)
+    if warmup is None:
+        warmup = 0.03 if case.device == "cpu" else 0.0
     fast = fastrnn_step(case, mode, seed)
     fast()  # JIT (or cache load) and workspace allocation, outside the timing
     slow = None
     if with_torch:
         slow = torch_step(case, mode, seed)
-        slow()
-    n_fast = calibrate(fast, min_time)
-    n_slow = calibrate(slow, min_time) if slow else 0
+        slow()  # for cuDNN: its plan and workspace, outside the timing
+    n_fast = calibrate(fast, min_time, sync)
+    n_slow = calibrate(slow, min_time, sync) if slow else 0
     fast_times, slow_times, ratios = [], [], []
     for _ in range(rounds):
-        warm_up(fast, warmup)
-        a = time_calls(fast, n_fast)
+        if warmup:
+            warm_up(fast, warmup)
+        a = time_calls(fast, n_fast, sync)
         fast_times.append(a)
         if slow:
-            warm_up(slow, warmup)
-            b = time_calls(slow, n_slow)
+            if warmup:
+                warm_up(slow, warmup)
+            b = time_calls(slow, n_slow, sync)
             slow_times.append(b)
             ratios.append(b / a)
     fast_s = statistics.median(fast_times)
@@ -318,6 +364,25 @@ def measure_gemm(n=2048, dtype="float32", repeats=5, n_threads=None):
     with threadpool_limits(n_threads, user_api="blas"):
         a @ b
         best = min(time_calls(lambda: a @ b, 1) for _ in range(repeats))
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def measure_gemm_cuda(n=2048, dtype="float32", repeats=5):
+    """The GPU's GEMM rate in GFLOP/s: torch.matmul (cuBLAS) with TF32 off, as fastrnn
+    computes in plain float32, n x n x n, best of repeats batches of 10 calls; None
+    without torch's CUDA build."""
+    if not torch_available("cuda"):
+        return None
+    import torch
+    a, b = (torch.randn(n, n, dtype=getattr(torch, dtype), device="cuda") for _ in range(2))
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a @ b
+        best = min(time_calls(lambda: a @ b, 10, synchronizer("cuda"))
+                   for _ in range(repeats))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
     return 2.0 * n ** 3 / best / 1e9
 
 
@@ -518,7 +583,9 @@ def write_png(results, path):
         ax.set_xlabel("torch time / fastrnn time (> 1: fastrnn faster)")
     else:
         ax.set_xlabel("fastrnn GFLOP/s")
-    ax.set_title("fastrnn vs PyTorch CPU" if rated else "fastrnn (no PyTorch)")
+    peer = "PyTorch CUDA (cuDNN)" if any(r.get("device") == "cuda" for r in results) \
+        else "PyTorch CPU"
+    ax.set_title(f"fastrnn vs {peer}" if rated else "fastrnn (no PyTorch)")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
@@ -527,14 +594,22 @@ def write_png(results, path):
 def build_parser():
     p = argparse.ArgumentParser(
         prog="fastrnn bench",
-        description="Time fastrnn against PyTorch CPU (interleaved, same threads, median of "
-                    "per-round ratios). Unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for the "
+        description="Time fastrnn against PyTorch (interleaved, same threads, median of "
+                    "per-round ratios): on the CPU, or with --device cuda on the GPU against "
+                    "cuDNN. Unset OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for the "
                     "command on machines that set them (see README, Benchmarks).")
     p.add_argument("--cells", default=",".join(CELLS),
                    help="comma-separated cells: rnn (tanh), rnn_relu, lstm, gru [%(default)s]")
-    p.add_argument("--shapes", type=parse_shapes, default=list(GRID),
-                   help="comma-separated TxBxIxH shapes [the issue's grid: "
-                        + ",".join("x".join(map(str, s)) for s in GRID) + "]")
+    p.add_argument("--shapes", type=parse_shapes, default=None,
+                   help="comma-separated TxBxIxH shapes [CPU: "
+                        + ",".join("x".join(map(str, s)) for s in GRID) + "; cuda: "
+                        + ",".join("x".join(map(str, s)) for s in GPU_GRID) + "]")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="cpu, or cuda: fastrnn's GPU backend against torch.nn on the GPU "
+                        "(cuDNN), inputs already on the device [cpu]")
+    p.add_argument("--tf32", action="store_true",
+                   help="with --device cuda, let cuDNN use TF32 (its default; off here, "
+                        "since fastrnn computes in plain float32)")
     p.add_argument("--layers", type=POSITIVE_INT, default=1, help="num_layers [1]")
     p.add_argument("--bidirectional", action="store_true", help="bidirectional layers")
     p.add_argument("--varlen", action="store_true",
@@ -564,9 +639,22 @@ def build_parser():
     return p
 
 
-def _versions():
+def _gpu_name():
+    """The current GPU's name ("CUDA simulator" under NUMBA_ENABLE_CUDASIM)."""
+    from numba import cuda
+    name = getattr(cuda.get_current_device(), "name", "CUDA simulator")
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _versions(device="cpu"):
     import numba
     versions = dict(python=sys.version.split()[0], numpy=np.__version__, numba=numba.__version__)
+    if device == "cuda":
+        import importlib.metadata
+        try:
+            versions["numba-cuda"] = importlib.metadata.version("numba-cuda")
+        except importlib.metadata.PackageNotFoundError:
+            pass
     if torch_available():
         import torch
         versions["torch"] = torch.__version__
@@ -585,23 +673,36 @@ def run(args):
     if args.memory and args.infer:
         print("note: --memory measures training steps; --infer runs none", file=sys.stderr)
     n_threads = threads()
-    with_torch = not args.no_torch and torch_available()
+    with_torch = not args.no_torch and torch_available(args.device)
     if with_torch:
         match_torch_threads(n_threads)
+    gpu = None
+    if args.device == "cuda":
+        gpu = _gpu_name()
+        if not args.no_torch and not with_torch:
+            print("note: torch with CUDA is not available: fastrnn is timed alone",
+                  file=sys.stderr)
+        if with_torch:
+            import torch
+            torch.backends.cudnn.allow_tf32 = args.tf32
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     if not cells:
         raise SystemExit(f"fastrnn bench: --cells names no cell: {args.cells!r}")
     for cell in cells:
         if cell not in GATES:
             raise SystemExit(f"fastrnn bench: unknown cell {cell!r}; choose from {sorted(GATES)}")
-    shapes = args.shapes
+    shapes = args.shapes or list(GPU_GRID if args.device == "cuda" else GRID)
     modes = ("train",) if args.train else ("infer",) if args.infer else MODES
-    gemm = measure_gemm(n=args.gemm_size, dtype=args.dtype, n_threads=n_threads)
+    def reference_gemm():
+        if args.device == "cuda":
+            return measure_gemm_cuda(n=args.gemm_size, dtype=args.dtype)
+        return measure_gemm(n=args.gemm_size, dtype=args.dtype, n_threads=n_threads)
+    gemm = reference_gemm()
     results = []
     for cell in cells:
         for shape in shapes:
             case = Case(cell, *shape, num_layers=args.layers, bidirectional=args.bidirectional,
-                        varlen=args.varlen, dtype=args.dtype)
+                        varlen=args.varlen, dtype=args.dtype, device=args.device)
             for mode in modes:
                 r = compare(case, mode, rounds=args.rounds, min_time=args.min_time,
                             with_torch=with_torch)
@@ -616,11 +717,14 @@ def run(args):
                           file=sys.stderr, flush=True)
     # Measured before and after the cases, the better of the two: on this project's shared
     # VM single measurements ranged from 143 to 320 GFLOP/s between runs.
-    gemm = max(gemm, measure_gemm(n=args.gemm_size, dtype=args.dtype, n_threads=n_threads))
+    if gemm is not None:
+        gemm = max(gemm, reference_gemm())
     for r in results:
-        r["pct_sgemm"] = 100.0 * r["gflops"] / gemm
-    machine = dict(threads=n_threads, gemm_n=args.gemm_size, gemm_dtype=args.dtype, gemm_gflops=gemm,
-                   cpu_count=os.cpu_count(), versions=_versions(),
+        r["pct_sgemm"] = None if gemm is None else 100.0 * r["gflops"] / gemm
+    machine = dict(threads=n_threads, gemm_n=args.gemm_size, gemm_dtype=args.dtype,
+                   gemm_gflops=gemm, device=args.device, gpu=gpu,
+                   cudnn_tf32=args.tf32 if args.device == "cuda" and with_torch else None,
+                   cpu_count=os.cpu_count(), versions=_versions(args.device),
                    env={k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                                        "OPENBLAS_NUM_THREADS",
                                                        "NUMBA_NUM_THREADS", "OMP_NUM_THREADS")})
@@ -639,11 +743,19 @@ def run(args):
 def print_report(report, memory=False, file=None):
     file = file or sys.stdout
     m = report["machine"]
-    engines = "Numba and torch" if any(r["torch_ms"] is not None
-                                       for r in report["results"]) else "Numba"
-    print(f"fastrnn bench: {m['threads']} threads ({engines}), "
-          f"{m['gemm_dtype']} GEMM {m['gemm_n']}^3: {m['gemm_gflops']:.1f} GFLOP/s; "
-          + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), file=file)
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    gemm = f"{m['gemm_dtype']} GEMM {m['gemm_n']}^3: {_fmt(m['gemm_gflops'], 1)} GFLOP/s"
+    if m.get("device") == "cuda":
+        peer = "" if m["cudnn_tf32"] is None else \
+            f" against cuDNN (TF32 {'on' if m['cudnn_tf32'] else 'off'})"
+        gemm = "no GEMM reference (needs torch with CUDA)" if m["gemm_gflops"] is None \
+            else f"{gemm} (torch, TF32 off)"
+        print(f"fastrnn bench: {m['gpu']}{peer}, {gemm}; {versions}", file=file)
+    else:
+        engines = "Numba and torch" if any(r["torch_ms"] is not None
+                                           for r in report["results"]) else "Numba"
+        print(f"fastrnn bench: {m['threads']} threads ({engines}), {gemm}; {versions}",
+              file=file)
     unset = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if m["env"].get(k)]
     if unset:
         print(f"note: {', '.join(unset)} set; on this project's machines they halve OpenBLAS "
@@ -671,6 +783,17 @@ def main(argv=None):
         return 0
     if args.rounds < 1:
         raise SystemExit("fastrnn bench: --rounds must be >= 1")
+    if args.device == "cuda":
+        if args.memory or args.startup:
+            raise SystemExit("fastrnn bench: --memory and --startup measure the host "
+                             "(peak RSS, CPU kernel compiles); they do not combine with "
+                             "--device cuda")
+        from . import gpu
+        reason = gpu.unavailable_reason()
+        if reason is not None:
+            raise SystemExit(f"fastrnn bench: {reason}")
+    elif args.tf32:
+        raise SystemExit("fastrnn bench: --tf32 is a cuDNN setting; it needs --device cuda")
     if args.png:  # before the run, not after it
         try:
             import matplotlib  # noqa: F401

@@ -135,3 +135,54 @@ def test_float64_runs_name_their_reference_dgemm_and_no_torch(capsys):
     out = capsys.readouterr().out
     assert "% dgemm" in out and "% sgemm" not in out
     assert "threads (Numba)" in out
+
+
+# ---------------------------------------------------------------------------- --device cuda
+# The GPU runs themselves are in tests/test_gpu_check.py (CUDA simulator).
+
+def test_a_timing_waits_for_the_device_before_and_after_the_calls():
+    events = []
+    bench.time_calls(lambda: events.append("call"), 2, lambda: events.append("sync"))
+    assert events == ["sync", "call", "call", "sync"]
+    assert bench.synchronizer("cpu")() is None
+
+
+def test_device_must_be_cpu_or_cuda():
+    with pytest.raises(ValueError, match="device must be one of"):
+        bench.Case("lstm", 2, 1, 2, 4, device="tpu")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tf32"], "--tf32 is a cuDNN setting"),
+    (["--device", "cuda", "--memory"], "do not combine with --device cuda"),
+    (["--device", "cuda", "--startup"], "do not combine with --device cuda")])
+def test_gpu_options_are_refused_where_they_mean_nothing(argv, message, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit, match=message):
+        bench.main(["--cells", "rnn", "--shapes", TINY, "--no-torch"] + argv)
+
+
+def test_device_cuda_without_a_gpu_says_what_is_missing(monkeypatch):
+    from fastrnn import gpu
+    reason = gpu.unavailable_reason()
+    if reason is None:
+        pytest.skip("device='cuda' can run here")
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit, match="device='cuda'") as info:
+        bench.main(["--cells", "rnn", "--shapes", TINY, "--device", "cuda"])
+    assert str(info.value) == f"fastrnn bench: {reason}"
+
+
+def test_the_asv_gpu_benchmarks_skip_without_a_gpu():
+    import os
+    from fastrnn import gpu
+    if gpu.unavailable_reason() is None and not os.environ.get("NUMBA_ENABLE_CUDASIM"):
+        pytest.skip("a GPU is here: the asv GPU benchmarks would run")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    try:
+        from benchmarks import bench_gpu
+    finally:
+        sys.path.pop(0)
+    for suite in (bench_gpu.GpuGrid(), bench_gpu.CudnnRatio()):
+        with pytest.raises(NotImplementedError):
+            suite.setup("lstm", bench_gpu.SHAPES[0], "infer")

@@ -5,6 +5,7 @@ summary would waste that run. Here its steps run on the CUDA simulator at a tiny
 cuDNN's timing (``measure``, which needs torch's CUDA build) replaced by a stand-in, and the
 printed output is checked. Skips unless the simulator is on (CI runs it there).
 """
+import json
 import os
 import sys
 
@@ -127,3 +128,65 @@ def test_fixed_cost_and_training_steps_print_their_lines(gpu_check, monkeypatch,
     assert "== fixed cost" in out and "registers fwd+bwd 2000.0 (cuDNN 1000.0)" in out
     assert "== SequenceModel.fit step on the GPU" in out
     assert gpu.RECURRENCE == "auto"
+
+
+def _gpu_check_module():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    return gpu_check
+
+
+def test_the_goal_table_times_with_fastrnn_bench_on_the_gpu(monkeypatch):
+    """gpu_check.measure is ``fastrnn bench --device cuda``'s compare: fastrnn's step runs
+    on the device (here the simulator) against the peer's (here a stand-in for cuDNN),
+    each timing from an idle device to an idle one."""
+    from fastrnn import bench
+    gpu_check = _gpu_check_module()
+    monkeypatch.setattr(gpu_check, "ROUNDS", 1)
+    monkeypatch.setattr(gpu_check, "SAMPLE_S", 0.0)
+    stand_in_calls, steps, syncs = [], [], []
+    real_step, real_sync = bench.fastrnn_step, bench.synchronizer
+
+    def torch_step(case, mode, seed=0):
+        stand_in_calls.append((case.cell, case.shape, case.device, mode))
+        return lambda: None
+
+    def fastrnn_step(case, mode, seed=0):
+        step = real_step(case, mode, seed)
+        steps.append(step.layer.device)
+        return step
+
+    def synchronizer(device):
+        sync = real_sync(device)
+
+        def counted():
+            syncs.append(device)
+            sync()
+        return counted
+    monkeypatch.setattr(bench, "torch_step", torch_step)
+    monkeypatch.setattr(bench, "fastrnn_step", fastrnn_step)
+    monkeypatch.setattr(bench, "synchronizer", synchronizer)
+    fast_s, peer_s, ratio = gpu_check.measure("rnn_tanh", SHAPE, backward=True)
+    assert stand_in_calls == [("rnn", SHAPE, "cuda", "train")] and steps == ["cuda"]
+    assert fast_s > 0 and peer_s > 0 and ratio == pytest.approx(peer_s / fast_s)
+    # calibrate and one round, for each engine: a wait before and after every timing.
+    assert syncs == 8 * ["cuda"]
+
+
+def test_fastrnn_bench_runs_on_the_gpu(tmp_path, capsys):
+    from fastrnn import bench
+    path = tmp_path / "gpu.json"
+    assert bench.main(["--device", "cuda", "--cells", "gru", "--shapes", "2x1x2x4",
+                       "--rounds", "1", "--min-time", "0", "--gemm-size", "32", "--no-torch",
+                       "--quiet", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fastrnn bench: CUDA simulator, no GEMM reference")
+    report = json.loads(path.read_text())
+    assert report["machine"]["device"] == "cuda" and report["machine"]["gemm_gflops"] is None
+    assert [(r["mode"], r["device"]) for r in report["results"]] == [("infer", "cuda"),
+                                                                     ("train", "cuda")]
+    assert all(r["fastrnn_ms"] > 0 and r["pct_sgemm"] is None and r["ratio"] is None
+               for r in report["results"])
