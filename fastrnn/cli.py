@@ -590,7 +590,8 @@ def build_parser():
     train.add_argument("--resume", action="store_true",
                        help="continue from --checkpoint if it exists")
     train.add_argument("--plot", default=None, type=IMAGE_FILE,
-                       help="PNG of loss and gradient norms (default: next to --checkpoint)")
+                       help="PNG of loss and gradient norms (default: next to --checkpoint; "
+                            "'' to skip)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
 
@@ -621,9 +622,8 @@ def main(argv=None):
         return 0
     if getattr(args, "clip_norm", None) == 0:
         args.clip_norm = None
-    for name in ("save", "plot"):
-        if getattr(args, name, None) == "":
-            setattr(args, name, None)
+    if getattr(args, "save", None) == "":
+        args.save = None  # (--plot '' stays '': train's default plot is None, "none given")
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError, ArithmeticError, RuntimeError) as exc:

@@ -81,7 +81,15 @@ class CharVocab:
         return ids.astype(np.int64)
 
     def decode(self, ids):
-        return "".join(self.chars[int(i)] for i in ids)
+        """int ids in [0, len(self)) -> str (ValueError for an id outside, which Python's
+        negative indexing would otherwise turn into a character from the end)."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= len(self)):
+            raise ValueError(f"ids must be integers in [0, {len(self)}) (the vocabulary "
+                             f"size), got dtype {ids.dtype}"
+                             + (f", values in [{ids.min()}, {ids.max()}]"
+                                if ids.dtype.kind in "iuf" else ""))
+        return "".join(self.chars[int(i)] for i in ids.ravel())
 
 
 def _positive_int(value, name):
@@ -99,7 +107,8 @@ def one_hot(ids, size, dtype=np.float32):
                          + (f", values in [{ids.min()}, {ids.max()}]"
                             if ids.dtype.kind in "iuf" else ""))
     out = np.zeros(ids.shape + (size,), dtype)
-    np.put_along_axis(out, ids[..., None], 1, axis=-1)
+    if ids.size:  # (an empty array may have any dtype, a float one from np.array([])
+        np.put_along_axis(out, ids[..., None], 1, axis=-1)
     return out
 
 
@@ -153,6 +162,10 @@ def pad_sequences(sequences, dtype=np.float32, value=0.0):
     if not seqs:
         raise ValueError("pad_sequences needs at least one sequence")
     seqs = [s[:, None] if s.ndim == 1 else s for s in seqs]
+    for i, s in enumerate(seqs):
+        if s.ndim != 2 or s.shape[1] != seqs[0].shape[1]:
+            raise ValueError(f"sequences[{i}] must have shape (T, {seqs[0].shape[1]}) like "
+                             f"sequences[0] (or (T,) for one feature), got {s.shape}")
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     if lengths.min() < 1:
         raise ValueError("every sequence needs at least one step")

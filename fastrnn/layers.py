@@ -118,7 +118,17 @@ def _check_array(array, name, ndim, dtype, device=None):
         raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     if arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {arr.shape}")
-    return arr.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # reported below, by name
+        converted = arr.astype(dtype, copy=False)
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > converted.dtype.itemsize:
+        # float64 -> float32: a finite value beyond float32's range would become inf and
+        # compute on silently.
+        overflow = np.isinf(converted) & np.isfinite(arr)
+        if overflow.any():
+            index = tuple(int(i) for i in np.argwhere(overflow)[0])
+            raise ValueError(f"{name} holds values beyond {converted.dtype}'s range (first "
+                             f"at index {index}, value {arr[index]})")
+    return converted
 
 
 def _check_shape(array, name, expected):
@@ -223,31 +233,48 @@ class _RecurrentLayer:
         of the layer's dtype and shape on its device. Callers may assign entries
         (load_state_dict converts and copies; an assignment does not), and would otherwise
         meet a Numba typing or NumPy broadcast error that names no parameter."""
+        self._check_entries(self.params, "params", "load_state_dict converts")
+
+    def _check_grads(self):
+        """Every entry of ``grads`` as backward accumulates into it: as _check_params, and
+        writeable (checked before any gradient is touched, so a bad entry leaves them all
+        as they were)."""
+        self._check_entries(self.grads, "grads", "assign an array like params[name] "
+                            "(zeros, to reset it)", writeable=True)
+
+    def _check_entries(self, entries, label, hint, writeable=False):
+        """Each of the layer's parameter names in ``entries`` (params or grads, named
+        ``label`` in errors) holds an array of the layer's dtype and parameter's shape on
+        its device (C-contiguous there), and a writeable one if asked; ``hint`` ends a
+        dtype error."""
         shapes = self.__dict__.get("_shapes")
         if shapes is None:
             shapes = self._shapes = self._parameter_shapes()
-        on_device, dtype, params = self.device != "cpu", self.dtype, self.params
+        on_device, dtype = self.device != "cpu", self.dtype
         for name, shape in shapes.items():
-            value = params.get(name)
+            value = entries.get(name)
             if type(value) is np.ndarray and not on_device:  # the common case, first
-                if value.dtype == dtype and value.shape == shape:
+                if value.dtype == dtype and value.shape == shape and (
+                        value.flags.writeable or not writeable):
                     continue
             kind_ok = _is_device_array(value) if on_device else isinstance(value, np.ndarray)
-            where = f"params[{name!r}]"
+            where = f"{label}[{name!r}]"
             if kind_ok and value.dtype == dtype and tuple(value.shape) == shape:
-                # The kernels read device parameters as flat memory.
-                if not on_device or gpu.is_c_contiguous(value):
-                    continue
-                raise TypeError(f"{where} must be a C-contiguous device array, got a strided "
-                                f"view; assign a copy, or use load_state_dict")
+                if on_device and not gpu.is_c_contiguous(value):
+                    # The kernels read device parameters as flat memory.
+                    raise TypeError(f"{where} must be a C-contiguous device array, got a "
+                                    f"strided view; assign a copy")
+                if writeable and not on_device and not value.flags.writeable:
+                    raise ValueError(f"{where} is read-only, and {label} are updated in "
+                                     f"place; assign a writeable copy")
+                continue
             expected = (f"a {'device' if on_device else 'NumPy'} array of dtype "
                         f"{self.dtype} and shape {shape}")
             if value is None:
                 raise ValueError(f"{where} is missing; the layer needs {expected}")
             if not kind_ok or value.dtype != self.dtype:
                 got = f"dtype {value.dtype}" if kind_ok else type(value).__name__
-                raise TypeError(f"{where} must be {expected}, got {got}; "
-                                f"load_state_dict converts")
+                raise TypeError(f"{where} must be {expected}, got {got}; {hint}")
             raise ValueError(f"{where} must have shape {shape}, got {tuple(value.shape)}")
 
     def _init_parameters(self, seed):
@@ -505,6 +532,7 @@ class _RecurrentLayer:
             raise StateError("backward needs a forward in training mode; call layer.train() "
                              "and forward again (eval-mode forward keeps no activations)")
         self._check_params()
+        self._check_grads()
         if self._saved is None:
             dropped = getattr(self, "_saved_dropped_by", None)
             if dropped:

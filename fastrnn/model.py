@@ -89,7 +89,7 @@ class EarlyStopping(Callback):
         if not (isinstance(min_delta, numbers.Real) and min_delta >= 0):
             raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}")
         self.monitor, self.patience, self.min_delta = monitor, patience, float(min_delta)
-        self.restore_best_weights = restore_best_weights
+        self.restore_best_weights = _check_bool(restore_best_weights, "restore_best_weights")
         self.best, self.best_epoch, self.best_state, self.wait = None, None, None, 0
         self.stopped_epoch = None
 
@@ -162,6 +162,25 @@ def _check_verbose(value):
     raise TypeError(f"verbose must be a bool or 0/1/2, got {value!r}")
 
 
+def _finite_as(value, dtype, name, where=None):
+    """``value`` (a NumPy array of real numbers) as a C-contiguous ``dtype`` array;
+    ValueError naming ``name`` if it holds a NaN or an infinity, or a finite value the
+    conversion overflows to one (1e39 in float32). ``where``: a boolean mask of the
+    entries that count (padding past a sequence's length may hold anything)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below, by name
+        converted = np.ascontiguousarray(value, dtype=dtype)
+    bad = ~np.isfinite(converted)
+    if where is not None:
+        bad &= np.broadcast_to(where, bad.shape)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        problem = "NaN or infinite values" if not np.isfinite(value[index]) else \
+            f"values beyond {np.dtype(dtype).name}'s range"
+        raise ValueError(f"{name} holds {problem} (first at index {index}, value "
+                         f"{value[index]})")
+    return converted
+
+
 def _check_json(value, name):
     """TypeError naming ``name`` unless value is JSON-serialisable (saved in model files)."""
     try:
@@ -203,6 +222,10 @@ def _host_numpy(value):
 def _as_callbacks(callbacks, early_stopping):
     if hasattr(callbacks, "on_epoch_end") or callable(callbacks):
         callbacks = [callbacks]  # one callback, not in a list
+    elif callbacks is not None and (isinstance(callbacks, (str, bytes)) or
+                                    not hasattr(callbacks, "__iter__")):
+        raise TypeError(f"callbacks must be a callback (on_epoch_end(epoch, logs), or a "
+                        f"function), a list of them or None, got {type(callbacks).__name__}")
     result = []
     for cb in list(callbacks or []):
         if hasattr(cb, "on_epoch_end"):
@@ -352,10 +375,13 @@ class SequenceModel:
         head = {}
         for k in self.head:  # everything is checked before anything is replaced
             value = _host_numpy(state_dict[f"head.{k}"])
-            if value.shape != self.head[k].shape or not np.all(np.isfinite(value)):
-                raise ValueError(f"state_dict['head.{k}'] must be finite with shape "
+            if value.shape != self.head[k].shape:
+                raise ValueError(f"state_dict['head.{k}'] must have shape "
                                  f"{self.head[k].shape}, got {value.shape}")
-            head[k] = value.astype(self.dtype).copy()
+            if value.dtype.kind not in "fiu":
+                raise TypeError(f"state_dict['head.{k}'] must hold real numbers, got dtype "
+                                f"{value.dtype}")
+            head[k] = _finite_as(value, self.dtype, f"state_dict['head.{k}']").copy()
         self._load_rnn({k[4:]: v for k, v in state_dict.items() if k.startswith("rnn.")},
                        "state_dict['rnn.{}']")
         self.head.update(head)
@@ -365,9 +391,11 @@ class SequenceModel:
         finite values included (label: how to name one, e.g. "state_dict[{!r}]"); the
         streaming state of the replaced weights is dropped."""
         rnn = {k: v if optim._on_device(v) else _host_numpy(v) for k, v in state_dict.items()}
-        numeric = {label.format(k): v for k, v in rnn.items()  # other dtypes: the layer
-                   if optim._on_device(v) or v.dtype.kind in "fiu"}  # names the problem
-        bad = optim.non_finite(numeric)
+        for k, v in rnn.items():  # host values as the layer will hold them (other dtypes:
+            if not optim._on_device(v) and v.dtype.kind in "fiu":  # the layer names them)
+                rnn[k] = _finite_as(v, self.dtype, label.format(k))
+        device = {label.format(k): v for k, v in rnn.items() if optim._on_device(v)}
+        bad = optim.non_finite(device)
         if bad:
             raise ValueError(f"{bad[0]} holds NaN or infinite values")
         self.rnn.load_state_dict(rnn)  # checks shapes before it replaces any parameter
@@ -421,15 +449,7 @@ class SequenceModel:
                              f"(samples, steps, input_size), got {X.shape}")
         if X.shape[0] == 0 or X.shape[1] == 0:
             raise ValueError(f"{name} needs at least one sample and one step, got {X.shape}")
-        with np.errstate(over="ignore"):  # reported below, by name
-            converted = np.ascontiguousarray(X, dtype=self.dtype)
-        if not np.all(np.isfinite(converted)):
-            # Either X holds them, or finite values overflowed the conversion (1e300 -> inf).
-            problem = "NaN or infinite values" if not np.all(np.isfinite(X)) else \
-                f"values beyond {self.dtype.name}'s range"
-            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(converted))[0])
-            raise ValueError(f"{name} holds {problem} (first at index {bad}, value {X[bad]})")
-        return converted
+        return _finite_as(X, self.dtype, name)
 
     def _check_ids(self, X, name):
         """X (N, T) of token ids -> int32 (N, T), each id in [0, input_size): one-hot inputs
@@ -503,9 +523,7 @@ class SequenceModel:
         if Y.shape != shape:
             raise ValueError(f"{name} must have shape {shape} for output={self.output!r}, "
                              f"got {Y.shape}")
-        Y = Y.astype(self.dtype)
-        if not np.all(np.isfinite(Y[mask])):
-            raise ValueError(f"{name} holds NaN or infinite values")
+        Y = _finite_as(Y, self.dtype, name, where=mask[..., None])
         return np.where(mask[..., None], Y, 0).astype(self.dtype)
 
     def _check_data(self, X, Y=None, lengths=None, prefix=""):

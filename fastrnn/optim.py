@@ -190,8 +190,22 @@ class Optimizer:
         """One update of every parameter in ``params`` (in place) from ``grads``; parameters
         left out of ``params`` keep their values and state.
 
-        Raises NonFiniteError (and changes nothing) if any new value is NaN or infinite.
+        Raises NonFiniteError (and changes nothing) if any new value is NaN or infinite, and
+        ValueError (changing nothing) for a parameter that cannot be updated in place (a
+        read-only NumPy array) or a gradient that is missing or of another shape.
         """
+        for name, param in params.items():
+            grad = grads.get(name)
+            if grad is None:
+                raise ValueError(f"grads[{name!r}] is missing: every parameter stepped needs "
+                                 f"its gradient")
+            if tuple(grad.shape) != tuple(param.shape):
+                raise ValueError(f"grads[{name!r}] has shape {tuple(grad.shape)} but "
+                                 f"params[{name!r}] has {tuple(param.shape)}")
+            if isinstance(param, np.ndarray) and not param.flags.writeable:
+                raise ValueError(f"params[{name!r}] is read-only, and the optimizer updates "
+                                 f"parameters in place; assign a writeable copy (or use "
+                                 f"load_state_dict, which copies)")
         self.steps += 1
         counts = {name: self.param_steps.get(name, 0) + 1 for name in params}
         host, device = {}, {}

@@ -184,6 +184,7 @@ def test_real_targets_with_a_time_axis_train_a_per_step_model(tmp_path):
     model = fr.load(ckpt)
     assert (model.output, model.output_size, model.loss) == ("sequence", 1, "mse")
     assert model.history["loss"][-1] < 100
+    assert sorted(os.listdir(tmp_path)) == ["m.npz", "steps.npz"]  # --plot '': no m.png
 
 
 @pytest.mark.parametrize("case, message", [

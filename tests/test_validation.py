@@ -682,3 +682,94 @@ def test_train_in_the_same_mode_keeps_the_last_forward(cell):
     out, _ = layer(x, h0=h0, lengths=lengths)
     layer.train()  # already training: as in PyTorch, nothing changes
     layer.backward(np.ones_like(out))
+
+
+# ------------------------------------------------------------------------ float32 range,
+# assigned gradients, read-only parameters
+
+def test_finite_values_beyond_float32_are_refused_not_made_infinite():
+    """A float64 value the conversion to float32 would turn into an infinity is refused by
+    name, in x and in state_dicts (the model's load had accepted it, then refused its own
+    saved file)."""
+    layer = fr.LSTM(2, 3, seed=0)
+    x = np.ones((2, 1, 2))
+    x[1, 0, 1] = 1e39
+    with raises(ValueError, "x holds values beyond float32's range (first at index (1, 0, 1)"):
+        layer(x)
+    weights = {k: v.astype(np.float64) for k, v in layer.state_dict().items()}
+    weights["weight_hh_l0"][0, 0] = -1e300
+    with raises(ValueError, "state_dict['weight_hh_l0'] holds values beyond float32's range"):
+        layer.load_state_dict(weights)
+    model = fr.SequenceModel(2, 3, 1, cell="gru", seed=0)
+    before = model.state_dict()
+    for key in ("head.weight", "rnn.weight_hh_l0"):
+        weights = {k: v.astype(np.float64) for k, v in before.items()}
+        weights[key][0, 0] = 1e39
+        with raises(ValueError, f"state_dict['{key}'] holds values beyond float32's range"):
+            model.load_state_dict(weights)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    X, Y = fr.data.adding_problem(4, steps=3, seed=0)
+    with raises(ValueError, "Y holds values beyond float32's range"):
+        model.fit(X, Y.astype(np.float64) * 1e39, verbose=False)
+
+
+@pytest.mark.parametrize("problem", ["dtype", "shape", "read-only", "missing"])
+def test_assigned_gradients_are_checked_before_any_is_accumulated(problem):
+    layer = fr.GRU(3, 4, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    if problem == "dtype":
+        layer.grads["bias_ih_l0"] = np.zeros(12)
+        error = raises(TypeError, "grads['bias_ih_l0'] must be a NumPy array of dtype float32")
+    elif problem == "shape":
+        layer.grads["bias_ih_l0"] = np.zeros(3, np.float32)
+        error = raises(ValueError, "grads['bias_ih_l0'] must have shape (12,), got (3,)")
+    elif problem == "read-only":
+        layer.grads["bias_ih_l0"].flags.writeable = False
+        error = raises(ValueError, "grads['bias_ih_l0'] is read-only")
+    else:
+        del layer.grads["bias_ih_l0"]
+        error = raises(ValueError, "grads['bias_ih_l0'] is missing")
+    out, _ = layer(x)
+    with error:
+        layer.backward(np.ones_like(out))
+    assert all(not np.any(g) for g in layer.grads.values())  # weight_ih_l0's untouched too
+
+
+def test_a_read_only_parameter_stops_fit_before_any_update():
+    model = fr.SequenceModel(2, 4, 1, seed=0)
+    X, Y = fr.data.adding_problem(8, steps=3, seed=0)
+    before = model.state_dict()
+    model.rnn.params["bias_hh_l0"] = model.rnn.params["bias_hh_l0"].copy()
+    model.rnn.params["bias_hh_l0"].flags.writeable = False
+    with raises(ValueError, "params['rnn.bias_hh_l0'] is read-only"):
+        model.fit(X, Y, epochs=1, batch_size=4, verbose=False)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    assert model.optimizer.steps == 0 and not model.optimizer.state and model.epoch == 0
+
+
+def test_an_optimizer_step_needs_a_gradient_of_each_parameters_shape():
+    params = {"w": np.ones(3, np.float32)}
+    adam = fr.optim.Adam(lr=0.1)
+    with raises(ValueError, "grads['w'] is missing"):
+        adam.step(params, {})
+    with raises(ValueError, "grads['w'] has shape (2,) but params['w'] has (3,)"):
+        adam.step(params, {"w": np.ones(2, np.float32)})
+    assert adam.steps == 0 and np.all(params["w"] == 1)
+
+
+def test_helpers_and_callbacks_name_bad_arguments():
+    X, Y = fr.data.adding_problem(4, steps=3, seed=0)
+    model = fr.SequenceModel(2, 3, 1, seed=0)
+    with raises(TypeError, "callbacks must be a callback"):
+        model.fit(X, Y, callbacks=5, verbose=False)
+    with raises(TypeError, "restore_best_weights must be a bool"):
+        fr.EarlyStopping(restore_best_weights="no")
+    vocab = fr.data.CharVocab("abc")
+    assert vocab.decode(np.array([2, 0])) == "ca" and vocab.decode([]) == ""
+    with raises(ValueError, "ids must be integers in [0, 3)"):
+        vocab.decode([-1])
+    assert fr.data.one_hot(np.array([]), 3).shape == (0, 3)
+    with raises(ValueError, "sequences[1] must have shape (T, 2)"):
+        fr.data.pad_sequences([np.zeros((3, 2)), np.zeros((2, 3))])
