@@ -67,6 +67,21 @@ def _device_to_host(array):
     raise TypeError(f"cannot copy {type(array).__name__} to the host")
 
 
+def _check_dropout(value, num_layers):
+    """dropout: a real number in [0, 1] (PyTorch's range); a UserWarning, as PyTorch gives,
+    when it cannot act (one layer: dropout falls between layers only)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"dropout must be a number in [0, 1], got {type(value).__name__}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"dropout must be a number in [0, 1], got {value}")
+    if value > 0 and num_layers == 1:
+        import warnings
+        warnings.warn(f"dropout={value} with num_layers=1 does nothing: dropout is applied to "
+                      f"the outputs of every layer but the last", UserWarning,
+                      stacklevel=gpu._outside_package())
+    return float(value)
+
+
 def _check_dtype(dtype):
     """"float32"/"float64" or anything np.dtype() reads as one (np.float32, "f8") -> np.dtype."""
     try:
@@ -182,13 +197,14 @@ class _RecurrentLayer:
     _has_cell_state = False
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 bidirectional=False, learn_initial_state=False, dtype="float32",
-                 device="cpu", seed=None):
+                 dropout=0.0, bidirectional=False, learn_initial_state=False,
+                 dtype="float32", device="cpu", seed=None):
         self.input_size = _check_positive_int(input_size, "input_size")
         self.hidden_size = _check_positive_int(hidden_size, "hidden_size")
         self.num_layers = _check_positive_int(num_layers, "num_layers")
         self.bias = _check_bool(bias, "bias")
         self.batch_first = _check_bool(batch_first, "batch_first")
+        self.dropout = _check_dropout(dropout, self.num_layers)
         self.bidirectional = _check_bool(bidirectional, "bidirectional")
         self.learn_initial_state = _check_bool(learn_initial_state, "learn_initial_state")
         self.dtype = _check_dtype(dtype)
@@ -284,6 +300,9 @@ class _RecurrentLayer:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"seed must be None or a non-negative int, got {seed!r} "
                             f"({exc})") from None
+        # The dropout masks continue this stream: a seed fixes them too (a SequenceModel
+        # gives its layers its own generator, saved in its checkpoints).
+        self.dropout_rng = rng
         bound = 1.0 / math.sqrt(self.hidden_size)
         host = OrderedDict()
         for name, shape in self._parameter_shapes().items():
@@ -381,8 +400,9 @@ class _RecurrentLayer:
                                  for k, v in self.grads.items())
 
     def __repr__(self):
+        dropout = f", dropout={self.dropout}" if self.dropout else ""
         return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}, "
-                f"num_layers={self.num_layers}, bidirectional={self.bidirectional}, "
+                f"num_layers={self.num_layers}{dropout}, bidirectional={self.bidirectional}, "
                 f"dtype={self.dtype.name}, device={self.device!r})")
 
     # -- forward ------------------------------------------------------------------------
@@ -421,6 +441,20 @@ class _RecurrentLayer:
             learned = self.params["initial_c" if part else "initial_h"][index]
             return self._backend.broadcast_rows(learned, batch)
         return self._backend.zero_state((batch, self.hidden_size), self.dtype)
+
+    def _dropout_mask(self, shape):
+        """None without dropout, else the mask of one layer's outputs (T, B, D*H) on the
+        layer's device: 0 with probability ``dropout``, else 1 / (1 - dropout), as PyTorch
+        scales (from ``dropout_rng``, on the host, so a CPU and a GPU layer given the same
+        generator drop the same units)."""
+        if not self.dropout:
+            return None
+        if self.dropout == 1:
+            return self._backend.zeros(shape, self.dtype)
+        keep = self.dropout_rng.random(shape, dtype=np.float32 if self.dtype == np.float32
+                                       else np.float64) >= self.dropout
+        mask = keep.astype(self.dtype) * self.dtype.type(1 / (1 - self.dropout))
+        return self._backend.asarray(mask, self.dtype)
 
     def _to_time_major(self, x):
         """x (T, B, F) or (B, T, F) if batch_first -> contiguous (T, B, F) on the backend."""
@@ -494,7 +528,11 @@ class _RecurrentLayer:
                 h_n.append(h_last)
                 c_n.append(c_last)
                 saved_dirs.append(saved)
-            saved_layers.append((layer_input, saved_dirs))
+            mask = self._dropout_mask(out.shape) if train and k < self.num_layers - 1 \
+                else None
+            if mask is not None:
+                backend.multiply(out, mask)  # the next layer's input, and what it saves
+            saved_layers.append((layer_input, saved_dirs, mask))
             layer_input = out.reshape(T * B, D * H)
         self._saved = (T, B, padded, saved_layers) if train else None
         self._saved_dropped_by = None if train else \
@@ -549,7 +587,9 @@ class _RecurrentLayer:
         d_layer_out = self._to_time_major(dout)
         dh0, dc0 = [None] * (L * D), [None] * (L * D)
         for k in reversed(range(L)):
-            layer_input, saved_dirs = saved_layers[k]
+            layer_input, saved_dirs, mask = saved_layers[k]
+            if mask is not None:  # d_layer_out (this call's own) came through the dropout
+                backend.multiply(d_layer_out, mask)  # after this layer
             dx2d = backend.zeros(layer_input.shape, self.dtype)
             for d in range(D):
                 index = k * D + d

@@ -260,6 +260,8 @@ class SequenceModel:
         input_size, hidden_size, output_size: feature sizes of x_t, h_t and y_t.
         cell: "lstm", "gru", "rnn" (tanh Elman), "rnn_tanh" or "rnn_relu".
         num_layers, bidirectional, bias, learn_initial_state, dtype, device: as the layers.
+        dropout: PyTorch's, on the outputs of every recurrent layer but the last, in
+            training; its masks come from the model's generator (saved in checkpoints).
         output: "last" (one prediction per sequence, at its last valid step) or "sequence"
             (a prediction at every valid step).
         loss: "mse" (real targets) or "cross_entropy" (integer class targets; the model then
@@ -269,7 +271,7 @@ class SequenceModel:
 
     def __init__(self, input_size, hidden_size, output_size, cell="lstm", num_layers=1,
                  bidirectional=False, output="last", loss="mse", device="cpu", seed=0,
-                 dtype="float32", learn_initial_state=False, bias=True):
+                 dtype="float32", learn_initial_state=False, bias=True, dropout=0.0):
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
         if output not in OUTPUTS:
@@ -283,7 +285,7 @@ class SequenceModel:
         self.cell, self.output, self.loss, self.seed = cell, output, loss, int(seed)
         layer_cls, extra = CELLS[cell]
         self.rnn = layer_cls(input_size, hidden_size, num_layers=num_layers, bias=bias,
-                             batch_first=True, bidirectional=bidirectional,
+                             batch_first=True, dropout=dropout, bidirectional=bidirectional,
                              learn_initial_state=learn_initial_state, dtype=dtype,
                              device=device, seed=self.seed, **extra)
         self.dtype = self.rnn.dtype
@@ -297,6 +299,7 @@ class SequenceModel:
             bias=head_rng.uniform(-bound, bound, (self.output_size,)).astype(self.dtype))
         self.head_grads = OrderedDict((k, np.zeros_like(v)) for k, v in self.head.items())
         self.rng = np.random.default_rng([self.seed, 2])  # shuffling; saved in checkpoints
+        self.rnn.dropout_rng = self.rng  # so are the dropout masks drawn from it
         self.optimizer = None
         self.epoch = 0
         self.history = {}
@@ -330,7 +333,8 @@ class SequenceModel:
                     output_size=self.output_size, cell=self.cell, num_layers=self.num_layers,
                     bidirectional=self.bidirectional, output=self.output, loss=self.loss,
                     device=self.device, seed=self.seed, dtype=self.dtype.name,
-                    learn_initial_state=self.rnn.learn_initial_state, bias=self.rnn.bias)
+                    learn_initial_state=self.rnn.learn_initial_state, bias=self.rnn.bias,
+                    dropout=self.rnn.dropout)
 
     def num_parameters(self):
         return int(sum(v.size for v in self.state_dict().values()))
@@ -1001,7 +1005,8 @@ class SequenceModel:
         returned by backward of a run over steps t+1..len-1 started from the state (h_t, c_t):
         that run computes exactly the part of L that h_t influences through the recurrence.
         This costs O(T) short runs per layer-direction, O(T^2) steps in all: meant for
-        diagnostics on moderate T, not for training.
+        diagnostics on moderate T, not for training. Of the network without dropout (as
+        eval runs it): the layers are re-run one at a time, with nothing between them.
         """
         _require_targets(Y, "gradient_norms")
         X, Y, lengths = self._check_data(X, Y, lengths)

@@ -57,7 +57,7 @@ def random_lengths(rng, batch, steps, force_full=True):
 
 def setup_case(cell, *, T=5, B=3, I=4, H=5, num_layers=1, bidirectional=False,
                batch_first=False, use_lengths=False, h0_mode="zeros", bias=True,
-               dtype="float64", seed=0):
+               dtype="float64", seed=0, dropout=0.0):
     """Build a layer and inputs for one configuration.
 
     Returns (layer, x, h0, lengths) with h0 None unless h0_mode == "given", lengths None unless
@@ -67,7 +67,7 @@ def setup_case(cell, *, T=5, B=3, I=4, H=5, num_layers=1, bidirectional=False,
     rng = np.random.default_rng(seed)
     layer = make_layer(cell, I, H, num_layers=num_layers, bias=bias, batch_first=batch_first,
                        bidirectional=bidirectional, learn_initial_state=(h0_mode == "learned"),
-                       dtype=dtype, seed=seed)
+                       dtype=dtype, seed=seed, dropout=dropout)
     if h0_mode == "learned":
         randomize_learned_state(rng, layer)
     shape = (B, T, I) if batch_first else (T, B, I)
@@ -77,8 +77,9 @@ def setup_case(cell, *, T=5, B=3, I=4, H=5, num_layers=1, bidirectional=False,
     return layer, x, h0, lengths
 
 
-def reference_forward(cell, layer, x, h0=None, lengths=None):
-    """naive.forward with ``layer``'s parameters and initial-state handling, in float64.
+def reference_forward(cell, layer, x, h0=None, lengths=None, dropout_masks=None):
+    """naive.forward with ``layer``'s parameters and initial-state handling, in float64
+    (dropout_masks: see naive.forward).
 
     Returns (out, h_n) shaped like the layer's results ((h_n, c_n) for LSTM).
     """
@@ -94,7 +95,7 @@ def reference_forward(cell, layer, x, h0=None, lengths=None):
             c_init = np.broadcast_to(params["initial_c"][:, None, :], (LD, B, H))
     out, h_n, c_n = naive.forward(cell, params, x, layer.num_layers, layer.bidirectional,
                                   h0=h_init, c0=c_init, lengths=lengths,
-                                  batch_first=layer.batch_first)
+                                  batch_first=layer.batch_first, dropout_masks=dropout_masks)
     return out, ((h_n, c_n) if has_cell_state(cell) else h_n)
 
 

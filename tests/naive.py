@@ -36,8 +36,10 @@ def cell_step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh):
 
 
 def forward(cell, params, x, num_layers, bidirectional, h0=None, c0=None, lengths=None,
-            batch_first=False):
-    """x (T, B, I) [or (B, T, I)]; params: PyTorch-named dict; h0, c0 (L*D, B, H) or None.
+            batch_first=False, dropout_masks=None):
+    """x (T, B, I) [or (B, T, I)]; params: PyTorch-named dict; h0, c0 (L*D, B, H) or None;
+    dropout_masks: None or, for each layer but the last, (T, B, D*H) factors its outputs
+    are multiplied by before the next layer reads them (PyTorch's dropout).
 
     Returns out (T, B, D*H) [or (B, T, D*H)], h_n, c_n (L*D, B, H).
     """
@@ -70,7 +72,8 @@ def forward(cell, params, x, num_layers, bidirectional, h0=None, c0=None, length
                     h, c = cell_step(cell, layer_in[t, b], h, c, w_ih, w_hh, b_ih, b_hh)
                     out[t, b, d * H:(d + 1) * H] = h
                 h_n[idx, b], c_n[idx, b] = h, c
-        layer_in = out
+        layer_in = out if dropout_masks is None or k == num_layers - 1 else \
+            out * dropout_masks[k]
     if batch_first:
         out = out.transpose(1, 0, 2)
     return out, h_n, c_n

@@ -226,7 +226,8 @@ def test_resume_refuses_model_flags_the_checkpoint_does_not_have(tmp_path, capsy
             "--checkpoint", ckpt]
     assert cli.main(base + ["--hidden", "4", "--optimizer", "sgd"]) == 0
     for flags in (["--hidden", "5"], ["--cell", "gru"], ["--layers", "2"],
-                  ["--bidirectional"], ["--loss", "cross_entropy"], ["--output", "sequence"]):
+                  ["--bidirectional"], ["--loss", "cross_entropy"], ["--output", "sequence"],
+                  ["--dropout", "0.2"]):
         with pytest.raises(SystemExit, match=re.escape(flags[0])):
             cli.main(base + ["--resume"] + flags)
     assert cli.main(base + ["--resume", "--hidden", "4"]) == 0
@@ -404,3 +405,16 @@ def test_an_interrupt_names_only_a_checkpoint_this_run_saved(monkeypatch, tmp_pa
         err = capsys.readouterr().err
         assert "interrupted" in err
         assert ("epoch 1 is saved in" in err) == bool(epochs_before_interrupt)
+
+
+def test_train_with_dropout_between_layers(tmp_path):
+    X, Y = fr.data.adding_problem(32, steps=4, seed=0)
+    np.savez(tmp_path / "adding.npz", X=X, Y=Y)
+    ckpt = str(tmp_path / "m.npz")
+    base = ["train", str(tmp_path / "adding.npz"), "--epochs", "1", "--quiet", "--plot", "",
+            "--checkpoint", ckpt, "--hidden", "4", "--layers", "2"]
+    assert cli.main(base + ["--dropout", "0.25"]) == 0
+    assert fr.load(ckpt).config()["dropout"] == 0.25
+    assert cli.main(base + ["--dropout", "0.25", "--resume"]) == 0
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--dropout", "1.0"])  # [0, 1): a model that drops everything

@@ -175,6 +175,26 @@ def test_gpu_matches_cpu(cell, layers_dirs, use_lengths, h0_mode, dtype):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_dropout_matches_cpu_with_the_same_generator(cell, dtype):
+    """The masks are drawn on the host from the layer's generator and uploaded: a GPU layer
+    and a CPU layer given generators in the same state drop the same units."""
+    seed = stable_seed("gpu-dropout", cell, dtype)
+    cpu_layer, gpu_layer, x, h0, lengths = _pair(
+        cell, dtype, seed, num_layers=3, bidirectional=True, use_lengths=True,
+        h0_mode="given")
+    for layer in (cpu_layer, gpu_layer):
+        layer.dropout, layer.dropout_rng = 0.5, np.random.default_rng(seed)
+    dout, dh_n = _random_cotangents(np.random.default_rng(seed), cpu_layer, cell, dtype)
+    cpu_result = _run(cpu_layer, x, h0, lengths, dout, dh_n)
+    _compare(cpu_result, _run(gpu_layer, x, h0, lengths, dout, dh_n), dtype)
+    cpu_layer.dropout = 0.0
+    plain = _run(cpu_layer, x, h0, lengths, dout, dh_n)
+    assert np.max(np.abs(plain[0] - cpu_result[0])) > 1e-3  # the masks dropped something
+
+
+@needs_gpu
 @pytest.mark.parametrize("shared_bytes", [0, 40, 200, 48 * 1024],
                          ids=["global", "h-only", "h-and-products", "shared"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

@@ -266,6 +266,11 @@ def zero_padding(xt, lengths):
     return xt
 
 
+def multiply(array, factors):
+    """array *= factors (same shape), in place."""
+    np.multiply(array, factors, out=array)
+
+
 def broadcast_rows(row, batch):
     """(H,) -> (batch, H) copy."""
     return np.ascontiguousarray(np.broadcast_to(row, (batch, row.shape[0])))

@@ -352,6 +352,12 @@ def zero_padding(xt, lengths):
     return xt
 
 
+def multiply(array, factors):
+    """array *= factors, both contiguous device arrays of one shape and dtype, in place."""
+    flat = _flat(array)
+    _elementwise("multiply_elements", flat.dtype, flat.size, flat, _flat(factors))
+
+
 def broadcast_rows(row, batch):
     """device (H,) -> device (batch, H) copy."""
     out = _cuda().device_array((batch, row.shape[0]), row.dtype)

@@ -1528,6 +1528,13 @@ def scale_elements(flat, factor):
         flat[i] *= factor
 
 
+def multiply_elements(flat, factors):
+    """flat (N,) *= factors (N,); 1-D launch covering N."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i < flat.shape[0]:
+        flat[i] *= factors[i]
+
+
 def clip_elements(flat, limit):
     """flat (N,) clamped to [-limit, limit] in place, NaN kept (as np.clip); 1-D launch."""
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -1783,7 +1790,8 @@ def register_kernels(cell_name, dtype, kc):
 GEMM_REG = 4  # outputs per thread along each axis of a gemm tile (compile-time constant)
 
 LINALG = ("gemm", "column_sum_add", "batch_sum_add", "fill", "copy3d", "transpose2d",
-          "broadcast_rows", "scale_elements", "clip_elements", "zero_past_lengths",
+          "broadcast_rows", "scale_elements", "multiply_elements", "clip_elements",
+          "zero_past_lengths",
           "flag_non_finite")
 # Threads per block of sum_squares_blocks (a power of two: its tree halves them).
 REDUCE_THREADS = 256
