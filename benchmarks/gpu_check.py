@@ -12,8 +12,9 @@ forward+backward of every cell against torch.nn with cuDNN, with
 Each measurement alternates fastrnn and cuDNN samples (A B A B ...), synchronising both
 Numba and torch around every sample, and reports the median of the
 per-round ratios, so clock drift and neighbours on the machine cancel. ratio = cuDNN time /
-fastrnn time (> 1: fastrnn is faster). Inputs are torch CUDA tensors handed to fastrnn through
-``__cuda_array_interface__``, so neither side copies to the host. (4) A breakdown of the
+fastrnn time (> 1: fastrnn is faster). The timing is ``fastrnn bench --device cuda``'s
+(fastrnn.bench.compare): inputs already on the device (Numba device arrays for fastrnn, CUDA
+tensors for torch), so neither side copies to the host. (4) A breakdown of the
 LSTM: the input-projection GEMM alone, and µs per step of each recurrence path (rows,
 units, tiles, registers), rows and units also without the shared-memory opt-in
 (fastrnn.gpu.SHARED_OPT_IN). (5) The fixed cost of a call (a one-step LSTM), fastrnn

@@ -29,35 +29,50 @@ def _fsync_folder(folder):
         os.close(fd)
 
 
+def _naming(exc, what, path):
+    """The OSError ``exc`` again, saying "cannot {what} to {path}" (not a temporary name)."""
+    return type(exc)(exc.errno, f"cannot {what} to {path}: {exc.strerror}", path)
+
+
 def write_atomically(path, write, what="write"):
     """Call ``write(f)`` on a binary file object, then put what it wrote at ``path``.
 
     Written to a temporary file in the same folder, flushed, then renamed over ``path``, so
     ``path`` holds either its old content or the complete new one. The new file gets the mode
     open() would give it. An OSError names ``path`` (not the temporary file) and says
-    "cannot {what} to {path}"; on any failure the temporary file is removed.
+    "cannot {what} to {path}"; on any failure the temporary file is removed. As open()
+    would: a symbolic link is followed (its target is replaced, the link kept), and
+    something that exists but is no regular file (/dev/stdout, a pipe) is written to
+    directly, where a rename could only replace it.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path) and not os.path.isfile(path):
+        try:
+            with open(path, "wb") as f:
+                write(f)
+        except OSError as exc:
+            raise _naming(exc, what, path) from None
+        return path
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.",
                                    suffix=".tmp")
     except OSError as exc:
-        raise type(exc)(exc.errno, f"cannot {what} to {path}: {exc.strerror}", path) from None
+        raise _naming(exc, what, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _NEW_FILE_MODE)  # mkstemp creates it 0600
-        os.replace(tmp, path)
+        os.replace(tmp, target)
         _fsync_folder(folder)  # the rename itself survives a crash
     except BaseException as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(exc, OSError) and exc.errno is not None:  # a full disk, say
-            raise type(exc)(exc.errno, f"cannot {what} to {path}: {exc.strerror}",
-                            path) from None
+            raise _naming(exc, what, path) from None
         raise
     return path
 

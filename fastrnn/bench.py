@@ -37,6 +37,7 @@ miss. Where clear_refs is unavailable the peak is ``ru_maxrss`` and the figure i
 The child runs with this process's thread count (``NUMBA_NUM_THREADS``).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -661,6 +662,42 @@ def _versions(device="cpu"):
     return versions
 
 
+def _run_cases(args, cells, shapes, modes, with_torch, results):
+    """compare() every (cell, shape, mode) of the parsed args, appending to results."""
+    for cell in cells:
+        for shape in shapes:
+            case = Case(cell, *shape, num_layers=args.layers, bidirectional=args.bidirectional,
+                        varlen=args.varlen, dtype=args.dtype, device=args.device)
+            for mode in modes:
+                r = compare(case, mode, rounds=args.rounds, min_time=args.min_time,
+                            with_torch=with_torch)
+                if args.memory and mode == "train":
+                    r["fastrnn_peak_mib"] = peak_memory(case, "fastrnn")["peak_bytes"] / 2 ** 20
+                    if with_torch:
+                        r["torch_peak_mib"] = peak_memory(case, "torch")["peak_bytes"] / 2 ** 20
+                results.append(r)
+                if not args.quiet:
+                    print(f"  {cell} {mode} {case.label}: {r['fastrnn_ms']:.3f} ms"
+                          + (f", ratio {r['ratio']:.2f}" if r["ratio"] else ""),
+                          file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _cudnn_tf32(allowed):
+    """torch.backends.cudnn.allow_tf32 set to ``allowed`` inside, as it was after (None:
+    left alone, e.g. without torch)."""
+    if allowed is None:
+        yield
+        return
+    import torch
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 def run(args):
     """Run the benchmark described by parsed args; returns the report dict."""
     import numba
@@ -682,9 +719,6 @@ def run(args):
         if not args.no_torch and not with_torch:
             print("note: torch with CUDA is not available: fastrnn is timed alone",
                   file=sys.stderr)
-        if with_torch:
-            import torch
-            torch.backends.cudnn.allow_tf32 = args.tf32
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     if not cells:
         raise SystemExit(f"fastrnn bench: --cells names no cell: {args.cells!r}")
@@ -699,22 +733,8 @@ def run(args):
         return measure_gemm(n=args.gemm_size, dtype=args.dtype, n_threads=n_threads)
     gemm = reference_gemm()
     results = []
-    for cell in cells:
-        for shape in shapes:
-            case = Case(cell, *shape, num_layers=args.layers, bidirectional=args.bidirectional,
-                        varlen=args.varlen, dtype=args.dtype, device=args.device)
-            for mode in modes:
-                r = compare(case, mode, rounds=args.rounds, min_time=args.min_time,
-                            with_torch=with_torch)
-                if args.memory and mode == "train":
-                    r["fastrnn_peak_mib"] = peak_memory(case, "fastrnn")["peak_bytes"] / 2 ** 20
-                    if with_torch:
-                        r["torch_peak_mib"] = peak_memory(case, "torch")["peak_bytes"] / 2 ** 20
-                results.append(r)
-                if not args.quiet:
-                    print(f"  {cell} {mode} {case.label}: {r['fastrnn_ms']:.3f} ms"
-                          + (f", ratio {r['ratio']:.2f}" if r["ratio"] else ""),
-                          file=sys.stderr, flush=True)
+    with _cudnn_tf32(args.tf32 if args.device == "cuda" and with_torch else None):
+        _run_cases(args, cells, shapes, modes, with_torch, results)
     # Measured before and after the cases, the better of the two: on this project's shared
     # VM single measurements ranged from 143 to 320 GFLOP/s between runs.
     if gemm is not None:

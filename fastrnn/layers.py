@@ -623,12 +623,15 @@ class RNN(_RecurrentLayer):
 
     _gates = 1
 
-    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", **kwargs):
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, **kwargs):
+        # (PyTorch's positional order: nonlinearity comes before the shared arguments.)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         self._cell_name = f"rnn_{nonlinearity}"
-        super().__init__(input_size, hidden_size, num_layers, **kwargs)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, **kwargs)
 
 
 class LSTM(_RecurrentLayer):

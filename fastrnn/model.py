@@ -39,7 +39,10 @@ CELLS = {
 }
 OUTPUTS = ("last", "sequence")
 FILE_FORMAT = "fastrnn.SequenceModel"
-FILE_VERSION = 1
+# Version 2 holds a model with dropout (a "dropout" in its config, which a reader of version
+# 1 would refuse without saying why); a model without dropout is still written as version 1,
+# which every release reads.
+FILE_VERSIONS = (1, 2)
 
 
 # ---------------------------------------------------------------------------- callbacks
@@ -522,12 +525,12 @@ class SequenceModel:
         shape = (N, T, O) if seq else (N, O)
         if Y.dtype.kind not in "fiu" or Y.dtype == np.bool_:
             raise TypeError(f"{name} must hold real numbers, got dtype {Y.dtype}")
-        if O == 1 and Y.shape == shape[:-1]:
-            Y = Y[..., None]
-        if Y.shape != shape:
+        squeezed = O == 1 and Y.shape == shape[:-1]  # one output given without its axis
+        if Y.shape != shape and not squeezed:
             raise ValueError(f"{name} must have shape {shape} for output={self.output!r}, "
                              f"got {Y.shape}")
-        Y = _finite_as(Y, self.dtype, name, where=mask[..., None])
+        Y = _finite_as(Y, self.dtype, name, where=mask if squeezed else mask[..., None])
+        Y = Y[..., None] if squeezed else Y  # (an error above indexes Y as given)
         return np.where(mask[..., None], Y, 0).astype(self.dtype)
 
     def _check_data(self, X, Y=None, lengths=None, prefix=""):
@@ -741,8 +744,9 @@ class SequenceModel:
             if isinstance(cb, Checkpoint):
                 check_output_path(cb.path)
                 _check_json(self.metadata, "model.metadata")
-        self.optimizer = self._resolve_optimizer(optimizer, lr, weight_decay)  # checks first
         self.rnn._check_params()  # before the epoch snapshot copies them
+        optim.check_writeable(self._params())  # before the first batch draws from self.rng
+        self.optimizer = self._resolve_optimizer(optimizer, lr, weight_decay)  # checks first
         for cb in cbs:
             if hasattr(cb, "set_model"):
                 cb.set_model(self)
@@ -1131,13 +1135,16 @@ class SequenceModel:
             opt_config, opt_arrays = self.optimizer.state_dict()
             for k, v in opt_arrays.items():
                 arrays[f"optim/{k}"] = v
-        config = {"model": self.config(), "optimizer": opt_config, "epoch": self.epoch,
+        model_config = self.config()
+        if not model_config["dropout"]:
+            del model_config["dropout"]
+        config = {"model": model_config, "optimizer": opt_config, "epoch": self.epoch,
                   "history": self.history, "metadata": self.metadata,
                   "rng": self.rng.bit_generator.state}
         _check_json(self.metadata, "model.metadata")
         arrays["config"] = np.array(json.dumps(config))
         arrays["format"] = np.array(FILE_FORMAT)
-        arrays["version"] = np.array(FILE_VERSION)
+        arrays["version"] = np.array(2 if "dropout" in model_config else 1)
         arrays["digest"] = np.array(_digest(arrays))
         path = check_output_path(path)
         return write_atomically(path, lambda f: np.savez(f, **arrays), "save the model")
@@ -1174,9 +1181,9 @@ def load(path, device=None):
     version = data.get("version", -1)
     version = int(version) if np.ndim(version) == 0 and np.asarray(version).dtype.kind in "iu" \
         else repr(version)
-    if version != FILE_VERSION:
+    if version not in FILE_VERSIONS:
         raise ValueError(f"{path} has model file version {version}; this fastrnn reads "
-                         f"version {FILE_VERSION}")
+                         f"versions {', '.join(map(str, FILE_VERSIONS))}")
     stored = str(data.pop("digest", ""))
     if stored != _digest(data):
         raise ValueError(f"{path} is corrupt: its checksum does not match its contents")

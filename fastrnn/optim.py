@@ -68,6 +68,16 @@ def non_finite(arrays):
             if not (gpu.all_finite(a, name) if _on_device(a) else np.all(np.isfinite(a)))]
 
 
+def check_writeable(params):
+    """ValueError naming the first read-only NumPy array of ``params`` (a dict): updates
+    write into the parameters in place."""
+    for name, param in params.items():
+        if isinstance(param, np.ndarray) and not param.flags.writeable:
+            raise ValueError(f"params[{name!r}] is read-only, and the optimizer updates "
+                             f"parameters in place; assign a writeable copy (or use "
+                             f"load_state_dict, which copies)")
+
+
 def clip_grad_norm(grads, max_norm, norm=None):
     """Scale all gradients in place so their global norm is at most ``max_norm``.
 
@@ -202,10 +212,7 @@ class Optimizer:
             if tuple(grad.shape) != tuple(param.shape):
                 raise ValueError(f"grads[{name!r}] has shape {tuple(grad.shape)} but "
                                  f"params[{name!r}] has {tuple(param.shape)}")
-            if isinstance(param, np.ndarray) and not param.flags.writeable:
-                raise ValueError(f"params[{name!r}] is read-only, and the optimizer updates "
-                                 f"parameters in place; assign a writeable copy (or use "
-                                 f"load_state_dict, which copies)")
+        check_writeable(params)
         self.steps += 1
         counts = {name: self.param_steps.get(name, 0) + 1 for name in params}
         host, device = {}, {}

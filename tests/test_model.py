@@ -529,6 +529,16 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["report.json"]
     write_atomically(path, lambda f: f.write(b"new"))
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["report.json"]
+    # As open() would: through a symbolic link (the link stays), and into a pipe.
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    write_atomically(link, lambda f: f.write(b"linked"))
+    assert link.is_symlink() and path.read_bytes() == b"linked"
+    read, written = os.pipe()
+    write_atomically(f"/dev/fd/{written}", lambda f: f.write(b"piped"))
+    os.close(written)
+    with os.fdopen(read, "rb") as pipe:
+        assert pipe.read() == b"piped"
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):

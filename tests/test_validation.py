@@ -742,11 +742,19 @@ def test_a_read_only_parameter_stops_fit_before_any_update():
     before = model.state_dict()
     model.rnn.params["bias_hh_l0"] = model.rnn.params["bias_hh_l0"].copy()
     model.rnn.params["bias_hh_l0"].flags.writeable = False
+    rng = model.rng.bit_generator.state
     with raises(ValueError, "params['rnn.bias_hh_l0'] is read-only"):
         model.fit(X, Y, epochs=1, batch_size=4, verbose=False)
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
-    assert model.optimizer.steps == 0 and not model.optimizer.state and model.epoch == 0
+    assert model.optimizer is None and model.epoch == 0
+    assert model.rng.bit_generator.state == rng  # no shuffle drawn: a later fit is the same
+    w = np.ones(2)
+    w.flags.writeable = False
+    sgd = fr.optim.SGD(lr=0.1)
+    with raises(ValueError, "params['w'] is read-only"):  # Optimizer.step alone, too
+        sgd.step({"w": w}, {"w": np.ones(2)})
+    assert sgd.steps == 0
 
 
 def test_an_optimizer_step_needs_a_gradient_of_each_parameters_shape():
