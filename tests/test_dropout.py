@@ -154,3 +154,14 @@ def test_a_model_with_dropout_resumes_exactly_and_reloads_its_setting(tmp_path, 
     assert not np.array_equal(plain.state_dict()["head.weight"],
                               whole.state_dict()["head.weight"])
     np.testing.assert_array_equal(whole.predict(X), whole.predict(X))  # eval: no dropout
+
+
+def test_positional_arguments_follow_pytorch():
+    """torch.nn.RNN(input, hidden, num_layers, nonlinearity, bias, batch_first, dropout,
+    bidirectional); LSTM and GRU the same without nonlinearity."""
+    rnn = fr.RNN(2, 3, 2, "relu", False, True, 0.5, True)
+    assert (rnn.nonlinearity, rnn.bias, rnn.batch_first, rnn.dropout, rnn.bidirectional) == \
+        ("relu", False, True, 0.5, True)
+    gru = fr.GRU(2, 3, 2, False, True, 0.25, True)
+    assert (gru.bias, gru.batch_first, gru.dropout, gru.bidirectional) == \
+        (False, True, 0.25, True)
