@@ -178,3 +178,40 @@ def test_torch_cpu_tensors_accepted_as_inputs(cell):
     dh_n_t = tuple(map(_t, h_n)) if cell == "lstm" else _t(h_n)
     dx_t, _ = layer.backward(torch.ones(out.shape, dtype=torch.float64), dh_n_t)
     np.testing.assert_array_equal(dx_t, dx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_dropout_matches_torch_given_its_masks(cell, dtype, monkeypatch):
+    """torch.nn.RNN/LSTM/GRU(dropout=p) in training, against the layer fed the masks torch
+    drew: after a manual_seed, torch's stack draws one bernoulli_(1 - p) tensor (T, B, D*H)
+    per layer boundary, scaled by 1 / (1 - p); the same seed and draws reproduce them. So
+    the placement (every layer but the last), the scaling, h_n untouched and the gradients
+    through the masks are PyTorch's."""
+    T, B, I, H, L, p = 5, 3, 4, 6, 3, 0.4
+    torch_dtype = TORCH_DTYPES[dtype]
+    layer = make_layer(cell, I, H, num_layers=L, dropout=p, bidirectional=True, dtype=dtype,
+                       seed=0)
+    module = torch_module(cell, I, H, L, True, False, True).to(torch_dtype).train()
+    module.dropout = p
+    module.load_state_dict({k: _t(v) for k, v in layer.state_dict().items()})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    R1 = rng.standard_normal((T, B, 2 * H)).astype(dtype)
+    x_t = _t(x).requires_grad_()
+    torch.manual_seed(7)
+    out_t, h_n_t = module(x_t)
+    torch.manual_seed(7)
+    masks = [torch.empty(T, B, 2 * H, dtype=torch_dtype).bernoulli_(1 - p).div_(1 - p).numpy()
+             for _ in range(L - 1)]
+    drawn = iter(masks)
+    monkeypatch.setattr(layer, "_dropout_mask", lambda shape: next(drawn))
+    out, h_n = layer(x)
+    assert_parity(out, out_t.detach().numpy(), dtype, "out")
+    for i, (got, ref) in enumerate(zip(state_parts(h_n), state_parts(h_n_t))):
+        assert_parity(got, ref.detach().numpy(), dtype, f"h_n[{i}]")
+    out_t.backward(_t(R1))
+    dx, _ = layer.backward(R1)
+    assert_parity(dx, x_t.grad.numpy(), dtype, "dx")
+    for name, param in module.named_parameters():
+        assert_parity(layer.grads[name], param.grad.numpy(), dtype, f"grad {name}")
