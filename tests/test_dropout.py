@@ -14,7 +14,7 @@ import pytest
 import fastrnn as fr
 from helpers import (CELLS, has_cell_state, reference_forward, setup_case, stable_seed,
                      state_parts)
-from test_gradients import _check, _projection_loss
+from test_gradients import check_dx_and_parameters
 from tolerances import assert_parity
 
 SHAPE = dict(T=4, B=3, I=2, H=3)
@@ -70,12 +70,7 @@ def test_backward_through_dropout_matches_finite_differences(cell, monkeypatch):
     record_masks(layer, monkeypatch, fixed=masks)  # every forward drops the same units
     R1 = rng.standard_normal((T, B, 2 * H))
     R2 = [rng.standard_normal((6, B, H)) for _ in range(2 if has_cell_state(cell) else 1)]
-    layer(x, h0=h0, lengths=lengths)
-    dx, _ = layer.backward(R1, tuple(R2) if has_cell_state(cell) else R2[0])
-    loss = lambda: _projection_loss(layer, x, h0, lengths, R1, R2)  # noqa: E731
-    _check(rng, loss, x, dx, "dx")
-    for name, param in layer.params.items():
-        _check(rng, loss, param, layer.grads[name], name)
+    check_dx_and_parameters(rng, layer, x, h0, lengths, R1, R2)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -49,6 +49,17 @@ def _check(rng, loss, array, analytic, name):
     assert_close(got, numeric, name=name, **FD)
 
 
+def check_dx_and_parameters(rng, layer, x, h0, lengths, R1, R2):
+    """Backward of the projection loss (dout=R1, dh_n=R2) against finite differences, for
+    dx and every parameter."""
+    layer(x, h0=h0, lengths=lengths)
+    dx, _ = layer.backward(R1, tuple(R2) if len(R2) == 2 else R2[0])
+    loss = lambda: _projection_loss(layer, x, h0, lengths, R1, R2)  # noqa: E731
+    _check(rng, loss, x, dx, "dx")
+    for name, param in layer.params.items():
+        _check(rng, loss, param, layer.grads[name], name)
+
+
 @pytest.mark.parametrize("h0_mode", H0_MODES)
 @pytest.mark.parametrize("use_lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
@@ -124,12 +135,7 @@ def test_batch_first_backward_matches_finite_differences(cell):
     B, T, H = x.shape[0], x.shape[1], SHAPE["H"]
     R1 = rng.standard_normal((B, T, 2 * H))
     R2 = [rng.standard_normal((4, B, H)) for _ in state_parts(h0)]
-    layer(x, h0=h0, lengths=lengths)
-    dx, _ = layer.backward(R1, tuple(R2) if has_cell_state(cell) else R2[0])
-    loss = lambda: _projection_loss(layer, x, h0, lengths, R1, R2)  # noqa: E731
-    _check(rng, loss, x, dx, "dx")
-    for name, param in layer.params.items():
-        _check(rng, loss, param, layer.grads[name], name)
+    check_dx_and_parameters(rng, layer, x, h0, lengths, R1, R2)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -141,9 +147,4 @@ def test_bias_false_backward_matches_finite_differences(cell):
     T, B, H = SHAPE["T"], SHAPE["B"], SHAPE["H"]
     R1 = rng.standard_normal((T, B, 2 * H))
     R2 = [rng.standard_normal((4, B, H)) for _ in range(2 if has_cell_state(cell) else 1)]
-    layer(x, lengths=lengths)
-    dx, _ = layer.backward(R1, tuple(R2) if has_cell_state(cell) else R2[0])
-    loss = lambda: _projection_loss(layer, x, None, lengths, R1, R2)  # noqa: E731
-    _check(rng, loss, x, dx, "dx")
-    for name, param in layer.params.items():
-        _check(rng, loss, param, layer.grads[name], name)
+    check_dx_and_parameters(rng, layer, x, None, lengths, R1, R2)
