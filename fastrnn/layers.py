@@ -496,8 +496,20 @@ class _RecurrentLayer:
             # (a device input is copied on the device: still no host round trip).
             xt = self._backend.copy(xt)
         backend, cell, D, H = self._backend, self._cell, self.num_directions, self.hidden_size
-        lengths_dev = backend.full_lengths(B, T) if lengths_given is None \
-            else backend.asarray(lengths, np.int64)
+        if lengths_given is None:
+            lengths_dev = backend.full_lengths(B, T)
+        elif _is_device_array(lengths_given) and self.device != "cpu":
+            # Read back above to check it (B integers), not uploaded again: used in place,
+            # or copied on the device where backward will read it (the caller may refill
+            # its buffer first, as with x).
+            try:
+                lengths_dev = gpu.asarray(lengths_given, np.int64)
+            except TypeError:  # another integer dtype: the checked host copy goes up
+                lengths_dev = backend.asarray(lengths, np.int64)
+            else:
+                lengths_dev = backend.copy(lengths_dev) if self.training else lengths_dev
+        else:
+            lengths_dev = backend.asarray(lengths, np.int64)
         padded = bool(lengths.min() < T)
         if self.training and padded:
             # PyTorch's packed sequences never see the padding; here the weight gradient's

@@ -559,7 +559,9 @@ class SequenceModel:
         return flat.reshape(feats.shape[:-1] + (self.output_size,))
 
     def _forward(self, X, lengths, h0=None):
-        out, h_n = self.rnn.forward(self._dense(X), h0=h0, lengths=lengths)
+        # Full-length rows need no lengths: on the GPU the layer then uploads none.
+        full = lengths is None or lengths.min() == X.shape[1]
+        out, h_n = self.rnn.forward(self._dense(X), h0=h0, lengths=None if full else lengths)
         out = np.asarray(self.rnn._backend.to_host(out)) if self.device != "cpu" else out
         feats = self._features(out, lengths)
         return self._head_forward(feats), feats, h_n
@@ -600,7 +602,10 @@ class SequenceModel:
             dout[np.arange(B), lengths - 1, :H] = dfeats[:, :H]
             if self.bidirectional:
                 dout[:, 0, H:] = dfeats[:, H:]
-        self.rnn.backward(np.ascontiguousarray(dout, dtype=self.dtype))
+        # On the GPU dout goes up as a device array, so dx and dh0, which the model does not
+        # use, stay there (NumPy in would bring them back to the host).
+        self.rnn.backward(self.rnn._backend.asarray(np.ascontiguousarray(dout, self.dtype),
+                                                    self.dtype))
 
     def loss_and_grads(self, X, Y, lengths=None):
         """Mean loss of (X, Y) and, in ``model.rnn.grads`` / ``model.head_grads``, its gradient.

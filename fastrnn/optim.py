@@ -212,6 +212,11 @@ class Optimizer:
             if tuple(grad.shape) != tuple(param.shape):
                 raise ValueError(f"grads[{name!r}] has shape {tuple(grad.shape)} but "
                                  f"params[{name!r}] has {tuple(param.shape)}")
+            if _on_device(grad) != _on_device(param):
+                where = {True: "on the GPU", False: "on the host"}
+                raise TypeError(f"grads[{name!r}] is {where[_on_device(grad)]} but "
+                                f"params[{name!r}] is {where[_on_device(param)]}; both must "
+                                f"live on one device")
         check_writeable(params)
         self.steps += 1
         counts = {name: self.param_steps.get(name, 0) + 1 for name in params}

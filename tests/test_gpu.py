@@ -1113,6 +1113,72 @@ def test_sequence_model_training_keeps_parameters_on_the_device(monkeypatch):
 
 
 @needs_gpu
+def test_a_training_step_brings_back_only_what_the_host_uses(monkeypatch):
+    """Per fit step on "cuda" the host gets the top layer's outputs (its head runs there),
+    h_n (and c_n), the norm's partial sums and the optimizer's flags: dx and dh0, which
+    the model does not use, stay on the device, and full-length rows upload no lengths."""
+    from numba import cuda
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    rng = np.random.default_rng(0)
+    N, T, I, H = 4, 5, 7, 3
+    X = rng.standard_normal((N, T, I)).astype(np.float32)
+    Y = rng.standard_normal((N, 1)).astype(np.float32)
+    model = fr.SequenceModel(I, H, 1, cell="lstm", device="cuda", seed=0)
+    model.fit(X, Y, epochs=1, batch_size=N, verbose=False)  # compiled, workspaces made
+    back, up = [], []
+    copy_to_host, to_device = FakeCUDAArray.copy_to_host, cuda.to_device
+
+    def logged_copy_to_host(self, *args, **kwargs):
+        back.append(tuple(self.shape))
+        return copy_to_host(self, *args, **kwargs)
+
+    def logged_to_device(array, *args, **kwargs):
+        up.append((np.shape(array), np.asarray(array).dtype))
+        return to_device(array, *args, **kwargs)
+    monkeypatch.setattr(FakeCUDAArray, "copy_to_host", logged_copy_to_host)
+    monkeypatch.setattr(cuda, "to_device", logged_to_device)
+    model.fit(X, Y, epochs=1, batch_size=N, verbose=False, shuffle=False)
+    assert (N, T, I) not in back and (1, N, H) in back  # no dx; h_n, c_n
+    assert back.count((N, T, H)) == 1  # the outputs, once
+    assert not any(dtype == np.int64 for _, dtype in up)  # no lengths
+
+
+@needs_gpu
+def test_device_lengths_are_checked_on_the_host_and_not_uploaded_again(monkeypatch):
+    """Device lengths are read back to check them, then used on the device as they are (a
+    training forward keeps its own copy there, so the caller may refill its buffer before
+    backward)."""
+    from numba import cuda
+    rng = np.random.default_rng(0)
+    cpu_layer, gpu_layer, x, _, _ = _pair("gru", "float64", 5, num_layers=1)
+    lengths = np.array([5, 2, 4], np.int64)
+    device_lengths = cuda.to_device(lengths)
+    uploads = []
+    to_device = cuda.to_device
+    monkeypatch.setattr(cuda, "to_device",
+                        lambda a, *r, **k: uploads.append(np.shape(a)) or to_device(a, *r, **k))
+    out, _ = gpu_layer(x, lengths=device_lengths)
+    assert (3,) not in uploads
+    device_lengths.copy_to_device(np.array([1, 1, 1], np.int64))  # refilled before backward
+    dout = rng.standard_normal(out.shape)
+    dx = gpu_layer.backward(dout)[0]
+    cpu_layer(x, lengths=lengths)
+    assert_close(dx, cpu_layer.backward(dout)[0], name="dx", **GPU_VS_CPU[np.dtype("f8")])
+
+
+@needs_gpu
+def test_an_optimizer_step_refuses_a_gradient_on_the_other_device():
+    from numba import cuda
+    adam = fr.optim.Adam(lr=0.1)
+    with pytest.raises(TypeError, match=r"grads\['w'\] is on the host but params\['w'\] is "
+                                        r"on the GPU"):
+        adam.step({"w": cuda.to_device(np.ones(3))}, {"w": np.ones(3)})
+    with pytest.raises(TypeError, match=r"grads\['w'\] is on the GPU"):
+        adam.step({"w": np.ones(3)}, {"w": cuda.to_device(np.ones(3))})
+    assert adam.steps == 0
+
+
+@needs_gpu
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # the simulator's NumPy scalars
 def test_a_diverged_epoch_on_the_device_is_undone_in_place():
     """As on the CPU (test_model): NonFiniteError puts back the epoch's starting weights and
