@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from fastrnn.bench import GPU_GRID, Case
+from fastrnn.bench import GPU_GRID, Case, calibrate, synchronizer, time_calls
 
 SHAPES = list(GPU_GRID)  # issue 3's (T, B, I, H), also `fastrnn bench --device cuda`'s
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
@@ -147,28 +147,6 @@ def check_determinism():
     return ok
 
 
-def _sync():
-    import torch
-    from numba import cuda
-    cuda.synchronize()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _sample(fn, reps):
-    _sync()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    _sync()
-    return (time.perf_counter() - start) / reps
-
-
-def _reps_for(fn):
-    one = _sample(fn, 1)
-    return max(1, int(SAMPLE_S / max(one, 1e-6)))
-
-
 def measure(cell, shape, backward):
     """(fastrnn seconds per call, cuDNN seconds per call, median per-round ratio):
     fastrnn.bench.compare on the GPU (``fastrnn bench --device cuda``), ROUNDS interleaved
@@ -238,8 +216,11 @@ def benchmark(deadline, tf32_default_pass=True):
 
 
 def _median_time(fn, rounds=ROUNDS):
-    reps = _reps_for(fn)
-    return statistics.median(_sample(fn, reps) for _ in range(rounds))
+    """Median over ``rounds`` of seconds per call, each round about SAMPLE_S of calls from
+    an idle GPU to an idle GPU (``fastrnn bench``'s timing)."""
+    sync = synchronizer("cuda")
+    reps = calibrate(fn, SAMPLE_S, sync)
+    return statistics.median(time_calls(fn, reps, sync) for _ in range(rounds))
 
 
 def breakdown(deadline):

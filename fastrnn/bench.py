@@ -376,14 +376,10 @@ def measure_gemm_cuda(n=2048, dtype="float32", repeats=5):
         return None
     import torch
     a, b = (torch.randn(n, n, dtype=getattr(torch, dtype), device="cuda") for _ in range(2))
-    allowed = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with _set_flag(torch.backends.cuda.matmul, "allow_tf32", False):
         a @ b
         best = min(time_calls(lambda: a @ b, 10, synchronizer("cuda"))
                    for _ in range(repeats))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = allowed
     return 2.0 * n ** 3 / best / 1e9
 
 
@@ -683,19 +679,14 @@ def _run_cases(args, cells, shapes, modes, with_torch, results):
 
 
 @contextlib.contextmanager
-def _cudnn_tf32(allowed):
-    """torch.backends.cudnn.allow_tf32 set to ``allowed`` inside, as it was after (None:
-    left alone, e.g. without torch)."""
-    if allowed is None:
-        yield
-        return
-    import torch
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = allowed
+def _set_flag(owner, name, value):
+    """``owner.name`` (a torch backend flag) set to ``value`` inside, put back after."""
+    before = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = before
+        setattr(owner, name, before)
 
 
 def run(args):
@@ -733,7 +724,11 @@ def run(args):
         return measure_gemm(n=args.gemm_size, dtype=args.dtype, n_threads=n_threads)
     gemm = reference_gemm()
     results = []
-    with _cudnn_tf32(args.tf32 if args.device == "cuda" and with_torch else None):
+    tf32 = contextlib.nullcontext()
+    if args.device == "cuda" and with_torch:
+        import torch
+        tf32 = _set_flag(torch.backends.cudnn, "allow_tf32", args.tf32)
+    with tf32:
         _run_cases(args, cells, shapes, modes, with_torch, results)
     # Measured before and after the cases, the better of the two: on this project's shared
     # VM single measurements ranged from 143 to 320 GFLOP/s between runs.

@@ -186,3 +186,13 @@ def test_the_asv_gpu_benchmarks_skip_without_a_gpu():
     for suite in (bench_gpu.GpuGrid(), bench_gpu.CudnnRatio()):
         with pytest.raises(NotImplementedError):
             suite.setup("lstm", bench_gpu.SHAPES[0], "infer")
+
+
+def test_a_torch_flag_is_put_back_even_when_the_run_fails():
+    from types import SimpleNamespace
+    backend = SimpleNamespace(allow_tf32=True)
+    with pytest.raises(KeyboardInterrupt):
+        with bench._set_flag(backend, "allow_tf32", False):
+            assert backend.allow_tf32 is False
+            raise KeyboardInterrupt
+    assert backend.allow_tf32 is True

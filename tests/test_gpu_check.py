@@ -31,11 +31,9 @@ def gpu_check(monkeypatch):
         import gpu_check
     finally:
         sys.path.pop(0)
-    from numba import cuda
     monkeypatch.setattr(gpu_check, "SHAPES", [SHAPE])
     monkeypatch.setattr(gpu_check, "GOALS", {SHAPE: 3.0})
     monkeypatch.setattr(gpu_check, "ROUNDS", 1)
-    monkeypatch.setattr(gpu_check, "_sync", cuda.synchronize)  # no torch CUDA here
     monkeypatch.setattr(gpu, "_benchmarked", {})
     calls = []
 
