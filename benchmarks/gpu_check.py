@@ -36,7 +36,9 @@ import time
 
 import numpy as np
 
-from fastrnn.bench import GPU_GRID, Case, calibrate, synchronizer, time_calls
+# fastrnn.bench as a module: asv would take a time_calls imported by name for a benchmark.
+from fastrnn import bench as fastrnn_bench
+from fastrnn.bench import GPU_GRID, Case
 
 SHAPES = list(GPU_GRID)  # issue 3's (T, B, I, H), also `fastrnn bench --device cuda`'s
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
@@ -218,9 +220,9 @@ def benchmark(deadline, tf32_default_pass=True):
 def _median_time(fn, rounds=ROUNDS):
     """Median over ``rounds`` of seconds per call, each round about SAMPLE_S of calls from
     an idle GPU to an idle GPU (``fastrnn bench``'s timing)."""
-    sync = synchronizer("cuda")
-    reps = calibrate(fn, SAMPLE_S, sync)
-    return statistics.median(time_calls(fn, reps, sync) for _ in range(rounds))
+    sync = fastrnn_bench.synchronizer("cuda")
+    reps = fastrnn_bench.calibrate(fn, SAMPLE_S, sync)
+    return statistics.median(fastrnn_bench.time_calls(fn, reps, sync) for _ in range(rounds))
 
 
 def breakdown(deadline):
