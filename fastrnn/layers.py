@@ -67,6 +67,16 @@ def _device_to_host(array):
     raise TypeError(f"cannot copy {type(array).__name__} to the host")
 
 
+def _check_bidirectional(value):
+    """bidirectional: a bool. A number there is most likely PyTorch's positional dropout
+    (torch's sixth argument), so the error says where dropout goes."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"bidirectional must be a bool, got {type(value).__name__} {value!r}: "
+                        f"the sixth positional argument is bidirectional in fastrnn, so pass "
+                        f"PyTorch's dropout by keyword (dropout={value!r})")
+    return _check_bool(value, "bidirectional")
+
+
 def _check_dropout(value, num_layers):
     """dropout: a real number in [0, 1] (PyTorch's range); a UserWarning, as PyTorch gives,
     when it cannot act (one layer: dropout falls between layers only)."""
@@ -196,16 +206,18 @@ class _RecurrentLayer:
     _gates = 1
     _has_cell_state = False
 
+    # The positional order is DESIGN.md's API contract (other tools rely on it), which puts
+    # bidirectional sixth; PyTorch puts dropout there, so dropout is keyword-only here.
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, learn_initial_state=False,
-                 dtype="float32", device="cpu", seed=None):
+                 bidirectional=False, learn_initial_state=False, dtype="float32",
+                 device="cpu", seed=None, *, dropout=0.0):
         self.input_size = _check_positive_int(input_size, "input_size")
         self.hidden_size = _check_positive_int(hidden_size, "hidden_size")
         self.num_layers = _check_positive_int(num_layers, "num_layers")
         self.bias = _check_bool(bias, "bias")
         self.batch_first = _check_bool(batch_first, "batch_first")
+        self.bidirectional = _check_bidirectional(bidirectional)
         self.dropout = _check_dropout(dropout, self.num_layers)
-        self.bidirectional = _check_bool(bidirectional, "bidirectional")
         self.learn_initial_state = _check_bool(learn_initial_state, "learn_initial_state")
         self.dtype = _check_dtype(dtype)
         device = _check_device(device)
@@ -635,15 +647,14 @@ class RNN(_RecurrentLayer):
 
     _gates = 1
 
-    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, **kwargs):
-        # (PyTorch's positional order: nonlinearity comes before the shared arguments.)
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", *args,
+                 **kwargs):
+        # nonlinearity is fourth, as in PyTorch; the shared arguments follow in their order.
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         self._cell_name = f"rnn_{nonlinearity}"
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, **kwargs)
+        super().__init__(input_size, hidden_size, num_layers, *args, **kwargs)
 
 
 class LSTM(_RecurrentLayer):

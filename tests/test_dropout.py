@@ -151,12 +151,18 @@ def test_a_model_with_dropout_resumes_exactly_and_reloads_its_setting(tmp_path, 
     np.testing.assert_array_equal(whole.predict(X), whole.predict(X))  # eval: no dropout
 
 
-def test_positional_arguments_follow_pytorch():
-    """torch.nn.RNN(input, hidden, num_layers, nonlinearity, bias, batch_first, dropout,
-    bidirectional); LSTM and GRU the same without nonlinearity."""
-    rnn = fr.RNN(2, 3, 2, "relu", False, True, 0.5, True)
-    assert (rnn.nonlinearity, rnn.bias, rnn.batch_first, rnn.dropout, rnn.bidirectional) == \
-        ("relu", False, True, 0.5, True)
-    gru = fr.GRU(2, 3, 2, False, True, 0.25, True)
-    assert (gru.bias, gru.batch_first, gru.dropout, gru.bidirectional) == \
-        (False, True, 0.25, True)
+def test_positional_arguments_follow_the_api_contract():
+    """DESIGN.md's order: (input, hidden, num_layers, bias, batch_first, bidirectional,
+    learn_initial_state, dtype, device, seed); fr.RNN takes nonlinearity fourth, as PyTorch
+    does. dropout is keyword-only, and PyTorch's positional dropout (its sixth argument) is
+    refused by name rather than read as bidirectional."""
+    lstm = fr.LSTM(2, 3, 2, False, True, True, True, "float64", "cpu", 0, dropout=0.5)
+    assert (lstm.bias, lstm.batch_first, lstm.bidirectional, lstm.learn_initial_state,
+            lstm.dtype, lstm.dropout) == (False, True, True, True, np.float64, 0.5)
+    rnn = fr.RNN(2, 3, 2, "relu", False, True, True)
+    assert (rnn.nonlinearity, rnn.bias, rnn.batch_first, rnn.bidirectional) == \
+        ("relu", False, True, True)
+    with pytest.raises(TypeError, match=r"bidirectional must be a bool.*dropout=0\.25"):
+        fr.GRU(2, 3, 2, False, True, 0.25, True)
+    with pytest.raises(TypeError, match="bidirectional must be a bool"):
+        fr.RNN(2, 3, 2, "relu", False, True, 0.5, True)
