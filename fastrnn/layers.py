@@ -56,6 +56,31 @@ def _host_outputs(backend, result):
     return backend.to_host(result)
 
 
+def _ndim(array):
+    """The number of dimensions of an array-like, without converting it (None when NumPy
+    cannot read it as an array: the full check reports that)."""
+    if _is_device_array(array):
+        return len(tuple(array.shape))
+    try:
+        return np.ndim(array)
+    except Exception:  # ragged lists and the like
+        return None
+
+
+def _shape(array):
+    """The shape of an array-like that NumPy can read (a device array's without a copy)."""
+    return tuple(array.shape) if hasattr(array, "shape") else np.shape(array)
+
+
+def _without_axis(result, axis):
+    """(A nested tuple of) arrays with their length-1 axis ``axis`` removed: a view (host and
+    C-contiguous device arrays alike), for an unbatched call's outputs."""
+    if isinstance(result, tuple):
+        return tuple(_without_axis(r, axis) for r in result)
+    shape = tuple(result.shape)
+    return result.reshape(shape[:axis] + shape[axis + 1:])
+
+
 def _device_to_host(array):
     """A device array (Numba, CuPy, PyTorch CUDA tensor) copied into a NumPy array."""
     if hasattr(array, "copy_to_host"):
@@ -109,11 +134,12 @@ def _check_device(device):
     return device
 
 
-def _check_array(array, name, ndim, dtype, device=None):
+def _check_array(array, name, ndim, dtype, device=None, layout=""):
     """Return ``array`` as a real floating array of ``dtype``; TypeError/ValueError if not.
 
     A device array (``__cuda_array_interface__``) is returned as is after its ndim and dtype
     kind are checked from the interface; with ``device="cpu"`` it is refused (TypeError).
+    ``layout`` follows "must be N-dimensional" in the error for another ndim.
     """
     if _is_device_array(array):
         if device == "cpu":
@@ -127,7 +153,7 @@ def _check_array(array, name, ndim, dtype, device=None):
         if array_dtype.kind not in "fiu":
             raise TypeError(f"{name} must hold real numbers, got dtype {array_dtype}")
         if len(shape) != ndim:
-            raise ValueError(f"{name} must be {ndim}-dimensional, got shape {shape}")
+            raise ValueError(f"{name} must be {ndim}-dimensional{layout}, got shape {shape}")
         if array_dtype != np.dtype(dtype):  # converting would hide a copy on the device
             raise TypeError(f"{name} is a device array of dtype {array_dtype} but the layer's "
                             f"dtype is {np.dtype(dtype)}; convert it on the device first")
@@ -142,7 +168,7 @@ def _check_array(array, name, ndim, dtype, device=None):
     if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
         raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     if arr.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {arr.shape}")
+        raise ValueError(f"{name} must be {ndim}-dimensional{layout}, got shape {arr.shape}")
     with np.errstate(over="ignore"):  # reported below, by name
         converted = arr.astype(dtype, copy=False)
     if arr.dtype.kind == "f" and arr.dtype.itemsize > converted.dtype.itemsize:
@@ -184,9 +210,8 @@ def _check_lengths(lengths, batch, steps):
         arr = np.asarray(lengths)
     except Exception as exc:  # ragged lists and the like
         raise TypeError(f"lengths must be a 1-D array of integers: {exc}") from None
-    if arr.size == 0 and batch:  # [] reads as float64; the count is what is wrong
-        raise ValueError(f"lengths must have shape ({batch},) (one per batch row), "
-                         f"got {arr.shape}")
+    if arr.size == 0 and arr.dtype == np.float64:  # [] reads as float64
+        arr = arr.astype(np.int64)  # so the count, if anything, is what is wrong
     if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
         raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
     if arr.shape != (batch,):
@@ -196,6 +221,20 @@ def _check_lengths(lengths, batch, steps):
         raise ValueError(f"lengths must lie in [1, {steps}] (the sequence length), got "
                          f"values in [{arr.min()}, {arr.max()}]")
     return arr.astype(np.int64)
+
+
+def _unbatched_length(length):
+    """lengths of an unbatched call: None or one integer (the sequence's valid steps) ->
+    None or the lengths of a batch of one, (1,)."""
+    if length is None:
+        return None
+    if _is_device_array(length):
+        length = _device_to_host(length)
+    arr = np.asarray(length) if np.ndim(length) == 0 else None
+    if arr is None or arr.dtype.kind not in "iu":
+        raise ValueError(f"lengths of an unbatched (2-D) x must be one integer, got "
+                         f"{length!r}")
+    return arr.reshape(1)
 
 
 # ---------------------------------------------------------------------------- layers
@@ -421,28 +460,33 @@ class _RecurrentLayer:
     def __call__(self, x, h0=None, lengths=None):
         return self.forward(x, h0=h0, lengths=lengths)
 
-    def _check_state(self, state, name, batch):
-        """state: None or (L*D, B, H) (a pair of them for LSTM) -> list of host/device arrays."""
+    def _check_state(self, state, name, batch, unbatched=False):
+        """state: None or (L*D, B, H) ((L*D, H) for an unbatched call; a pair of them for
+        LSTM) -> list of host/device arrays (L*D, B, H)."""
         LD, H = self.num_layers * self.num_directions, self.hidden_size
         if state is None:
             return None
+        shape = (LD, H) if unbatched else (LD, batch, H)
         if self._has_cell_state:
             if not isinstance(state, (tuple, list)) or len(state) != 2:
                 raise TypeError(f"{name} of an LSTM must be a pair (h, c) of arrays of shape "
-                                f"({LD}, {batch}, {H})")
+                                f"{shape}")
             parts = [(state[0], f"{name}[0]"), (state[1], f"{name}[1]")]
         else:
             if isinstance(state, (tuple, list)) and len(state) == 2 and all(
-                    getattr(part, "ndim", None) == 3 for part in state):  # an LSTM-like pair
+                    getattr(part, "ndim", None) == len(shape) for part in state):
                 raise TypeError(f"{name} of a {type(self).__name__} is one array of shape "
-                                f"({LD}, {batch}, {H}), not two (only an LSTM's state is a "
-                                f"pair (h, c))")
+                                f"{shape}, not two (only an LSTM's state is a pair (h, c))")
             parts = [(state, name)]
         checked = []
         for value, label in parts:
-            value = _check_array(value, label, 3, self.dtype, self.device)
-            _check_shape(value, label, (LD, batch, H))
-            checked.append(self._backend.asarray(value, self.dtype))
+            if unbatched and _ndim(value) == 3:  # PyTorch refuses this pairing too
+                raise ValueError(f"{label} of an unbatched (2-D) x must be 2-D {shape}, got "
+                                 f"shape {_shape(value)}")
+            value = _check_array(value, label, len(shape), self.dtype, self.device)
+            _check_shape(value, label, shape)
+            value = self._backend.asarray(value, self.dtype)
+            checked.append(self._backend.insert_axis(value, 1) if unbatched else value)
         return checked
 
     def _initial_state(self, given, index, part, batch):
@@ -485,23 +529,36 @@ class _RecurrentLayer:
         h_n is (L*D, B, H) (a pair (h_n, c_n) for LSTM); h0 likewise or None.
         lengths: B ints in [1, T]; outputs past a row's length are 0 and h_n is the state at
         its last valid step (PyTorch's packed-sequence semantics).
+        As in PyTorch, a 2-D x (T, I) is one unbatched sequence, whatever batch_first says:
+        then h0 and h_n are (L*D, H), out is (T, D*H) and lengths is one integer or None.
+        B = 0 gives empty results without running a kernel.
         """
         caller_x = x
         self._check_params()
-        x = _check_array(x, "x", 3, self.dtype, self.device)
-        if x.ndim != 3:
-            raise ValueError(f"x must be 3-dimensional, got shape {tuple(x.shape)}")
         layout = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
-        if x.shape[2] != self.input_size:
+        # A 2-D x is one sequence without a batch axis, as PyTorch takes it (batch_first
+        # or not); it runs as a batch of one, with h0, h_n and the outputs 2-D.
+        unbatched = _ndim(x) == 2
+        x = _check_array(x, "x", 2 if unbatched else 3, self.dtype, self.device,
+                         f" {layout}, or 2-dimensional (T, input_size) for one unbatched "
+                         f"sequence")
+        x_shape = tuple(x.shape)
+        if unbatched:
+            layout = "(T, input_size)"
+        if x_shape[-1] != self.input_size:
             raise ValueError(f"x must have shape {layout} with input_size={self.input_size}, "
-                             f"got {tuple(x.shape)}")
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            raise ValueError(f"x must have at least one time step and one batch row, "
-                             f"got shape {tuple(x.shape)}")
+                             f"got {x_shape}")
+        if unbatched:
+            x = self._backend.insert_axis(x, self._batch_axis)
+            lengths = _unbatched_length(lengths)
         T, B = (x.shape[1], x.shape[0]) if self.batch_first else (x.shape[0], x.shape[1])
-        given = self._check_state(h0, "h0", B)
+        if T == 0:  # PyTorch refuses it too
+            raise ValueError(f"x must have at least one time step, got shape {x_shape}")
+        given = self._check_state(h0, "h0", B, unbatched)
         lengths_given = lengths
         lengths = _check_lengths(lengths, B, T)
+        if B == 0:
+            return self._empty_batch(x, T, unbatched)
         xt = self._to_time_major(x)
         if self.training and _may_alias(xt, caller_x, self.batch_first):
             # Backward reads the saved input, and the caller may refill its buffer before then
@@ -558,7 +615,7 @@ class _RecurrentLayer:
                 backend.multiply(out, mask)  # the next layer's input, and what it saves
             saved_layers.append((layer_input, saved_dirs, mask))
             layer_input = out.reshape(T * B, D * H)
-        self._saved = (T, B, padded, saved_layers) if train else None
+        self._saved = (T, B, padded, saved_layers, unbatched) if train else None
         self._saved_dropped_by = None if train else \
             "the last forward ran in eval mode, which keeps none"
         # A given h0 replaces the learned state, which then gets no gradient.
@@ -567,9 +624,43 @@ class _RecurrentLayer:
         if self._has_cell_state:
             c_n = backend.stack(c_n)
             h_n = (h_n, c_n)
-        result = (self._from_time_major(out), h_n)
-        # Device arrays in -> device arrays out; otherwise NumPy out (a no-op on the CPU).
-        return result if _is_device_array(x) else _host_outputs(backend, result)
+        return self._outputs(x, self._from_time_major(out), h_n, unbatched)
+
+    @property
+    def _batch_axis(self):
+        """Where the batch axis of x, out, dout and dx is."""
+        return 0 if self.batch_first else 1
+
+    def _outputs(self, caller_array, sequence, state, unbatched):
+        """(out or dx, h_n or dh0) as the call returns them: without the batch axis for an
+        unbatched call; device arrays for a device input, else NumPy (a no-op on the CPU)."""
+        result = (sequence, state)
+        if unbatched:
+            result = (_without_axis(sequence, self._batch_axis), _without_axis(state, 1))
+        return result if _is_device_array(caller_array) else \
+            _host_outputs(self._backend, result)
+
+    def _empty_batch(self, x, T, unbatched):
+        """forward of a batch of no rows, as PyTorch's CPU modules give it: out (T, 0, D*H)
+        and h_n (L*D, 0, H), empty; no kernel runs. A training call saves what backward
+        needs to return an empty dx and dh0 (and add nothing to any gradient)."""
+        LD, DH = self.num_layers * self.num_directions, self.num_directions * self.hidden_size
+        self._drop_saved("a training forward that did not complete")
+        self._saved = (T, 0, False, None, unbatched) if self.training else None
+        self._saved_dropped_by = None if self.training else \
+            "the last forward ran in eval mode, which keeps none"
+        self._learned_state_used = False
+        return self._outputs(x, *self._empty_results(T, DH, LD), unbatched)
+
+    def _empty_results(self, T, features, LD):
+        """Empty (T, 0, features) [(0, T, features)] and (L*D, 0, H) arrays (pairs for an
+        LSTM's state) on the layer's backend."""
+        zeros, dtype = self._backend.zeros, self.dtype
+        sequence = zeros((0, T, features) if self.batch_first else (T, 0, features), dtype)
+        state = zeros((LD, 0, self.hidden_size), dtype)
+        if self._has_cell_state:
+            state = (state, zeros((LD, 0, self.hidden_size), dtype))
+        return sequence, state
 
     def _names(self, k, d):
         suffix = "_reverse" if d else ""
@@ -601,13 +692,23 @@ class _RecurrentLayer:
                 raise StateError(f"backward needs the activations of a training forward; "
                                  f"{dropped}: run forward again")
             raise StateError("backward called before forward: there are no saved activations")
-        T, B, padded, saved_layers = self._saved
+        T, B, padded, saved_layers, unbatched = self._saved
         D, H, L = self.num_directions, self.hidden_size, self.num_layers
         backend = self._backend
-        dout = _check_array(dout, "dout", 3, self.dtype, self.device)
-        expected = (B, T, D * H) if self.batch_first else (T, B, D * H)
+        caller_dout = dout
+        expected = (T, D * H) if unbatched else \
+            (B, T, D * H) if self.batch_first else (T, B, D * H)
+        what = "unbatched (2-D x)" if unbatched else "batched (3-D x)"
+        dout = _check_array(dout, "dout", len(expected), self.dtype, self.device,
+                            f" {expected}, like the outputs of the forward it follows, "
+                            f"which was {what}")
         _check_shape(dout, "dout", expected)
-        dstate = self._check_state(dh_n, "dh_n", B)
+        if unbatched:
+            dout = backend.insert_axis(dout, self._batch_axis)
+        dstate = self._check_state(dh_n, "dh_n", B, unbatched)
+        if B == 0:
+            return self._outputs(caller_dout, *self._empty_results(T, self.input_size, L * D),
+                                 unbatched)
         d_layer_out = self._to_time_major(dout)
         dh0, dc0 = [None] * (L * D), [None] * (L * D)
         for k in reversed(range(L)):
@@ -638,8 +739,7 @@ class _RecurrentLayer:
             if self._learned_state_used:
                 backend.add_batch_sum(self.grads["initial_c"], dc0)
             dh0 = (dh0, dc0)
-        result = (self._from_time_major(d_layer_out), dh0)
-        return result if _is_device_array(dout) else _host_outputs(backend, result)
+        return self._outputs(caller_dout, self._from_time_major(d_layer_out), dh0, unbatched)
 
 
 class RNN(_RecurrentLayer):

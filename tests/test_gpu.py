@@ -530,6 +530,58 @@ def test_gpu_device_arrays_in_device_arrays_out():
         layer(cuda.to_device(x.astype(np.float64)))
 
 
+@needs_gpu
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tmajor", "bfirst"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_unbatched_input_matches_cpu(cell, batch_first):
+    """A 2-D x (T, I) with 2-D h0 on the GPU: NumPy in -> NumPy out, device in -> device out
+    (a view of the C-contiguous input, no copy to the host), as on the CPU."""
+    from numba import cuda
+    seed = stable_seed("gpu-unbatched", cell, batch_first)
+    cpu_layer, gpu_layer, x, h0, _ = _pair(cell, "float64", seed, num_layers=2,
+                                           bidirectional=True, batch_first=batch_first,
+                                           h0_mode="given")
+    x = np.ascontiguousarray(x[0] if batch_first else x[:, 0])
+    h0 = tuple(p[:, 0].copy() for p in h0) if has_cell_state(cell) else h0[:, 0].copy()
+    rng = np.random.default_rng(seed)
+    dout = rng.standard_normal((x.shape[0], 2 * SHAPE["H"]))
+    dh_n = tuple(rng.standard_normal(p.shape) for p in state_parts(h0))
+    dh_n = dh_n if has_cell_state(cell) else dh_n[0]
+    cpu_result = _run(cpu_layer, x, h0, 4, dout, dh_n)
+    _compare(cpu_result, _run(gpu_layer, x, h0, 4, dout, dh_n), "float64")
+
+    def to_device(state):
+        return tuple(map(cuda.to_device, state)) if isinstance(state, tuple) else \
+            cuda.to_device(state)
+    device_result = _run(gpu_layer, cuda.to_device(x), to_device(h0), 4, cuda.to_device(dout),
+                         to_device(dh_n))
+    out, h_n, dx, dh0, grads = device_result
+    assert all(gpu.is_device_array(a) for a in (out, dx, *state_parts(h_n), *state_parts(dh0)))
+    host = lambda state: tuple(map(gpu.to_host, state)) if isinstance(state, tuple) \
+        else gpu.to_host(state)  # noqa: E731
+    _compare(cpu_result, (gpu.to_host(out), host(h_n), gpu.to_host(dx), host(dh0), grads),
+             "float64")
+
+
+@needs_gpu
+@pytest.mark.parametrize("device_input", [False, True], ids=["numpy", "device"])
+def test_gpu_empty_batch_gives_empty_results(device_input):
+    """B = 0 on the GPU: empty outputs of the input's kind, no kernel, nothing added."""
+    from numba import cuda
+    layer = fr.GRU(2, 3, num_layers=2, bidirectional=True, device="cuda", seed=0)
+    x = np.zeros((4, 0, 2), np.float32)
+    dout = np.zeros((4, 0, 6), np.float32)
+    if device_input:
+        x, dout = cuda.to_device(x), cuda.to_device(dout)
+    out, h_n = layer(x)
+    dx, dh0 = layer.backward(dout)
+    for array, shape in ((out, (4, 0, 6)), (h_n, (4, 0, 3)), (dx, (4, 0, 2)),
+                         (dh0, (4, 0, 3))):
+        assert gpu.is_device_array(array) == device_input
+        assert tuple(array.shape) == shape
+    assert all(not gpu.to_host(g).any() for g in layer.grads.values())
+
+
 def _foreign_library(library):
     """CuPy or torch with a usable CUDA device, else skip (the simulator has neither)."""
     if gpu._simulator_enabled():

@@ -215,3 +215,55 @@ def test_dropout_matches_torch_given_its_masks(cell, dtype, monkeypatch):
     assert_parity(dx, x_t.grad.numpy(), dtype, "dx")
     for name, param in module.named_parameters():
         assert_parity(layer.grads[name], param.grad.numpy(), dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tmajor", "bfirst"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_unbatched_input_matches_torch(cell, dtype, batch_first):
+    """A 2-D x (T, I) with 2-D h0, as torch.nn takes it: outputs, h_n, dx, dh0 and every
+    gradient."""
+    layer = make_layer(cell, 3, 4, num_layers=2, bidirectional=True, batch_first=batch_first,
+                       dtype=dtype, seed=1)
+    module = torch_module(cell, 3, 4, 2, True, batch_first, True).to(TORCH_DTYPES[dtype])
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in layer.state_dict().items()})
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 3)).astype(dtype)
+    h0 = [rng.standard_normal((4, 4)).astype(dtype) for _ in range(1 + (cell == "lstm"))]
+    R1 = rng.standard_normal((6, 8)).astype(dtype)
+    R2 = [rng.standard_normal((4, 4)).astype(dtype) for _ in h0]
+    x_t = torch.from_numpy(x).requires_grad_()
+    h0_t = [torch.from_numpy(h).requires_grad_() for h in h0]
+    out_t, h_n_t = module(x_t, tuple(h0_t) if cell == "lstm" else h0_t[0])
+    loss = (out_t * torch.from_numpy(R1)).sum() + sum(
+        (s * torch.from_numpy(r)).sum() for s, r in zip(state_parts(h_n_t), R2))
+    loss.backward()
+    out, h_n = layer(x, tuple(h0) if cell == "lstm" else h0[0])
+    dx, dh0 = layer.backward(R1, tuple(R2) if cell == "lstm" else R2[0])
+    assert_parity(out, out_t.detach().numpy(), dtype, "out")
+    for got, ref in zip(state_parts(h_n), state_parts(h_n_t)):
+        assert_parity(got, ref.detach().numpy(), dtype, "h_n")
+    assert_parity(dx, x_t.grad.numpy(), dtype, "dx")
+    for got, ref in zip(state_parts(dh0), h0_t):
+        assert_parity(got, ref.grad.numpy(), dtype, "dh0")
+    for name, param in module.named_parameters():
+        assert_parity(layer.grads[name], param.grad.numpy(), dtype, name)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_an_empty_batch_has_torch_shapes(cell):
+    """B = 0: torch's CPU modules return empty outputs and states, and backward gives an
+    empty dx and zero parameter gradients; so does the layer."""
+    layer = make_layer(cell, 3, 4, num_layers=2, bidirectional=True, seed=0)
+    module = torch_module(cell, 3, 4, 2, True, False, True)
+    x_t = torch.zeros(5, 0, 3, requires_grad=True)
+    out_t, h_n_t = module(x_t)
+    out_t.sum().backward()
+    out, h_n = layer(np.zeros((5, 0, 3), np.float32))
+    assert out.shape == tuple(out_t.shape)
+    for got, ref in zip(state_parts(h_n), state_parts(h_n_t)):
+        assert got.shape == tuple(ref.shape)
+    dx, _ = layer.backward(np.zeros(out.shape, np.float32))
+    assert dx.shape == tuple(x_t.grad.shape)
+    for name, param in module.named_parameters():
+        np.testing.assert_array_equal(layer.grads[name], param.grad.numpy())

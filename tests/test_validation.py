@@ -95,8 +95,8 @@ def test_bad_seed(seed):
 
 # ------------------------------------------------------------------------ forward: x
 
-@pytest.mark.parametrize("shape", [(4, 2), (4,), (), (1, 4, 3, 2)])
-def test_x_wrong_ndim(cell, shape):
+@pytest.mark.parametrize("shape", [(4,), (), (1, 4, 3, 2)])  # 2-D: unbatched, see
+def test_x_wrong_ndim(cell, shape):                                # test_batch_shapes.py
     layer, _, _, _ = small(cell)
     with raises(ValueError, "x"):
         layer(np.zeros(shape))
@@ -112,8 +112,8 @@ def test_x_wrong_feature_size(cell, batch_first):
         layer(np.swapaxes(x, 1, 2))
 
 
-@pytest.mark.parametrize("shape", [(0, 3, 2), (4, 0, 2), (0, 0, 2)])
-def test_x_empty(cell, shape):
+@pytest.mark.parametrize("shape", [(0, 3, 2), (0, 0, 2), (0, 2)])  # B = 0 alone is allowed
+def test_x_without_steps(cell, shape):
     layer, _, _, _ = small(cell)
     with raises(ValueError, "x"):
         layer(np.zeros(shape))

@@ -250,6 +250,12 @@ def stack(arrays):
     return arrays[0][np.newaxis] if len(arrays) == 1 else np.stack(arrays)
 
 
+def insert_axis(array, axis):
+    """A view of ``array`` with a new axis of length 1 at ``axis`` (an unbatched input's
+    batch axis)."""
+    return np.expand_dims(array, axis)
+
+
 def swap01(array, dtype):
     """(A, B, F) -> contiguous (B, A, F) of dtype (batch_first <-> time-major)."""
     return np.ascontiguousarray(np.swapaxes(array, 0, 1), dtype=dtype)

@@ -335,6 +335,17 @@ def stack(arrays):
     return out
 
 
+def insert_axis(array, axis):
+    """A view of ``array`` with a new axis of length 1 at ``axis`` (an unbatched input's
+    batch axis), no copy: a C-contiguous device array stays on the device, a host array
+    (not yet uploaded) on the host."""
+    if not is_device_array(array):
+        return np.expand_dims(array, axis)
+    dev = _as_device(array)
+    shape = tuple(dev.shape)
+    return dev.reshape(shape[:axis] + (1,) + shape[axis:])
+
+
 def swap01(array, dtype):
     """(A, B, F) -> contiguous (B, A, F) of dtype on the device (batch_first <-> time-major)."""
     if not is_device_array(array):
