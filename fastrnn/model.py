@@ -256,6 +256,24 @@ def _as_callbacks(callbacks, early_stopping):
 
 # ---------------------------------------------------------------------------- the model
 
+def _split_validation(X, Y, lengths, validation_data, fraction):
+    """Keras's validation_split: the samples from ``floor(N * (1 - fraction))`` on, of the
+    checked X (N, ...), Y (N, ...) and lengths (N,) or None, become validation_data (taken
+    before any shuffling) -> (X, Y, lengths, validation_data)."""
+    fraction = optim._check_number(fraction, "validation_split", 0, 1)
+    if not fraction:
+        return X, Y, lengths, validation_data
+    if validation_data is not None:
+        raise ValueError("give validation_data or validation_split, not both")
+    N = X.shape[0]
+    keep = int(math.floor(N * (1 - fraction)))  # Keras's split point
+    if keep in (0, N):
+        raise ValueError(f"validation_split={fraction} of {N} samples leaves "
+                         f"{'no training' if keep == 0 else 'no validation'} samples")
+    held_out = (X[keep:], Y[keep:]) + (() if lengths is None else (lengths[keep:],))
+    return X[:keep], Y[:keep], None if lengths is None else lengths[:keep], held_out
+
+
 class SequenceModel:
     """Recurrent layers + dense head + loss, trained with :meth:`fit`.
 
@@ -687,12 +705,15 @@ class SequenceModel:
 
     def fit(self, X, Y, epochs=1, batch_size=32, lr=None, optimizer=None, clip_norm=None,
             clip_value=None, lengths=None, validation_data=None, verbose=True, shuffle=True,
-            early_stopping=None, callbacks=None, tbptt=None, weight_decay=None):
+            early_stopping=None, callbacks=None, tbptt=None, weight_decay=None,
+            validation_split=0.0):
         """Train for ``epochs`` more epochs; returns this call's history (a dict of lists).
 
         X (N, T, I); Y (N, O) / (N,) for output="last" ((N,) ints for cross_entropy),
         (N, T, O) / (N, T) for output="sequence". lengths: N ints in [1, T] or None.
         validation_data: (X_val, Y_val) or (X_val, Y_val, lengths_val).
+        validation_split: a fraction in [0, 1): Keras's; the last samples of X, Y (and
+            lengths), before any shuffling, are held out as the validation data.
         optimizer: None (the model's optimizer, with its state: the last fit's or the one
             :func:`load` restored; Adam for a model that has none), "adam", "adamw", "sgd"
             (the model's optimizer if it has that name, else a new one) or a
@@ -725,6 +746,8 @@ class SequenceModel:
             tbptt = _check_positive_int(tbptt, "tbptt")
             if self.output != "sequence" or self.bidirectional:
                 raise ValueError("tbptt needs output='sequence' and a unidirectional model")
+        X, Y, lengths, validation_data = _split_validation(X, Y, lengths, validation_data,
+                                                           validation_split)
         val = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in \

@@ -294,6 +294,51 @@ def test_classification_history_has_accuracy_and_improves():
     np.testing.assert_allclose(proba.sum(axis=1), 1, rtol=1e-5)
 
 
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_validation_split_holds_out_the_last_samples_as_keras_does(with_lengths):
+    """validation_split=f trains on the first floor(N (1 - f)) samples and validates on the
+    rest (before shuffling): the same run, bit for bit, as passing them as validation_data."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((23, 6, 2)).astype(np.float32)
+    Y = rng.integers(0, 3, size=23)
+    lengths = rng.integers(1, 7, size=23) if with_lengths else None
+    runs = []
+    for split in (True, False):
+        model = fr.SequenceModel(2, 5, 3, cell="gru", loss="cross_entropy", seed=0)
+        if split:
+            hist = model.fit(X, Y, lengths=lengths, epochs=2, batch_size=4,
+                             validation_split=0.25, verbose=False)
+        else:  # floor(23 * 0.75) = 17
+            held_out = (X[17:], Y[17:]) + ((lengths[17:],) if with_lengths else ())
+            hist = model.fit(X[:17], Y[:17], lengths=None if lengths is None else lengths[:17],
+                             epochs=2, batch_size=4, validation_data=held_out, verbose=False)
+        runs.append((hist, model.state_dict()))
+    (hist_split, weights_split), (hist_data, weights_data) = runs
+    assert set(hist_split) >= {"val_loss", "val_accuracy"}
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        assert hist_split[key] == hist_data[key], key
+    for name in weights_data:
+        np.testing.assert_array_equal(weights_split[name], weights_data[name], err_msg=name)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(validation_split=1.0), r"validation_split must be a number in \[0, 1\)"),
+    (dict(validation_split=-0.1), r"validation_split must be a number in \[0, 1\)"),
+    (dict(validation_split="0.2"), "validation_split must be a number"),
+    (dict(validation_split=1e-17), "leaves no validation samples"),
+    (dict(validation_split=0.99), "leaves no training samples"),
+    (dict(validation_split=0.5, validation_data=("X", "Y")), "not both"),
+])
+def test_bad_validation_split_is_refused_before_training(kwargs, match):
+    model = fr.SequenceModel(2, 4, 1, seed=0)
+    X, Y = fr.data.adding_problem(20, steps=5, seed=0)
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=match):
+        model.fit(X, Y, verbose=False, **kwargs)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+
+
 def test_seed_makes_training_bit_reproducible():
     X, Y = fr.data.adding_problem(200, steps=8, seed=0)
     runs = []
