@@ -197,6 +197,10 @@ def cmd_demo(args):
     print(f"fastrnn demo: character-level {args.cell.upper()} on Shakespeare's 'As You Like "
           f"It' ({len(text):,} characters, public domain; fastrnn/data/SOURCE.txt)")
     vocab, X, Y, val = char_lm_data(text, args.seq_len, args.streams, 0.1)
+    try:  # checked before training, not after it
+        vocab.encode(args.prompt)
+    except ValueError as exc:
+        raise ValueError(f"--prompt: {exc}") from None
     model = SequenceModel(len(vocab), args.hidden, len(vocab), cell=args.cell,
                           num_layers=args.layers, output="sequence", loss="cross_entropy",
                           device=args.device, seed=args.seed)
@@ -500,6 +504,18 @@ def cmd_bench(argv):
 
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Names each option's default once: not for flags, nor for a default of None (the
+    option's help says what its absence means), nor where the help names it itself."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or isinstance(action.default, bool) or \
+                action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="fastrnn", description="Numba-compiled RNN/LSTM/GRU: demo, training, sampling, "
@@ -508,28 +524,33 @@ def build_parser():
     from . import __version__
     parser.add_argument("--version", action="version", version=f"fastrnn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     demo = sub.add_parser("demo", formatter_class=fmt,
                           help="train a character-level LSTM on bundled Shakespeare (~1 min)",
                           description="Train a character-level LSTM on the bundled public-"
                           "domain text (Shakespeare, As You Like It) and print generated "
                           "text.")
-    demo.add_argument("--epochs", type=POSITIVE_INT, default=6)
-    demo.add_argument("--cell", choices=["lstm", "gru", "rnn"], default="lstm")
-    demo.add_argument("--hidden", type=POSITIVE_INT, default=128)
-    demo.add_argument("--layers", type=POSITIVE_INT, default=1)
+    demo.add_argument("--epochs", type=POSITIVE_INT, default=6, help="epochs to train")
+    demo.add_argument("--cell", choices=["lstm", "gru", "rnn"], default="lstm",
+                      help="recurrent cell")
+    demo.add_argument("--hidden", type=POSITIVE_INT, default=128, help="hidden units")
+    demo.add_argument("--layers", type=POSITIVE_INT, default=1, help="recurrent layers")
     demo.add_argument("--seq-len", type=POSITIVE_INT, default=64, help="truncated-BPTT chunk length")
     demo.add_argument("--streams", type=POSITIVE_INT, default=32,
                       help="parallel text streams (the batch size)")
-    demo.add_argument("--lr", type=POSITIVE, default=1e-2)
+    demo.add_argument("--lr", type=POSITIVE, default=1e-2, help="Adam's learning rate")
     demo.add_argument("--chars", type=POSITIVE_INT, default=None,
                       help="use only the first CHARS characters of the text")
     demo.add_argument("--length", type=NON_NEGATIVE_INT, default=400, help="characters to generate")
-    demo.add_argument("--temperature", type=POSITIVE, default=0.7)
-    demo.add_argument("--prompt", default="ROSALIND\t")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    demo.add_argument("--temperature", type=POSITIVE, default=0.7,
+                      help="sampling temperature of the generated text")
+    demo.add_argument("--prompt", default="ROSALIND\t",
+                      help="text the generated text continues (its characters must occur "
+                           "in the training text)")
+    demo.add_argument("--seed", type=int, default=0, help="weights, shuffling and sampling")
+    demo.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                      help="where the layers run")
     demo.add_argument("--save", default="fastrnn_demo.npz", type=OUTPUT_FILE,
                       help="save the trained model here ('' to skip)")
     demo.add_argument("--plot", default="fastrnn_demo.png", type=IMAGE_FILE,
@@ -605,11 +626,14 @@ def build_parser():
                             description="Generate text from a character model saved by "
                             "`fastrnn demo` or `fastrnn train TEXT --checkpoint PATH`.")
     sample.add_argument("model", help="model file (.npz)")
-    sample.add_argument("--length", type=NON_NEGATIVE_INT, default=500)
-    sample.add_argument("--temperature", type=POSITIVE, default=0.8)
-    sample.add_argument("--prompt", default="")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    sample.add_argument("--length", type=NON_NEGATIVE_INT, default=500,
+                        help="characters to generate")
+    sample.add_argument("--temperature", type=POSITIVE, default=0.8,
+                        help="sampling temperature")
+    sample.add_argument("--prompt", default="", help="text the generated text continues")
+    sample.add_argument("--seed", type=int, default=0, help="sampling seed")
+    sample.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="where the layers run (default: where the model was saved from)")
     sample.set_defaults(func=cmd_sample)
 
     sub.add_parser("bench", add_help=False, help="run the benchmarks (fastrnn bench --help)")

@@ -161,9 +161,13 @@ def pad_sequences(sequences, dtype=np.float32, value=0.0):
     seqs = [np.asarray(s, dtype=dtype) for s in sequences]
     if not seqs:
         raise ValueError("pad_sequences needs at least one sequence")
+    for i, s in enumerate(seqs):
+        if s.ndim not in (1, 2):
+            raise ValueError(f"sequences[{i}] must be a sequence of steps, (T, F) or (T,) for "
+                             f"one feature, got shape {s.shape}")
     seqs = [s[:, None] if s.ndim == 1 else s for s in seqs]
     for i, s in enumerate(seqs):
-        if s.ndim != 2 or s.shape[1] != seqs[0].shape[1]:
+        if s.shape[1] != seqs[0].shape[1]:
             raise ValueError(f"sequences[{i}] must have shape (T, {seqs[0].shape[1]}) like "
                              f"sequences[0] (or (T,) for one feature), got {s.shape}")
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
@@ -182,6 +186,9 @@ def adding_problem(n, steps=30, seed=0, dtype=np.float32):
     of the sequence; the target is the sum of the two marked values. Predicting 1 (the mean)
     gives an MSE of about 0.167. Returns X (n, steps, 2), Y (n, 1).
     """
+    for value, name, low in ((n, "n", 0), (steps, "steps", 2)):  # a marker in each half
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     rng = np.random.default_rng(seed)
     X = np.zeros((n, steps, 2), dtype)
     X[:, :, 0] = rng.uniform(0, 1, (n, steps))

@@ -81,6 +81,16 @@ def _without_axis(result, axis):
     return result.reshape(shape[:axis] + shape[axis + 1:])
 
 
+def _torch_to_numpy(tensor):
+    """A torch tensor (on any device, requiring grad or not) -> NumPy array on the host;
+    bfloat16, which NumPy lacks, as float32 (which holds every bfloat16 value exactly)."""
+    tensor = tensor.detach().cpu()
+    try:
+        return tensor.numpy()
+    except TypeError:  # "Got unsupported ScalarType BFloat16"
+        return tensor.float().numpy()
+
+
 def _device_to_host(array):
     """A device array (Numba, CuPy, PyTorch CUDA tensor) copied into a NumPy array."""
     if hasattr(array, "copy_to_host"):
@@ -88,7 +98,7 @@ def _device_to_host(array):
     if hasattr(array, "get"):
         return np.asarray(array.get())
     if hasattr(array, "detach"):
-        return array.detach().cpu().numpy()
+        return _torch_to_numpy(array)
     raise TypeError(f"cannot copy {type(array).__name__} to the host")
 
 
@@ -387,7 +397,7 @@ class _RecurrentLayer:
         for name, shape in shapes.items():
             value = state_dict[name]
             if hasattr(value, "detach"):  # a torch tensor
-                value = value.detach().cpu().numpy()
+                value = _torch_to_numpy(value)
             elif _is_device_array(value) and self.device == "cpu":
                 value = _device_to_host(value)
             value = _check_array(value, f"state_dict[{name!r}]", len(shape), self.dtype)

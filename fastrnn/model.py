@@ -18,6 +18,7 @@ import numbers
 import os
 import time
 import warnings
+import weakref
 import zipfile
 from collections import OrderedDict
 
@@ -27,7 +28,7 @@ from . import losses, optim
 from ._args import output_path_problem
 from ._files import write_atomically
 from .data import batch_indices, one_hot
-from .layers import GRU, LSTM, RNN, _check_bool, _check_positive_int
+from .layers import GRU, LSTM, RNN, _check_bool, _check_positive_int, _torch_to_numpy
 from .optim import NonFiniteError
 
 CELLS = {
@@ -218,7 +219,7 @@ def check_output_path(path):
 def _host_numpy(value):
     """A torch tensor (detached, brought to the CPU) or any array-like -> NumPy array."""
     if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
+        value = _torch_to_numpy(value)
     return np.asarray(value)
 
 
@@ -775,6 +776,7 @@ class SequenceModel:
         self.rnn._check_params()  # before the epoch snapshot copies them
         optim.check_writeable(self._params())  # before the first batch draws from self.rng
         self.optimizer = self._resolve_optimizer(optimizer, lr, weight_decay)  # checks first
+        self.optimizer._bound_to = weakref.ref(self)  # see _resolve_optimizer
         for cb in cbs:
             if hasattr(cb, "set_model"):
                 cb.set_model(self)
@@ -853,6 +855,13 @@ class SequenceModel:
                 raise ValueError("weight_decay applies to an optimizer given by name; an "
                                  "optimizer instance has its own (e.g. fr.optim.Adam(lr, "
                                  "weight_decay=...))")
+            bound = getattr(optimizer, "_bound_to", None)
+            if bound is not None and bound() is not None and bound() is not self:
+                raise ValueError("this optimizer already trains another SequenceModel: its "
+                                 "state (moments, step counts) is kept by parameter name, so "
+                                 "this model would start from the other's; give each model "
+                                 "its own (e.g. fr.optim.Adam(lr))")
+            optimizer.check_state(self._params())  # one used on a model since dropped
             current = optimizer
         else:
             if weight_decay is not None:

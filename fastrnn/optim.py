@@ -196,13 +196,27 @@ class Optimizer:
             slots[k] = array
         return slots
 
+    def check_state(self, params):
+        """ValueError if state kept for a parameter of ``params`` (name -> array) has
+        another shape: it was made for other parameters of that name."""
+        for name, param in params.items():
+            for slot in self.slots:
+                kept = self.state.get(f"{slot}/{name}")
+                if kept is not None and tuple(kept.shape) != tuple(param.shape):
+                    raise ValueError(f"this optimizer's state {slot}/{name} has shape "
+                                     f"{tuple(kept.shape)} but params[{name!r}] has "
+                                     f"{tuple(param.shape)}: the state was made for other "
+                                     f"parameters of that name (one optimizer serves one "
+                                     f"set of parameters)")
+
     def step(self, params, grads):
         """One update of every parameter in ``params`` (in place) from ``grads``; parameters
         left out of ``params`` keep their values and state.
 
         Raises NonFiniteError (and changes nothing) if any new value is NaN or infinite, and
-        ValueError (changing nothing) for a parameter that cannot be updated in place (a
-        read-only NumPy array) or a gradient that is missing or of another shape.
+        ValueError/TypeError (changing nothing) for a parameter that cannot be updated in
+        place (a read-only NumPy array, an integer one), a gradient that is missing or of
+        another shape, or kept state of another shape than its parameter.
         """
         for name, param in params.items():
             grad = grads.get(name)
@@ -212,12 +226,16 @@ class Optimizer:
             if tuple(grad.shape) != tuple(param.shape):
                 raise ValueError(f"grads[{name!r}] has shape {tuple(grad.shape)} but "
                                  f"params[{name!r}] has {tuple(param.shape)}")
+            if np.dtype(param.dtype).kind != "f":
+                raise TypeError(f"params[{name!r}] has dtype {np.dtype(param.dtype)}; an "
+                                f"optimizer updates floating-point parameters")
             if _on_device(grad) != _on_device(param):
                 where = {True: "on the GPU", False: "on the host"}
                 raise TypeError(f"grads[{name!r}] is {where[_on_device(grad)]} but "
                                 f"params[{name!r}] is {where[_on_device(param)]}; both must "
                                 f"live on one device")
         check_writeable(params)
+        self.check_state(params)
         self.steps += 1
         counts = {name: self.param_steps.get(name, 0) + 1 for name in params}
         host, device = {}, {}
@@ -272,6 +290,9 @@ class Optimizer:
         # as NumPy arrays; the next step puts each back on its parameter's device.
         state = self.__dict__.copy()
         state["state"] = {k: np.array(gpu.to_host(v)) for k, v in self.state.items()}
+        # A model's weak reference (SequenceModel.fit binds its optimizer) does not pickle,
+        # and a copy of the optimizer belongs to no model yet.
+        state.pop("_bound_to", None)
         return state
 
     def __setstate__(self, state):

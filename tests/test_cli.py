@@ -26,6 +26,9 @@ def test_help_everywhere(capsys):
             assert exc.code == 0
         out = capsys.readouterr().out
         assert "usage: fastrnn" in out
+        assert "(default: None)" not in out and "(default: False)" not in out
+        if argv[:1] == ["demo"]:  # every option with a value names its default once
+            assert "epochs to train (default: 6)" in out and "(default: lstm)" in out
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "fastrnn", "--help"], capture_output=True,
                           text=True, cwd=root, timeout=60)
@@ -51,6 +54,16 @@ def test_demo_small_then_sample(tmp_path, capsys):
     # the same seed gives the same text
     cli.main(["sample", str(model_path), "--length", "30", "--prompt", "ROS", "--seed", "1"])
     assert capsys.readouterr().out == text
+
+
+def test_demo_checks_its_prompt_before_training(tmp_path, capsys):
+    model_path = tmp_path / "demo.npz"
+    code = cli.main(["demo", "--prompt", "\u00e9", "--chars", "3000", "--quiet", "--save",
+                     str(model_path), "--plot", ""])
+    assert code != 0
+    captured = capsys.readouterr()
+    assert "--prompt: character '\u00e9' is not in the vocabulary" in captured.err
+    assert "epoch" not in captured.out + captured.err  # nothing trained
 
 
 def test_train_text_checkpoint_and_resume(tmp_path, capsys):

@@ -731,6 +731,44 @@ def test_fit_validates_lr_for_an_optimizer_instance_and_adamw_keeps_its_decay():
     assert model.optimizer.weight_decay == 0.0
 
 
+def test_one_optimizer_instance_serves_one_model():
+    """Its state is kept by parameter name, so a second model would start from the first's
+    moments (or, with other shapes, fail inside the update): both are refused before
+    training, by name."""
+    first, second = _model(seed=1), _model(seed=2)
+    X, Y, lengths = _data(first)
+    opt = optim.Adam(0.01)
+    first.fit(X, Y, lengths=lengths, optimizer=opt, verbose=False)
+    before = second.state_dict()
+    with pytest.raises(ValueError, match="already trains another SequenceModel"):
+        second.fit(X, Y, lengths=lengths, optimizer=opt, lr=0.5, verbose=False)
+    assert opt.lr == 0.01 and second.optimizer is None
+    first.fit(X, Y, lengths=lengths, optimizer=opt, verbose=False)  # its own model: fine
+    wider = _model(hidden_size=6)
+    del first  # the model it trained is gone; its state's shapes still name the mismatch
+    with pytest.raises(ValueError, match=r"state exp_avg/rnn\.weight_ih_l0 has shape "
+                                         r"\(16, 3\) but params\['rnn\.weight_ih_l0'\] has "
+                                         r"\(24, 3\)"):
+        wider.fit(X, Y, lengths=lengths, optimizer=opt, verbose=False)
+    for name, value in second.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def test_a_copied_model_trains_with_its_own_copy_of_the_optimizer():
+    import copy
+    import pickle
+    model = _model()
+    X, Y, lengths = _data(model)
+    model.fit(X, Y, lengths=lengths, verbose=False)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.optimizer is not model.optimizer
+        clone.fit(X, Y, lengths=lengths, verbose=False)
+        model_copy = copy.deepcopy(model)
+        model_copy.fit(X, Y, lengths=lengths, verbose=False)
+        for name, value in clone.state_dict().items():
+            np.testing.assert_array_equal(value, model_copy.state_dict()[name])
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda: optim.Adam(eps=-1), "eps"), (lambda: optim.SGD(dampening=5), "dampening"),
     (lambda: optim.Adam(lr=True), "lr"), (lambda: optim.Adam(betas=0.9), "betas"),

@@ -267,3 +267,17 @@ def test_an_empty_batch_has_torch_shapes(cell):
     assert dx.shape == tuple(x_t.grad.shape)
     for name, param in module.named_parameters():
         np.testing.assert_array_equal(layer.grads[name], param.grad.numpy())
+
+
+def test_a_bfloat16_state_dict_loads_as_its_exact_values():
+    """NumPy has no bfloat16: such tensors load through float32, which holds them exactly."""
+    import fastrnn as fr
+    model = fr.SequenceModel(3, 4, 2, cell="gru", seed=0)
+    halves = {k: torch.from_numpy(v).bfloat16() for k, v in model.state_dict().items()}
+    model.load_state_dict(halves)
+    layer = make_layer("lstm", 3, 4, seed=0)
+    layer_halves = {k: torch.from_numpy(v).bfloat16() for k, v in layer.state_dict().items()}
+    layer.load_state_dict(layer_halves)
+    for loaded, given in ((model.state_dict(), halves), (layer.state_dict(), layer_halves)):
+        for name, value in given.items():
+            np.testing.assert_array_equal(loaded[name], value.float().numpy(), err_msg=name)

@@ -781,3 +781,18 @@ def test_helpers_and_callbacks_name_bad_arguments():
     assert fr.data.one_hot(np.array([]), 3).shape == (0, 3)
     with raises(ValueError, "sequences[1] must have shape (T, 2)"):
         fr.data.pad_sequences([np.zeros((3, 2)), np.zeros((2, 3))])
+    with raises(ValueError, "sequences[0] must be a sequence of steps"):
+        fr.data.pad_sequences([1.0, 2.0])
+    with raises(ValueError, "steps must be an integer >= 2"):
+        fr.data.adding_problem(4, steps=1)
+    for n in (-1, 2.5, True):
+        with raises(ValueError, "n must be an integer >= 0"):
+            fr.data.adding_problem(n)
+
+
+def test_an_optimizer_refuses_integer_parameters():
+    params = {"a": np.zeros(3, np.int64)}
+    sgd = fr.optim.SGD(0.5)
+    with raises(TypeError, "params['a'] has dtype int64; an optimizer updates floating"):
+        sgd.step(params, {"a": np.ones(3)})
+    assert sgd.steps == 0
