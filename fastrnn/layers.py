@@ -56,20 +56,22 @@ def _host_outputs(backend, result):
     return backend.to_host(result)
 
 
-def _ndim(array):
-    """The number of dimensions of an array-like, without converting it (None when NumPy
-    cannot read it as an array: the full check reports that)."""
+def _shape(array):
+    """The shape of an array-like, without converting it: a device array's from its
+    ``__cuda_array_interface__`` (or, on the simulator, its ``shape``); None when NumPy
+    cannot read it as an array (the full check reports that)."""
     if _is_device_array(array):
-        return len(tuple(array.shape))
+        interface = getattr(array, "__cuda_array_interface__", None)
+        return tuple(interface["shape"] if interface is not None else array.shape)
     try:
-        return np.ndim(array)
+        return np.shape(array)
     except Exception:  # ragged lists and the like
         return None
 
 
-def _shape(array):
-    """The shape of an array-like that NumPy can read (a device array's without a copy)."""
-    return tuple(array.shape) if hasattr(array, "shape") else np.shape(array)
+def _ndim(array):
+    shape = _shape(array)
+    return None if shape is None else len(shape)
 
 
 def _without_axis(result, axis):
@@ -103,12 +105,14 @@ def _device_to_host(array):
 
 
 def _check_bidirectional(value):
-    """bidirectional: a bool. A number there is most likely PyTorch's positional dropout
-    (torch's sixth argument), so the error says where dropout goes."""
+    """bidirectional: a bool. A number there may be PyTorch's positional dropout, which
+    PyTorch takes in bidirectional's place (right after batch_first), so the error says
+    where dropout goes."""
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"bidirectional must be a bool, got {type(value).__name__} {value!r}: "
-                        f"the sixth positional argument is bidirectional in fastrnn, so pass "
-                        f"PyTorch's dropout by keyword (dropout={value!r})")
+        raise TypeError(f"bidirectional must be a bool, got {type(value).__name__} {value!r} "
+                        f"(fastrnn takes bidirectional right after batch_first, where "
+                        f"PyTorch takes dropout: if this is a dropout, pass it by keyword, "
+                        f"dropout={value!r})")
     return _check_bool(value, "bidirectional")
 
 
@@ -156,10 +160,9 @@ def _check_array(array, name, ndim, dtype, device=None, layout=""):
             raise TypeError(f"{name} is a CUDA device array but the layer is on 'cpu'; copy "
                             f"it to the host or move the layer with .to('cuda')")
         interface = getattr(array, "__cuda_array_interface__", None)
-        if interface is not None:
-            shape, array_dtype = tuple(interface["shape"]), np.dtype(interface["typestr"])
-        else:  # the CUDA simulator's arrays have no interface, but shape and dtype
-            shape, array_dtype = tuple(array.shape), np.dtype(array.dtype)
+        shape = _shape(array)
+        # (the CUDA simulator's arrays have no interface, but a dtype)
+        array_dtype = np.dtype(interface["typestr"] if interface is not None else array.dtype)
         if array_dtype.kind not in "fiu":
             raise TypeError(f"{name} must hold real numbers, got dtype {array_dtype}")
         if len(shape) != ndim:
@@ -234,17 +237,15 @@ def _check_lengths(lengths, batch, steps):
 
 
 def _unbatched_length(length):
-    """lengths of an unbatched call: None or one integer (the sequence's valid steps) ->
-    None or the lengths of a batch of one, (1,)."""
+    """lengths of an unbatched call: None or one integer (0-d: a Python or NumPy integer,
+    a 0-d torch tensor or device array) -> None or a (1,) view of it, for _check_lengths
+    (which checks it as a batch of one's; a device length stays on the device)."""
     if length is None:
         return None
-    if _is_device_array(length):
-        length = _device_to_host(length)
-    arr = np.asarray(length) if np.ndim(length) == 0 else None
-    if arr is None or arr.dtype.kind not in "iu":
+    if _ndim(length) != 0:
         raise ValueError(f"lengths of an unbatched (2-D) x must be one integer, got "
-                         f"{length!r}")
-    return arr.reshape(1)
+                         f"{'shape ' + str(_shape(length)) if _shape(length) else repr(length)}")
+    return gpu.insert_axis(length, 0)
 
 
 # ---------------------------------------------------------------------------- layers
@@ -625,11 +626,9 @@ class _RecurrentLayer:
                 backend.multiply(out, mask)  # the next layer's input, and what it saves
             saved_layers.append((layer_input, saved_dirs, mask))
             layer_input = out.reshape(T * B, D * H)
-        self._saved = (T, B, padded, saved_layers, unbatched) if train else None
-        self._saved_dropped_by = None if train else \
-            "the last forward ran in eval mode, which keeps none"
         # A given h0 replaces the learned state, which then gets no gradient.
-        self._learned_state_used = self.learn_initial_state and given is None
+        self._keep_for_backward((T, B, padded, saved_layers, unbatched),
+                                self.learn_initial_state and given is None)
         h_n = backend.stack(h_n)
         if self._has_cell_state:
             c_n = backend.stack(c_n)
@@ -650,27 +649,30 @@ class _RecurrentLayer:
         return result if _is_device_array(caller_array) else \
             _host_outputs(self._backend, result)
 
+    def _keep_for_backward(self, saved, learned_state_used):
+        """What backward needs of a training forward ((T, B, padded, saved_layers,
+        unbatched)); nothing in eval mode, with the reason backward gives."""
+        self._saved = saved if self.training else None
+        self._saved_dropped_by = None if self.training else \
+            "the last forward ran in eval mode, which keeps none"
+        self._learned_state_used = learned_state_used
+
     def _empty_batch(self, x, T, unbatched):
         """forward of a batch of no rows, as PyTorch's CPU modules give it: out (T, 0, D*H)
         and h_n (L*D, 0, H), empty; no kernel runs. A training call saves what backward
         needs to return an empty dx and dh0 (and add nothing to any gradient)."""
-        LD, DH = self.num_layers * self.num_directions, self.num_directions * self.hidden_size
-        self._drop_saved("a training forward that did not complete")
-        self._saved = (T, 0, False, None, unbatched) if self.training else None
-        self._saved_dropped_by = None if self.training else \
-            "the last forward ran in eval mode, which keeps none"
-        self._learned_state_used = False
-        return self._outputs(x, *self._empty_results(T, DH, LD), unbatched)
+        self._keep_for_backward((T, 0, False, None, unbatched), False)
+        return self._outputs(x, *self._empty_results(T, self.num_directions * self.hidden_size),
+                             unbatched)
 
-    def _empty_results(self, T, features, LD):
+    def _empty_results(self, T, features):
         """Empty (T, 0, features) [(0, T, features)] and (L*D, 0, H) arrays (pairs for an
         LSTM's state) on the layer's backend."""
         zeros, dtype = self._backend.zeros, self.dtype
-        sequence = zeros((0, T, features) if self.batch_first else (T, 0, features), dtype)
-        state = zeros((LD, 0, self.hidden_size), dtype)
-        if self._has_cell_state:
-            state = (state, zeros((LD, 0, self.hidden_size), dtype))
-        return sequence, state
+        LD, H = self.num_layers * self.num_directions, self.hidden_size
+        sequence = self._from_time_major(zeros((T, 0, features), dtype))
+        state = zeros((LD, 0, H), dtype)
+        return sequence, ((state, zeros((LD, 0, H), dtype)) if self._has_cell_state else state)
 
     def _names(self, k, d):
         suffix = "_reverse" if d else ""
@@ -717,7 +719,7 @@ class _RecurrentLayer:
             dout = backend.insert_axis(dout, self._batch_axis)
         dstate = self._check_state(dh_n, "dh_n", B, unbatched)
         if B == 0:
-            return self._outputs(caller_dout, *self._empty_results(T, self.input_size, L * D),
+            return self._outputs(caller_dout, *self._empty_results(T, self.input_size),
                                  unbatched)
         d_layer_out = self._to_time_major(dout)
         dh0, dc0 = [None] * (L * D), [None] * (L * D)
@@ -757,14 +759,16 @@ class RNN(_RecurrentLayer):
 
     _gates = 1
 
-    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", *args,
-                 **kwargs):
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, bidirectional=False, learn_initial_state=False,
+                 dtype="float32", device="cpu", seed=None, *, dropout=0.0):
         # nonlinearity is fourth, as in PyTorch; the shared arguments follow in their order.
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         self._cell_name = f"rnn_{nonlinearity}"
-        super().__init__(input_size, hidden_size, num_layers, *args, **kwargs)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional,
+                         learn_initial_state, dtype, device, seed, dropout=dropout)
 
 
 class LSTM(_RecurrentLayer):

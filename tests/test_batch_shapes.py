@@ -110,7 +110,8 @@ def test_unbatched_backward_matches_finite_differences(cell, batch_first):
     (dict(h0=np.zeros((2, 1, H))), ValueError, r"h0 of an unbatched \(2-D\) x must be 2-D"),
     (dict(h0=np.zeros((3, H))), ValueError, r"h0 must have shape \(2, 4\)"),
     (dict(lengths=[3]), ValueError, "lengths of an unbatched .* must be one integer"),
-    (dict(lengths=2.5), ValueError, "lengths of an unbatched .* must be one integer"),
+    (dict(lengths=2.5), TypeError, "lengths must be integers"),  # as a batch's lengths
+    (dict(lengths=True), TypeError, "lengths must be integers"),
     (dict(lengths=T + 1), ValueError, r"lengths must lie in \[1, 5\]"),
     (dict(x=np.zeros((T, I + 1))), ValueError, r"x must have shape \(T, input_size\)"),
     (dict(x=np.zeros((0, I))), ValueError, "at least one time step"),
@@ -123,6 +124,20 @@ def test_bad_unbatched_input_is_named(bad, error, match):
     args.update(bad)
     with pytest.raises(error, match=match):
         layer(**args)
+
+
+def test_an_object_with_only_the_cuda_array_interface_is_recognised():
+    """Anything with __cuda_array_interface__ is a device array (DESIGN's contract), shape
+    or not: a CPU layer names it as such."""
+    class Interface:
+        __cuda_array_interface__ = {"shape": (T, I), "typestr": "<f4", "data": (0, False),
+                                    "version": 3}
+    for batched in (False, True):
+        if batched:
+            Interface.__cuda_array_interface__ = dict(Interface.__cuda_array_interface__,
+                                                      shape=(T, 2, I))
+        with pytest.raises(TypeError, match="x is a CUDA device array but the layer is on"):
+            fr.GRU(I, H)(Interface())
 
 
 def test_unbatched_backward_takes_unbatched_gradients():

@@ -164,5 +164,6 @@ def test_positional_arguments_follow_the_api_contract():
         ("relu", False, True, True)
     with pytest.raises(TypeError, match=r"bidirectional must be a bool.*dropout=0\.25"):
         fr.GRU(2, 3, 2, False, True, 0.25, True)
-    with pytest.raises(TypeError, match="bidirectional must be a bool"):
+    with pytest.raises(TypeError, match=r"bidirectional must be a bool.*right after "
+                                        r"batch_first.*dropout=0\.5"):
         fr.RNN(2, 3, 2, "relu", False, True, 0.5, True)

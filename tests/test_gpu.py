@@ -553,8 +553,9 @@ def test_gpu_unbatched_input_matches_cpu(cell, batch_first):
     def to_device(state):
         return tuple(map(cuda.to_device, state)) if isinstance(state, tuple) else \
             cuda.to_device(state)
-    device_result = _run(gpu_layer, cuda.to_device(x), to_device(h0), 4, cuda.to_device(dout),
-                         to_device(dh_n))
+    length = cuda.to_device(np.array(4, np.int64))  # one integer, 0-d, on the device
+    device_result = _run(gpu_layer, cuda.to_device(x), to_device(h0), length,
+                         cuda.to_device(dout), to_device(dh_n))
     out, h_n, dx, dh0, grads = device_result
     assert all(gpu.is_device_array(a) for a in (out, dx, *state_parts(h_n), *state_parts(dh0)))
     host = lambda state: tuple(map(gpu.to_host, state)) if isinstance(state, tuple) \
