@@ -255,6 +255,7 @@ class _RecurrentLayer:
 
     _gates = 1
     _has_cell_state = False
+    proj_size = 0  # an LSTM's may be set (PyTorch's proj_size)
 
     # The positional order is DESIGN.md's API contract (other tools rely on it), which puts
     # bidirectional sixth; PyTorch puts dropout there, so dropout is keyword-only here.
@@ -288,20 +289,27 @@ class _RecurrentLayer:
     def _cell(self):
         return cells.CELLS[self._cell_name]
 
+    @property
+    def _h_size(self):
+        """Size of h (the outputs, h0 and h_n): proj_size for a projected LSTM, else H."""
+        return self.proj_size or self.hidden_size
+
     def _parameter_shapes(self):
         """PyTorch's names and shapes, in PyTorch's order, then learned initial states."""
-        G, H = self._gates, self.hidden_size
+        G, H, R = self._gates, self.hidden_size, self._h_size
         shapes = OrderedDict()
         for k in range(self.num_layers):
-            in_size = self.input_size if k == 0 else H * self.num_directions
+            in_size = self.input_size if k == 0 else R * self.num_directions
             for suffix in ("", "_reverse")[:self.num_directions]:
                 shapes[f"weight_ih_l{k}{suffix}"] = (G * H, in_size)
-                shapes[f"weight_hh_l{k}{suffix}"] = (G * H, H)
+                shapes[f"weight_hh_l{k}{suffix}"] = (G * H, R)
                 if self.bias:
                     shapes[f"bias_ih_l{k}{suffix}"] = (G * H,)
                     shapes[f"bias_hh_l{k}{suffix}"] = (G * H,)
+                if self.proj_size:
+                    shapes[f"weight_hr_l{k}{suffix}"] = (R, H)
         if self.learn_initial_state:
-            shapes["initial_h"] = (self.num_layers * self.num_directions, H)
+            shapes["initial_h"] = (self.num_layers * self.num_directions, R)
             if self._has_cell_state:
                 shapes["initial_c"] = (self.num_layers * self.num_directions, H)
         return shapes
@@ -463,6 +471,8 @@ class _RecurrentLayer:
 
     def __repr__(self):
         dropout = f", dropout={self.dropout}" if self.dropout else ""
+        if self.proj_size:
+            dropout += f", proj_size={self.proj_size}"
         return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}, "
                 f"num_layers={self.num_layers}{dropout}, bidirectional={self.bidirectional}, "
                 f"dtype={self.dtype.name}, device={self.device!r})")
@@ -474,23 +484,26 @@ class _RecurrentLayer:
     def _check_state(self, state, name, batch, unbatched=False):
         """state: None or (L*D, B, H) ((L*D, H) for an unbatched call; a pair of them for
         LSTM) -> list of host/device arrays (L*D, B, H)."""
-        LD, H = self.num_layers * self.num_directions, self.hidden_size
+        LD, H, R = self.num_layers * self.num_directions, self.hidden_size, self._h_size
         if state is None:
             return None
-        shape = (LD, H) if unbatched else (LD, batch, H)
+        shape = (LD, R) if unbatched else (LD, batch, R)
         if self._has_cell_state:
+            c_shape = shape[:-1] + (H,)
             if not isinstance(state, (tuple, list)) or len(state) != 2:
-                raise TypeError(f"{name} of an LSTM must be a pair (h, c) of arrays of shape "
+                raise TypeError(f"{name} of an LSTM must be a pair (h, c) of arrays of shapes "
+                                f"{shape} and {c_shape}" if R != H else
+                                f"{name} of an LSTM must be a pair (h, c) of arrays of shape "
                                 f"{shape}")
-            parts = [(state[0], f"{name}[0]"), (state[1], f"{name}[1]")]
+            parts = [(state[0], f"{name}[0]", shape), (state[1], f"{name}[1]", c_shape)]
         else:
             if isinstance(state, (tuple, list)) and len(state) == 2 and all(
                     getattr(part, "ndim", None) == len(shape) for part in state):
                 raise TypeError(f"{name} of a {type(self).__name__} is one array of shape "
                                 f"{shape}, not two (only an LSTM's state is a pair (h, c))")
-            parts = [(state, name)]
+            parts = [(state, name, shape)]
         checked = []
-        for value, label in parts:
+        for value, label, shape in parts:
             if unbatched and _ndim(value) == 3:  # PyTorch refuses this pairing too
                 raise ValueError(f"{label} of an unbatched (2-D) x must be 2-D {shape}, got "
                                  f"shape {_shape(value)}")
@@ -507,7 +520,8 @@ class _RecurrentLayer:
         if self.learn_initial_state:
             learned = self.params["initial_c" if part else "initial_h"][index]
             return self._backend.broadcast_rows(learned, batch)
-        return self._backend.zero_state((batch, self.hidden_size), self.dtype)
+        width = self.hidden_size if part else self._h_size
+        return self._backend.zero_state((batch, width), self.dtype)
 
     def _dropout_mask(self, shape):
         """None without dropout, else the mask of one layer's outputs (T, B, D*H) on the
@@ -605,7 +619,7 @@ class _RecurrentLayer:
         h_n, c_n = [], []
         layer_input = xt.reshape(T * B, self.input_size)
         for k in range(self.num_layers):
-            out = backend.empty((T, B, D * H), self.dtype)
+            out = backend.empty((T, B, D * H), self.dtype)  # h (projected: o * tanh(c))
             saved_dirs = []
             for d in range(D):
                 index = k * D + d
@@ -614,18 +628,33 @@ class _RecurrentLayer:
                 h_init = self._initial_state(given, index, 0, B)
                 c_init = self._initial_state(given, index, 1, B) if self._has_cell_state \
                     else None
+                x_in, projected = layer_input, None
+                if self.proj_size:
+                    w_hr = self.params[f"weight_hr_l{k}{'_reverse' if d else ''}"]
+                    x_in, w_aug, w_eff = self._projected_direction(
+                        layer_input, w_ih, w_hh, w_hr, h_init, lengths_dev, bool(d))
+                    projected = (w_aug, w_eff, w_hh, w_hr, lengths_dev)
+                    w_ih, w_hh, h_init = w_aug, w_eff, backend.zero_state((B, H), self.dtype)
                 h_last, c_last, saved = backend.forward_direction(
-                    cell, layer_input, w_ih, w_hh, b_ih, b_hh, h_init, c_init, lengths_dev,
+                    cell, x_in, w_ih, w_hh, b_ih, b_hh, h_init, c_init, lengths_dev,
                     bool(d), train, out, d * H)
+                if projected is not None:  # h_last is m at the last step: h_n = W_hr m
+                    projected += (h_last,)  # for backward
+                    h_last = backend.matmul(h_last, projected[3], transpose_b=True)
                 h_n.append(h_last)
                 c_n.append(c_last)
-                saved_dirs.append(saved)
+                saved_dirs.append((saved, projected))
+            units = projection = None
+            if self.proj_size:  # every direction's h_t = W_hr (o * tanh(c_t)) in one GEMM
+                units, projection = out, self._projection_matrix(k)
+                out = backend.matmul(units.reshape(T * B, D * H), projection).reshape(
+                    T, B, D * self.proj_size)
             mask = self._dropout_mask(out.shape) if train and k < self.num_layers - 1 \
                 else None
             if mask is not None:
                 backend.multiply(out, mask)  # the next layer's input, and what it saves
-            saved_layers.append((layer_input, saved_dirs, mask))
-            layer_input = out.reshape(T * B, D * H)
+            saved_layers.append((layer_input, saved_dirs, mask, units, projection))
+            layer_input = out.reshape(T * B, out.shape[2])
         # A given h0 replaces the learned state, which then gets no gradient.
         self._keep_for_backward((T, B, padded, saved_layers, unbatched),
                                 self.learn_initial_state and given is None)
@@ -662,17 +691,74 @@ class _RecurrentLayer:
         and h_n (L*D, 0, H), empty; no kernel runs. A training call saves what backward
         needs to return an empty dx and dh0 (and add nothing to any gradient)."""
         self._keep_for_backward((T, 0, False, None, unbatched), False)
-        return self._outputs(x, *self._empty_results(T, self.num_directions * self.hidden_size),
+        return self._outputs(x, *self._empty_results(T, self.num_directions * self._h_size),
                              unbatched)
 
     def _empty_results(self, T, features):
-        """Empty (T, 0, features) [(0, T, features)] and (L*D, 0, H) arrays (pairs for an
-        LSTM's state) on the layer's backend."""
+        """Empty (T, 0, features) [(0, T, features)] and (L*D, 0, R) arrays (an LSTM's
+        state: and (L*D, 0, H)) on the layer's backend."""
         zeros, dtype = self._backend.zeros, self.dtype
         LD, H = self.num_layers * self.num_directions, self.hidden_size
         sequence = self._from_time_major(zeros((T, 0, features), dtype))
-        state = zeros((LD, 0, H), dtype)
+        state = zeros((LD, 0, self._h_size), dtype)
         return sequence, ((state, zeros((LD, 0, H), dtype)) if self._has_cell_state else state)
+
+    def _projected_direction(self, layer_input, w_ih, w_hh, w_hr, h_init, lengths, reverse):
+        """A projected LSTM direction as the plain LSTM the kernels run.
+
+        With m_t = o * tanh(c_t) (H units) and h_t = W_hr m_t (proj_size R), the recurrent
+        product is W_hh h_(t-1) = (W_hh W_hr) m_(t-1): the kernels run with state m and
+        recurrent weights w_eff = W_hh W_hr (G*H, H), from m = 0. h0 (B, R) then enters
+        through the input instead, at each row's first step (0, or its last valid one when
+        reverse): x_aug = [x | h0 there, 0 elsewhere] (T*B, I + R), w_aug = [W_ih | W_hh]
+        (G*H, I + R). Backward gets dh0 from x_aug's gradient, and dW_hh and dW_hr from
+        w_aug's and w_eff's (see _projected_backward). -> (x_aug, w_aug, w_eff)."""
+        backend, I, R = self._backend, layer_input.shape[1], self.proj_size
+        x_aug = backend.zeros((layer_input.shape[0], I + R), self.dtype)
+        backend.add_into(x_aug[:, :I], layer_input)
+        backend.put_first_steps(x_aug, lengths, reverse, I, h_init)
+        w_aug = backend.zeros((w_ih.shape[0], I + R), self.dtype)
+        backend.add_into(w_aug[:, :I], w_ih)
+        backend.add_into(w_aug[:, I:], w_hh)
+        return x_aug, w_aug, backend.matmul(w_hh, w_hr)
+
+    def _projected_backward(self, saved, projected, d_units, d, dh_last, dc_last, grads,
+                            w_hr_grad, dx2d, padded):
+        """Backward of a projected direction through the plain LSTM it ran as (see
+        _projected_direction): d_units (T, B, D*H) the gradient of its units m_t, dh_last
+        (B, R), dc_last (B, H); accumulates into grads (dW_ih, dW_hh, db_ih, db_hh),
+        w_hr_grad (R, H) and dx2d (T*B, I). Returns (dh0 (B, R), dc0 (B, H))."""
+        backend, dtype = self._backend, self.dtype
+        w_aug, w_eff, w_hh, w_hr, lengths, m_last = projected
+        I = dx2d.shape[1]
+        # h_n = W_hr m_last: dm_last = dh_n W_hr, dW_hr += dh_n^T m_last
+        backend.add_into(w_hr_grad, backend.matmul(dh_last, m_last, transpose_a=True))
+        dm_last = backend.matmul(dh_last, w_hr)
+        d_w_aug = backend.zeros(w_aug.shape, dtype)
+        d_w_eff = backend.zeros(w_eff.shape, dtype)
+        dx_aug = backend.zeros((dx2d.shape[0], w_aug.shape[1]), dtype)
+        _, dc_first = backend.backward_direction(
+            self._cell, saved, d_units, d * self.hidden_size, w_aug, w_eff, dm_last, dc_last,
+            (d_w_aug, d_w_eff, grads[2], grads[3]), dx_aug, padded)
+        backend.add_into(dx2d, dx_aug[:, :I])
+        backend.add_into(grads[0], d_w_aug[:, :I])
+        backend.add_into(grads[1], d_w_aug[:, I:])  # from h0 at the first steps
+        # w_eff = W_hh W_hr: dW_hh += dw_eff W_hr^T, dW_hr += W_hh^T dw_eff
+        backend.add_into(grads[1], backend.matmul(d_w_eff, w_hr, transpose_b=True))
+        backend.add_into(w_hr_grad, backend.matmul(w_hh, d_w_eff, transpose_a=True))
+        return backend.take_first_steps(dx_aug, lengths, bool(d), I, self.proj_size), \
+            dc_first
+
+    def _projection_matrix(self, k):
+        """(D*H, D*R), block-diagonal: W_hr^T of each direction of layer k, so that one GEMM
+        projects the units of both directions (T*B, D*H) into the outputs (T*B, D*R)."""
+        D, H, R = self.num_directions, self.hidden_size, self.proj_size
+        projection = self._backend.zeros((D * H, D * R), self.dtype)
+        for d in range(D):
+            w_hr = self.params[f"weight_hr_l{k}{'_reverse' if d else ''}"]
+            self._backend.add_into(projection[d * H:(d + 1) * H, d * R:(d + 1) * R], w_hr,
+                                   transpose=True)
+        return projection
 
     def _names(self, k, d):
         suffix = "_reverse" if d else ""
@@ -708,8 +794,8 @@ class _RecurrentLayer:
         D, H, L = self.num_directions, self.hidden_size, self.num_layers
         backend = self._backend
         caller_dout = dout
-        expected = (T, D * H) if unbatched else \
-            (B, T, D * H) if self.batch_first else (T, B, D * H)
+        DR = D * self._h_size  # the outputs' width
+        expected = (T, DR) if unbatched else (B, T, DR) if self.batch_first else (T, B, DR)
         what = "unbatched (2-D x)" if unbatched else "batched (3-D x)"
         dout = _check_array(dout, "dout", len(expected), self.dtype, self.device,
                             f" {expected}, like the outputs of the forward it follows, "
@@ -723,10 +809,17 @@ class _RecurrentLayer:
                                  unbatched)
         d_layer_out = self._to_time_major(dout)
         dh0, dc0 = [None] * (L * D), [None] * (L * D)
+        R = self._h_size
         for k in reversed(range(L)):
-            layer_input, saved_dirs, mask = saved_layers[k]
+            layer_input, saved_dirs, mask, units, projection = saved_layers[k]
             if mask is not None:  # d_layer_out (this call's own) came through the dropout
                 backend.multiply(d_layer_out, mask)  # after this layer
+            if projection is not None:  # back through out = units . projection
+                d_out2d = d_layer_out.reshape(T * B, D * R)
+                d_projection = backend.matmul(units.reshape(T * B, D * H), d_out2d,
+                                              transpose_a=True)
+                d_layer_out = backend.matmul(d_out2d, projection, transpose_b=True).reshape(
+                    T, B, D * H)
             dx2d = backend.zeros(layer_input.shape, self.dtype)
             for d in range(D):
                 index = k * D + d
@@ -734,13 +827,22 @@ class _RecurrentLayer:
                 w_ih, w_hh = self.params[names[0]], self.params[names[1]]
                 grads = (self.grads[names[0]], self.grads[names[1]],
                          self.grads.get(names[2]), self.grads.get(names[3]))
-                dh_last = dstate[0][index] if dstate else backend.zeros((B, H), self.dtype)
+                dh_last = dstate[0][index] if dstate else backend.zeros((B, R), self.dtype)
                 dc_last = None
                 if self._has_cell_state:
                     dc_last = dstate[1][index] if dstate else backend.zeros((B, H), self.dtype)
-                dh_first, dc_first = backend.backward_direction(
-                    self._cell, saved_dirs[d], d_layer_out, d * H, w_ih, w_hh, dh_last,
-                    dc_last, grads, dx2d, padded)
+                saved, projected = saved_dirs[d]
+                if projected is None:
+                    dh_first, dc_first = backend.backward_direction(
+                        self._cell, saved, d_layer_out, d * H, w_ih, w_hh, dh_last, dc_last,
+                        grads, dx2d, padded)
+                else:
+                    w_hr_grad = self.grads[f"weight_hr_l{k}{'_reverse' if d else ''}"]
+                    backend.add_into(w_hr_grad, d_projection[d * H:(d + 1) * H,
+                                                             d * R:(d + 1) * R], transpose=True)
+                    dh_first, dc_first = self._projected_backward(
+                        saved, projected, d_layer_out, d, dh_last, dc_last, grads, w_hr_grad,
+                        dx2d, padded)
                 dh0[index], dc0[index] = dh_first, dc_first
             d_layer_out = dx2d.reshape(T, B, -1)
         dh0 = backend.stack(dh0)
@@ -777,6 +879,22 @@ class LSTM(_RecurrentLayer):
     _gates = 4
     _has_cell_state = True
     _cell_name = "lstm"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 bidirectional=False, learn_initial_state=False, dtype="float32",
+                 device="cpu", seed=None, *, dropout=0.0, proj_size=0):
+        # PyTorch's proj_size: h_t = W_hr (o * tanh(c_t)), of proj_size units; see
+        # _projected_direction for how it runs on the kernels of the plain LSTM.
+        if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral):
+            raise TypeError(f"proj_size must be an int, got {type(proj_size).__name__}")
+        self.hidden_size = _check_positive_int(hidden_size, "hidden_size")
+        if not 0 <= proj_size < self.hidden_size:
+            raise ValueError(f"proj_size must be 0 (no projection) or positive and smaller "
+                             f"than hidden_size={self.hidden_size}, as in PyTorch; got "
+                             f"{proj_size}")
+        self.proj_size = int(proj_size)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional,
+                         learn_initial_state, dtype, device, seed, dropout=dropout)
 
 
 class GRU(_RecurrentLayer):

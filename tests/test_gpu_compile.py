@@ -100,6 +100,9 @@ def test_linalg_kernels_compile(compile_ptx, dtype):
         "scale_elements": [a1, scalar],
         "clip_elements": [a1, scalar],
         "zero_past_lengths": [a3, i1],
+        # views: column blocks of wider arrays (any strides)
+        "add2d": [types.Array(a2.dtype, 2, "A"), types.Array(a2.dtype, 2, "A"), boolean],
+        "first_step_rows": [a2, i1, boolean, i64, a2, boolean],
         "flag_non_finite": [a1, types.Array(types.int32, 1, "C")],
     }
     for name, argtypes in signatures.items():

@@ -250,6 +250,33 @@ def stack(arrays):
     return arrays[0][np.newaxis] if len(arrays) == 1 else np.stack(arrays)
 
 
+def matmul(a, b, transpose_a=False, transpose_b=False):
+    """New op(a) . op(b) of 2-D arrays (op: transposed where asked)."""
+    return np.matmul(a.T if transpose_a else a, b.T if transpose_b else b)
+
+
+def add_into(target, source, transpose=False):
+    """target += source (source.T if transpose), in place (target may be a view)."""
+    target += source.T if transpose else source
+
+
+def _first_step_index(lengths, reverse):
+    """Row of (T*B, F) holding each batch row's first processed step: 0, or its length - 1
+    when reverse; lengths (B,) int64."""
+    B = lengths.shape[0]
+    return ((lengths - 1) * B if reverse else 0) + np.arange(B)
+
+
+def put_first_steps(rows, lengths, reverse, col, states):
+    """rows (T*B, F)[first step of b, col:col+W] = states (B, W)."""
+    rows[_first_step_index(lengths, reverse), col:col + states.shape[1]] = states
+
+
+def take_first_steps(rows, lengths, reverse, col, width):
+    """New (B, width): rows (T*B, F)[first step of b, col:col+width]."""
+    return rows[_first_step_index(lengths, reverse), col:col + width].copy()
+
+
 def insert_axis(array, axis):
     """A view of ``array`` with a new axis of length 1 at ``axis`` (an unbatched input's
     batch axis)."""

@@ -376,6 +376,43 @@ def broadcast_rows(row, batch):
     return out
 
 
+def matmul(a, b, transpose_a=False, transpose_b=False):
+    """New contiguous device op(a) . op(b) of C-contiguous 2-D device arrays a, b (op:
+    transposed where asked): the GEMM kernel of the projections, each output summed in
+    order."""
+    M, K = (a.shape[1], a.shape[0]) if transpose_a else a.shape
+    N = b.shape[0] if transpose_b else b.shape[1]
+    out = _cuda().device_array((M, N), a.dtype)
+    a_strides = (1, M) if transpose_a else (K, 1)
+    b_strides = (1, K) if transpose_b else (N, 1)
+    if K == 0:
+        _fill(out, 0)
+    else:
+        _gemm(_flat(a), *a_strides, _flat(b), *b_strides, _flat(out), M, N, K, False)
+    return out
+
+
+def add_into(target, source, transpose=False):
+    """target += source (source.T if transpose): 2-D device arrays or views of them (column
+    blocks), on the device."""
+    _elementwise("add2d", target.dtype, target.size, source, target, transpose)
+
+
+def put_first_steps(rows, lengths, reverse, col, states):
+    """rows (T*B, F)[first step of b, col:col+W] = states (B, W): each batch row's first
+    processed step (0, or its length - 1 when reverse). lengths (B,) int64, on the device."""
+    _elementwise("first_step_rows", rows.dtype, states.size, rows, lengths, reverse, col,
+                 states, True)
+
+
+def take_first_steps(rows, lengths, reverse, col, width):
+    """New (B, width): rows (T*B, F)[first step of b, col:col+width] (see put_first_steps)."""
+    states = _cuda().device_array((lengths.shape[0], width), rows.dtype)
+    _elementwise("first_step_rows", rows.dtype, states.size, rows, lengths, reverse, col,
+                 states, False)
+    return states
+
+
 def add_batch_sum(target, states):
     """target (L*D, H) += states (L*D, B, H) summed over B (in order: deterministic)."""
     _elementwise("batch_sum_add", target.dtype, target.size, states, target)

@@ -1501,6 +1501,34 @@ def sum_squares_blocks(flat, partials):
         partials[cuda.blockIdx.x] = cache[0]
 
 
+def add2d(src, dst, transpose):
+    """dst (R, C) += src (R, C) (src (C, R) transposed if transpose); any strides (column
+    blocks of wider arrays); 1-D launch covering R*C."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    C = dst.shape[1]
+    if i < dst.shape[0] * C:
+        r = i // C
+        c = i - r * C
+        dst[r, c] += src[c, r] if transpose else src[r, c]
+
+
+def first_step_rows(rows, lengths, reverse, col, states, to_rows):
+    """Between states (B, W) and columns col:col+W of rows (T*B, F) at each batch row's
+    first processed step (0, or lengths[b] - 1 when reverse): rows = states if to_rows,
+    else states = rows; 1-D launch covering B*W."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    B = states.shape[0]
+    W = states.shape[1]
+    if i < B * W:
+        b = i // W
+        j = i - b * W
+        t = lengths[b] - 1 if reverse else 0
+        if to_rows:
+            rows[t * B + b, col + j] = states[b, j]
+        else:
+            states[b, j] = rows[t * B + b, col + j]
+
+
 def zero_past_lengths(x, lengths):
     """x (T, B, F) contiguous: x[t, b, :] = 0 wherever t >= lengths[b]; 1-D launch covering
     T*B*F."""
@@ -1791,7 +1819,7 @@ GEMM_REG = 4  # outputs per thread along each axis of a gemm tile (compile-time 
 
 LINALG = ("gemm", "column_sum_add", "batch_sum_add", "fill", "copy3d", "transpose2d",
           "broadcast_rows", "scale_elements", "multiply_elements", "clip_elements",
-          "zero_past_lengths",
+          "zero_past_lengths", "add2d", "first_step_rows",
           "flag_non_finite")
 # Threads per block of sum_squares_blocks (a power of two: its tree halves them).
 REDUCE_THREADS = 256
