@@ -29,11 +29,13 @@ def has_cell_state(cell):
 
 
 def random_state(rng, cell, layer, batch, dtype=None, scale=0.5):
-    """A random given h0 (a pair for LSTM) of shape (L*D, B, H)."""
+    """A random given h0 (a pair for LSTM) of shape (L*D, B, H) (h: (L*D, B, proj_size)
+    for a projected LSTM)."""
     dtype = dtype or layer.dtype
-    shape = (layer.num_layers * layer.num_directions, batch, layer.hidden_size)
-    parts = [(rng.standard_normal(shape) * scale).astype(dtype)
-             for _ in range(2 if has_cell_state(cell) else 1)]
+    LD = layer.num_layers * layer.num_directions
+    widths = (getattr(layer, "proj_size", 0) or layer.hidden_size, layer.hidden_size)
+    parts = [(rng.standard_normal((LD, batch, width)) * scale).astype(dtype)
+             for width in widths[:2 if has_cell_state(cell) else 1]]
     return tuple(parts) if has_cell_state(cell) else parts[0]
 
 
@@ -57,7 +59,7 @@ def random_lengths(rng, batch, steps, force_full=True):
 
 def setup_case(cell, *, T=5, B=3, I=4, H=5, num_layers=1, bidirectional=False,
                batch_first=False, use_lengths=False, h0_mode="zeros", bias=True,
-               dtype="float64", seed=0, dropout=0.0):
+               dtype="float64", seed=0, dropout=0.0, proj_size=0):
     """Build a layer and inputs for one configuration.
 
     Returns (layer, x, h0, lengths) with h0 None unless h0_mode == "given", lengths None unless
@@ -67,7 +69,8 @@ def setup_case(cell, *, T=5, B=3, I=4, H=5, num_layers=1, bidirectional=False,
     rng = np.random.default_rng(seed)
     layer = make_layer(cell, I, H, num_layers=num_layers, bias=bias, batch_first=batch_first,
                        bidirectional=bidirectional, learn_initial_state=(h0_mode == "learned"),
-                       dtype=dtype, seed=seed, dropout=dropout)
+                       dtype=dtype, seed=seed, dropout=dropout,
+                       **(dict(proj_size=proj_size) if proj_size else {}))
     if h0_mode == "learned":
         randomize_learned_state(rng, layer)
     shape = (B, T, I) if batch_first else (T, B, I)
@@ -89,10 +92,11 @@ def reference_forward(cell, layer, x, h0=None, lengths=None, dropout_masks=None)
     if h0 is not None:
         h_init, c_init = (h0 if has_cell_state(cell) else (h0, None))
     elif layer.learn_initial_state:
-        LD, H = layer.num_layers * layer.num_directions, layer.hidden_size
-        h_init = np.broadcast_to(params["initial_h"][:, None, :], (LD, B, H))
+        def broadcast(learned):  # (L*D, width) -> (L*D, B, width)
+            return np.broadcast_to(learned[:, None, :], (learned.shape[0], B, learned.shape[1]))
+        h_init = broadcast(params["initial_h"])
         if has_cell_state(cell):
-            c_init = np.broadcast_to(params["initial_c"][:, None, :], (LD, B, H))
+            c_init = broadcast(params["initial_c"])
     out, h_n, c_n = naive.forward(cell, params, x, layer.num_layers, layer.bidirectional,
                                   h0=h_init, c0=c_init, lengths=lengths,
                                   batch_first=layer.batch_first, dropout_masks=dropout_masks)

@@ -33,9 +33,11 @@ CONFIGS = {
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def torch_module(cell, I, H, num_layers, bidirectional, batch_first, bias):
+def torch_module(cell, I, H, num_layers, bidirectional, batch_first, bias, proj_size=0):
     kwargs = dict(num_layers=num_layers, bidirectional=bidirectional,
                   batch_first=batch_first, bias=bias)
+    if proj_size:
+        kwargs["proj_size"] = proj_size
     if cell.startswith("rnn_"):
         return torch.nn.RNN(I, H, nonlinearity=cell[4:], **kwargs)
     return {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](I, H, **kwargs)

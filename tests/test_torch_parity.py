@@ -41,12 +41,17 @@ def _t(array):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seed", [*range(N_RANDOM), *(f"mid{k}" for k in range(4)),
-                                  *(f"par{k}" for k in range(8))])
+                                  *(f"par{k}" for k in range(8)),
+                                  *(f"proj{k}" for k in range(8))])
 def test_random_configuration_matches_torch(seed, dtype, monkeypatch):
     if isinstance(seed, str) and seed.startswith("par"):  # parallel row chunks
         force_parallel_cpu(monkeypatch)
         seed = 2000 + int(seed[3:])
         cfg = dict(random_config(seed), B=int(3 + seed % 5))
+    elif isinstance(seed, str) and seed.startswith("proj"):  # LSTM(proj_size=R), R < H
+        seed = 3000 + int(seed[4:])
+        cfg = dict(random_config(seed), cell="lstm", H=int(2 + seed % 6))
+        cfg["proj_size"] = int(np.random.default_rng(seed).integers(1, cfg["H"]))
     elif isinstance(seed, str):
         seed = 1000 + int(seed[3:])
         cfg = mid_size_config(seed)
@@ -56,12 +61,16 @@ def test_random_configuration_matches_torch(seed, dtype, monkeypatch):
     L, bi, bf = cfg["num_layers"], cfg["bidirectional"], cfg["batch_first"]
     D, is_lstm = 2 if bi else 1, cell == "lstm"
     LD = L * D
+    proj = cfg.get("proj_size", 0)
+    R = proj or H  # h's width
+    widths = (R, H)[:1 + is_lstm]  # of h and c
     rng = np.random.default_rng(10_000 + seed)
     torch.manual_seed(seed)
-    module = torch_module(cell, I, H, L, bi, bf, cfg["bias"]).to(TORCH_DTYPES[dtype])
+    module = torch_module(cell, I, H, L, bi, bf, cfg["bias"], proj).to(TORCH_DTYPES[dtype])
     learned = cfg["h0_mode"] == "learned"
     layer = make_layer(cell, I, H, num_layers=L, bidirectional=bi, batch_first=bf,
-                       bias=cfg["bias"], learn_initial_state=learned, dtype=dtype, seed=seed)
+                       bias=cfg["bias"], learn_initial_state=learned, dtype=dtype, seed=seed,
+                       **(dict(proj_size=proj) if proj else {}))
     sd = layer.state_dict()
     if learned:
         for name in sd:
@@ -80,26 +89,26 @@ def test_random_configuration_matches_torch(seed, dtype, monkeypatch):
     if cfg["use_lengths"]:
         lengths = rng.integers(1, T + 1, size=B)
         lengths[rng.integers(B)] = T
-    R1 = rng.standard_normal((B, T, D * H) if bf else (T, B, D * H)).astype(dtype)
-    R2 = [rng.standard_normal((LD, B, H)).astype(dtype) for _ in range(1 + is_lstm)]
+    R1 = rng.standard_normal((B, T, D * R) if bf else (T, B, D * R)).astype(dtype)
+    R2 = [rng.standard_normal((LD, B, w)).astype(dtype) for w in widths]
 
     # torch side: initial state as a leaf (given / zeros) or a broadcast learned parameter
     learned_t = {}
     if cfg["h0_mode"] == "given":
-        h0 = [(rng.standard_normal((LD, B, H)) * 0.5).astype(dtype) for _ in range(1 + is_lstm)]
+        h0 = [(rng.standard_normal((LD, B, w)) * 0.5).astype(dtype) for w in widths]
         state_t = [_t(s).requires_grad_() for s in h0]
         h0_arg = tuple(h0) if is_lstm else h0[0]
     elif learned:
         state_t = []
-        for name in ("initial_h", "initial_c")[:1 + is_lstm]:
+        for name, w in zip(("initial_h", "initial_c"), widths):
             learned_t[name] = _t(layer.state_dict()[name]).requires_grad_()
-            expanded = learned_t[name][:, None, :].expand(LD, B, H)
+            expanded = learned_t[name][:, None, :].expand(LD, B, w)
             expanded.retain_grad()
             state_t.append(expanded)
         h0_arg = None
     else:
-        state_t = [torch.zeros(LD, B, H, dtype=TORCH_DTYPES[dtype], requires_grad=True)
-                   for _ in range(1 + is_lstm)]
+        state_t = [torch.zeros(LD, B, w, dtype=TORCH_DTYPES[dtype], requires_grad=True)
+                   for w in widths]
         h0_arg = None
     out_t, h_n_t, c_n_t, dx_t = run_torch(
         cell, module, _t(x), state_t[0], state_t[1] if is_lstm else None,
