@@ -113,7 +113,9 @@ def _pair(cell, dtype, seed, shape=SHAPE, **kwargs):
                            bidirectional=cpu_layer.bidirectional,
                            batch_first=cpu_layer.batch_first,
                            learn_initial_state=cpu_layer.learn_initial_state,
-                           dtype=dtype, device="cuda")
+                           dtype=dtype, device="cuda",
+                           **({"proj_size": cpu_layer.proj_size} if cpu_layer.proj_size
+                              else {}))
     gpu_layer.load_state_dict(cpu_layer.state_dict())
     if lengths is not None:
         lengths[0] = 2  # make sure padding is present
@@ -562,6 +564,34 @@ def test_gpu_unbatched_input_matches_cpu(cell, batch_first):
         else gpu.to_host(state)  # noqa: E731
     _compare(cpu_result, (gpu.to_host(out), host(h_n), gpu.to_host(dx), host(dh0), grads),
              "float64")
+
+
+@needs_gpu
+@pytest.mark.parametrize("h0_mode", ["given", "learned"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gpu_projected_lstm_matches_cpu(dtype, h0_mode):
+    """LSTM(proj_size): the folded recurrence, h0 placed at each row's first step (lengths,
+    both directions), the block-diagonal projection and backward's split of the folded
+    gradients, on the device as on the host; device arrays in, device arrays out."""
+    from numba import cuda
+    seed = stable_seed("gpu-proj", dtype, h0_mode)
+    cpu_layer, gpu_layer, x, h0, lengths = _pair("lstm", dtype, seed, num_layers=2,
+                                                 bidirectional=True, use_lengths=True,
+                                                 h0_mode=h0_mode, proj_size=2)
+    rng = np.random.default_rng(seed)
+    dout = rng.standard_normal((SHAPE["T"], SHAPE["B"], 4)).astype(dtype)
+    dh_n = (rng.standard_normal((4, SHAPE["B"], 2)).astype(dtype),
+            rng.standard_normal((4, SHAPE["B"], SHAPE["H"])).astype(dtype))
+    cpu_result = _run(cpu_layer, x, h0, lengths, dout, dh_n)
+    _compare(cpu_result, _run(gpu_layer, x, h0, lengths, dout, dh_n), dtype)
+    to_device = (lambda s: None if s is None else tuple(map(cuda.to_device, s)))
+    out, h_n, dx, dh0, grads = _run(gpu_layer, cuda.to_device(x), to_device(h0),
+                                    cuda.to_device(lengths), cuda.to_device(dout),
+                                    to_device(dh_n))
+    assert all(gpu.is_device_array(a) for a in (out, dx, *h_n, *dh0))
+    _compare(cpu_result, (out.copy_to_host(), tuple(a.copy_to_host() for a in h_n),
+                          dx.copy_to_host(), tuple(a.copy_to_host() for a in dh0), grads),
+             dtype)
 
 
 @needs_gpu
