@@ -68,9 +68,12 @@ class Case:
     """One benchmark configuration: cell, shape (T, B, I, H) and layer options."""
 
     def __init__(self, cell, T, B, I, H, num_layers=1, bidirectional=False, varlen=False,
-                 dtype="float32", device="cpu"):
+                 dtype="float32", device="cpu", proj_size=0):
         if cell not in GATES:
             raise ValueError(f"cell must be one of {sorted(GATES)}, got {cell!r}")
+        if proj_size and cell != "lstm":
+            raise ValueError(f"proj_size is an LSTM's (PyTorch's too), not a {cell}'s")
+        self.proj_size = int(proj_size)
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
         self.device = device
@@ -92,12 +95,15 @@ class Case:
             text += " bi"
         if self.varlen:
             text += " var"
+        if self.proj_size:
+            text += f" P{self.proj_size}"
         return text
 
     def as_dict(self):
         return dict(cell=self.cell, T=self.T, B=self.B, I=self.I, H=self.H,
                     num_layers=self.num_layers, bidirectional=self.bidirectional,
-                    varlen=self.varlen, dtype=self.dtype, device=self.device)
+                    varlen=self.varlen, dtype=self.dtype, device=self.device,
+                    proj_size=self.proj_size)
 
     def lengths(self):
         """None, or B lengths spread evenly from T down to T//4 (mean about 0.63 T)."""
@@ -112,12 +118,16 @@ class Case:
         return self.T * self.B if lengths is None else int(lengths.sum())
 
     def flops(self, mode):
-        """Matrix-product FLOPs of one forward ("infer") or forward + backward ("train")."""
+        """Matrix-product FLOPs of one forward ("infer") or forward + backward ("train"), as
+        PyTorch's equations count them (a projected LSTM: h of proj_size R, plus W_hr)."""
         G, H, D, N = GATES[self.cell], self.H, 2 if self.bidirectional else 1, self.valid_steps()
+        R = self.proj_size or H
         forward = 0
         for k in range(self.num_layers):
-            in_size = self.I if k == 0 else D * H
-            forward += D * 2 * N * G * H * (in_size + H)
+            in_size = self.I if k == 0 else D * R
+            forward += D * 2 * N * G * H * (in_size + R)
+            if self.proj_size:
+                forward += D * 2 * N * H * R
         return forward * (3 if mode == "train" else 1)
 
 
@@ -141,7 +151,8 @@ def make_inputs(case, seed=0):
     rng = np.random.default_rng(seed)
     D = 2 if case.bidirectional else 1
     x = rng.standard_normal((case.T, case.B, case.I)).astype(case.dtype)
-    dout = rng.standard_normal((case.T, case.B, D * case.H)).astype(case.dtype)
+    dout = rng.standard_normal((case.T, case.B, D * (case.proj_size or case.H))).astype(
+        case.dtype)
     lengths = case.lengths()
     if lengths is not None:  # PyTorch's padded outputs get no gradient; neither do ours
         mask = np.arange(case.T)[:, None] < lengths[None, :]
@@ -153,6 +164,8 @@ def make_fastrnn(case, seed=0):
     import fastrnn as fr
     options = dict(num_layers=case.num_layers, bidirectional=case.bidirectional,
                    dtype=case.dtype, seed=seed, device=case.device)
+    if case.proj_size:
+        options["proj_size"] = case.proj_size
     if case.cell in ("rnn", "rnn_relu"):
         nonlinearity = "relu" if case.cell == "rnn_relu" else "tanh"
         return fr.RNN(case.I, case.H, nonlinearity=nonlinearity, **options)
@@ -198,6 +211,8 @@ def make_torch(case, layer=None):
     layer None keeps PyTorch's own initialisation."""
     import torch
     options = dict(num_layers=case.num_layers, bidirectional=case.bidirectional)
+    if case.proj_size:
+        options["proj_size"] = case.proj_size
     if case.cell in ("rnn", "rnn_relu"):
         module = torch.nn.RNN(case.I, case.H, nonlinearity="relu" if case.cell == "rnn_relu"
                               else "tanh", **options)
@@ -252,8 +267,8 @@ def torch_step(case, mode, seed=0, same_weights=True):
 # ----------------------------------------------------------------------------- timing
 
 def threads():
-    import numba
-    return numba.get_num_threads()
+    from .cpu.threads import num_threads  # (without starting Numba's unused thread pool)
+    return num_threads()
 
 
 def match_torch_threads(n):
@@ -414,7 +429,8 @@ def _peak_memory_child(engine, case):
     # The warm-up shares the case's options: torch's first packed-sequence call (varlen)
     # would otherwise land in the measured step.
     tiny = Case(case.cell, 3, 2, 3, 4, num_layers=case.num_layers,
-                bidirectional=case.bidirectional, varlen=case.varlen, dtype=case.dtype)
+                bidirectional=case.bidirectional, varlen=case.varlen, dtype=case.dtype,
+                proj_size=min(case.proj_size, 2))
     if engine == "fastrnn":
         fastrnn_step(tiny, "train")()
     else:
@@ -609,6 +625,8 @@ def build_parser():
                         "since fastrnn computes in plain float32)")
     p.add_argument("--layers", type=POSITIVE_INT, default=1, help="num_layers [1]")
     p.add_argument("--bidirectional", action="store_true", help="bidirectional layers")
+    p.add_argument("--proj-size", type=POSITIVE_INT, default=0, metavar="R",
+                   help="LSTM projections (PyTorch's proj_size; --cells lstm only)")
     p.add_argument("--varlen", action="store_true",
                    help="variable lengths (evenly from T down to T/4), packed in torch")
     p.add_argument("--rounds", type=POSITIVE_INT, default=7, help="interleaved rounds [7]")
@@ -663,7 +681,8 @@ def _run_cases(args, cells, shapes, modes, with_torch, results):
     for cell in cells:
         for shape in shapes:
             case = Case(cell, *shape, num_layers=args.layers, bidirectional=args.bidirectional,
-                        varlen=args.varlen, dtype=args.dtype, device=args.device)
+                        varlen=args.varlen, dtype=args.dtype, device=args.device,
+                        proj_size=args.proj_size)
             for mode in modes:
                 r = compare(case, mode, rounds=args.rounds, min_time=args.min_time,
                             with_torch=with_torch)
@@ -717,6 +736,13 @@ def run(args):
         if cell not in GATES:
             raise SystemExit(f"fastrnn bench: unknown cell {cell!r}; choose from {sorted(GATES)}")
     shapes = args.shapes or list(GPU_GRID if args.device == "cuda" else GRID)
+    if args.proj_size:  # checked here, before any timing, not by the first Case
+        if cells != ["lstm"]:
+            raise SystemExit("fastrnn bench: --proj-size is an LSTM's: use it with --cells lstm")
+        too_wide = [shape for shape in shapes if args.proj_size >= shape[3]]
+        if too_wide:
+            raise SystemExit(f"fastrnn bench: --proj-size {args.proj_size} must be smaller than "
+                             f"H (PyTorch's rule); shapes {too_wide} are not wider")
     modes = ("train",) if args.train else ("infer",) if args.infer else MODES
     def reference_gemm():
         if args.device == "cuda":

@@ -423,3 +423,30 @@ def test_accumulated_products_match_numpy(dtype, transpose_a, rows):
         want[:, 1:7] += (a.T if transpose_a else a) @ operand_b
         cpu._accumulate_product(kernel, a, operand_b, c[:, 1:7], transpose_a)
         assert_close(c, want, name="c", **PARITY[np.dtype(dtype)])
+
+
+def test_layers_and_bench_leave_numbas_thread_pool_unstarted():
+    """fastrnn runs its chunks on its own pool. Numba's (an OpenMP runtime, started by
+    numba.get_num_threads) sharing the process with PyTorch's made torch.nn.RNN up to 40x
+    slower, in users' processes and in fastrnn bench's peer timings alike. In a fresh
+    process: a chunked training step and bench's thread count start none; a
+    numba.set_num_threads setting is still honoured."""
+    import subprocess
+    import sys
+    code = (
+        "import numpy as np, numba, fastrnn as fr\n"
+        "from numba.np.ufunc import parallel\n"
+        "from fastrnn import bench\n"
+        "from fastrnn.cpu import threads\n"
+        "threads.MIN_PARALLEL_WORK = 0\n"
+        "layer = fr.LSTM(3, 4, seed=0)\n"
+        "out, _ = layer(np.ones((5, 16, 3), np.float32))\n"
+        "layer.backward(np.ones_like(out))\n"
+        "assert bench.threads() == numba.config.NUMBA_NUM_THREADS\n"
+        "assert not parallel._is_initialized, 'Numba thread pool started'\n"
+        "numba.set_num_threads(1)\n"
+        "assert threads.num_threads() == 1 and bench.threads() == 1\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

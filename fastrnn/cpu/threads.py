@@ -30,8 +30,21 @@ MIN_PARALLEL_WORK = 1 << 23
 
 
 def num_threads():
-    """Threads fastrnn uses: Numba's setting (NUMBA_NUM_THREADS, numba.set_num_threads)."""
-    return numba.get_num_threads()
+    """Threads fastrnn uses: Numba's setting (NUMBA_NUM_THREADS, numba.set_num_threads).
+
+    Read without starting Numba's own thread pool, which fastrnn never uses (its chunks run
+    on this module's pool): numba.get_num_threads() starts it, an OpenMP runtime beside
+    PyTorch's, and with both in one process torch's RNN and GRU ran up to 40x slower
+    (torch.nn.RNN eval at (100,64,128,256): 296 ms between fastrnn calls, 8 ms alone).
+    numba.set_num_threads starts that pool itself, so once it runs its setting is read."""
+    if getattr(_numba_parallel(), "_is_initialized", True):
+        return numba.get_num_threads()
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def _numba_parallel():
+    from numba.np.ufunc import parallel
+    return parallel
 
 
 @functools.lru_cache(maxsize=1)
