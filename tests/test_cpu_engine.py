@@ -387,7 +387,7 @@ def test_a_training_forward_frees_the_last_ones_activations_first(monkeypatch):
     x = np.random.default_rng(0).standard_normal((5, 2, 3))
     out, _ = layer(x)
     layer.backward(np.ones_like(out))
-    saved = weakref.ref(layer._saved[3][0][1][0].acts)  # layer 0, direction 0
+    saved = weakref.ref(layer._saved[3][0][1][0][0].acts)  # layer 0, direction 0
     alive_at_next_forward = []
     real = cpu.forward_direction
 
