@@ -41,9 +41,10 @@ CELLS = {
 OUTPUTS = ("last", "sequence")
 FILE_FORMAT = "fastrnn.SequenceModel"
 # Version 2 holds a model with dropout (a "dropout" in its config, which a reader of version
-# 1 would refuse without saying why); a model without dropout is still written as version 1,
-# which every release reads.
-FILE_VERSIONS = (1, 2)
+# 1 would refuse without saying why), version 3 one with an LSTM projection ("proj_size",
+# and perhaps dropout); a model with neither is still written as version 1, which every
+# release reads.
+FILE_VERSIONS = (1, 2, 3)
 
 
 # ---------------------------------------------------------------------------- callbacks
@@ -284,6 +285,7 @@ class SequenceModel:
         num_layers, bidirectional, bias, learn_initial_state, dtype, device: as the layers.
         dropout: PyTorch's, on the outputs of every recurrent layer but the last, in
             training; its masks come from the model's generator (saved in checkpoints).
+        proj_size: PyTorch's LSTM projection (cell="lstm" only): h_t has proj_size units.
         output: "last" (one prediction per sequence, at its last valid step) or "sequence"
             (a prediction at every valid step).
         loss: "mse" (real targets) or "cross_entropy" (integer class targets; the model then
@@ -293,7 +295,8 @@ class SequenceModel:
 
     def __init__(self, input_size, hidden_size, output_size, cell="lstm", num_layers=1,
                  bidirectional=False, output="last", loss="mse", device="cpu", seed=0,
-                 dtype="float32", learn_initial_state=False, bias=True, dropout=0.0):
+                 dtype="float32", learn_initial_state=False, bias=True, dropout=0.0,
+                 proj_size=0):
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
         if output not in OUTPUTS:
@@ -306,12 +309,16 @@ class SequenceModel:
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         self.cell, self.output, self.loss, self.seed = cell, output, loss, int(seed)
         layer_cls, extra = CELLS[cell]
+        if proj_size or isinstance(proj_size, bool):  # (the layer names a bad value)
+            if cell != "lstm":
+                raise ValueError(f"proj_size is an LSTM's (as in PyTorch), not a {cell}'s")
+            extra = dict(extra, proj_size=proj_size)
         self.rnn = layer_cls(input_size, hidden_size, num_layers=num_layers, bias=bias,
                              batch_first=True, dropout=dropout, bidirectional=bidirectional,
                              learn_initial_state=learn_initial_state, dtype=dtype,
                              device=device, seed=self.seed, **extra)
         self.dtype = self.rnn.dtype
-        features = self.rnn.hidden_size * self.rnn.num_directions
+        features = self._h_size * self.rnn.num_directions
         # nn.Linear's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         head_rng = np.random.default_rng([self.seed, 1])
         bound = 1.0 / math.sqrt(features)
@@ -342,6 +349,11 @@ class SequenceModel:
         return self.rnn.num_layers
 
     @property
+    def _h_size(self):
+        """Units of h (what the head and the next layer read): proj_size, else hidden_size."""
+        return self.rnn.proj_size or self.rnn.hidden_size
+
+    @property
     def bidirectional(self):
         return self.rnn.bidirectional
 
@@ -356,7 +368,7 @@ class SequenceModel:
                     bidirectional=self.bidirectional, output=self.output, loss=self.loss,
                     device=self.device, seed=self.seed, dtype=self.dtype.name,
                     learn_initial_state=self.rnn.learn_initial_state, bias=self.rnn.bias,
-                    dropout=self.rnn.dropout)
+                    dropout=self.rnn.dropout, proj_size=self.rnn.proj_size)
 
     def num_parameters(self):
         return int(sum(v.size for v in self.state_dict().values()))
@@ -365,7 +377,8 @@ class SequenceModel:
         return (f"SequenceModel({self.input_size}, {self.hidden_size}, {self.output_size}, "
                 f"cell={self.cell!r}, num_layers={self.num_layers}, "
                 f"bidirectional={self.bidirectional}, output={self.output!r}, "
-                f"loss={self.loss!r}, device={self.device!r}, params={self.num_parameters()})")
+                + (f"proj_size={self.rnn.proj_size}, " if self.rnn.proj_size else "")
+                + f"loss={self.loss!r}, device={self.device!r}, params={self.num_parameters()})")
 
     def train(self, mode=True):
         self.rnn.train(mode)
@@ -562,10 +575,11 @@ class SequenceModel:
 
     # -- forward, loss, backward ----------------------------------------------------------
     def _features(self, out, lengths):
-        """Top-layer outputs (B, T, D*H) -> head inputs: (B, T, D*H) or (B, D*H) for "last"."""
+        """Top-layer outputs (B, T, D*H) -> head inputs: (B, T, D*H) or (B, D*H) for "last"
+        (H: the units of h, proj_size for a projected LSTM)."""
         if self.output == "sequence":
             return out
-        H = self.hidden_size
+        H = self._h_size
         rows = np.arange(out.shape[0])
         feats = out[rows, lengths - 1].copy()
         if self.bidirectional:
@@ -616,7 +630,7 @@ class SequenceModel:
         if self.output == "sequence":
             dout = dfeats
         else:
-            B, H = dy.shape[0], self.hidden_size
+            B, H = dy.shape[0], self._h_size
             dout = np.zeros((B, T, feats.shape[-1]), self.dtype)
             dout[np.arange(B), lengths - 1, :H] = dfeats[:, :H]
             if self.bidirectional:
@@ -1053,7 +1067,7 @@ class SequenceModel:
         X, Y, lengths = self._check_data(X, Y, lengths)
         X = self._dense(X)
         B, T = X.shape[:2]
-        L, D, H = self.num_layers, self.rnn.num_directions, self.hidden_size
+        L, D, H = self.num_layers, self.rnn.num_directions, self._h_size
         layers = [self._clone_layer(k) for k in range(L)]
         inputs = [np.ascontiguousarray(X.transpose(1, 0, 2))]
         for k, layer in enumerate(layers):
@@ -1087,6 +1101,8 @@ class SequenceModel:
 
     def _make_layer(self, input_size, bidirectional):
         layer_cls, extra = CELLS[self.cell]
+        if self.rnn.proj_size:
+            extra = dict(extra, proj_size=self.rnn.proj_size)
         return layer_cls(input_size, self.hidden_size, num_layers=1, bias=self.rnn.bias,
                          bidirectional=bidirectional, dtype=self.dtype.name,
                          device=self.device, **extra)
@@ -1094,28 +1110,27 @@ class SequenceModel:
     def _clone_layer(self, k, direction=None):
         """A one-layer copy of layer k (both directions, or ``direction`` run forward)."""
         D = self.rnn.num_directions
-        in_size = self.input_size if k == 0 else D * self.hidden_size
+        in_size = self.input_size if k == 0 else D * self._h_size
         sd = self.rnn.state_dict()
         suffixes = ("", "_reverse")
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         if direction is None:
             layer = self._make_layer(in_size, D == 2)
-            mapping = {f"{n}_l{k}{s}": f"{n}_l0{s}" for s in suffixes[:D]
-                       for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+            mapping = {f"{n}_l{k}{s}": f"{n}_l0{s}" for s in suffixes[:D] for n in names}
         else:
             layer = self._make_layer(in_size, False)
             s = suffixes[direction]
-            mapping = {f"{n}_l{k}{s}": f"{n}_l0" for n in
-                       ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+            mapping = {f"{n}_l{k}{s}": f"{n}_l0" for n in names}
         layer.load_state_dict({new: sd[old] for old, new in mapping.items() if old in sd})
         return layer
 
     def _layer_h0(self, k, direction, batch):
         """Initial state of layer k (all its directions, or one) as the layers take it."""
-        D, H = self.rnn.num_directions, self.hidden_size
+        D = self.rnn.num_directions
         dirs = range(D) if direction is None else [direction]
-        parts = ["initial_h", "initial_c"] if self.cell == "lstm" else ["initial_h"]
+        parts = [("initial_h", self._h_size), ("initial_c", self.hidden_size)]
         states = []
-        for part in parts:
+        for part, H in parts[:2 if self.cell == "lstm" else 1]:
             if self.rnn.learn_initial_state:
                 learned = self.rnn.state_dict()[part]
                 rows = [np.broadcast_to(learned[k * D + d], (batch, H)) for d in dirs]
@@ -1173,15 +1188,17 @@ class SequenceModel:
             for k, v in opt_arrays.items():
                 arrays[f"optim/{k}"] = v
         model_config = self.config()
-        if not model_config["dropout"]:
-            del model_config["dropout"]
+        for optional in ("dropout", "proj_size"):  # in the config only when set (see
+            if not model_config[optional]:        # FILE_VERSIONS)
+                del model_config[optional]
         config = {"model": model_config, "optimizer": opt_config, "epoch": self.epoch,
                   "history": self.history, "metadata": self.metadata,
                   "rng": self.rng.bit_generator.state}
         _check_json(self.metadata, "model.metadata")
         arrays["config"] = np.array(json.dumps(config))
         arrays["format"] = np.array(FILE_FORMAT)
-        arrays["version"] = np.array(2 if "dropout" in model_config else 1)
+        arrays["version"] = np.array(3 if "proj_size" in model_config else
+                                     2 if "dropout" in model_config else 1)
         arrays["digest"] = np.array(_digest(arrays))
         path = check_output_path(path)
         return write_atomically(path, lambda f: np.savez(f, **arrays), "save the model")

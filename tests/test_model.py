@@ -46,9 +46,13 @@ def _torch_unrolled(model, X, Y, lengths):
     sd = model.state_dict()
     B, T, _ = X.shape
     L, D, H = model.num_layers, 2 if model.bidirectional else 1, model.hidden_size
+    R = model.rnn.proj_size or H  # h's units
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
     make = {"lstm": lambda i: nn.LSTMCell(i, H), "gru": lambda i: nn.GRUCell(i, H),
             "rnn": lambda i: nn.RNNCell(i, H), "rnn_tanh": lambda i: nn.RNNCell(i, H),
             "rnn_relu": lambda i: nn.RNNCell(i, H, nonlinearity="relu")}[model.cell]
+    if model.rnn.proj_size:
+        make, names = (lambda i: _ProjectedLSTMCell(i, H, R)), names + ("weight_hr",)
     params = {}
     inp = [[torch.tensor(X[b, t]) for t in range(T)] for b in range(B)]
     hidden = []  # hidden[k][d][b][t]
@@ -59,13 +63,13 @@ def _torch_unrolled(model, X, Y, lengths):
             sfx = "_reverse" if d else ""
             cell = make(in_size).double()
             with torch.no_grad():
-                for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                for n in names:
                     getattr(cell, n).copy_(torch.tensor(sd[f"rnn.{n}_l{k}{sfx}"]))
-            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            for n in names:
                 params[f"rnn.{n}_l{k}{sfx}"] = getattr(cell, n)
             rows = []
             for b in range(B):
-                h = torch.zeros(1, H, dtype=torch.float64)
+                h = torch.zeros(1, R, dtype=torch.float64)
                 c = torch.zeros(1, H, dtype=torch.float64)
                 hs = [None] * T
                 steps = range(lengths[b])
@@ -80,7 +84,7 @@ def _torch_unrolled(model, X, Y, lengths):
             per_dir.append(rows)
         hidden.append(per_dir)
         inp = [[torch.cat([per_dir[d][b][t][0] for d in range(D)]) if t < lengths[b]
-                else torch.zeros(D * H, dtype=torch.float64) for t in range(T)]
+                else torch.zeros(D * R, dtype=torch.float64) for t in range(T)]
                for b in range(B)]
     W = torch.tensor(sd["head.weight"], requires_grad=True)
     bias = torch.tensor(sd["head.bias"], requires_grad=True)
@@ -110,8 +114,33 @@ def _torch_unrolled(model, X, Y, lengths):
     return float(loss.detach()), grads, norms
 
 
+if torch is not None:
+    class _ProjectedLSTMCell(nn.Module):
+        """nn.LSTM(proj_size=R)'s step, written out (nn.LSTMCell has no projection)."""
+
+        def __init__(self, input_size, hidden_size, proj_size):
+            super().__init__()
+            G = 4 * hidden_size
+            self.weight_ih = nn.Parameter(torch.zeros(G, input_size, dtype=torch.float64))
+            self.weight_hh = nn.Parameter(torch.zeros(G, proj_size, dtype=torch.float64))
+            self.bias_ih = nn.Parameter(torch.zeros(G, dtype=torch.float64))
+            self.bias_hh = nn.Parameter(torch.zeros(G, dtype=torch.float64))
+            self.weight_hr = nn.Parameter(torch.zeros(proj_size, hidden_size,
+                                                      dtype=torch.float64))
+
+        def forward(self, x, state):
+            h, c = state
+            gates = x @ self.weight_ih.T + self.bias_ih + h @ self.weight_hh.T + self.bias_hh
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return (torch.sigmoid(o) * torch.tanh(c)) @ self.weight_hr.T, c
+
+
 CONFIGS = [
     dict(cell="lstm", bidirectional=True, output="last", loss="mse"),
+    dict(cell="lstm", num_layers=2, bidirectional=True, output="sequence", loss="mse",
+         proj_size=2),
+    dict(cell="lstm", output="last", loss="cross_entropy", output_size=3, proj_size=3),
     dict(cell="gru", num_layers=2, output="sequence", loss="cross_entropy", output_size=3),
     dict(cell="rnn_relu", num_layers=2, bidirectional=True, output="sequence", loss="mse"),
     dict(cell="lstm", num_layers=2, output="last", loss="cross_entropy", output_size=3),
@@ -139,6 +168,41 @@ def test_loss_grads_and_gradient_norms_match_torch_unroll(config):
     norms = model.gradient_norms(X, Y, lengths)
     assert norms.shape == (model.num_layers, X.shape[1])
     assert_parity(norms, ref_norms, F64, "gradient_norms")
+
+
+@needs_torch
+def test_a_projected_model_loads_into_torch_and_round_trips_its_file(tmp_path):
+    """SequenceModel(proj_size=R): its state_dict loads into nn.LSTM(proj_size=R) and an
+    nn.Linear(D*R, O) that predict the same; saved, it is a version-3 file that loads back
+    with its projection and predicts the same bits."""
+    model = fr.SequenceModel(3, 5, 2, cell="lstm", num_layers=2, bidirectional=True,
+                             proj_size=2, dtype="float64", seed=3, dropout=0.25)
+    X, Y, lengths = _data(model, N=5, T=7)
+    model.fit(X, Y, lengths=lengths, epochs=1, batch_size=2, verbose=False)
+    assert "proj_size=2" in repr(model)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(3, 5, num_layers=2, bidirectional=True, batch_first=True,
+                               proj_size=2).double()
+            self.head = nn.Linear(4, 2).double()
+
+    net = Net()
+    net.load_state_dict({k: torch.tensor(v) for k, v in model.state_dict().items()})
+    packed = nn.utils.rnn.pack_padded_sequence(torch.tensor(X), torch.tensor(lengths),
+                                               batch_first=True, enforce_sorted=False)
+    _, (h_n, _) = net.rnn(packed)
+    expected = net.head(torch.cat([h_n[-2], h_n[-1]], dim=1)).detach().numpy()
+    assert_parity(model.predict(X, lengths), expected, F64, "predict")
+    path = model.save(tmp_path / "proj.npz")
+    with np.load(path) as npz:
+        assert int(npz["version"]) == 3
+    loaded = fr.load(path)
+    assert loaded.rnn.proj_size == 2 and loaded.rnn.dropout == 0.25
+    np.testing.assert_array_equal(loaded.predict(X, lengths), model.predict(X, lengths))
+    with pytest.raises(ValueError, match="proj_size is an LSTM's"):
+        fr.SequenceModel(3, 5, 2, cell="gru", proj_size=2)
 
 
 def test_gradients_match_finite_differences():
