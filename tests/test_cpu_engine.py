@@ -71,6 +71,28 @@ def test_blocked_per_step_gemm_matches_single_call(cell, monkeypatch):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_batches_with_heavy_weights_split_units_with_the_results_of_rows(cell, monkeypatch):
+    """A batch that would split into row chunks splits its units instead when its weights
+    outgrow a core's L2 (forced here at a tiny size): both parts run all 11 rows, with the
+    results of row chunks."""
+    force_parallel_cpu(monkeypatch)
+    chunked = _run(cell, "float64")
+    force_unit_split(monkeypatch)
+    monkeypatch.setattr(cpu, "ROW_SPLIT_MIN_WEIGHT_BYTES", 0)
+    parts_seen = []
+    real = cpu.unit_parts
+    monkeypatch.setattr(cpu, "unit_parts", lambda *a: parts_seen.append(real(*a)) or
+                        parts_seen[-1])
+    split = _run(cell, "float64")
+    assert parts_seen and all(len(parts) == 2 for parts in parts_seen)
+    tol = PARITY[np.dtype("float64")]
+    for got, want, name in ((split[0], chunked[0], "out"), (split[1], chunked[1], "dx")):
+        assert_close(got, want, name=name, **tol)
+    for name in chunked[2]:
+        assert_close(split[2][name], chunked[2][name], name=name, **tol)
+
+
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_units_split_between_threads_match_whole(cell, dtype, monkeypatch):
     """With too few batch rows to split, long sequences split the hidden units between two
@@ -104,6 +126,11 @@ def test_units_split_only_when_it_pays(monkeypatch):
     assert cpu.unit_parts(200, 1, 8, 384, 1024, 256, 4) == [(0, 256)]  # enough rows
     # LSTM(64, 128): 393 KB, 8 L1s.
     assert cpu.unit_parts(2000, 1, 1, 192, 512, 128, 4) == [(0, 128)]
+    # LSTM(128, 512), 5.2 MB of weights, beyond a core's L2: up to 64 rows split units.
+    for B in (8, 32, 64):
+        assert cpu.unit_parts(100, 2, B, 640, 2048, 512, 4) == [(0, 256), (256, 512)]
+    assert cpu.unit_parts(100, 2, 128, 640, 2048, 512, 4) == [(0, 512)]  # rows pay there
+    assert cpu.unit_parts(100, 2, 32, 384, 1024, 256, 4) == [(0, 256)]  # 1.5 MB: rows
     monkeypatch.setattr(threads, "num_threads", lambda: 1)
     assert cpu.unit_parts(200, 1, 1, 384, 1024, 256, 4) == [(0, 256)]
 

@@ -76,20 +76,33 @@ MIN_SPLIT_L1_MULTIPLE = 16
 # and only when a sequence streams at least this many weight bytes (T * weights): the second
 # thread costs a dispatch (about 90 us through the pool here) and a packing of its weights.
 MIN_SPLIT_BYTES = 1 << 25
+# Batches that split into row chunks split units instead when their stacked weights reach
+# this many bytes (this machine's L2 per core) and they have at most UNIT_SPLIT_MAX_ROWS
+# rows: each core then streams half the weights every step, where each row chunk streamed
+# all of them for a few rows. benchmarks/cpu_rules.py, LSTM eval, units over row chunks:
+# (100,B,128,512) 0.70x the time at B=8, 0.81 at 16, 0.88 at 32, 0.95 at 48, 0.94 at 64;
+# (100,32,256,256) (2 MiB) 0.89, (100,32,128,1024) 0.89; (100,64,128,256) (1.5 MiB) 0.99;
+# but (50,128,512,512) 2.7x slower, hence the row bound.
+ROW_SPLIT_MIN_WEIGHT_BYTES = 1 << 21
+UNIT_SPLIT_MAX_ROWS = 64
 
 
 def unit_parts(T, row_chunks, B, K, GH, H, itemsize):
     """[(u0, u1)] unit ranges that threads share in a forward of T steps with (K, GH)
-    stacked weights: one (all H units) unless the batch rows did not split (row_chunks ==
-    1) because there are too few (B < 2*MIN_ROWS_PER_CHUNK), several threads are allowed,
-    and the weights are large and streamed often enough (see MIN_SPLIT_L1_MULTIPLE).
+    stacked weights: one (all H units) unless several threads are allowed, the weights
+    are large and streamed often enough (see MIN_SPLIT_L1_MULTIPLE), and either the batch
+    rows did not split (row_chunks == 1) because there are too few (B <
+    2*MIN_ROWS_PER_CHUNK), or there are at most UNIT_SPLIT_MAX_ROWS of them and the weights
+    outgrow a core's L2 (ROW_SPLIT_MIN_WEIGHT_BYTES). Every part runs every row.
 
     Two parts at most: the parts of a call wait for each other, so with more, concurrent
     calls could fill the pool with partial groups all waiting for a queued member; with two,
     a call needs one pool thread and its other part runs on the caller's thread."""
     parts = min(2, threads.num_threads(), H // UNIT_PART_MULTIPLE)
     weight_bytes = K * GH * itemsize
-    if (row_chunks > 1 or B >= 2 * threads.MIN_ROWS_PER_CHUNK or parts < 2
+    few_rows = row_chunks == 1 and B < 2 * threads.MIN_ROWS_PER_CHUNK
+    heavy_weights = B <= UNIT_SPLIT_MAX_ROWS and weight_bytes >= ROW_SPLIT_MIN_WEIGHT_BYTES
+    if (not (few_rows or heavy_weights) or parts < 2
             or weight_bytes < MIN_SPLIT_L1_MULTIPLE * L1_DATA_BYTES
             or T * weight_bytes < MIN_SPLIT_BYTES):
         return [(0, H)]
@@ -358,6 +371,8 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     I = x2d.shape[1]
     chunks = chunk_bounds(B, T * B * GH * (I + H), threads.MIN_ROWS_PER_CHUNK)
     parts = unit_parts(T, len(chunks), B, I + H, GH, H, dtype.itemsize)
+    if len(parts) > 1:
+        chunks = [(0, B)]  # every part runs every row
     rows = max(hi - lo for lo, hi in chunks)  # the blocks suit every chunk (none is taller)
     runs = [_forward_part(cell, B, I, H, GH, dtype, rows, u0, u1, key).load(
         w_ih, w_hh, b_ih, b_hh) for u0, u1 in parts]
