@@ -264,8 +264,18 @@ def stack(arrays):
 
 
 def matmul(a, b, transpose_a=False, transpose_b=False):
-    """New op(a) . op(b) of 2-D arrays (op: transposed where asked)."""
-    return np.matmul(a.T if transpose_a else a, b.T if transpose_b else b)
+    """New op(a) . op(b) of 2-D arrays (op: transposed where asked). As every product of a
+    call (see threads), BLAS runs on the calling threads only, the rows of a large result
+    split across the pool: OpenBLAS's own threads would keep spinning after it and slow
+    the recurrence that follows (a projected LSTM's unit-split forward ran 1.3x slower)."""
+    left, right = (a.T if transpose_a else a), (b.T if transpose_b else b)
+    out = np.empty((left.shape[0], right.shape[1]), np.result_type(a, b))
+
+    def rows(lo, hi):
+        np.matmul(left[lo:hi], right, out=out[lo:hi])
+    with single_threaded_blas:
+        run_chunks(rows, chunk_bounds(out.shape[0], out.size * left.shape[1]))
+    return out
 
 
 def add_into(target, source, transpose=False):
