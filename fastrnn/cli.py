@@ -333,7 +333,7 @@ def _split(X, Y, lengths, fraction, seed):
 
 # The model flags of `train` and their defaults for a new model; a resumed one keeps the
 # checkpoint's, and giving other values then is an error rather than silently ignored.
-ARCHITECTURE = {"cell": "lstm", "hidden": 128, "layers": 1, "dropout": 0.0}
+ARCHITECTURE = {"cell": "lstm", "hidden": 128, "layers": 1, "dropout": 0.0, "proj_size": 0}
 
 
 def _check_resumed_architecture(model, args):
@@ -342,9 +342,10 @@ def _check_resumed_architecture(model, args):
     config = model.config()
     cell = {"rnn_tanh": "rnn"}.get(config["cell"], config["cell"])  # one cell, two names
     have = {"cell": cell, "hidden": config["hidden_size"], "layers": config["num_layers"],
-            "dropout": config.get("dropout", 0.0), "loss": config["loss"],
-            "output": config["output"]}
-    clashes = [f"--{name} {getattr(args, name)} (the checkpoint has {have[name]})"
+            "dropout": config.get("dropout", 0.0), "proj_size": config.get("proj_size", 0),
+            "loss": config["loss"], "output": config["output"]}
+    clashes = [f"--{name.replace('_', '-')} {getattr(args, name)} (the checkpoint has "
+               f"{have[name]})"
                for name in have
                if getattr(args, name) is not None and getattr(args, name) != have[name]]
     if args.bidirectional and not config["bidirectional"]:
@@ -398,7 +399,8 @@ def cmd_train(args):
             model = SequenceModel(X.shape[2] if X.ndim == 3 else 1, args.hidden, out_size,
                                   cell=args.cell, num_layers=args.layers,
                                   bidirectional=args.bidirectional, output=output, loss=loss,
-                                  dropout=args.dropout, device=args.device, seed=args.seed)
+                                  dropout=args.dropout, proj_size=args.proj_size,
+                                  device=args.device, seed=args.seed)
         # Checked whole, before the split shuffles them: errors give the file's row numbers.
         X, Y, lengths = model._check_data(X, Y, lengths)
         if val is None:
@@ -419,7 +421,8 @@ def cmd_train(args):
             model = SequenceModel(len(vocab), args.hidden, len(vocab), cell=args.cell,
                                   num_layers=args.layers, output="sequence",
                                   loss="cross_entropy", dropout=args.dropout,
-                                  device=args.device, seed=args.seed)
+                                  proj_size=args.proj_size, device=args.device,
+                                  seed=args.seed)
             model.metadata = {"kind": "char_lm", "vocab": "".join(vocab.chars)}
         fit_kwargs = dict(batch_size=X.shape[0], shuffle=False, tbptt=args.seq_len,
                           validation_data=val)
@@ -579,6 +582,9 @@ def build_parser():
     train.add_argument("--dropout", type=FRACTION, default=None,
                        help="dropout between recurrent layers, in training (PyTorch's; "
                             f"needs --layers 2 or more) (default: {ARCHITECTURE['dropout']})")
+    train.add_argument("--proj-size", type=NON_NEGATIVE_INT, default=None,
+                       help="LSTM projections: h of this many units (PyTorch's proj_size; "
+                            "smaller than --hidden) (default: 0, none)")
     train.add_argument("--bidirectional", action="store_true",
                        help="(arrays only: a character model reads left to right)")
     train.add_argument("--output", choices=["last", "sequence"], default=None,

@@ -88,6 +88,23 @@ def test_train_text_checkpoint_and_resume(tmp_path, capsys):
         np.testing.assert_array_equal(resumed.state_dict()[k], v, err_msg=k)
 
 
+def test_train_a_projected_lstm_and_resume_it(tmp_path, capsys):
+    X, Y = fr.data.adding_problem(60, steps=5, seed=0)
+    np.savez(tmp_path / "adding.npz", X=X, Y=Y)
+    ckpt = tmp_path / "proj.npz"
+    base = ["train", str(tmp_path / "adding.npz"), "--hidden", "8", "--proj-size", "3",
+            "--epochs", "1", "--quiet", "--checkpoint", str(ckpt), "--plot", ""]
+    assert cli.main(base) == 0
+    model = fr.load(ckpt)
+    assert model.rnn.proj_size == 3 and model.head["weight"].shape == (1, 3)
+    assert cli.main(base[:4] + base[6:] + ["--resume"]) == 0  # keeps the checkpoint's R
+    assert fr.load(ckpt).epoch == 2
+    with pytest.raises(SystemExit, match="drop --proj-size 2 .the checkpoint has 3."):
+        cli.main(base[:5] + ["2"] + base[6:] + ["--resume"])
+    assert cli.main(base[:2] + ["--cell", "gru", "--proj-size", "3", "--quiet"]) != 0
+    assert "proj_size is an LSTM's" in capsys.readouterr().err
+
+
 def test_train_on_arrays(tmp_path, capsys):
     X, Y = fr.data.adding_problem(200, steps=6, seed=0)
     np.savez(tmp_path / "adding.npz", X=X, Y=Y)
