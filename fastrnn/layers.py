@@ -400,8 +400,13 @@ class _RecurrentLayer:
         missing = [k for k in shapes if k not in state_dict]
         extra = [k for k in state_dict if k not in shapes]
         if missing or extra:
+            hint = ""
+            if any(k.startswith("weight_hr_l") for k in extra) and not self.proj_size:
+                hint = " (weight_hr_l*: a projected LSTM's; build the layer with proj_size)"
+            elif any(k.startswith("weight_hr_l") for k in missing):
+                hint = " (this layer projects: proj_size is set)"
             raise ValueError(f"state_dict does not match this layer: missing keys {missing}, "
-                             f"unexpected keys {extra}")
+                             f"unexpected keys {extra}{hint}")
         new = OrderedDict()
         for name, shape in shapes.items():
             value = state_dict[name]
@@ -551,7 +556,8 @@ class _RecurrentLayer:
     def forward(self, x, h0=None, lengths=None):
         """x (T, B, I) or (B, T, I) if batch_first -> out (T, B, D*H) [(B, T, D*H)], h_n.
 
-        h_n is (L*D, B, H) (a pair (h_n, c_n) for LSTM); h0 likewise or None.
+        h_n is (L*D, B, H) (a pair (h_n, c_n) for LSTM); h0 likewise or None. With an
+        LSTM's proj_size R, out, h0 and h_n have R units in place of H (c keeps H).
         lengths: B ints in [1, T]; outputs past a row's length are 0 and h_n is the state at
         its last valid step (PyTorch's packed-sequence semantics).
         As in PyTorch, a 2-D x (T, I) is one unbatched sequence, whatever batch_first says:
@@ -630,7 +636,7 @@ class _RecurrentLayer:
                     else None
                 x_in, projected = layer_input, None
                 if self.proj_size:
-                    w_hr = self.params[f"weight_hr_l{k}{'_reverse' if d else ''}"]
+                    w_hr = self.params[self._projection_name(k, d)]
                     x_in, w_aug, w_eff = self._projected_direction(
                         layer_input, w_ih, w_hh, w_hr, h_init, lengths_dev, bool(d))
                     projected = (w_aug, w_eff, w_hh, w_hr, lengths_dev)
@@ -755,7 +761,7 @@ class _RecurrentLayer:
         D, H, R = self.num_directions, self.hidden_size, self.proj_size
         projection = self._backend.zeros((D * H, D * R), self.dtype)
         for d in range(D):
-            w_hr = self.params[f"weight_hr_l{k}{'_reverse' if d else ''}"]
+            w_hr = self.params[self._projection_name(k, d)]
             self._backend.add_into(projection[d * H:(d + 1) * H, d * R:(d + 1) * R], w_hr,
                                    transpose=True)
         return projection
@@ -764,6 +770,11 @@ class _RecurrentLayer:
         suffix = "_reverse" if d else ""
         return (f"weight_ih_l{k}{suffix}", f"weight_hh_l{k}{suffix}",
                 f"bias_ih_l{k}{suffix}", f"bias_hh_l{k}{suffix}")
+
+    @staticmethod
+    def _projection_name(k, d):
+        """PyTorch's name of W_hr (a projected LSTM's) of layer k, direction d."""
+        return f"weight_hr_l{k}{'_reverse' if d else ''}"
 
     def _param_or_zeros(self, name):
         if name in self.params:
@@ -837,7 +848,7 @@ class _RecurrentLayer:
                         self._cell, saved, d_layer_out, d * H, w_ih, w_hh, dh_last, dc_last,
                         grads, dx2d, padded)
                 else:
-                    w_hr_grad = self.grads[f"weight_hr_l{k}{'_reverse' if d else ''}"]
+                    w_hr_grad = self.grads[self._projection_name(k, d)]
                     backend.add_into(w_hr_grad, d_projection[d * H:(d + 1) * H,
                                                              d * R:(d + 1) * R], transpose=True)
                     dh_first, dc_first = self._projected_backward(

@@ -280,7 +280,8 @@ class SequenceModel:
     """Recurrent layers + dense head + loss, trained with :meth:`fit`.
 
     Args:
-        input_size, hidden_size, output_size: feature sizes of x_t, h_t and y_t.
+        input_size, hidden_size, output_size: feature sizes of x_t, h_t (c_t) and y_t (h_t
+            has proj_size units when that is set).
         cell: "lstm", "gru", "rnn" (tanh Elman), "rnn_tanh" or "rnn_relu".
         num_layers, bidirectional, bias, learn_initial_state, dtype, device: as the layers.
         dropout: PyTorch's, on the outputs of every recurrent layer but the last, in
@@ -308,11 +309,7 @@ class SequenceModel:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         self.cell, self.output, self.loss, self.seed = cell, output, loss, int(seed)
-        layer_cls, extra = CELLS[cell]
-        if proj_size or isinstance(proj_size, bool):  # (the layer names a bad value)
-            if cell != "lstm":
-                raise ValueError(f"proj_size is an LSTM's (as in PyTorch), not a {cell}'s")
-            extra = dict(extra, proj_size=proj_size)
+        layer_cls, extra = _layer_kind(cell, proj_size)
         self.rnn = layer_cls(input_size, hidden_size, num_layers=num_layers, bias=bias,
                              batch_first=True, dropout=dropout, bidirectional=bidirectional,
                              learn_initial_state=learn_initial_state, dtype=dtype,
@@ -351,7 +348,7 @@ class SequenceModel:
     @property
     def _h_size(self):
         """Units of h (what the head and the next layer read): proj_size, else hidden_size."""
-        return self.rnn.proj_size or self.rnn.hidden_size
+        return self.rnn._h_size
 
     @property
     def bidirectional(self):
@@ -1100,9 +1097,7 @@ class SequenceModel:
         return norms
 
     def _make_layer(self, input_size, bidirectional):
-        layer_cls, extra = CELLS[self.cell]
-        if self.rnn.proj_size:
-            extra = dict(extra, proj_size=self.rnn.proj_size)
+        layer_cls, extra = _layer_kind(self.cell, self.rnn.proj_size)
         return layer_cls(input_size, self.hidden_size, num_layers=1, bias=self.rnn.bias,
                          bidirectional=bidirectional, dtype=self.dtype.name,
                          device=self.device, **extra)
@@ -1271,6 +1266,19 @@ def load(path, device=None):
 
 
 # ---------------------------------------------------------------------------- helpers
+
+def _layer_kind(cell, proj_size):
+    """(layer class, its extra keyword arguments) of a model's ``cell``, with ``proj_size``
+    for an LSTM (the layer checks it); another cell takes none (PyTorch's rule)."""
+    layer_cls, extra = CELLS[cell]
+    if cell == "lstm":
+        return layer_cls, dict(extra, proj_size=proj_size)
+    if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral):
+        raise TypeError(f"proj_size must be an int, got {type(proj_size).__name__}")
+    if proj_size:
+        raise ValueError(f"proj_size is an LSTM's (as in PyTorch), not a {cell}'s")
+    return layer_cls, extra
+
 
 def _valid_mask(lengths, T):
     """(B, T) bool: step t of row b is valid (t < lengths[b])."""

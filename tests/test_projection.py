@@ -145,6 +145,17 @@ def test_projected_states_are_checked_by_their_own_sizes():
         layer(x, h0=h0[0])
     with pytest.raises(TypeError, match="proj_size"):
         fr.GRU(I, H, proj_size=R)  # PyTorch: only the LSTM projects
+    for value in (None, 0.0, ""):  # the model passes every value to the layer's check
+        with pytest.raises(TypeError, match="proj_size must be an int"):
+            fr.SequenceModel(I, H, 1, cell="lstm", proj_size=value)
+        with pytest.raises(TypeError, match="proj_size must be an int"):
+            fr.SequenceModel(I, H, 1, cell="gru", proj_size=value)
+    fr.SequenceModel(I, H, 1, cell="gru", proj_size=0)
+    projected = layer.state_dict()
+    with pytest.raises(ValueError, match="build the layer with proj_size"):
+        fr.LSTM(I, H).load_state_dict(projected)
+    with pytest.raises(ValueError, match="this layer projects"):
+        layer.load_state_dict(fr.LSTM(I, H).state_dict())
     out, (h_n, c_n) = layer(x)
     with pytest.raises(ValueError, match=r"dout must have shape \(5, 3, 2\)"):
         layer.backward(np.zeros((T, B, H)))
