@@ -2,12 +2,13 @@
 from . import data, losses, optim
 from .layers import GRU, LSTM, RNN, StateError
 from .model import Callback, Checkpoint, EarlyStopping, SequenceModel, load
+from .cpu.threads import num_threads as get_num_threads, set_num_threads
 from .optim import NonFiniteError
 
 __version__ = "0.1.0"
 __all__ = ["RNN", "LSTM", "GRU", "StateError", "SequenceModel", "load", "Callback",
            "EarlyStopping", "Checkpoint", "NonFiniteError", "release_workspaces", "optim",
-           "losses", "data"]
+           "losses", "data", "set_num_threads", "get_num_threads"]
 
 
 def release_workspaces():

@@ -711,12 +711,15 @@ def _set_flag(owner, name, value):
 def run(args):
     """Run the benchmark described by parsed args; returns the report dict."""
     import numba
+
+    from .cpu import threads as cpu_threads
     if args.threads is not None:
         if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
             raise SystemExit(f"fastrnn bench: --threads must lie in [1, "
                              f"{numba.config.NUMBA_NUM_THREADS}] (NUMBA_NUM_THREADS), got "
                              f"{args.threads}")
-        numba.set_num_threads(args.threads)
+        # Not numba.set_num_threads: its thread pool slows PyTorch's RNN and GRU.
+        cpu_threads.set_num_threads(args.threads)
     if args.memory and args.infer:
         print("note: --memory measures training steps; --infer runs none", file=sys.stderr)
     n_threads = threads()

@@ -456,8 +456,8 @@ def test_layers_and_bench_leave_numbas_thread_pool_unstarted():
     """fastrnn runs its chunks on its own pool. Numba's (an OpenMP runtime, started by
     numba.get_num_threads) sharing the process with PyTorch's made torch.nn.RNN up to 40x
     slower, in users' processes and in fastrnn bench's peer timings alike. In a fresh
-    process: a chunked training step and bench's thread count start none; a
-    numba.set_num_threads setting is still honoured."""
+    process: a chunked training step, fr.set_num_threads and bench (--threads too) start
+    none; a numba.set_num_threads setting is still honoured."""
     import subprocess
     import sys
     code = (
@@ -470,7 +470,15 @@ def test_layers_and_bench_leave_numbas_thread_pool_unstarted():
         "out, _ = layer(np.ones((5, 16, 3), np.float32))\n"
         "layer.backward(np.ones_like(out))\n"
         "assert bench.threads() == numba.config.NUMBA_NUM_THREADS\n"
+        "fr.set_num_threads(1)\n"
+        "assert fr.get_num_threads() == 1 == bench.threads()\n"
+        "layer(np.ones((5, 16, 3), np.float32))\n"
+        "bench.run(bench.build_parser().parse_args(['--threads', '1', '--no-torch', "
+        "'--cells', 'rnn', '--shapes', '2x1x2x2', '--rounds', '1', '--min-time', '0', "
+        "'--quiet', '--gemm-size', '8']))\n"
         "assert not parallel._is_initialized, 'Numba thread pool started'\n"
+        "fr.set_num_threads(numba.config.NUMBA_NUM_THREADS)\n"
+        "threads._thread_setting = None\n"
         "numba.set_num_threads(1)\n"
         "assert threads.num_threads() == 1 and bench.threads() == 1\n"
         "print('ok')\n")

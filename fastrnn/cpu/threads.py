@@ -29,14 +29,34 @@ MIN_ROWS_PER_CHUNK = 4
 MIN_PARALLEL_WORK = 1 << 23
 
 
+# fastrnn.set_num_threads's setting (None: Numba's, see num_threads).
+_thread_setting = None
+
+
+def set_num_threads(n):
+    """Let fastrnn's CPU calls use ``n`` threads (1..NUMBA_NUM_THREADS), process-wide, as
+    torch.set_num_threads does. Unlike numba.set_num_threads it starts no Numba thread
+    pool (see num_threads)."""
+    global _thread_setting
+    limit = numba.config.NUMBA_NUM_THREADS
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+        raise ValueError(f"n must be an int in [1, {limit}] (NUMBA_NUM_THREADS, the size of "
+                         f"fastrnn's pool plus the caller), got {n!r}")
+    _thread_setting = n
+
+
 def num_threads():
-    """Threads fastrnn uses: Numba's setting (NUMBA_NUM_THREADS, numba.set_num_threads).
+    """Threads fastrnn uses: set_num_threads's setting, else Numba's (NUMBA_NUM_THREADS,
+    or numba.set_num_threads once that has run).
 
     Read without starting Numba's own thread pool, which fastrnn never uses (its chunks run
     on this module's pool): numba.get_num_threads() starts it, an OpenMP runtime beside
     PyTorch's, and with both in one process torch's RNN and GRU ran up to 40x slower
     (torch.nn.RNN eval at (100,64,128,256): 296 ms between fastrnn calls, 8 ms alone).
-    numba.set_num_threads starts that pool itself, so once it runs its setting is read."""
+    numba.set_num_threads starts that pool itself (so set_num_threads is the way to choose
+    a count beside PyTorch); once it runs, its setting is read."""
+    if _thread_setting is not None:
+        return _thread_setting
     if getattr(_numba_parallel(), "_is_initialized", True):
         return numba.get_num_threads()
     return numba.config.NUMBA_NUM_THREADS
