@@ -71,9 +71,8 @@ class Case:
                  dtype="float32", device="cpu", proj_size=0):
         if cell not in GATES:
             raise ValueError(f"cell must be one of {sorted(GATES)}, got {cell!r}")
-        if proj_size and cell != "lstm":
-            raise ValueError(f"proj_size is an LSTM's (PyTorch's too), not a {cell}'s")
-        self.proj_size = int(proj_size)
+        from .layers import check_proj_size
+        self.proj_size = check_proj_size(proj_size, int(H) if cell == "lstm" else None)
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
         self.device = device

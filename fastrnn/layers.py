@@ -116,6 +116,19 @@ def _check_bidirectional(value):
     return _check_bool(value, "bidirectional")
 
 
+def check_proj_size(value, hidden_size=None):
+    """proj_size -> int: 0, or with an LSTM's hidden_size in (0, hidden_size), PyTorch's
+    rule; hidden_size None means another cell, which takes only 0 (PyTorch's too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"proj_size must be an int, got {type(value).__name__}")
+    if hidden_size is None and value:
+        raise ValueError("proj_size is an LSTM's (as in PyTorch), not another cell's")
+    if hidden_size is not None and not 0 <= value < hidden_size:
+        raise ValueError(f"proj_size must be 0 (no projection) or positive and smaller than "
+                         f"hidden_size={hidden_size}, as in PyTorch; got {value}")
+    return int(value)
+
+
 def _check_dropout(value, num_layers):
     """dropout: a real number in [0, 1] (PyTorch's range); a UserWarning, as PyTorch gives,
     when it cannot act (one layer: dropout falls between layers only)."""
@@ -896,14 +909,8 @@ class LSTM(_RecurrentLayer):
                  device="cpu", seed=None, *, dropout=0.0, proj_size=0):
         # PyTorch's proj_size: h_t = W_hr (o * tanh(c_t)), of proj_size units; see
         # _projected_direction for how it runs on the kernels of the plain LSTM.
-        if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral):
-            raise TypeError(f"proj_size must be an int, got {type(proj_size).__name__}")
         self.hidden_size = _check_positive_int(hidden_size, "hidden_size")
-        if not 0 <= proj_size < self.hidden_size:
-            raise ValueError(f"proj_size must be 0 (no projection) or positive and smaller "
-                             f"than hidden_size={self.hidden_size}, as in PyTorch; got "
-                             f"{proj_size}")
-        self.proj_size = int(proj_size)
+        self.proj_size = check_proj_size(proj_size, self.hidden_size)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional,
                          learn_initial_state, dtype, device, seed, dropout=dropout)
 

@@ -28,7 +28,8 @@ from . import losses, optim
 from ._args import output_path_problem
 from ._files import write_atomically
 from .data import batch_indices, one_hot
-from .layers import GRU, LSTM, RNN, _check_bool, _check_positive_int, _torch_to_numpy
+from .layers import (GRU, LSTM, RNN, _check_bool, _check_positive_int, _torch_to_numpy,
+                     check_proj_size)
 from .optim import NonFiniteError
 
 CELLS = {
@@ -1273,10 +1274,7 @@ def _layer_kind(cell, proj_size):
     layer_cls, extra = CELLS[cell]
     if cell == "lstm":
         return layer_cls, dict(extra, proj_size=proj_size)
-    if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral):
-        raise TypeError(f"proj_size must be an int, got {type(proj_size).__name__}")
-    if proj_size:
-        raise ValueError(f"proj_size is an LSTM's (as in PyTorch), not a {cell}'s")
+    check_proj_size(proj_size)
     return layer_cls, extra
 
 
