@@ -637,8 +637,12 @@ class _RecurrentLayer:
         saved_layers = []
         h_n, c_n = [], []
         layer_input = xt.reshape(T * B, self.input_size)
+        # A projected LSTM runs its projection in the step loop (CPU) or folded into
+        # W_hh (see _projected_direction), with the kernels' outputs m_t projected after.
+        folded = bool(self.proj_size) and not backend.projects_in_loop
+        width = H if folded else self._h_size  # of each direction's kernel outputs
         for k in range(self.num_layers):
-            out = backend.empty((T, B, D * H), self.dtype)  # h (projected: o * tanh(c))
+            out = backend.empty((T, B, D * width), self.dtype)
             saved_dirs = []
             for d in range(D):
                 index = k * D + d
@@ -647,16 +651,18 @@ class _RecurrentLayer:
                 h_init = self._initial_state(given, index, 0, B)
                 c_init = self._initial_state(given, index, 1, B) if self._has_cell_state \
                     else None
-                x_in, projected = layer_input, None
+                x_in, projected, in_loop = layer_input, None, {}
                 if self.proj_size:
                     w_hr = self.params[self._projection_name(k, d)]
+                    in_loop = {} if folded else {"w_hr": w_hr}
+                if folded:
                     x_in, w_aug, w_eff = self._projected_direction(
                         layer_input, w_ih, w_hh, w_hr, h_init, lengths_dev, bool(d))
                     projected = (w_aug, w_eff, w_hh, w_hr, lengths_dev)
                     w_ih, w_hh, h_init = w_aug, w_eff, backend.zero_state((B, H), self.dtype)
                 h_last, c_last, saved = backend.forward_direction(
                     cell, x_in, w_ih, w_hh, b_ih, b_hh, h_init, c_init, lengths_dev,
-                    bool(d), train, out, d * H)
+                    bool(d), train, out, d * width, **in_loop)
                 if projected is not None:  # h_last is m at the last step: h_n = W_hr m
                     projected += (h_last,)  # for backward
                     h_last = backend.matmul(h_last, projected[3], transpose_b=True)
@@ -664,7 +670,7 @@ class _RecurrentLayer:
                 c_n.append(c_last)
                 saved_dirs.append((saved, projected))
             units = projection = None
-            if self.proj_size:  # every direction's h_t = W_hr (o * tanh(c_t)) in one GEMM
+            if folded:  # every direction's h_t = W_hr (o * tanh(c_t)) in one GEMM
                 units, projection = out, self._projection_matrix(k)
                 out = backend.matmul(units.reshape(T * B, D * H), projection).reshape(
                     T, B, D * self.proj_size)
@@ -723,7 +729,8 @@ class _RecurrentLayer:
         return sequence, ((state, zeros((LD, 0, H), dtype)) if self._has_cell_state else state)
 
     def _projected_direction(self, layer_input, w_ih, w_hh, w_hr, h_init, lengths, reverse):
-        """A projected LSTM direction as the plain LSTM the kernels run.
+        """A projected LSTM direction as the plain LSTM the kernels run, for a backend
+        whose kernels do not project inside their step loop (the GPU's; the CPU's do).
 
         With m_t = o * tanh(c_t) (H units) and h_t = W_hr m_t (proj_size R), the recurrent
         product is W_hh h_(t-1) = (W_hh W_hr) m_(t-1): the kernels run with state m and
@@ -856,10 +863,14 @@ class _RecurrentLayer:
                 if self._has_cell_state:
                     dc_last = dstate[1][index] if dstate else backend.zeros((B, H), self.dtype)
                 saved, projected = saved_dirs[d]
-                if projected is None:
+                if projected is None:  # no projection, or the backend's own in the loop
+                    in_loop = {}
+                    if self.proj_size:
+                        name = self._projection_name(k, d)
+                        in_loop = {"w_hr": self.params[name], "d_w_hr": self.grads[name]}
                     dh_first, dc_first = backend.backward_direction(
-                        self._cell, saved, d_layer_out, d * H, w_ih, w_hh, dh_last, dc_last,
-                        grads, dx2d, padded)
+                        self._cell, saved, d_layer_out, d * R, w_ih, w_hh, dh_last, dc_last,
+                        grads, dx2d, padded, **in_loop)
                 else:
                     w_hr_grad = self.grads[self._projection_name(k, d)]
                     backend.add_into(w_hr_grad, d_projection[d * H:(d + 1) * H,
@@ -907,8 +918,8 @@ class LSTM(_RecurrentLayer):
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  bidirectional=False, learn_initial_state=False, dtype="float32",
                  device="cpu", seed=None, *, dropout=0.0, proj_size=0):
-        # PyTorch's proj_size: h_t = W_hr (o * tanh(c_t)), of proj_size units; see
-        # _projected_direction for how it runs on the kernels of the plain LSTM.
+        # PyTorch's proj_size: h_t = W_hr (o * tanh(c_t)), of proj_size units. The CPU
+        # kernels project inside their step loop; on the GPU see _projected_direction.
         self.hidden_size = _check_positive_int(hidden_size, "hidden_size")
         self.proj_size = check_proj_size(proj_size, self.hidden_size)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, bidirectional,

@@ -11,8 +11,19 @@ from helpers import CELLS, force_parallel_cpu, make_layer
 from tolerances import FAST_ACTIVATION_ATOL, PARITY, assert_close
 
 
+# The engine's cells, and an LSTM projected to 4 of its 6 units (its projection runs in the
+# step loops, split between unit parts as the units are).
+ENGINE_CELLS = CELLS + ("lstm_proj4",)
+
+
+def _layer(cell, I, H, **kwargs):
+    if cell == "lstm_proj4":
+        return fr.LSTM(I, H, proj_size=4, **kwargs)
+    return make_layer(cell, I, H, **kwargs)
+
+
 def _run(cell, dtype, seed=0, lengths=True, T=7, B=11, I=5, H=6):
-    layer = make_layer(cell, I, H, num_layers=2, bidirectional=True, dtype=dtype, seed=seed)
+    layer = _layer(cell, I, H, num_layers=2, bidirectional=True, dtype=dtype, seed=seed)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((T, B, I)).astype(dtype)
     lens = rng.integers(1, T + 1, B) if lengths else None
@@ -37,7 +48,7 @@ def force_unit_split(monkeypatch):
     monkeypatch.setattr(threads, "num_threads", lambda: 2)
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", ENGINE_CELLS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_parallel_row_chunks_match_serial(cell, dtype, monkeypatch):
     monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 1 << 62)  # serial reference
@@ -52,7 +63,7 @@ def test_parallel_row_chunks_match_serial(cell, dtype, monkeypatch):
         assert_close(chunked[2][name], serial[2][name], name=name, **tol)
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", ENGINE_CELLS)
 def test_blocked_per_step_gemm_matches_single_call(cell, monkeypatch):
     """Per-step GEMMs split into column and depth blocks (partial ones too, and depth blocks
     cut where the x_t operand ends and h_prev begins: I = 5 in blocks of 4) give the same
@@ -70,7 +81,7 @@ def test_blocked_per_step_gemm_matches_single_call(cell, monkeypatch):
         assert_close(blocked[2][name], whole[2][name], name=name, **tol)
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", ENGINE_CELLS)
 def test_batches_with_heavy_weights_split_units_with_the_results_of_rows(cell, monkeypatch):
     """A batch that would split into row chunks splits its units instead when its weights
     outgrow a core's L2 (forced here at a tiny size): both parts run all 11 rows, with the
@@ -92,7 +103,7 @@ def test_batches_with_heavy_weights_split_units_with_the_results_of_rows(cell, m
         assert_close(split[2][name], chunked[2][name], name=name, **tol)
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", ENGINE_CELLS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_units_split_between_threads_match_whole(cell, dtype, monkeypatch):
     """With too few batch rows to split, long sequences split the hidden units between two
@@ -100,7 +111,7 @@ def test_units_split_between_threads_match_whole(cell, dtype, monkeypatch):
     two layers, train and eval give the same results as one thread."""
     def run():
         train = _run(cell, dtype, B=3)
-        layer = make_layer(cell, 5, 6, num_layers=2, bidirectional=True, dtype=dtype, seed=0)
+        layer = _layer(cell, 5, 6, num_layers=2, bidirectional=True, dtype=dtype, seed=0)
         x = np.random.default_rng(0).standard_normal((7, 3, 5)).astype(dtype)
         return train + (layer.eval()(x, lengths=[7, 2, 5])[0],)
 
@@ -114,6 +125,29 @@ def test_units_split_between_threads_match_whole(cell, dtype, monkeypatch):
         assert_close(got, want, name=name, **tol)
     for name in whole[2]:
         assert_close(split[2][name], whole[2][name], name=name, **tol)
+
+
+@pytest.mark.parametrize("proj_size", [1, 3, 5])
+def test_unit_parts_split_the_projection_as_well(proj_size, monkeypatch):
+    """A projected LSTM whose units split between two threads splits its projection's
+    columns too (a part may get none: R = 1 and 3 with columns in pairs), with the results
+    of one thread, in training and eval."""
+    def run():
+        layer = fr.LSTM(5, 6, bidirectional=True, dtype="float64", seed=0,
+                        proj_size=proj_size)
+        rng = np.random.default_rng(1)
+        x = rng.standard_normal((7, 3, 5))
+        out, (h_n, c_n) = layer(x, lengths=[7, 2, 5])
+        dx, (dh0, dc0) = layer.backward(rng.standard_normal(out.shape))
+        return (out, h_n, c_n, dx, dh0, dc0, layer.eval()(x)[0], *layer.grads.values())
+
+    whole = run()
+    force_unit_split(monkeypatch)
+    assert cpu._projection_columns(proj_size, [(0, 2), (2, 6)]) == \
+        {1: [(0, 0), (0, 1)], 3: [(0, 0), (0, 3)], 5: [(0, 2), (2, 5)]}[proj_size]
+    split = run()
+    for got, want in zip(split, whole):
+        assert_close(got, want, **PARITY[np.dtype("float64")])
 
 
 def test_units_split_only_when_it_pays(monkeypatch):

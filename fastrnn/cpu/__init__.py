@@ -112,33 +112,38 @@ def unit_parts(T, row_chunks, B, K, GH, H, itemsize):
 
 class _ForwardPart:
     """What the forward of the units u0:u1 reads (see driver.forward_sequence), for B batch
-    rows of I inputs and H units: its GEMM blocks for chunks of ``rows`` batch rows, its
-    workspaces, and arrays for its gate columns of the weights, in panels, which
-    :meth:`load` fills on every call (the weights may have changed in place). Built once
-    per shape and kept (see :func:`_forward_part`)."""
+    rows of I inputs, H units and a state of S (H, or an LSTM's proj_size R): its GEMM
+    blocks for chunks of ``rows`` batch rows, its workspaces, and arrays for its gate
+    columns of the weights (and, projected, its columns r0:r1 of the projection), in
+    panels, which :meth:`load` fills on every call (the weights may have changed in
+    place). Built once per shape and kept (see :func:`_forward_part`)."""
 
-    def __init__(self, cell, B, I, H, GH, dtype, rows, u0, u1):
+    def __init__(self, cell, B, I, H, S, GH, dtype, rows, u0, u1, r0, r1):
         P = u1 - u0
         GP = GH // H * P
         # The G gate blocks of these units, side by side (None: all units, as stored).
         self.columns = None if P == H else \
             (np.arange(GH // H)[:, None] * H + np.arange(u0, u1)).ravel()
         self.split = split = cell.summed_columns(P)
+        self.r0, self.r1 = r0, r1
         size = dtype.itemsize
-        self.blocks = (gemm_blocks(rows, I + H, split, size)
+        self.blocks = (gemm_blocks(rows, I + S, split, size)
                        + gemm_blocks(rows, I, GP - split, size)
-                       + gemm_blocks(rows, H, GP - split, size))
-        self.w_panels = aligned_empty(((I + H) * split,), dtype)
+                       + gemm_blocks(rows, S, GP - split, size)
+                       + (gemm_blocks(rows, H, r1 - r0, size) if r1 > r0 else (1, 1)))
+        self.w_panels = aligned_empty(((I + S) * split,), dtype)
         self.w_ih_panels = aligned_empty((I * (GP - split),), dtype)
-        self.w_hh_panels = aligned_empty((H * (GP - split),), dtype)
+        self.w_hh_panels = aligned_empty((S * (GP - split),), dtype)
+        self.w_hr_panels = aligned_empty((H * (r1 - r0),), dtype)
         self.pre = aligned_empty((B, GP), dtype)
         self.hg = aligned_empty((B, GP), dtype)
         self.h_new = aligned_empty((B, P), dtype)
         self.c_new = aligned_empty((B, P if cell.has_cell_state else 0), dtype)
+        self.proj = aligned_empty((B, r1 - r0), dtype)
 
-    def load(self, w_ih, w_hh, b_ih, b_hh):
-        """Pack this call's weights w_ih (G*H, I), w_hh (G*H, H) and take its biases
-        b_ih, b_hh (G*H,) (their columns of this part). Returns self."""
+    def load(self, w_ih, w_hh, b_ih, b_hh, w_hr=None):
+        """Pack this call's weights w_ih (G*H, I), w_hh (G*H, S), w_hr (S, H) or None and
+        take its biases b_ih, b_hh (G*H,) (their columns of this part). Returns self."""
         if self.columns is not None:
             w_ih, w_hh = w_ih[self.columns], w_hh[self.columns]
             b_ih, b_hh = b_ih[self.columns], b_hh[self.columns]
@@ -148,6 +153,8 @@ class _ForwardPart:
         if self.w_ih_panels.size:
             pack_into(self.w_ih_panels, (w_ih_t[:, split:],), self.blocks[2])
             pack_into(self.w_hh_panels, (w_hh_t[:, split:],), self.blocks[4])
+        if self.w_hr_panels.size:
+            pack_into(self.w_hr_panels, (w_hr.T[:, self.r0:self.r1],), self.blocks[6])
         return self
 
 
@@ -156,13 +163,15 @@ class _ForwardPart:
 MAX_FORWARD_PARTS = 8
 
 
-def _forward_part(cell, B, I, H, GH, dtype, rows, u0, u1, key):
-    """This thread's :class:`_ForwardPart` for these shapes, made on first use."""
+def _forward_part(cell, B, I, H, S, GH, dtype, rows, units, columns, key):
+    """This thread's :class:`_ForwardPart` for these shapes, units (u0, u1) and projection
+    columns (r0, r1), made on first use."""
     parts = _workspaces.__dict__.setdefault("forward_parts", collections.OrderedDict())
-    signature = key + (B, I, H, GH, dtype, rows, u0, u1)
+    signature = key + (B, I, H, S, GH, dtype, rows, units, columns)
     part = parts.get(signature)
     if part is None:
-        part = parts[signature] = _ForwardPart(cell, B, I, H, GH, dtype, rows, u0, u1)
+        part = parts[signature] = _ForwardPart(cell, B, I, H, S, GH, dtype, rows, *units,
+                                               *columns)
         if len(parts) > MAX_FORWARD_PARTS:
             parts.popitem(last=False)
     else:
@@ -338,54 +347,74 @@ def add_batch_sum(target, states):
 
 
 class Saved:
-    """What forward keeps for backward of one layer-direction (training mode)."""
+    """What forward keeps for backward of one layer-direction (training mode); units: a
+    projected LSTM's m_t (T, B, H), else None."""
 
-    __slots__ = ("x2d", "lengths", "reverse", "h_seq", "c_seq", "acts")
+    __slots__ = ("x2d", "lengths", "reverse", "h_seq", "c_seq", "acts", "units")
 
-    def __init__(self, x2d, lengths, reverse, h_seq, c_seq, acts):
+    def __init__(self, x2d, lengths, reverse, h_seq, c_seq, acts, units):
         self.x2d, self.lengths, self.reverse = x2d, lengths, reverse
-        self.h_seq, self.c_seq, self.acts = h_seq, c_seq, acts
+        self.h_seq, self.c_seq, self.acts, self.units = h_seq, c_seq, acts, units
+
+
+# A projected LSTM runs its projection inside the step loop (driver.forward_sequence), so
+# the layers hand it W_hr; the GPU backend folds it instead (see layers).
+projects_in_loop = True
+
+
+def _projection_columns(R, units):
+    """[(r0, r1)]: the columns of a projection to R units that each of the unit parts
+    ``units`` computes (split as the units are, in multiples of UNIT_PART_MULTIPLE; a part
+    may get none)."""
+    parts = len(units)
+    bounds = [k * R // parts // UNIT_PART_MULTIPLE * UNIT_PART_MULTIPLE for k in range(parts)]
+    return list(zip(bounds, bounds[1:] + [R]))
 
 
 def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, train,
-                      out, out_col):
+                      out, out_col, w_hr=None):
     """Forward of one layer-direction.
 
-    cell: CellSpec; x2d (T*B, I); w_ih (G*H, I); w_hh (G*H, H); b_ih, b_hh (G*H,);
-    h0, c0 (B, H) (c0 ignored unless LSTM); lengths (B,) int64; out (T, B, D*H) written in
-    columns out_col:out_col+H. Returns (h_n, c_n, saved) with h_n, c_n (B, H) new arrays
-    (c_n None unless LSTM) and saved a :class:`Saved` (None in eval).
+    cell: CellSpec; x2d (T*B, I); w_ih (G*H, I); w_hh (G*H, S); b_ih, b_hh (G*H,); w_hr
+    (S, H), an LSTM's projection (PyTorch's weight_hr, proj_size S), or None (S = H);
+    h0 (B, S), c0 (B, H) (c0 ignored unless LSTM); lengths (B,) int64; out (T, B, D*S)
+    written in columns out_col:out_col+S. Returns (h_n, c_n, saved) with h_n (B, S), c_n
+    (B, H) new arrays (c_n None unless LSTM) and saved a :class:`Saved` (None in eval).
     """
     T, B = out.shape[0], out.shape[1]
-    H = w_hh.shape[1]
-    GH = w_hh.shape[0]
+    GH, S = w_hh.shape
+    H = GH // cell.gates
     dtype = out.dtype
     Hc = H if cell.has_cell_state else 0
+    Hm = H if w_hr is not None else 0  # the units m_t of a projected LSTM
     kernels = get_kernels(cell.name, dtype)
     forward = kernels.forward_train if train else kernels.forward_eval
     key = (cell.name, reverse)
     if train:
-        h_seq = np.empty((T + 1, B, H), dtype)
+        h_seq = np.empty((T + 1, B, S), dtype)
         c_seq = np.empty((T + 1, B, Hc), dtype)
         acts = np.empty((T, B, cell.saved * H), dtype)
+        units = np.empty((T, B, Hm), dtype)
         first = T if reverse else 0
         last = 0 if reverse else T
     else:
-        h_seq = _workspace(key + ("h_seq",), (2, B, H), dtype)
+        h_seq = _workspace(key + ("h_seq",), (2, B, S), dtype)
         c_seq = _workspace(key + ("c_seq",), (2, B, Hc), dtype)
         acts = _workspace(key + ("acts",), (1, B, cell.saved * H), dtype)
+        units = _workspace(key + ("units",), (1, B, Hm), dtype)
         first, last = 0, T % 2
     h_seq[first] = h0
     if Hc:
         c_seq[first] = c0
     I = x2d.shape[1]
-    chunks = chunk_bounds(B, T * B * GH * (I + H), threads.MIN_ROWS_PER_CHUNK)
-    parts = unit_parts(T, len(chunks), B, I + H, GH, H, dtype.itemsize)
+    chunks = chunk_bounds(B, T * B * (GH * (I + S) + Hm * S), threads.MIN_ROWS_PER_CHUNK)
+    parts = unit_parts(T, len(chunks), B, I + S, GH, H, dtype.itemsize)
     if len(parts) > 1:
         chunks = [(0, B)]  # every part runs every row
+    columns = _projection_columns(S if Hm else 0, parts)
     rows = max(hi - lo for lo, hi in chunks)  # the blocks suit every chunk (none is taller)
-    runs = [_forward_part(cell, B, I, H, GH, dtype, rows, u0, u1, key).load(
-        w_ih, w_hh, b_ih, b_hh) for u0, u1 in parts]
+    runs = [_forward_part(cell, B, I, H, S, GH, dtype, rows, part, part_columns, key).load(
+        w_ih, w_hh, b_ih, b_hh, w_hr) for part, part_columns in zip(parts, columns)]
     sync = np.zeros((len(parts) + 1) * SYNC_STRIDE, np.int64)  # counters, abort flag
 
     def abort():  # a part failed: the others must not wait for it for ever
@@ -393,15 +422,15 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
 
     def recur(lo, hi, part=0):  # batch rows lo:hi, units of parts[part], through all T steps
         run = runs[part]
-        forward(x2d, run.w_panels, run.w_ih_panels, run.w_hh_panels, run.b_ih, run.b_hh,
-                lengths, reverse, train, h_seq, c_seq, acts, run.pre, run.hg,
-                run.h_new, run.c_new, out, out_col, lo, hi, run.blocks, parts[part][0], sync,
-                part)
+        forward(x2d, run.w_panels, run.w_ih_panels, run.w_hh_panels, run.w_hr_panels,
+                run.b_ih, run.b_hh, lengths, reverse, train, h_seq, c_seq, acts, units,
+                run.pre, run.hg, run.h_new, run.c_new, run.proj, out, out_col, lo, hi,
+                run.blocks, parts[part][0], run.r0, sync, part)
 
     # Small GEMM blocks never start OpenBLAS threads; pinning (about 10 us) is only needed
     # when a chunk is too tall for blocks of SMALL_GEMM.
     tall = any(rows * run.blocks[i] * run.blocks[i + 1] > SMALL_GEMM
-               for run in runs for i in (0, 2, 4))
+               for run in runs for i in (0, 2, 4, 6))
     with single_threaded_blas if tall else contextlib.nullcontext():
         if len(parts) > 1:  # every part runs every row, at once (they wait for each other)
             run_chunks(lambda part, _: recur(0, B, part), [(p, p + 1) for p in range(len(parts))],
@@ -410,7 +439,8 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
             run_chunks(recur, chunks)
     h_n = h_seq[last].copy()
     c_n = c_seq[last].copy() if Hc else None
-    saved = Saved(x2d, lengths, reverse, h_seq, c_seq, acts) if train else None
+    saved = Saved(x2d, lengths, reverse, h_seq, c_seq, acts, units if Hm else None) \
+        if train else None
     return h_n, c_n, saved
 
 
@@ -457,17 +487,20 @@ def finite_past_lengths(h_prev, lengths):
 
 
 def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads, dx2d,
-                       padded):
+                       padded, w_hr=None, d_w_hr=None):
     """BPTT of one layer-direction; accumulates (+=) parameter gradients and dx.
 
-    saved: from forward_direction; dout (T, B, D*H); w_ih (G*H, I); w_hh (G*H, H);
-    dh_n, dc_n (B, H) gradient w.r.t. the final state (dc_n ignored unless LSTM);
+    saved: from forward_direction; dout (T, B, D*S); w_ih (G*H, I); w_hh (G*H, S); w_hr
+    (S, H) and d_w_hr, a projected LSTM's W_hr and its gradient (else None; S = H);
+    dh_n (B, S), dc_n (B, H) gradient w.r.t. the final state (dc_n ignored unless LSTM);
     grads: (d_w_ih, d_w_hh, d_b_ih, d_b_hh) arrays to accumulate into (biases may be None);
-    dx2d (T*B, I) accumulated; padded: whether some row is shorter than T. Returns (dh0,
-    dc0) (B, H) (dc0 None unless LSTM).
+    dx2d (T*B, I) accumulated; padded: whether some row is shorter than T. Returns (dh0
+    (B, S), dc0 (B, H)) (dc0 None unless LSTM).
     """
     T, B = dout.shape[0], dout.shape[1]
-    GH, H = w_hh.shape
+    GH, S = w_hh.shape
+    H = GH // cell.gates
+    Hm = H if w_hr is not None else 0
     dtype = dout.dtype
     Hc = H if cell.has_cell_state else 0
     backward = get_kernels(cell.name, dtype).backward
@@ -482,7 +515,10 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     dc = np.array(dc_n, dtype=dtype, order="C", copy=True) if Hc else np.empty((B, 0), dtype)
     dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
     dc_prev = _workspace(key + ("dc_prev",), (B, Hc), dtype)
-    dh_rec = _workspace(key + ("dh_rec",), (B, H), dtype)
+    dh_rec = _workspace(key + ("dh_rec",), (B, S), dtype)
+    dm = _workspace(key + ("dm",), (B, Hm), dtype)
+    # Each step's gradient of a projected state r_t, for dW_hr.
+    dr_seq = _workspace(key + ("dr_seq",), (T * B, S if Hm else 0), dtype)
     dgx2d = dgx.reshape(T * B, GH)
     tail2d = dgh_tail.reshape(T * B, tail)
     tail_start = GH - tail
@@ -490,19 +526,26 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     h_prev = saved.h_seq[rev:rev + T]
     if padded:
         h_prev = finite_past_lengths(h_prev, saved.lengths)
-    h_prev2d = h_prev.reshape(T * B, H)
+    h_prev2d = h_prev.reshape(T * B, S)
     x2d = saved.x2d
     I = x2d.shape[1]
     d_w_ih, d_w_hh, d_b_ih, d_b_hh = grads
 
-    recur_chunks = chunk_bounds(B, T * B * GH * H, threads.MIN_ROWS_PER_CHUNK)
-    blocks = gemm_blocks(max(hi - lo for lo, hi in recur_chunks), GH, H, dtype.itemsize)
+    recur_chunks = chunk_bounds(B, T * B * (GH + Hm) * S, threads.MIN_ROWS_PER_CHUNK)
+    rows = max(hi - lo for lo, hi in recur_chunks)
+    blocks = gemm_blocks(rows, GH, S, dtype.itemsize)
     w_hh_panels = pack_panels((w_hh,), blocks[0], key + ("w_hh_backward",))
+    w_hr_panels = dm[0, :0]
+    if Hm:  # dm = dr W_hr, a product of its own each step
+        blocks += gemm_blocks(rows, S, H, dtype.itemsize)
+        w_hr_panels = pack_panels((w_hr,), blocks[2], key + ("w_hr_backward",))
+    else:
+        blocks += (1, 1)
 
     def recur(lo, hi):  # batch rows lo:hi back through all T steps
-        backward(dout, out_col, w_hh_panels, saved.lengths, saved.reverse, saved.h_seq,
-                 saved.c_seq, saved.acts, dgx, dgh_step, dgh_tail, dh, dc, dh_direct, dc_prev,
-                 dh_rec, lo, hi, blocks)
+        backward(dout, out_col, w_hh_panels, w_hr_panels, saved.lengths, saved.reverse,
+                 saved.h_seq, saved.c_seq, saved.acts, dgx, dgh_step, dgh_tail, dh, dc, dm,
+                 dr_seq.reshape(T, B, dr_seq.shape[1]), dh_direct, dc_prev, dh_rec, lo, hi, blocks)
 
     def recurrent_grads(lo, hi):  # (T*B, hi-lo) recurrent-side gate gradients, gates lo:hi
         if lo >= tail_start:
@@ -535,19 +578,26 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     def input_grad(lo, hi):  # rows lo:hi of dx
         accumulate(dgx2d[lo:hi], w_ih, dx2d[lo:hi], False)
 
-    # The weight gradients (by gate rows) and dx (by time-batch rows) are independent: thread
-    # k does chunk k of each, so the two take one pool hand-off, not two (about 76 us each).
-    gate_chunks = chunk_bounds(GH, T * B * GH * (I + H))
+    def projection_grad(lo, hi):  # rows lo:hi of dW_hr += dr^T m over every step
+        accumulate(dr_seq[:, lo:hi], saved.units.reshape(T * B, H), d_w_hr[lo:hi], True)
+
+    # The weight gradients (by gate rows), dx (by time-batch rows) and dW_hr (by its rows)
+    # are independent: thread k does chunk k of each, so they take one pool hand-off, not
+    # several (about 76 us each).
+    gate_chunks = chunk_bounds(GH, T * B * GH * (I + S))
     row_chunks = chunk_bounds(T * B, T * B * GH * I)
+    projection_chunks = chunk_bounds(S, T * B * S * H) if Hm else []
 
     def products(k, _):
         if k < len(gate_chunks):
             weight_grads(*gate_chunks[k])
         if k < len(row_chunks):
             input_grad(*row_chunks[k])
+        if k < len(projection_chunks):
+            projection_grad(*projection_chunks[k])
 
     with single_threaded_blas:
         run_chunks(recur, recur_chunks)
-        run_chunks(products, [(k, k + 1) for k in range(max(len(gate_chunks),
-                                                             len(row_chunks)))])
+        run_chunks(products, [(k, k + 1) for k in range(max(
+            len(gate_chunks), len(row_chunks), len(projection_chunks)))])
     return dh, (dc if Hc else None)

@@ -218,24 +218,33 @@ def gemm_accumulate(a, b, c, transpose_a):
            ld_b, a.ctypes, ld_a, scalars[2:].ctypes, c.ctypes, ld_c)
 
 
-def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, lengths, reverse,
-                     train, h_seq, c_seq, acts, pre, hg, h_new, c_new, out, out_col, lo, hi,
-                     blocks, u0, sync, part):
+def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, w_hr_panels, b_ih, b_hh,
+                     lengths, reverse, train, h_seq, c_seq, acts, units, pre, hg, h_new, c_new,
+                     proj, out, out_col, lo, hi, blocks, u0, r0, sync, part):
     """Run one direction of one layer over the whole sequence, for the batch rows lo:hi and
     the hidden units u0:u0+P (P = h_new.shape[1]; all H units unless the units are split
     between threads, see below).
 
-    x2d (T*B, I) input, time-major rows; split = G*P minus the P columns of each separate
-    gate (see fastrnn.cells); the weights hold only the gate columns of units u0:u0+P, in
-    gate order, G blocks of P: w_panels: [W_ih | W_hh]ᵀ[:, :split] ((I+H), split),
-    w_ih_panels: W_ihᵀ[:, split:] (I, G*P - split), w_hh_panels: W_hhᵀ[:, split:]
-    (H, G*P - split), each packed in column panels (see matmul_panels) of blocks[0],
-    blocks[2], blocks[4] columns; b_ih, b_hh (G*P,) likewise; lengths (B,) int64 with
-    1 <= len <= T; reverse, train bools; h_seq, c_seq (S, B, H) states (c_seq has H = 0
+    x2d (T*B, I) input, time-major rows; S: the state's width, H, or R for an LSTM with
+    a projection (see below); split = G*P minus the P columns of each separate gate (see
+    fastrnn.cells); the weights hold only the gate columns of units u0:u0+P, in gate order,
+    G blocks of P: w_panels: [W_ih | W_hh]ᵀ[:, :split] ((I+S), split), w_ih_panels:
+    W_ihᵀ[:, split:] (I, G*P - split), w_hh_panels: W_hhᵀ[:, split:] (S, G*P - split),
+    each packed in column panels (see matmul_panels) of blocks[0], blocks[2], blocks[4]
+    columns; b_ih, b_hh (G*P,) likewise; lengths (B,) int64 with 1 <= len <= T; reverse,
+    train bools; h_seq (slots, B, S), c_seq (slots, B, H) states (c_seq has 0 columns
     unless LSTM) with the initial state already in its slot; acts (T or 1, B, A*H) saved
-    activations; workspaces pre, hg (B, G*P), h_new, c_new (B, P) (c_new
-    (B, 0) unless LSTM); out (T, B, D*H) receives h in columns out_col:out_col+H, zero past
-    a length. blocks = (block_n, block_k) of the three GEMMs in that order.
+    activations; workspaces pre, hg (B, G*P), h_new, c_new (B, P) (c_new (B, 0) unless
+    LSTM); out (T, B, D*S) receives the state in columns out_col:out_col+S, zero past a
+    length. blocks: (block_n, block_k) of the GEMMs, in the order of their panels (w,
+    w_ih, w_hh, w_hr).
+
+    Projection (PyTorch's LSTM proj_size R; units (T or 1, B, H), else (1, B, 0)): the
+    cell's output m_t = o * tanh(c_t) goes to units (0 past a length), and the state, the
+    output and the next step's recurrent operand are r_t = W_hr m_t, of which this part
+    computes the columns r0:r0+W (proj (B, W) a workspace) from w_hr_panels, W_hrᵀ[:,
+    r0:r0+W] (H, W) in panels of blocks[6] columns. So the recurrent product costs G*H*R
+    per row and step, as PyTorch's does, and the projection H*R.
 
     Each step multiplies [x_t | h_prev] by the stacked weights as one GEMM whose depth
     blocks read x_t and h_prev where they are (see matmul_panels), and whose result is the
@@ -250,20 +259,25 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
     times L1 (see fastrnn.cpu.unit_parts) the threads share the units instead of the rows
     (sync ((parts + 1)*SYNC_STRIDE,) int64 zeros, see :func:`wait_for_parts`; part = this
     thread's index): each reads only its units' weights, and after each step waits until
-    every part has written its units of h before the next step reads all of h_prev. With
-    one part (sync.shape[0] == 2*SYNC_STRIDE) there is no wait.
+    every part has written its units of h before the next step reads all of h_prev. A
+    projected step waits twice: for every unit of m before projecting it, then for every
+    column of r. With one part (sync.shape[0] == 2*SYNC_STRIDE) there is no wait.
 
     The cell writes the new state into h_new/c_new, not into h_seq/c_seq: LLVM cannot tell
     two slots of one array apart and leaves the unit loop scalar (measured 6x slower).
     """
     T = out.shape[0]
     B = out.shape[1]
-    H = h_seq.shape[2]
+    S = h_seq.shape[2]
+    projected = units.shape[2] > 0
+    H = units.shape[2] if projected else S
     P = h_new.shape[1]
     Pc = c_new.shape[1]
+    W = proj.shape[1]
     saved_per_unit = acts.shape[2] // H
     I = x2d.shape[1]
-    split = w_panels.shape[0] // (I + H)
+    split = w_panels.shape[0] // (I + S)
+    waits_per_step = 2 if projected else 1
     scalars = BLAS_SCALARS
     for s in range(T):
         t, prev, nxt, a = forward_step(s, T, reverse, train)
@@ -276,6 +290,8 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
             matmul_panels(h_rows, h_rows[:, :0], w_hh_panels, hg[lo:hi, split:], scalars,
                           blocks[4], blocks[5])
         for b in range(lo, hi):
+            # Where the cell's output goes: m's units (projected) or the state and output.
+            m_row = units[a, b, u0:u0 + P]
             out_row = out[t, b, out_col + u0:out_col + u0 + P]
             h_prev, h_next = h_seq[prev, b, u0:u0 + P], h_seq[nxt, b, u0:u0 + P]
             c_prev, c_next = c_seq[prev, b, u0:u0 + Pc], c_seq[nxt, b, u0:u0 + Pc]
@@ -289,64 +305,112 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, b_ih, b_hh, length
                 for j in range(P):
                     cell_forward(j, P, pre_b, hg_b, b_ih, b_hh, h_prev, c_prev, hn, cn,
                                  unit_acts)
-                for j in range(P):
-                    h_next[j] = hn[j]
-                    out_row[j] = hn[j]
+                if projected:
+                    for j in range(P):
+                        m_row[j] = hn[j]
+                else:
+                    for j in range(P):
+                        h_next[j] = hn[j]
+                        out_row[j] = hn[j]
                 for j in range(Pc):
                     c_next[j] = cn[j]
             else:
                 # Past this row's length the state is carried unchanged and the output is 0.
-                for j in range(P):
-                    h_next[j] = h_prev[j]
-                    out_row[j] = ZERO
+                if projected:
+                    for j in range(P):
+                        m_row[j] = ZERO
+                else:
+                    for j in range(P):
+                        h_next[j] = h_prev[j]
+                        out_row[j] = ZERO
                 for j in range(Pc):
                     c_next[j] = c_prev[j]
-        wait_for_parts(sync, part, s + 1)
+        wait_for_parts(sync, part, waits_per_step * s + 1)
+        if projected:
+            m_rows = units[a, lo:hi]
+            matmul_panels(m_rows, m_rows[:, :0], w_hr_panels, proj[lo:hi], scalars,
+                          blocks[6], blocks[7])
+            for b in range(lo, hi):
+                out_row = out[t, b, out_col + r0:out_col + r0 + W]
+                r_prev, r_next, r_new = h_seq[prev, b, r0:r0 + W], h_seq[nxt, b, r0:r0 + W], \
+                    proj[b]
+                if t < lengths[b]:
+                    for j in range(W):
+                        r_next[j] = r_new[j]
+                        out_row[j] = r_new[j]
+                else:
+                    for j in range(W):
+                        r_next[j] = r_prev[j]
+                        out_row[j] = ZERO
+            wait_for_parts(sync, part, waits_per_step * s + 2)
 
 
-def backward_sequence(dout, out_col, w_hh_panels, lengths, reverse, h_seq, c_seq, acts,
-                      dgx, dgh_step, dgh_tail, dh, dc, dh_direct, dc_prev, dh_rec, lo, hi,
-                      blocks):
+def backward_sequence(dout, out_col, w_hh_panels, w_hr_panels, lengths, reverse, h_seq,
+                      c_seq, acts, dgx, dgh_step, dgh_tail, dh, dc, dm, dr_seq, dh_direct,
+                      dc_prev, dh_rec, lo, hi, blocks):
     """BPTT through the recurrence of one direction of one layer (training-mode slots).
 
-    dout (T, B, D*H) gradient of the output (columns out_col:out_col+H); w_hh_panels: W_hh
-    (G*H, H) packed in column panels of blocks[0] columns (see matmul_panels);
-    h_seq, c_seq, acts as saved by forward_sequence; dgx (T, B, G*H) receives the
-    pre-activation gradients of the input side, which are also the recurrent side's unless
-    the cell has separate gates (S = dgh_tail.shape[2] // H > 0): then dgh_step (B, G*H)
-    receives each step's recurrent-side gradients and only their last S gate blocks, the part
-    that differs, are kept in dgh_tail (T, B, S*H) for the weight gradient (this saves
-    (G - S)/G of a (T, B, G*H) array). dh, dc (B, H) hold the gradient w.r.t. the final
-    state on entry and w.r.t. the initial state on exit; dh_direct, dc_prev, dh_rec (B, H)
-    workspaces. Only rows lo:hi are touched; the per-step GEMM runs in ``blocks``.
+    dout (T, B, D*S) gradient of the output (columns out_col:out_col+S), S the state's
+    width (H, or R for a projected LSTM, see below); w_hh_panels: W_hh (G*H, S) packed in
+    column panels of blocks[0] columns (see matmul_panels); h_seq, c_seq, acts as saved by
+    forward_sequence; dgx (T, B, G*H) receives the pre-activation gradients of the input
+    side, which are also the recurrent side's unless the cell has separate gates (S_g =
+    dgh_tail.shape[2] // H > 0): then dgh_step (B, G*H) receives each step's
+    recurrent-side gradients and only their last S_g gate blocks, the part that differs,
+    are kept in dgh_tail (T, B, S_g*H) for the weight gradient (this saves (G - S_g)/G of
+    a (T, B, G*H) array). dh (B, S), dc (B, H) hold the gradient w.r.t. the final state on
+    entry and w.r.t. the initial state on exit; dh_direct (B, H), dc_prev (B, H), dh_rec
+    (B, S) workspaces. Only rows lo:hi are touched; the per-step GEMMs run in ``blocks``.
+
+    Projection (dm (B, H), else (B, 0)): the state is r_t = W_hr m_t; each step's total
+    gradient of r_t (dh) goes to dr_seq (T, B, S) (0 past a length) for dW_hr, and through
+    w_hr_panels (W_hr (S, H) in panels of blocks[2] columns) to the cell's units, dm = dr
+    W_hr. The cell must pass no gradient to h_prev but through W_hh (dh_direct = 0), as
+    the LSTM's does; dh_direct's first S columns then carry a padded row's dr.
     """
     T = dout.shape[0]
-    H = h_seq.shape[2]
+    S = h_seq.shape[2]
+    projected = dm.shape[1] > 0
+    H = dm.shape[1] if projected else S
     Hc = c_seq.shape[2]
     tail = dgh_tail.shape[2]
     tail_start = dgx.shape[2] - tail
     scalars = BLAS_SCALARS
     for s in range(T):
         t, prev, nxt = backward_step(s, T, reverse)
+        for b in range(lo, hi):  # the gradient reaching this step's output and state
+            dh_b = dh[b]
+            dr_t = dr_seq[t, b]
+            if t < lengths[b]:
+                d_out = dout[t, b, out_col:out_col + S]
+                for j in range(S):
+                    dh_b[j] += d_out[j]
+                if projected:
+                    for j in range(S):
+                        dr_t[j] = dh_b[j]
+            elif projected:
+                for j in range(S):
+                    dr_t[j] = ZERO
+        if projected:  # dm = dr W_hr
+            rows = dh[lo:hi]
+            matmul_panels(rows, rows[:, :0], w_hr_panels, dm[lo:hi], scalars, blocks[2],
+                          blocks[3])
         for b in range(lo, hi):
             if t < lengths[b]:
-                dh_b = dh[b]
-                d_out = dout[t, b, out_col:out_col + H]
-                for j in range(H):
-                    dh_b[j] += d_out[j]
                 dd = dh_direct[b]
                 dcp = dc_prev[b]
                 # The row views are made once, outside the unit loop.
+                d_units = dm[b] if projected else dh[b]
                 dc_b, acts_b, dgx_b, dgh_b = dc[b], acts[t, b], dgx[t, b], dgh_step[b]
                 h_prev, c_prev, h_next = h_seq[prev, b], c_seq[prev, b], h_seq[nxt, b]
                 for j in range(H):
-                    cell_backward(j, H, dh_b, dc_b, acts_b, h_prev, c_prev, h_next, dgx_b,
-                                  dgh_b, dd, dcp)
+                    cell_backward(j, H, d_units, dc_b, acts_b, h_prev, c_prev, h_next,
+                                  dgx_b, dgh_b, dd, dcp)
             else:
                 # Padded step: no gradient enters; the state gradient passes through.
                 dgx[t, b, :] = ZERO
                 dgh_step[b, :] = ZERO
-                for j in range(H):
+                for j in range(S):
                     dh_direct[b, j] = dh[b, j]
                 for j in range(Hc):
                     dc_prev[b, j] = dc[b, j]
@@ -357,7 +421,7 @@ def backward_sequence(dout, out_col, w_hh_panels, lengths, reverse, h_seq, c_seq
         for b in range(lo, hi):
             for j in range(tail):
                 dgh_tail[t, b, j] = dgh_step[b, tail_start + j]
-            for j in range(H):
+            for j in range(S):
                 dh[b, j] = dh_direct[b, j] + dh_rec[b, j]
             for j in range(Hc):
                 dc[b, j] = dc_prev[b, j]

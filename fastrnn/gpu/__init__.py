@@ -22,6 +22,9 @@ import threading
 import numpy as np
 
 name = "cuda"
+# A projected LSTM runs on the plain LSTM's kernels, W_hr folded into W_hh (see layers'
+# _projected_direction); the CPU backend projects inside its step loop instead.
+projects_in_loop = False
 
 # Launch geometry, module-level so tests can shrink it (several blocks, partial blocks) and
 # so the device check can tune it. Read at every launch, never inside a kernel.
