@@ -54,6 +54,21 @@ class Variants(_Step):
         self._warm(_case(cell, shape, **VARIANTS[variant]), mode)
 
 
+# A projected LSTM (PyTorch's proj_size) on a grid shape and on one whose H is 4 R.
+PROJECTED_SHAPES = ["100x64x128x256", "100x32x128x512"]
+PROJ_SIZE = 128
+
+
+class Projected(_Step):
+    """LSTM(proj_size=PROJ_SIZE): the CPU projects inside its step loops."""
+
+    params = (PROJECTED_SHAPES, MODES)
+    param_names = ["shape", "mode"]
+
+    def setup(self, shape, mode):
+        self._warm(_case("lstm", shape, proj_size=PROJ_SIZE), mode)
+
+
 class CallOverhead:
     """One time step of one batch row: a call that is almost all fixed cost (validation,
     weight packing, workspaces, thread hand-offs), which is a large share of the grid's

@@ -4,6 +4,7 @@ The ratio is torch time / fastrnn time, measured in ONE process, interleaved A B
 same thread count, median of per-round ratios; it is skipped (NotImplementedError from setup)
 when torch is not importable.
 """
+from .bench_layers import PROJ_SIZE, PROJECTED_SHAPES
 from fastrnn.bench import (CELLS, GRID, MODES, Case, compare, match_torch_threads, threads,
                            torch_available)
 
@@ -11,8 +12,8 @@ SHAPES = ["x".join(map(str, shape)) for shape in GRID]
 ROUNDS = 5
 
 
-def _case(cell, shape):
-    return Case(cell, *map(int, shape.split("x")))
+def _case(cell, shape, **options):
+    return Case(cell, *map(int, shape.split("x")), **options)
 
 
 class TorchRatio:
@@ -28,6 +29,20 @@ class TorchRatio:
 
     def track_ratio_to_torch(self, cell, shape, mode):
         return compare(_case(cell, shape), mode, rounds=ROUNDS)["ratio"]
+
+
+class ProjectedTorchRatio(TorchRatio):
+    """The ratio for a projected LSTM (see bench_layers.Projected)."""
+
+    params = (PROJECTED_SHAPES, list(MODES))
+    param_names = ["shape", "mode"]
+
+    def setup(self, shape, mode):
+        super().setup("lstm", shape, mode)
+
+    def track_ratio_to_torch(self, shape, mode):
+        return compare(_case("lstm", shape, proj_size=PROJ_SIZE), mode,
+                       rounds=ROUNDS)["ratio"]
 
 
 class Throughput:
