@@ -130,8 +130,8 @@ def test_units_split_between_threads_match_whole(cell, dtype, monkeypatch):
 @pytest.mark.parametrize("proj_size", [1, 3, 5])
 def test_unit_parts_split_the_projection_as_well(proj_size, monkeypatch):
     """A projected LSTM whose units split between two threads splits its projection's
-    columns too (a part may get none: R = 1 and 3 with columns in pairs), with the results
-    of one thread, in training and eval."""
+    columns too (a part gets none at R = 1), with the results of one thread, in training
+    and eval."""
     def run():
         layer = fr.LSTM(5, 6, bidirectional=True, dtype="float64", seed=0,
                         proj_size=proj_size)
@@ -144,7 +144,7 @@ def test_unit_parts_split_the_projection_as_well(proj_size, monkeypatch):
     whole = run()
     force_unit_split(monkeypatch)
     assert cpu._projection_columns(proj_size, [(0, 2), (2, 6)]) == \
-        {1: [(0, 0), (0, 1)], 3: [(0, 0), (0, 3)], 5: [(0, 2), (2, 5)]}[proj_size]
+        {1: [(0, 0), (0, 1)], 3: [(0, 1), (1, 3)], 5: [(0, 2), (2, 5)]}[proj_size]
     split = run()
     for got, want in zip(split, whole):
         assert_close(got, want, **PARITY[np.dtype("float64")])

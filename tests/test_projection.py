@@ -1,8 +1,9 @@
 """LSTM(proj_size=R), PyTorch's projected LSTM: h_t = W_hr (o * tanh(c_t)), so h0, h_n and the
 outputs have R units and c keeps H.
 
-The layer runs it on the plain LSTM's kernels (W_hh W_hr folded, h0 entering through the
-input at each row's first step), so these tests hold it against tests/naive.py, which
+The CPU kernels project inside their step loops; the GPU runs it on the plain LSTM's
+kernels (W_hh W_hr folded, h0 entering through the input at each row's first step). These
+tests hold the layer against tests/naive.py, which
 projects h literally, over the layer features, and backward by finite differences in
 float64 (every parameter, weight_hr included, dx, dh0 and dc0). Live parity with
 torch.nn.LSTM(proj_size=...) is in test_torch_parity.py, the GPU in test_gpu.py.

@@ -364,10 +364,9 @@ projects_in_loop = True
 
 def _projection_columns(R, units):
     """[(r0, r1)]: the columns of a projection to R units that each of the unit parts
-    ``units`` computes (split as the units are, in multiples of UNIT_PART_MULTIPLE; a part
-    may get none)."""
+    ``units`` computes, evenly (a part gets none when R is smaller than the parts)."""
     parts = len(units)
-    bounds = [k * R // parts // UNIT_PART_MULTIPLE * UNIT_PART_MULTIPLE for k in range(parts)]
+    bounds = [k * R // parts for k in range(parts)]
     return list(zip(bounds, bounds[1:] + [R]))
 
 

@@ -239,7 +239,7 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, w_hr_panels, b_ih,
     length. blocks: (block_n, block_k) of the GEMMs, in the order of their panels (w,
     w_ih, w_hh, w_hr).
 
-    Projection (PyTorch's LSTM proj_size R; units (T or 1, B, H), else (1, B, 0)): the
+    Projection (PyTorch's LSTM proj_size R; units (T or 1, B, H), else with 0 columns): the
     cell's output m_t = o * tanh(c_t) goes to units (0 past a length), and the state, the
     output and the next step's recurrent operand are r_t = W_hr m_t, of which this part
     computes the columns r0:r0+W (proj (B, W) a workspace) from w_hr_panels, W_hrᵀ[:,
