@@ -362,6 +362,15 @@ class Saved:
 projects_in_loop = True
 
 
+@functools.lru_cache(maxsize=None)
+def _nothing(dtype, ndim):
+    """An empty C-contiguous array of ndim dimensions (each of length 0 but the first, 1):
+    an unprojected call's units, dm and dr_seq, which the kernels never read (indexing it
+    at any step and row gives an empty view; made once, as every array a call makes costs
+    it a little)."""
+    return np.empty((1,) + (0,) * (ndim - 1), dtype)
+
+
 def _projection_columns(R, units):
     """[(r0, r1)]: the columns of a projection to R units that each of the unit parts
     ``units`` computes, evenly (a part gets none when R is smaller than the parts)."""
@@ -393,14 +402,15 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
         h_seq = np.empty((T + 1, B, S), dtype)
         c_seq = np.empty((T + 1, B, Hc), dtype)
         acts = np.empty((T, B, cell.saved * H), dtype)
-        units = np.empty((T, B, Hm), dtype)
+        units = np.empty((T, B, Hm), dtype) if Hm else _nothing(dtype, 3)
         first = T if reverse else 0
         last = 0 if reverse else T
     else:
         h_seq = _workspace(key + ("h_seq",), (2, B, S), dtype)
         c_seq = _workspace(key + ("c_seq",), (2, B, Hc), dtype)
         acts = _workspace(key + ("acts",), (1, B, cell.saved * H), dtype)
-        units = _workspace(key + ("units",), (1, B, Hm), dtype)
+        units = _workspace(key + ("units",), (1, B, Hm), dtype) if Hm else \
+            _nothing(dtype, 3)
         first, last = 0, T % 2
     h_seq[first] = h0
     if Hc:
@@ -410,7 +420,7 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     parts = unit_parts(T, len(chunks), B, I + S, GH, H, dtype.itemsize)
     if len(parts) > 1:
         chunks = [(0, B)]  # every part runs every row
-    columns = _projection_columns(S if Hm else 0, parts)
+    columns = _projection_columns(S, parts) if Hm else [(0, 0)] * len(parts)
     rows = max(hi - lo for lo, hi in chunks)  # the blocks suit every chunk (none is taller)
     runs = [_forward_part(cell, B, I, H, S, GH, dtype, rows, part, part_columns, key).load(
         w_ih, w_hh, b_ih, b_hh, w_hr) for part, part_columns in zip(parts, columns)]
@@ -515,9 +525,11 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     dh_direct = _workspace(key + ("dh_direct",), (B, H), dtype)
     dc_prev = _workspace(key + ("dc_prev",), (B, Hc), dtype)
     dh_rec = _workspace(key + ("dh_rec",), (B, S), dtype)
-    dm = _workspace(key + ("dm",), (B, Hm), dtype)
-    # Each step's gradient of a projected state r_t, for dW_hr.
-    dr_seq = _workspace(key + ("dr_seq",), (T * B, S if Hm else 0), dtype)
+    dm, dr_seq = _nothing(dtype, 2), _nothing(dtype, 2)
+    if Hm:
+        dm = _workspace(key + ("dm",), (B, Hm), dtype)
+        # Each step's gradient of a projected state r_t, for dW_hr.
+        dr_seq = _workspace(key + ("dr_seq",), (T * B, S), dtype)
     dgx2d = dgx.reshape(T * B, GH)
     tail2d = dgh_tail.reshape(T * B, tail)
     tail_start = GH - tail
@@ -534,8 +546,10 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     rows = max(hi - lo for lo, hi in recur_chunks)
     blocks = gemm_blocks(rows, GH, S, dtype.itemsize)
     w_hh_panels = pack_panels((w_hh,), blocks[0], key + ("w_hh_backward",))
-    w_hr_panels = dm[0, :0]
-    if Hm:  # dm = dr W_hr, a product of its own each step
+    w_hr_panels, dr_steps = dm[0, :0], _nothing(dtype, 3)
+    if Hm:
+        # dm = dr W_hr, a product of its own each step
+        dr_steps = dr_seq.reshape(T, B, S)
         blocks += gemm_blocks(rows, S, H, dtype.itemsize)
         w_hr_panels = pack_panels((w_hr,), blocks[2], key + ("w_hr_backward",))
     else:
@@ -544,7 +558,7 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     def recur(lo, hi):  # batch rows lo:hi back through all T steps
         backward(dout, out_col, w_hh_panels, w_hr_panels, saved.lengths, saved.reverse,
                  saved.h_seq, saved.c_seq, saved.acts, dgx, dgh_step, dgh_tail, dh, dc, dm,
-                 dr_seq.reshape(T, B, dr_seq.shape[1]), dh_direct, dc_prev, dh_rec, lo, hi, blocks)
+                 dr_steps, dh_direct, dc_prev, dh_rec, lo, hi, blocks)
 
     def recurrent_grads(lo, hi):  # (T*B, hi-lo) recurrent-side gate gradients, gates lo:hi
         if lo >= tail_start:

@@ -290,8 +290,6 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, w_hr_panels, b_ih,
             matmul_panels(h_rows, h_rows[:, :0], w_hh_panels, hg[lo:hi, split:], scalars,
                           blocks[4], blocks[5])
         for b in range(lo, hi):
-            # Where the cell's output goes: m's units (projected) or the state and output.
-            m_row = units[a, b, u0:u0 + P]
             out_row = out[t, b, out_col + u0:out_col + u0 + P]
             h_prev, h_next = h_seq[prev, b, u0:u0 + P], h_seq[nxt, b, u0:u0 + P]
             c_prev, c_next = c_seq[prev, b, u0:u0 + Pc], c_seq[nxt, b, u0:u0 + Pc]
@@ -305,7 +303,8 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, w_hr_panels, b_ih,
                 for j in range(P):
                     cell_forward(j, P, pre_b, hg_b, b_ih, b_hh, h_prev, c_prev, hn, cn,
                                  unit_acts)
-                if projected:
+                if projected:  # m_t, projected below
+                    m_row = units[a, b, u0:u0 + P]
                     for j in range(P):
                         m_row[j] = hn[j]
                 else:
@@ -317,6 +316,7 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, w_hr_panels, b_ih,
             else:
                 # Past this row's length the state is carried unchanged and the output is 0.
                 if projected:
+                    m_row = units[a, b, u0:u0 + P]
                     for j in range(P):
                         m_row[j] = ZERO
                 else:
@@ -380,15 +380,16 @@ def backward_sequence(dout, out_col, w_hh_panels, w_hr_panels, lengths, reverse,
         t, prev, nxt = backward_step(s, T, reverse)
         for b in range(lo, hi):  # the gradient reaching this step's output and state
             dh_b = dh[b]
-            dr_t = dr_seq[t, b]
             if t < lengths[b]:
                 d_out = dout[t, b, out_col:out_col + S]
                 for j in range(S):
                     dh_b[j] += d_out[j]
                 if projected:
+                    dr_t = dr_seq[t, b]
                     for j in range(S):
                         dr_t[j] = dh_b[j]
             elif projected:
+                dr_t = dr_seq[t, b]
                 for j in range(S):
                     dr_t[j] = ZERO
         if projected:  # dm = dr W_hr
