@@ -16,24 +16,25 @@ import sys
 
 EPOCHS = 3
 
-# The timed part of each process; argv: engine, cell, N, T, I, H, batch, epochs.
+# The timed part of each process; argv: engine, cell, N, T, I, H, batch, epochs, threads.
 _CHILD = r"""
 import json, sys, time
 import numpy as np
 engine, cell = sys.argv[1], sys.argv[2]
-N, T, I, H, batch, epochs = map(int, sys.argv[3:])
+N, T, I, H, batch, epochs, threads = map(int, sys.argv[3:])
 rng = np.random.default_rng(0)
 X = rng.standard_normal((N, T, I)).astype("f4")
 Y = rng.standard_normal((N, 1)).astype("f4")
 if engine == "fastrnn":
     import fastrnn as fr
+    fr.set_num_threads(threads)
     model = fr.SequenceModel(I, H, 1, cell=cell, seed=0)
 
     def epoch():
         model.fit(X, Y, epochs=1, batch_size=batch, verbose=False, shuffle=False)
 else:
     import torch
-    torch.set_num_threads(int(sys.argv[9]))
+    torch.set_num_threads(threads)
     rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](
         I, H, batch_first=True)
     head = torch.nn.Linear(H, 1)
@@ -61,7 +62,9 @@ def epoch_times(engine, cell, shape, batch, threads):
     """Seconds of EPOCHS epochs in one fresh process."""
     args = [sys.executable, "-c", _CHILD, engine, cell, *map(str, shape), str(batch),
             str(EPOCHS), str(threads)]
-    result = subprocess.run(args, capture_output=True, text=True, check=True)
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"{engine} failed:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
