@@ -654,7 +654,8 @@ class _RecurrentLayer:
                 x_in, projected, in_loop = layer_input, None, {}
                 if self.proj_size:
                     w_hr = self.params[self._projection_name(k, d)]
-                    in_loop = {} if folded else {"w_hr": w_hr}
+                    if not folded:
+                        in_loop = {"w_hr": w_hr}
                 if folded:
                     x_in, w_aug, w_eff = self._projected_direction(
                         layer_input, w_ih, w_hh, w_hr, h_init, lengths_dev, bool(d))
