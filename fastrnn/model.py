@@ -19,7 +19,6 @@ import numbers
 import os
 import time
 import warnings
-import weakref
 import zipfile
 from collections import OrderedDict
 
@@ -250,6 +249,9 @@ def _as_callbacks(callbacks, early_stopping):
                         f"function), a list of them or None, got {type(callbacks).__name__}")
     result = []
     for cb in list(callbacks or []):
+        if isinstance(cb, type):
+            raise TypeError(f"callbacks must be callback objects, got the class "
+                            f"{cb.__name__}: pass an instance (e.g. {cb.__name__}())")
         if hasattr(cb, "on_epoch_end"):
             result.append(cb)
         elif callable(cb):
@@ -807,13 +809,26 @@ class SequenceModel:
                 _check_json(self.metadata, "model.metadata")
         self.rnn._check_params()  # before the epoch snapshot copies them
         optim.check_writeable(self._params())  # before the first batch draws from self.rng
-        self.optimizer = self._resolve_optimizer(optimizer, lr, weight_decay)  # checks first
-        self.optimizer._bound_to = weakref.ref(self)  # see _resolve_optimizer
-        for cb in cbs:
-            if hasattr(cb, "set_model"):
-                cb.set_model(self)
-            if hasattr(cb, "on_train_begin"):
-                cb.on_train_begin({})
+        optimizer, settings = self._resolve_optimizer(optimizer, lr, weight_decay)
+        # Callbacks see the model with this fit's optimizer; one that raises as it starts
+        # leaves the model with its own, as it was (settings and binding too).
+        undo = (self.optimizer, getattr(optimizer, "_bound_to", None),
+                {name: getattr(optimizer, name) for name in settings})
+        self.optimizer = optimizer
+        optimizer._bound_to = self._identity  # see _resolve_optimizer
+        for name, value in settings.items():
+            setattr(optimizer, name, value)
+        try:
+            for cb in cbs:
+                if hasattr(cb, "set_model"):
+                    cb.set_model(self)
+                if hasattr(cb, "on_train_begin"):
+                    cb.on_train_begin({})
+        except BaseException:
+            self.optimizer, optimizer._bound_to, restore = undo
+            for name, value in restore.items():
+                setattr(optimizer, name, value)
+            raise
         history = {}
         self.rnn.train()
         self._stream_state = None
@@ -876,39 +891,46 @@ class SequenceModel:
             self.optimizer.restore(optimizer)
         self.rng.bit_generator.state = rng_state
 
+    @property
+    def _identity(self):
+        """A token of this model, which an optimizer it trains keeps (strongly: an optimizer
+        whose model has been freed still belongs to it, see _resolve_optimizer). A copy of
+        the model gets a token of its own."""
+        return self.__dict__.setdefault("_identity_token", object())
+
     def _resolve_optimizer(self, optimizer, lr, weight_decay):
-        """The optimizer of this fit (see fit's ``optimizer``): an instance as given; for a
-        name or None, the model's own when it has that name (None: any), else a new one.
-        ``lr`` and ``weight_decay`` are set on a kept optimizer (its state stays)."""
+        """The optimizer of this fit (see fit's ``optimizer``), checked, changing nothing:
+        an instance as given; for a name or None, the model's own when it has that name
+        (None: any), else a new one. Returns (optimizer, {attribute: value}): the ``lr``
+        and ``weight_decay`` that fit then sets on it (a kept one keeps its state)."""
+        settings = {}
         if lr is not None:
-            lr = optim._check_number(lr, "lr", 0, low_open=True)
+            settings["lr"] = optim._check_number(lr, "lr", 0, low_open=True)
         if isinstance(optimizer, optim.Optimizer):
             if weight_decay is not None:
                 raise ValueError("weight_decay applies to an optimizer given by name; an "
                                  "optimizer instance has its own (e.g. fr.optim.Adam(lr, "
                                  "weight_decay=...))")
             bound = getattr(optimizer, "_bound_to", None)
-            if bound is not None and bound() is not None and bound() is not self:
-                raise ValueError("this optimizer already trains another SequenceModel: its "
-                                 "state (moments, step counts) is kept by parameter name, so "
-                                 "this model would start from the other's; give each model "
-                                 "its own (e.g. fr.optim.Adam(lr))")
-            optimizer.check_state(self._params())  # one used on a model since dropped
-            current = optimizer
-        else:
-            if weight_decay is not None:
-                weight_decay = optim._check_number(weight_decay, "weight_decay", 0)
-            current = self.optimizer
-            if optimizer is None and current is None:
-                optimizer = "adam"
-            if current is None or optimizer not in (None, current.name):
-                kwargs = {} if weight_decay is None else dict(weight_decay=weight_decay)
-                return optim.get(optimizer, lr=lr, **kwargs)
-            if weight_decay is not None:
-                current.weight_decay = weight_decay
-        if lr is not None:
-            current.lr = lr
-        return current
+            if bound is not None and bound is not self._identity:
+                raise ValueError("this optimizer has trained another SequenceModel (which "
+                                 "may since have been freed): its state (moments, step "
+                                 "counts) is kept by parameter name, so this model would "
+                                 "start from the other's; give each model its own (e.g. "
+                                 "fr.optim.Adam(lr))")
+            optimizer.check_state(self._params())  # e.g. state loaded from a file
+            return optimizer, settings
+        if weight_decay is not None:
+            weight_decay = optim._check_number(weight_decay, "weight_decay", 0)
+        current = self.optimizer
+        if optimizer is None and current is None:
+            optimizer = "adam"
+        if current is None or optimizer not in (None, current.name):
+            kwargs = {} if weight_decay is None else dict(weight_decay=weight_decay)
+            return optim.get(optimizer, lr=settings.get("lr"), **kwargs), {}
+        if weight_decay is not None:
+            settings["weight_decay"] = weight_decay
+        return current, settings
 
     def _fit_epoch(self, X, Y, lengths, batch_size, shuffle, clip_norm, clip_value, tbptt,
                    verbose, classify, val):

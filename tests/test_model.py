@@ -1,5 +1,7 @@
 """SequenceModel: losses, gradients, optimizers, training loop, diagnostics, persistence."""
+import gc
 import os
+import pickle
 import re
 
 import numpy as np
@@ -804,18 +806,55 @@ def test_one_optimizer_instance_serves_one_model():
     opt = optim.Adam(0.01)
     first.fit(X, Y, lengths=lengths, optimizer=opt, verbose=False)
     before = second.state_dict()
-    with pytest.raises(ValueError, match="already trains another SequenceModel"):
+    with pytest.raises(ValueError, match="has trained another SequenceModel"):
         second.fit(X, Y, lengths=lengths, optimizer=opt, lr=0.5, verbose=False)
     assert opt.lr == 0.01 and second.optimizer is None
     first.fit(X, Y, lengths=lengths, optimizer=opt, verbose=False)  # its own model: fine
-    wider = _model(hidden_size=6)
-    del first  # the model it trained is gone; its state's shapes still name the mismatch
+    # A copy of it belongs to no model (state loaded from elsewhere): its shapes are
+    # checked against the model's.
+    unbound = pickle.loads(pickle.dumps(opt))
+    del first
+    gc.collect()
+    # The model it trained is gone, and another of the same shapes would silently start
+    # from its moments and step counts (a loop over trials, one optimizer): refused too.
+    same_shapes = _model(seed=1)
+    with pytest.raises(ValueError, match="has trained another SequenceModel"):
+        same_shapes.fit(X, Y, lengths=lengths, optimizer=opt, verbose=False)
     with pytest.raises(ValueError, match=r"state exp_avg/rnn\.weight_ih_l0 has shape "
                                          r"\(16, 3\) but params\['rnn\.weight_ih_l0'\] has "
                                          r"\(24, 3\)"):
-        wider.fit(X, Y, lengths=lengths, optimizer=opt, verbose=False)
+        _model(hidden_size=6).fit(X, Y, lengths=lengths, optimizer=unbound, verbose=False)
     for name, value in second.state_dict().items():
         np.testing.assert_array_equal(value, before[name])
+
+
+def test_a_fit_refused_by_a_callback_keeps_the_models_optimizer():
+    """A callback that fails as training begins (set_model, on_train_begin) leaves the
+    model's optimizer, its settings and its state as they were; a callback class in place
+    of an instance is named."""
+    model = _model()
+    X, Y, lengths = _data(model)
+    model.fit(X, Y, lengths=lengths, verbose=False)
+    kept, steps, state = model.optimizer, model.optimizer.steps, dict(model.optimizer.state)
+    with pytest.raises(TypeError, match=r"pass an instance \(e\.g\. EarlyStopping\(\)\)"):
+        model.fit(X, Y, lengths=lengths, optimizer="sgd", callbacks=[fr.EarlyStopping],
+                  verbose=False)
+
+    class Failing(fr.Callback):
+        def on_train_begin(self, logs):
+            raise RuntimeError("no")
+
+    for optimizer in ("sgd", None, optim.Adam(0.5)):
+        with pytest.raises(RuntimeError, match="no"):
+            model.fit(X, Y, lengths=lengths, optimizer=optimizer, lr=0.3, verbose=False,
+                      callbacks=[Failing()])
+        assert model.optimizer is kept and kept.lr == 0.001 and kept.steps == steps
+        assert all(kept.state[name] is value for name, value in state.items())
+    fresh = optim.Adam(0.5)
+    with pytest.raises(RuntimeError, match="no"):
+        model.fit(X, Y, lengths=lengths, optimizer=fresh, verbose=False,
+                  callbacks=[Failing()])
+    _model(seed=3).fit(X, Y, lengths=lengths, optimizer=fresh, verbose=False)  # unbound
 
 
 def test_a_copied_model_trains_with_its_own_copy_of_the_optimizer():
