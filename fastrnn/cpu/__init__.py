@@ -147,7 +147,7 @@ class _ForwardPart:
         if self.columns is not None:
             w_ih, w_hh = w_ih[self.columns], w_hh[self.columns]
             b_ih, b_hh = b_ih[self.columns], b_hh[self.columns]
-        self.b_ih, self.b_hh = b_ih, b_hh
+        self.b_ih, self.b_hh = _writeable(b_ih), _writeable(b_hh)
         w_ih_t, w_hh_t, split = w_ih.T, w_hh.T, self.split
         pack_into(self.w_panels, (w_ih_t[:, :split], w_hh_t[:, :split]), self.blocks[0])
         if self.w_ih_panels.size:
@@ -232,7 +232,15 @@ def _workspace(key, shape, dtype):
 
 
 def asarray(array, dtype):
-    return np.ascontiguousarray(array, dtype=dtype)
+    """array as a C-contiguous, writeable array of dtype (no copy when it is one already).
+    Read-only arrays (a memory map, np.frombuffer) are copied: the kernels take writeable
+    arrays, and a read-only one would compile a specialization of its own (seconds)."""
+    return _writeable(np.ascontiguousarray(array, dtype=dtype))
+
+
+def _writeable(array):
+    """array, or a copy of it when it is read-only (see asarray)."""
+    return array if array.flags.writeable else array.copy()
 
 
 def to_host(array):
