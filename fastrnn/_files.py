@@ -1,6 +1,7 @@
 """Files written atomically: a crash, a full disk or Ctrl-C never leaves a half-written file
 at the destination (model checkpoints, benchmark reports, plots)."""
 import os
+import stat
 import tempfile
 
 
@@ -34,12 +35,22 @@ def _naming(exc, what, path):
     return type(exc)(exc.errno, f"cannot {what} to {path}: {exc.strerror}", path)
 
 
+def _mode_for(target):
+    """Permission bits for a file written over ``target``: its own when it exists."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        return _NEW_FILE_MODE
+
+
 def write_atomically(path, write, what="write"):
     """Call ``write(f)`` on a binary file object, then put what it wrote at ``path``.
 
     Written to a temporary file in the same folder, flushed, then renamed over ``path``, so
-    ``path`` holds either its old content or the complete new one. The new file gets the mode
-    open() would give it. An OSError names ``path`` (not the temporary file) and says
+    ``path`` holds either its old content or the complete new one. It gets the permission
+    bits open() would leave: an existing file's own, else those of a new file (0o666 less
+    the umask). Being a new file under the old name, it is not another name of an existing
+    file's hard links (they keep the old content). An OSError names ``path`` (not the temporary file) and says
     "cannot {what} to {path}"; on any failure the temporary file is removed. As open()
     would: a symbolic link is followed (its target is replaced, the link kept), and
     something that exists but is no regular file (/dev/stdout, a pipe) is written to
@@ -65,7 +76,7 @@ def write_atomically(path, write, what="write"):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _NEW_FILE_MODE)  # mkstemp creates it 0600
+        os.chmod(tmp, _mode_for(target))  # mkstemp creates it 0600
         os.replace(tmp, target)
         _fsync_folder(folder)  # the rename itself survives a crash
     except BaseException as exc:

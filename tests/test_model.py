@@ -889,6 +889,14 @@ def test_saved_files_get_the_mode_open_would_give(tmp_path):
     assert os.stat(path).st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777
 
 
+def test_a_file_saved_over_keeps_its_permission_bits(tmp_path):
+    """As open() would: a checkpoint a user made private stays private when saved again."""
+    path = _model().save(tmp_path / "m.npz")
+    os.chmod(path, 0o600)
+    _model().save(path)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
 def test_load_refuses_optimizer_state_that_does_not_fit_the_model(tmp_path):
     from fastrnn import model as model_module
     model = _model()
