@@ -1129,3 +1129,18 @@ def test_the_model_runs_blas_on_the_calling_thread_between_layer_calls(method, m
     else:
         model.evaluate(X, Y)
     assert seen and all(counts == {1} for counts in seen), seen
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: fr.losses.mse(np.ones((3, 1)), np.ones(3)), r"mse: target must have the shape"),
+    (lambda: fr.losses.cross_entropy(np.zeros((2, 3)), np.array([0, -1])),
+     r"classes must be in \[0, 3\), got -1 to 0"),
+    (lambda: fr.losses.cross_entropy(np.zeros((2, 3)), np.array([0, 3])), r"got 0 to 3"),
+    (lambda: fr.losses.cross_entropy(np.zeros((2, 3)), np.array([0.0, 1.0])),
+     r"\(2,\) integer classes"),
+    (lambda: fr.losses.accuracy(np.zeros(3), np.array([0])), r"logits must be 2-dimensional")])
+def test_losses_refuse_targets_they_would_broadcast_or_wrap(call, match):
+    """fr.losses is public: a (R, 1) prediction against (R,) targets broadcast to (R, R)
+    (a wrong loss), and a class of -1 read the last logit."""
+    with pytest.raises(ValueError, match=match):
+        call()
