@@ -165,11 +165,24 @@ def write_plot(path, model, diag_X=None, diag_Y=None, title="", diag_lengths=Non
     return True
 
 
+# The plot's gradient norms (SequenceModel.gradient_norms) cost O(rows * T^2) steps of the
+# layers: at most 16 rows of 64 steps' worth, as many rows as fit (none past 256 steps: a
+# 1000-step file took 54 s for the plot after a 0.6 s epoch).
+DIAGNOSTIC_STEPS = 16 * 64 ** 2
+
+
+def _diagnostic_rows(N, T):
+    """Rows of an (N, T, ...) data set whose gradient norms the plot shows (0: none)."""
+    return min(16, N, DIAGNOSTIC_STEPS // T ** 2)
+
+
 def _maybe_plot(args, model, diag_X, diag_Y, title, diag_lengths=None):
     if not getattr(args, "plot", None):
         return
     if write_plot(args.plot, model, diag_X, diag_Y, title, diag_lengths):
-        print(f"plot of the loss and gradient norms written to {args.plot}")
+        what = "the loss and gradient norms" if diag_X is not None else \
+            "the loss (no gradient norms: they cost O(T^2) and the sequences are long)"
+        print(f"plot of {what} written to {args.plot}")
     else:
         print(f"(no plot: {PLOT_HINT})")
 
@@ -407,8 +420,9 @@ def cmd_train(args):
             (X, Y, lengths), val = _split(X, Y, lengths, args.val_split, args.seed)
         fit_kwargs = dict(lengths=lengths, batch_size=args.batch_size, shuffle=True,
                           validation_data=val, tbptt=args.tbptt)
-        n = min(16, len(X))
-        diag = (X[:n], np.asarray(Y)[:n], None if lengths is None else lengths[:n])
+        n = _diagnostic_rows(len(X), X.shape[1])
+        if n:
+            diag = (X[:n], np.asarray(Y)[:n], None if lengths is None else lengths[:n])
     else:
         text = data.load_text(args.data)
         vocab = None

@@ -198,6 +198,24 @@ def test_train_with_lengths_still_writes_its_plot(tmp_path):
     assert png.exists() == HAVE_MPL
 
 
+def test_the_plot_of_long_sequences_skips_the_quadratic_gradient_norms(tmp_path, capsys,
+                                                                      monkeypatch):
+    """The plot's gradient norms cost O(rows * T^2): fewer rows as T grows, none past 256
+    steps (a 1000-step file spent 54 s on its plot after a 0.6 s epoch)."""
+    assert [cli._diagnostic_rows(100, T) for T in (5, 64, 128, 256, 257)] == [16, 16, 4, 1, 0]
+    assert cli._diagnostic_rows(3, 5) == 3
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "long.npz", X=rng.standard_normal((4, 300, 2)).astype("f4"),
+             Y=rng.standard_normal((4, 1)).astype("f4"))
+    monkeypatch.setattr(fr.SequenceModel, "gradient_norms", None)  # must not be called
+    png = tmp_path / "long.png"
+    assert cli.main(["train", str(tmp_path / "long.npz"), "--hidden", "4", "--epochs", "1",
+                     "--quiet", "--val-split", "0", "--plot", str(png)]) == 0
+    if HAVE_MPL:
+        assert png.exists()
+        assert "(no gradient norms: they cost O(T^2)" in capsys.readouterr().out
+
+
 def test_real_targets_with_a_time_axis_train_a_per_step_model(tmp_path):
     """Real Y (N, T) is one target per step, as integer Y (N, T) is: output="sequence" with
     one output, so the padding past lengths is never a target (it had trained output="last"
