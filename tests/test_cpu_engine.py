@@ -404,8 +404,8 @@ def test_a_failing_unit_part_stops_its_partner(monkeypatch, failing_part):
     real = cpu.get_kernels
     armed = [True]
 
-    def get_kernels(name, dtype):
-        kernels = real(name, dtype)
+    def get_kernels(name, dtype, **options):
+        kernels = real(name, dtype, **options)
 
         def forward_eval(*args):
             if args[-1] == failing_part and armed[0]:  # the last argument: the part

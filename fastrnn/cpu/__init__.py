@@ -403,7 +403,7 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     dtype = out.dtype
     Hc = H if cell.has_cell_state else 0
     Hm = H if w_hr is not None else 0  # the units m_t of a projected LSTM
-    kernels = get_kernels(cell.name, dtype)
+    kernels = get_kernels(cell.name, dtype, projected=Hm > 0)
     forward = kernels.forward_train if train else kernels.forward_eval
     key = (cell.name, reverse)
     if train:
@@ -520,7 +520,7 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     Hm = H if w_hr is not None else 0
     dtype = dout.dtype
     Hc = H if cell.has_cell_state else 0
-    backward = get_kernels(cell.name, dtype).backward
+    backward = get_kernels(cell.name, dtype, projected=Hm > 0).backward
     key = (cell.name, saved.reverse)
     dgx = _workspace(key + ("dgx",), (T * B, GH), dtype).reshape(T, B, GH)
     # Only the trailing gates whose recurrent-side gradient differs (the GRU's candidate

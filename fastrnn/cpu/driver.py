@@ -37,6 +37,10 @@ def xxgemm(kind, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
 
 
 BLAS_KIND = 0  # bound: ord("s") for float32, ord("d") for float64
+# bound: True in the drivers of a projected LSTM (proj_size), which are compiled apart, so
+# that Numba prunes the projection's branches from every other kernel (they took the cold
+# compile of all float32 kernels from 26 to 37 s).
+PROJECTED = False
 # bound: (alpha, first beta, later beta) = (1, 0, 1) in the dtype, see matmul_panels; a
 # constant, as the kernels allocate nothing (they run without Numba's reference counting).
 BLAS_SCALARS = np.array((1.0, 0.0, 1.0))
@@ -239,7 +243,8 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, w_hr_panels, b_ih,
     length. blocks: (block_n, block_k) of the GEMMs, in the order of their panels (w,
     w_ih, w_hh, w_hr).
 
-    Projection (PyTorch's LSTM proj_size R; units (T or 1, B, H), else with 0 columns): the
+    Projection (PyTorch's LSTM proj_size R, in the drivers compiled with PROJECTED; units
+    (T or 1, B, H), else with 0 columns): the
     cell's output m_t = o * tanh(c_t) goes to units (0 past a length), and the state, the
     output and the next step's recurrent operand are r_t = W_hr m_t, of which this part
     computes the columns r0:r0+W (proj (B, W) a workspace) from w_hr_panels, W_hrᵀ[:,
@@ -269,15 +274,14 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, w_hr_panels, b_ih,
     T = out.shape[0]
     B = out.shape[1]
     S = h_seq.shape[2]
-    projected = units.shape[2] > 0
-    H = units.shape[2] if projected else S
+    H = units.shape[2] if PROJECTED else S
     P = h_new.shape[1]
     Pc = c_new.shape[1]
     W = proj.shape[1]
     saved_per_unit = acts.shape[2] // H
     I = x2d.shape[1]
     split = w_panels.shape[0] // (I + S)
-    waits_per_step = 2 if projected else 1
+    waits_per_step = 2 if PROJECTED else 1
     scalars = BLAS_SCALARS
     for s in range(T):
         t, prev, nxt, a = forward_step(s, T, reverse, train)
@@ -303,7 +307,7 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, w_hr_panels, b_ih,
                 for j in range(P):
                     cell_forward(j, P, pre_b, hg_b, b_ih, b_hh, h_prev, c_prev, hn, cn,
                                  unit_acts)
-                if projected:  # m_t, projected below
+                if PROJECTED:  # m_t, projected below
                     m_row = units[a, b, u0:u0 + P]
                     for j in range(P):
                         m_row[j] = hn[j]
@@ -315,7 +319,7 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, w_hr_panels, b_ih,
                     c_next[j] = cn[j]
             else:
                 # Past this row's length the state is carried unchanged and the output is 0.
-                if projected:
+                if PROJECTED:
                     m_row = units[a, b, u0:u0 + P]
                     for j in range(P):
                         m_row[j] = ZERO
@@ -326,7 +330,7 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, w_hr_panels, b_ih,
                 for j in range(Pc):
                     c_next[j] = c_prev[j]
         wait_for_parts(sync, part, waits_per_step * s + 1)
-        if projected:
+        if PROJECTED:
             m_rows = units[a, lo:hi]
             matmul_panels(m_rows, m_rows[:, :0], w_hr_panels, proj[lo:hi], scalars,
                           blocks[6], blocks[7])
@@ -362,16 +366,15 @@ def backward_sequence(dout, out_col, w_hh_panels, w_hr_panels, lengths, reverse,
     entry and w.r.t. the initial state on exit; dh_direct (B, H), dc_prev (B, H), dh_rec
     (B, S) workspaces. Only rows lo:hi are touched; the per-step GEMMs run in ``blocks``.
 
-    Projection (dm (B, H), else (B, 0)): the state is r_t = W_hr m_t; each step's total
-    gradient of r_t (dh) goes to dr_seq (T, B, S) (0 past a length) for dW_hr, and through
+    Projection (compiled with PROJECTED; dm (B, H), else (B, 0)): the state is r_t =
+    W_hr m_t; each step's total gradient of r_t (dh) goes to dr_seq (T, B, S) (0 past a length) for dW_hr, and through
     w_hr_panels (W_hr (S, H) in panels of blocks[2] columns) to the cell's units, dm = dr
     W_hr. The cell must pass no gradient to h_prev but through W_hh (dh_direct = 0), as
     the LSTM's does; dh_direct's first S columns then carry a padded row's dr.
     """
     T = dout.shape[0]
     S = h_seq.shape[2]
-    projected = dm.shape[1] > 0
-    H = dm.shape[1] if projected else S
+    H = dm.shape[1] if PROJECTED else S
     Hc = c_seq.shape[2]
     tail = dgh_tail.shape[2]
     tail_start = dgx.shape[2] - tail
@@ -384,15 +387,15 @@ def backward_sequence(dout, out_col, w_hh_panels, w_hr_panels, lengths, reverse,
                 d_out = dout[t, b, out_col:out_col + S]
                 for j in range(S):
                     dh_b[j] += d_out[j]
-                if projected:
+                if PROJECTED:
                     dr_t = dr_seq[t, b]
                     for j in range(S):
                         dr_t[j] = dh_b[j]
-            elif projected:
+            elif PROJECTED:
                 dr_t = dr_seq[t, b]
                 for j in range(S):
                     dr_t[j] = ZERO
-        if projected:  # dm = dr W_hr
+        if PROJECTED:  # dm = dr W_hr
             rows = dh[lo:hi]
             matmul_panels(rows, rows[:, :0], w_hr_panels, dm[lo:hi], scalars, blocks[2],
                           blocks[3])
@@ -401,7 +404,7 @@ def backward_sequence(dout, out_col, w_hh_panels, w_hr_panels, lengths, reverse,
                 dd = dh_direct[b]
                 dcp = dc_prev[b]
                 # The row views are made once, outside the unit loop.
-                d_units = dm[b] if projected else dh[b]
+                d_units = dm[b] if PROJECTED else dh[b]
                 dc_b, acts_b, dgx_b, dgh_b = dc[b], acts[t, b], dgx[t, b], dgh_step[b]
                 h_prev, c_prev, h_next = h_seq[prev, b], c_seq[prev, b], h_seq[nxt, b]
                 for j in range(H):

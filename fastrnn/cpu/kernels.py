@@ -77,9 +77,10 @@ class Kernels(NamedTuple):
     backward: object
 
 
-def get_kernels(cell_name, dtype):
-    """Return the :class:`Kernels` of cell_name and dtype (each compiles at its first call)."""
-    return _compile_kernels(cell_name, np.dtype(dtype))
+def get_kernels(cell_name, dtype, projected=False):
+    """Return the :class:`Kernels` of cell_name and dtype (each compiles at its first call);
+    projected: those of an LSTM with a projection (proj_size, see driver.PROJECTED)."""
+    return _compile_kernels(cell_name, np.dtype(dtype), bool(projected))
 
 
 def _skip_save(acts, k, value):
@@ -87,14 +88,14 @@ def _skip_save(acts, k, value):
 
 
 @functools.lru_cache(maxsize=None)
-def _compile_kernels(cell_name, dtype):
+def _compile_kernels(cell_name, dtype, projected):
     spec = cells.CELLS[cell_name]
     tanh, sigmoid = _ACTIVATIONS[dtype]
     version = _source_hash(spec.forward, spec.backward, tanh, sigmoid, _math.save,
                            slots.forward_step, slots.backward_step, driver.matmul_panels,
                            driver.wait_for_parts, driver.forward_sequence,
                            driver.backward_sequence)
-    suffix = f"{cell_name}_{dtype.name}_{version}"
+    suffix = f"{cell_name}{'_projected' if projected else ''}_{dtype.name}_{version}"
     bind = scalar_bindings(dtype)
     unit_backward = njit(inline="always")(cells.specialize(spec.backward, suffix, **bind))
     forward_step = njit(inline="always")(cells.specialize(slots.forward_step, suffix))
@@ -105,7 +106,8 @@ def _compile_kernels(cell_name, dtype):
     driver_bind = dict(cell_backward=unit_backward, forward_step=forward_step,
                        backward_step=backward_step, matmul_panels=matmul_panels,
                        BLAS_SCALARS=np.array((1, 0, 1), dtype),
-                       wait_for_parts=_wait_for_parts(), ZERO=bind["ZERO"])
+                       wait_for_parts=_wait_for_parts(), ZERO=bind["ZERO"],
+                       PROJECTED=projected)
 
     def forward(mode, save):
         unit_forward = njit(inline="always")(
