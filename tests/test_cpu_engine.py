@@ -335,21 +335,23 @@ def test_read_only_weights_are_accepted(cell):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
-def test_read_only_inputs_compile_nothing_more(cell):
+@pytest.mark.parametrize("batch_first, B", [(False, 3), (True, 1)])
+def test_read_only_inputs_compile_nothing_more(cell, batch_first, B):
     """Read-only x, h0, lengths, dout, dh_n (a memory map, np.frombuffer) and parameters
     run on the kernels writeable ones compiled (each read-only combination compiled a
-    specialization of its own, seconds each), with the same results."""
+    specialization of its own, seconds each), with the same results, without a copy. A
+    one-row batch_first input reaches the kernels as a view of the caller's."""
     def read_only(array):
         array = np.array(array)
         array.flags.writeable = False
         return array
 
-    layer = make_layer(cell, 4, 6, bidirectional=True, seed=0)
+    layer = make_layer(cell, 4, 6, bidirectional=True, seed=0, batch_first=batch_first)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((5, 3, 4)).astype("float32")
-    h0 = rng.standard_normal((2, 3, 6)).astype("float32")
+    x = rng.standard_normal((B, 5, 4) if batch_first else (5, B, 4)).astype("float32")
+    h0 = rng.standard_normal((2, B, 6)).astype("float32")
     state = (h0, h0) if cell == "lstm" else h0
-    lengths = np.array([5, 3, 2])
+    lengths = np.array([5, 3, 2][:B])
     kernels = cpu.get_kernels(cell, np.float32)
 
     def run(convert):

@@ -147,7 +147,7 @@ class _ForwardPart:
         if self.columns is not None:
             w_ih, w_hh = w_ih[self.columns], w_hh[self.columns]
             b_ih, b_hh = b_ih[self.columns], b_hh[self.columns]
-        self.b_ih, self.b_hh = _writeable(b_ih), _writeable(b_hh)
+        self.b_ih, self.b_hh = _read_only(b_ih), _read_only(b_hh)
         w_ih_t, w_hh_t, split = w_ih.T, w_hh.T, self.split
         pack_into(self.w_panels, (w_ih_t[:, :split], w_hh_t[:, :split]), self.blocks[0])
         if self.w_ih_panels.size:
@@ -232,15 +232,18 @@ def _workspace(key, shape, dtype):
 
 
 def asarray(array, dtype):
-    """array as a C-contiguous, writeable array of dtype (no copy when it is one already).
-    Read-only arrays (a memory map, np.frombuffer) are copied: the kernels take writeable
-    arrays, and a read-only one would compile a specialization of its own (seconds)."""
-    return _writeable(np.ascontiguousarray(array, dtype=dtype))
+    return np.ascontiguousarray(array, dtype=dtype)
 
 
-def _writeable(array):
-    """array, or a copy of it when it is read-only (see asarray)."""
-    return array if array.flags.writeable else array.copy()
+def _read_only(array):
+    """A read-only view of array. The kernels get every array they only read (the input,
+    lengths, biases, dout) this way, whether the caller's was writeable or not (a memory
+    map, np.frombuffer): one compiled specialization for both, and no copy (writeable and
+    read-only arrays are different types to Numba, and each combination compiled its own,
+    seconds each)."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 def to_host(array):
@@ -437,10 +440,12 @@ def forward_direction(cell, x2d, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, revers
     def abort():  # a part failed: the others must not wait for it for ever
         sync[-SYNC_STRIDE] = 1
 
+    x_read, lengths_read = _read_only(x2d), _read_only(lengths)
+
     def recur(lo, hi, part=0):  # batch rows lo:hi, units of parts[part], through all T steps
         run = runs[part]
-        forward(x2d, run.w_panels, run.w_ih_panels, run.w_hh_panels, run.w_hr_panels,
-                run.b_ih, run.b_hh, lengths, reverse, train, h_seq, c_seq, acts, units,
+        forward(x_read, run.w_panels, run.w_ih_panels, run.w_hh_panels, run.w_hr_panels,
+                run.b_ih, run.b_hh, lengths_read, reverse, train, h_seq, c_seq, acts, units,
                 run.pre, run.hg, run.h_new, run.c_new, run.proj, out, out_col, lo, hi,
                 run.blocks, parts[part][0], run.r0, sync, part)
 
@@ -563,8 +568,10 @@ def backward_direction(cell, saved, dout, out_col, w_ih, w_hh, dh_n, dc_n, grads
     else:
         blocks += (1, 1)
 
+    dout_read, lengths_read = _read_only(dout), _read_only(saved.lengths)
+
     def recur(lo, hi):  # batch rows lo:hi back through all T steps
-        backward(dout, out_col, w_hh_panels, w_hr_panels, saved.lengths, saved.reverse,
+        backward(dout_read, out_col, w_hh_panels, w_hr_panels, lengths_read, saved.reverse,
                  saved.h_seq, saved.c_seq, saved.acts, dgx, dgh_step, dgh_tail, dh, dc, dm,
                  dr_steps, dh_direct, dc_prev, dh_rec, lo, hi, blocks)
 
