@@ -898,6 +898,16 @@ class SequenceModel:
         the model gets a token of its own."""
         return self.__dict__.setdefault("_identity_token", object())
 
+    def _check_bound(self, optimizer, what):
+        """ValueError unless ``optimizer`` has trained no model or this one (``what`` names
+        it)."""
+        bound = getattr(optimizer, "_bound_to", None)
+        if bound is not None and bound is not self._identity:
+            raise ValueError(f"{what} has trained another SequenceModel (which may since "
+                             f"have been freed): its state (moments, step counts) is kept "
+                             f"by parameter name, so this model would start from the "
+                             f"other's; give each model its own (e.g. fr.optim.Adam(lr))")
+
     def _resolve_optimizer(self, optimizer, lr, weight_decay):
         """The optimizer of this fit (see fit's ``optimizer``), checked, changing nothing:
         an instance as given; for a name or None, the model's own when it has that name
@@ -911,13 +921,7 @@ class SequenceModel:
                 raise ValueError("weight_decay applies to an optimizer given by name; an "
                                  "optimizer instance has its own (e.g. fr.optim.Adam(lr, "
                                  "weight_decay=...))")
-            bound = getattr(optimizer, "_bound_to", None)
-            if bound is not None and bound is not self._identity:
-                raise ValueError("this optimizer has trained another SequenceModel (which "
-                                 "may since have been freed): its state (moments, step "
-                                 "counts) is kept by parameter name, so this model would "
-                                 "start from the other's; give each model its own (e.g. "
-                                 "fr.optim.Adam(lr))")
+            self._check_bound(optimizer, "this optimizer")
             optimizer.check_state(self._params())  # e.g. state loaded from a file
             return optimizer, settings
         if weight_decay is not None:
@@ -925,6 +929,8 @@ class SequenceModel:
         current = self.optimizer
         if optimizer is None and current is None:
             optimizer = "adam"
+        if current is not None and optimizer in (None, current.name):
+            self._check_bound(current, "model.optimizer")  # one assigned from another model
         if current is None or optimizer not in (None, current.name):
             kwargs = {} if weight_decay is None else dict(weight_decay=weight_decay)
             return optim.get(optimizer, lr=settings.get("lr"), **kwargs), {}

@@ -302,6 +302,9 @@ class Optimizer:
         self.__dict__.update(state)
 
     def load_state_dict(self, config, arrays):
+        # Every bit of state is replaced: the optimizer belongs to no model until it trains
+        # one (SequenceModel.fit binds it), as a pickled copy does.
+        self.__dict__.pop("_bound_to", None)
         self.steps = int(config.get("steps", 0))
         self.state = {k: np.array(v) for k, v in arrays.items()}
         # Files from before per-parameter counts: every parameter with state had them all.

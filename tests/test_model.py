@@ -826,6 +826,13 @@ def test_one_optimizer_instance_serves_one_model():
         _model(hidden_size=6).fit(X, Y, lengths=lengths, optimizer=unbound, verbose=False)
     for name, value in second.state_dict().items():
         np.testing.assert_array_equal(value, before[name])
+    # Assigned rather than passed, it is refused alike; with its state replaced by
+    # load_state_dict it belongs to no model, and trains this one.
+    second.optimizer = opt
+    with pytest.raises(ValueError, match="model.optimizer has trained another"):
+        second.fit(X, Y, lengths=lengths, verbose=False)
+    opt.load_state_dict(*optim.Adam(0.01).state_dict())
+    second.fit(X, Y, lengths=lengths, optimizer=opt, verbose=False)
 
 
 def test_a_fit_refused_by_a_callback_keeps_the_models_optimizer():
