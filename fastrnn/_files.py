@@ -35,12 +35,17 @@ def _naming(exc, what, path):
     return type(exc)(exc.errno, f"cannot {what} to {path}: {exc.strerror}", path)
 
 
-def _mode_for(target):
-    """Permission bits for a file written over ``target``: its own when it exists."""
+def _mode_for(target, new_file):
+    """Permission bits for ``new_file`` (an open descriptor) about to replace ``target``:
+    target's own when it exists with new_file's owner and group, else a new file's."""
     try:
-        return stat.S_IMODE(os.stat(target).st_mode)
+        old = os.stat(target)
     except FileNotFoundError:
         return _NEW_FILE_MODE
+    new = os.fstat(new_file)
+    if (old.st_uid, old.st_gid) != (new.st_uid, new.st_gid):
+        return _NEW_FILE_MODE
+    return stat.S_IMODE(old.st_mode)
 
 
 def write_atomically(path, write, what="write"):
@@ -48,9 +53,12 @@ def write_atomically(path, write, what="write"):
 
     Written to a temporary file in the same folder, flushed, then renamed over ``path``, so
     ``path`` holds either its old content or the complete new one. It gets the permission
-    bits open() would leave: an existing file's own, else those of a new file (0o666 less
-    the umask). Being a new file under the old name, it is not another name of an existing
-    file's hard links (they keep the old content). An OSError names ``path`` (not the temporary file) and says
+    bits open() would leave, an existing file's own, where it also keeps that file's owner
+    and group (the writer's own file, say); else those of a new file (0o666 less the
+    umask), since a renamed file is the writer's, and another owner's bits could lock that
+    owner out or open the file to another group. Being a new file under the old name, it
+    is not another name of an existing file's hard links (they keep the old content). An
+    OSError names ``path`` (not the temporary file) and says
     "cannot {what} to {path}"; on any failure the temporary file is removed. As open()
     would: a symbolic link is followed (its target is replaced, the link kept), and
     something that exists but is no regular file (/dev/stdout, a pipe) is written to
@@ -76,7 +84,8 @@ def write_atomically(path, write, what="write"):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _mode_for(target))  # mkstemp creates it 0600
+            mode = _mode_for(target, f.fileno())
+        os.chmod(tmp, mode)  # mkstemp creates it 0600
         os.replace(tmp, target)
         _fsync_folder(folder)  # the rename itself survives a crash
     except BaseException as exc:

@@ -897,11 +897,19 @@ def test_saved_files_get_the_mode_open_would_give(tmp_path):
 
 
 def test_a_file_saved_over_keeps_its_permission_bits(tmp_path):
-    """As open() would: a checkpoint a user made private stays private when saved again."""
+    """As open() would: a checkpoint a user made private stays private when saved again.
+    Another owner's file becomes the writer's, with a new file's bits (its own could lock
+    that owner out or open the file to another group)."""
     path = _model().save(tmp_path / "m.npz")
+    fresh = os.stat(path).st_mode & 0o777
     os.chmod(path, 0o600)
     _model().save(path)
     assert os.stat(path).st_mode & 0o777 == 0o600
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # only root can give it away
+        os.chown(path, 54321, 54321)
+        _model().save(path)
+        assert os.stat(path).st_mode & 0o777 == fresh
+        assert os.stat(path).st_uid == 0
 
 
 def test_load_refuses_optimizer_state_that_does_not_fit_the_model(tmp_path):
