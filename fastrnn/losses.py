@@ -76,7 +76,7 @@ def _check_classes(logits, target, what):
     if target.size and not 0 <= target.min() <= target.max() < logits.shape[1]:
         raise ValueError(f"{what}: target classes must be in [0, {logits.shape[1]}), got "
                          f"{target.min()} to {target.max()}")
-    return logits, target
+    return logits, target.astype(np.intp, copy=False)  # an empty float target indexes too
 
 
 def get(name):

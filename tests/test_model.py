@@ -1159,3 +1159,5 @@ def test_losses_refuse_targets_they_would_broadcast_or_wrap(call, match):
     (a wrong loss), and a class of -1 read the last logit."""
     with pytest.raises(ValueError, match=match):
         call()
+    loss, grad = fr.losses.cross_entropy(np.zeros((0, 3)), np.array([]))  # no rows
+    assert loss == 0.0 and grad.shape == (0, 3)
