@@ -376,9 +376,9 @@ projects_in_loop = True
 @functools.lru_cache(maxsize=None)
 def _nothing(dtype, ndim):
     """An empty C-contiguous array of ndim dimensions (each of length 0 but the first, 1):
-    an unprojected call's units, dm and dr_seq, which the kernels never read (indexing it
-    at any step and row gives an empty view; made once, as every array a call makes costs
-    it a little)."""
+    an unprojected call's units, dm and dr_seq, which its kernels (compiled without
+    driver.PROJECTED) never touch; made once, as every array a call makes costs it a
+    little."""
     return np.empty((1,) + (0,) * (ndim - 1), dtype)
 
 
