@@ -244,9 +244,9 @@ def forward_sequence(x2d, w_panels, w_ih_panels, w_hh_panels, w_hr_panels, b_ih,
     w_ih, w_hh, w_hr).
 
     Projection (PyTorch's LSTM proj_size R, in the drivers compiled with PROJECTED; units
-    (T or 1, B, H), else with 0 columns): the
-    cell's output m_t = o * tanh(c_t) goes to units (0 past a length), and the state, the
-    output and the next step's recurrent operand are r_t = W_hr m_t, of which this part
+    (T or 1, B, H), else empty and untouched): the cell's output m_t = o * tanh(c_t) goes
+    to units (0 past a length), and the state, the output and the next step's recurrent
+    operand are r_t = W_hr m_t, of which this part
     computes the columns r0:r0+W (proj (B, W) a workspace) from w_hr_panels, W_hrᵀ[:,
     r0:r0+W] (H, W) in panels of blocks[6] columns. So the recurrent product costs G*H*R
     per row and step, as PyTorch's does, and the projection H*R.
