@@ -4,16 +4,10 @@ The ratio is torch time / fastrnn time, measured in ONE process, interleaved A B
 same thread count, median of per-round ratios; it is skipped (NotImplementedError from setup)
 when torch is not importable.
 """
-from .bench_layers import PROJ_SIZE, PROJECTED_SHAPES
-from fastrnn.bench import (CELLS, GRID, MODES, Case, compare, match_torch_threads, threads,
-                           torch_available)
+from .bench_layers import PROJ_SIZE, PROJECTED_SHAPES, SHAPES, _case
+from fastrnn.bench import CELLS, MODES, compare, match_torch_threads, threads, torch_available
 
-SHAPES = ["x".join(map(str, shape)) for shape in GRID]
 ROUNDS = 5
-
-
-def _case(cell, shape, **options):
-    return Case(cell, *map(int, shape.split("x")), **options)
 
 
 class TorchRatio:

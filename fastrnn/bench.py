@@ -472,7 +472,7 @@ def peak_memory(case, engine, timeout=600):
 
 # ----------------------------------------------------------------------------- start-up
 
-def compile_all(dtype="float32", projected=True):
+def compile_all(dtype="float32", projected=False):
     """Run every CPU kernel of one dtype once: each cell (RNN tanh and relu, LSTM, GRU) and,
     if projected, the projected LSTM (proj_size, whose drivers are compiled apart, at its
     first use), forward in eval and training mode and backward, on a tiny and a wider
@@ -505,10 +505,11 @@ torch.nn.LSTM(8, 16).eval()(torch.rand(20, 4, 8))
 """
 
 
-def cold_compile_seconds(dtype="float32", timeout=600, projected=True):
-    """Seconds to import fastrnn and compile every CPU kernel of dtype (see compile_all;
-    projected=False: but the projected LSTM's) with an empty Numba cache (a fresh
-    subprocess with NUMBA_CACHE_DIR pointing at an empty temporary folder)."""
+def cold_compile_seconds(dtype="float32", timeout=600, projected=False):
+    """Seconds to import fastrnn and compile every CPU kernel of dtype of the four cells
+    (projected=True: and the projected LSTM's, which compile apart, at its first use; see
+    compile_all) with an empty Numba cache (a fresh subprocess with NUMBA_CACHE_DIR
+    pointing at an empty temporary folder)."""
     with tempfile.TemporaryDirectory(prefix="fastrnn-cold-") as cache:
         env = _child_env(NUMBA_CACHE_DIR=cache)
         code = _COLD_CHILD.format(dtype=dtype, projected=projected)
@@ -785,8 +786,8 @@ def run(args):
                                  warm_torch_s=warm_start_seconds(torch=True)
                                  if with_torch else None,
                                  cold_compile_s=cold_compile_seconds(args.dtype),
-                                 cold_compile_plain_s=cold_compile_seconds(
-                                     args.dtype, projected=False))
+                                 cold_compile_all_s=cold_compile_seconds(
+                                     args.dtype, projected=True))
     return report
 
 
@@ -822,8 +823,8 @@ def print_report(report, memory=False, file=None):
         st = report["startup"]
         print(f"start-up (warm cache, fresh process, import + first LSTM forward): fastrnn "
               f"{st['warm_fastrnn_s']:.2f} s, torch {_fmt(st['warm_torch_s'], 2)} s; "
-              f"cold compile of every CPU kernel: {st['cold_compile_s']:.1f} s "
-              f"({_fmt(st.get('cold_compile_plain_s'), 1)} s without the projected LSTM's, "
+              f"cold compile of the four cells' CPU kernels: {st['cold_compile_s']:.1f} s "
+              f"({_fmt(st.get('cold_compile_all_s'), 1)} s with the projected LSTM's, "
               f"which compile at its first use)", file=file)
 
 

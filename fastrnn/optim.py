@@ -290,8 +290,8 @@ class Optimizer:
         # as NumPy arrays; the next step puts each back on its parameter's device.
         state = self.__dict__.copy()
         state["state"] = {k: np.array(gpu.to_host(v)) for k, v in self.state.items()}
-        # A model's weak reference (SequenceModel.fit binds its optimizer) does not pickle,
-        # and a copy of the optimizer belongs to no model yet.
+        # The token of the model it trains (SequenceModel.fit binds it) is dropped: a copy of
+        # the optimizer belongs to no model yet.
         state.pop("_bound_to", None)
         return state
 

@@ -143,9 +143,13 @@ def test_unit_parts_split_the_projection_as_well(proj_size, monkeypatch):
 
     whole = run()
     force_unit_split(monkeypatch)
-    assert cpu._projection_columns(proj_size, [(0, 2), (2, 6)]) == \
-        {1: [(0, 0), (0, 1)], 3: [(0, 1), (1, 3)], 5: [(0, 2), (2, 5)]}[proj_size]
+    made = []
+    real = cpu._forward_part
+    monkeypatch.setattr(cpu, "_forward_part", lambda *args: made.append(args[8:10]) or
+                        real(*args))
     split = run()
+    columns = {1: [(0, 0), (0, 1)], 3: [(0, 1), (1, 3)], 5: [(0, 2), (2, 5)]}[proj_size]
+    assert made and set(made) == set(zip([(0, 2), (2, 6)], columns))  # units, columns
     for got, want in zip(split, whole):
         assert_close(got, want, **PARITY[np.dtype("float64")])
 
@@ -336,7 +340,7 @@ def test_read_only_weights_are_accepted(cell):
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 @pytest.mark.parametrize("batch_first, B", [(False, 3), (True, 1)])
-def test_read_only_inputs_compile_nothing_more(cell, batch_first, B):
+def test_read_only_inputs_compile_nothing_more(cell, batch_first, B, monkeypatch):
     """Read-only x, h0, lengths, dout, dh_n (a memory map, np.frombuffer) and parameters
     run on the kernels writeable ones compiled (each read-only combination compiled a
     specialization of its own, seconds each), with the same results, without a copy. A
@@ -370,6 +374,15 @@ def test_read_only_inputs_compile_nothing_more(cell, batch_first, B):
     for got, want in zip(run(read_only), writeable):
         np.testing.assert_array_equal(got, want)
     assert [list(kernel.signatures) for kernel in kernels] == compiled
+    # An eval call reads the caller's x where it is (a copy of a large memory map per call
+    # would cost its size).
+    seen = []
+    real = kernels.forward_eval
+    monkeypatch.setattr(cpu, "get_kernels", lambda *args, **options: kernels._replace(
+        forward_eval=lambda *kernel_args: seen.append(kernel_args[0]) or real(*kernel_args)))
+    x_read = read_only(x)
+    layer(x_read)
+    assert seen and all(np.shares_memory(x_seen, x_read) for x_seen in seen)
 
 
 def test_a_training_step_gives_the_same_bits_on_any_thread():

@@ -896,7 +896,7 @@ def test_saved_files_get_the_mode_open_would_give(tmp_path):
     assert os.stat(path).st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777
 
 
-def test_a_file_saved_over_keeps_its_permission_bits(tmp_path):
+def test_a_file_saved_over_keeps_its_permission_bits(tmp_path, monkeypatch):
     """As open() would: a checkpoint a user made private stays private when saved again.
     Another owner's file becomes the writer's, with a new file's bits (its own could lock
     that owner out or open the file to another group)."""
@@ -910,6 +910,23 @@ def test_a_file_saved_over_keeps_its_permission_bits(tmp_path):
         _model().save(path)
         assert os.stat(path).st_mode & 0o777 == fresh
         assert os.stat(path).st_uid == 0
+    # Anyone else: another owner as os.stat reports it
+    from fastrnn import _files
+    real_stat = os.stat
+
+    def stat_of_another_owner(target, *args, **kwargs):
+        result = real_stat(target, *args, **kwargs)
+        if os.fspath(target) != os.fspath(path):
+            return result
+        fields = list(result)
+        fields[4] += 1  # st_uid
+        return os.stat_result(fields)
+
+    os.chmod(path, 0o600)
+    monkeypatch.setattr(_files.os, "stat", stat_of_another_owner)
+    _model().save(path)
+    monkeypatch.undo()
+    assert os.stat(path).st_mode & 0o777 == fresh
 
 
 def test_load_refuses_optimizer_state_that_does_not_fit_the_model(tmp_path):

@@ -366,11 +366,12 @@ def backward_sequence(dout, out_col, w_hh_panels, w_hr_panels, lengths, reverse,
     entry and w.r.t. the initial state on exit; dh_direct (B, H), dc_prev (B, H), dh_rec
     (B, S) workspaces. Only rows lo:hi are touched; the per-step GEMMs run in ``blocks``.
 
-    Projection (compiled with PROJECTED; dm (B, H), else (B, 0)): the state is r_t =
-    W_hr m_t; each step's total gradient of r_t (dh) goes to dr_seq (T, B, S) (0 past a length) for dW_hr, and through
-    w_hr_panels (W_hr (S, H) in panels of blocks[2] columns) to the cell's units, dm = dr
-    W_hr. The cell must pass no gradient to h_prev but through W_hh (dh_direct = 0), as
-    the LSTM's does; dh_direct's first S columns then carry a padded row's dr.
+    Projection (compiled with PROJECTED; dm (B, H), else empty and untouched): the state
+    is r_t = W_hr m_t; each step's total gradient of r_t (dh) goes to dr_seq (T, B, S) (0
+    past a length) for dW_hr, and through w_hr_panels (W_hr (S, H) in panels of blocks[2]
+    columns) to the cell's units, dm = dr W_hr. The cell must pass no gradient to h_prev
+    but through W_hh (dh_direct = 0), as the LSTM's does; dh_direct's first S columns then
+    carry a padded row's dr.
     """
     T = dout.shape[0]
     S = h_seq.shape[2]
