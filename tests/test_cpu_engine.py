@@ -34,6 +34,15 @@ def _run(cell, dtype, seed=0, lengths=True, T=7, B=11, I=5, H=6):
     return out, dx, grads
 
 
+def _assert_runs_match(got, want, dtype):
+    """Two _run results (out, dx, grads[, eval out]) agree within the parity tolerance."""
+    tol = PARITY[np.dtype(dtype)]
+    for a, b, name in zip(got[:2] + got[3:], want[:2] + want[3:], ("out", "dx", "eval out")):
+        assert_close(a, b, name=name, **tol)
+    for name in want[2]:
+        assert_close(got[2][name], want[2][name], name=name, **tol)
+
+
 @pytest.fixture
 def force_chunks(monkeypatch):
     """Make even tiny shapes split into parallel chunks (uneven: 11 rows into 2)."""
@@ -55,12 +64,7 @@ def test_parallel_row_chunks_match_serial(cell, dtype, monkeypatch):
     serial = _run(cell, dtype)
     force_parallel_cpu(monkeypatch)
     assert len(threads.chunk_bounds(11, 1, threads.MIN_ROWS_PER_CHUNK)) > 1
-    chunked = _run(cell, dtype)
-    tol = PARITY[np.dtype(dtype)]
-    assert_close(chunked[0], serial[0], name="out", **tol)
-    assert_close(chunked[1], serial[1], name="dx", **tol)
-    for name in serial[2]:
-        assert_close(chunked[2][name], serial[2][name], name=name, **tol)
+    _assert_runs_match(_run(cell, dtype), serial, dtype)
 
 
 @pytest.mark.parametrize("cell", ENGINE_CELLS)
@@ -73,12 +77,7 @@ def test_blocked_per_step_gemm_matches_single_call(cell, monkeypatch):
     monkeypatch.setattr(cpu, "GEMM_BLOCK_N", 5)
     monkeypatch.setattr(cpu, "GEMM_MIN_BLOCK_K", 4)
     assert cpu.gemm_blocks(11, 6, 24) == (5, 4)
-    blocked = _run(cell, "float64")
-    tol = PARITY[np.dtype("float64")]
-    for got, want, name in ((blocked[0], whole[0], "out"), (blocked[1], whole[1], "dx")):
-        assert_close(got, want, name=name, **tol)
-    for name in whole[2]:
-        assert_close(blocked[2][name], whole[2][name], name=name, **tol)
+    _assert_runs_match(_run(cell, "float64"), whole, "float64")
 
 
 @pytest.mark.parametrize("cell", ENGINE_CELLS)
@@ -96,11 +95,7 @@ def test_batches_with_heavy_weights_split_units_with_the_results_of_rows(cell, m
                         parts_seen[-1])
     split = _run(cell, "float64")
     assert parts_seen and all(len(parts) == 2 for parts in parts_seen)
-    tol = PARITY[np.dtype("float64")]
-    for got, want, name in ((split[0], chunked[0], "out"), (split[1], chunked[1], "dx")):
-        assert_close(got, want, name=name, **tol)
-    for name in chunked[2]:
-        assert_close(split[2][name], chunked[2][name], name=name, **tol)
+    _assert_runs_match(split, chunked, "float64")
 
 
 @pytest.mark.parametrize("cell", ENGINE_CELLS)
@@ -118,13 +113,7 @@ def test_units_split_between_threads_match_whole(cell, dtype, monkeypatch):
     whole = run()
     force_unit_split(monkeypatch)
     assert cpu.unit_parts(7, 1, 3, 11, 24, 6, 8) == [(0, 2), (2, 6)]
-    split = run()
-    tol = PARITY[np.dtype(dtype)]
-    for got, want, name in zip(split[:2] + split[3:], whole[:2] + whole[3:],
-                               ("out", "dx", "eval out")):
-        assert_close(got, want, name=name, **tol)
-    for name in whole[2]:
-        assert_close(split[2][name], whole[2][name], name=name, **tol)
+    _assert_runs_match(run(), whole, dtype)
 
 
 @pytest.mark.parametrize("proj_size", [1, 3, 5])
